@@ -1,0 +1,150 @@
+//! The admin API, on its own listener (default `127.0.0.1:9901`):
+//! `/healthz` (alive), `/readyz` (every cluster has had a first discovery
+//! result), `/metrics` (Prometheus text format), `/status` (JSON: generation,
+//! routes, clusters and backends, sources and their last errors).
+
+use crate::config::{Config, HostPattern};
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshot;
+use crate::status::{unix, StatusBoard};
+use async_trait::async_trait;
+use http::{Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+pub struct Admin {
+    pub config: Arc<Config>,
+    pub snapshot: Arc<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    pub status: Arc<StatusBoard>,
+}
+
+fn reply(code: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(code)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(body)
+        .expect("static response parts are valid")
+}
+
+fn json_reply(code: StatusCode, v: serde_json::Value) -> Response<Vec<u8>> {
+    let mut body = serde_json::to_vec_pretty(&v).unwrap_or_default();
+    body.push(b'\n');
+    reply(code, "application/json", body)
+}
+
+impl Admin {
+    pub fn readiness(&self) -> (bool, serde_json::Value) {
+        let table = self.snapshot.load();
+        let pending = table.pending_clusters();
+        let ready = pending.is_empty();
+        let reason = if ready {
+            serde_json::Value::Null
+        } else {
+            json!(format!(
+                "waiting for a first discovery result for cluster(s): {}",
+                pending.join(", ")
+            ))
+        };
+        (
+            ready,
+            json!({ "ready": ready, "generation": table.generation, "pending_clusters": pending, "reason": reason }),
+        )
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let table = self.snapshot.load();
+        let swap = self.status.swap();
+        let routes: Vec<_> = self
+            .config
+            .routes
+            .iter()
+            .map(|r| {
+                let hosts: Vec<String> = r
+                    .hosts
+                    .iter()
+                    .map(|h| match h {
+                        HostPattern::Exact(h) => h.clone(),
+                        HostPattern::Suffix(s) => format!("*{s}"),
+                    })
+                    .collect();
+                json!({ "name": r.name, "hosts": hosts, "path_prefix": r.path_prefix, "cluster": r.cluster })
+            })
+            .collect();
+        let clusters: Vec<_> = table
+            .clusters
+            .iter()
+            .map(|c| {
+                let backends: Vec<_> = c
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        json!({
+                            "address": b.addr.to_string(),
+                            "weight": b.weight,
+                            "state": if b.weight > 0 { "active" } else { "drained" },
+                            "in_flight": b.state.in_flight.load(Ordering::Relaxed),
+                            "tags": b.endpoint.tags,
+                            "meta": b.endpoint.meta,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "name": &*c.name,
+                    "discovery": c.spec.discovery.kind(),
+                    "selection": c.selector.name(),
+                    "discovered": c.discovered,
+                    "active_backends": c.active.len(),
+                    "backends": backends,
+                })
+            })
+            .collect();
+        let (ready, _) = self.readiness();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "ready": ready,
+            "generation": table.generation,
+            "built_unix": unix(table.built_at),
+            "last_swap_unix": swap.last_swap_unix,
+            "swaps": swap.swaps,
+            "last_build_error": swap.last_build_error,
+            "routes": routes,
+            "clusters": clusters,
+            "sources": self.status.sources(),
+        })
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        if req.method != http::Method::GET && req.method != http::Method::HEAD {
+            return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"only GET\n".to_vec());
+        }
+        match req.uri.path() {
+            "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            "/readyz" => {
+                let (ready, body) = self.readiness();
+                let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                json_reply(code, body)
+            }
+            "/metrics" => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics.render(),
+            ),
+            "/status" => json_reply(StatusCode::OK, self.status_json()),
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                b"not found; try /healthz /readyz /metrics /status\n".to_vec(),
+            ),
+        }
+    }
+}

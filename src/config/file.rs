@@ -1,0 +1,114 @@
+//! The public schema of the TOML config file, exactly as written by operators.
+//!
+//! Every struct denies unknown fields so a typo is an error, not a silently
+//! ignored setting. Leaf values that need checking (addresses, durations) stay
+//! strings here; `validate` turns them into typed values and reports the field
+//! path and the bad value. `Config` (the validated model) is never deserialised.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Worker threads of the proxy runtime.
+    pub threads: Option<usize>,
+    /// One multi-thread runtime (true) or one single-thread runtime per thread (false).
+    pub work_stealing: Option<bool>,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    pub drain_timeout: Option<String>,
+    /// After the drain, how long runtimes get to stop.
+    pub shutdown_timeout: Option<String>,
+    pub pid_file: Option<String>,
+    pub upgrade_sock: Option<String>,
+    /// Idle upstream connections kept for reuse (all backends together).
+    pub upstream_keepalive_pool: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogSection {
+    pub enabled: Option<bool>,
+    /// `json` (default) or `text`.
+    pub format: Option<String>,
+    /// `-` for stdout (default), or a file path.
+    pub path: Option<String>,
+    /// Rotate the file when it grows past this many bytes (`0` = never).
+    pub max_bytes: Option<u64>,
+    /// Rotated files kept (`path.1` … `path.N`).
+    pub keep: Option<u32>,
+    /// Lines queued for the writer before new lines are dropped (and counted).
+    pub buffer_lines: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSection {
+    pub address: String,
+    /// Accept HTTP/2 over cleartext (prior knowledge) next to HTTP/1.1. Default true.
+    pub h2c: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub name: Option<String>,
+    /// Host names; `*.example.com` matches any subdomain. Empty or absent: any host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Path prefix, matched on segment boundaries. Default `/`.
+    pub path_prefix: Option<String>,
+    pub cluster: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDiscoverySection {
+    /// Path of the JSON catalog (service name → instances).
+    pub catalog: String,
+    /// Service name in the catalog; defaults to the cluster name.
+    pub service: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Fixed backend list, `ip:port` each.
+    #[serde(rename = "static")]
+    pub static_: Option<Vec<String>>,
+    /// Backends from a watched JSON catalog file.
+    pub file: Option<FileDiscoverySection>,
+    /// `round_robin` (default), `weighted`, `least_connections`, `consistent_hash`.
+    pub selection: Option<String>,
+    /// For `consistent_hash`: request header whose value is the key.
+    pub hash_header: Option<String>,
+    /// For `consistent_hash`: cookie whose value is the key.
+    pub hash_cookie: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub read_timeout: Option<String>,
+    pub write_timeout: Option<String>,
+    /// How long an idle upstream connection stays in the keep-alive pool.
+    pub idle_timeout: Option<String>,
+    /// Further attempts, each on a different backend, after a failed one.
+    pub retries: Option<u32>,
+}
+
+/// Top-level sections, deserialised one by one so that an error in one does
+/// not hide errors in the others.
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "server",
+    "admin",
+    "access_log",
+    "listeners",
+    "routes",
+    "clusters",
+];
+
+/// Named clusters, in name order.
+pub type ClustersSection = BTreeMap<String, ClusterSection>;

@@ -1,0 +1,670 @@
+//! Turns the file schema into the typed [`Config`], collecting *every* error
+//! with its field path and the offending value, so an operator fixes a broken
+//! file in one pass instead of one error per restart.
+//!
+//! Each top-level section (and each route, listener and cluster) is
+//! deserialised on its own, so a type error in one cluster does not hide a bad
+//! address in another.
+
+use super::file::*;
+use super::*;
+use crate::error::{ConfigError, ConfigErrors};
+use serde::de::DeserializeOwned;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// Read and validate a config file. Relative paths inside it (catalog files,
+/// the access log) are resolved against the file's own directory.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError::new(
+            "",
+            format!("cannot read config file {}: {e}", path.display()),
+        )])
+    })?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    parse(&text, base)
+}
+
+/// Validate config text. `base` anchors relative paths.
+pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
+    let mut v = Validator {
+        errors: Vec::new(),
+        base,
+    };
+    let table: toml::Table = match toml::from_str(text) {
+        Ok(t) => t,
+        Err(e) => {
+            return Err(ConfigErrors(vec![ConfigError::new(
+                "",
+                format!("not valid TOML: {}", e.to_string().trim_end()),
+            )]))
+        }
+    };
+    for key in table.keys() {
+        if !TOP_LEVEL_KEYS.contains(&key.as_str()) {
+            v.err(
+                key,
+                format!(
+                    "unknown section `{key}`, expected one of: {}",
+                    TOP_LEVEL_KEYS.join(", ")
+                ),
+            );
+        }
+    }
+    let server: ServerSection = v.section(&table, "server").unwrap_or_default();
+    let admin: AdminSection = v.section(&table, "admin").unwrap_or_default();
+    let access_log: AccessLogSection = v.section(&table, "access_log").unwrap_or_default();
+    let listeners: Vec<ListenerSection> = v.list(&table, "listeners");
+    let routes: Vec<RouteSection> = v.list(&table, "routes");
+    let clusters: BTreeMap<String, ClusterSection> = v.named(&table, "clusters");
+
+    let listeners = v.listeners(listeners);
+    let admin = v.admin(admin, &listeners);
+    let server = v.server(server, &listeners);
+    let access_log = v.access_log(access_log);
+    let clusters = v.clusters(clusters);
+    let routes = v.routes(routes, &clusters);
+
+    if v.errors.is_empty() {
+        Ok(Config {
+            server,
+            admin,
+            access_log,
+            listeners,
+            routes,
+            clusters,
+        })
+    } else {
+        Err(ConfigErrors(v.errors))
+    }
+}
+
+struct Validator<'a> {
+    errors: Vec<ConfigError>,
+    base: &'a Path,
+}
+
+fn join(prefix: &str, inner: &str) -> String {
+    if inner.is_empty() || inner == "." {
+        prefix.to_string()
+    } else {
+        format!("{prefix}.{inner}")
+    }
+}
+
+impl Validator<'_> {
+    fn err(&mut self, path: impl Into<String>, msg: impl Into<String>) {
+        self.errors.push(ConfigError::new(path, msg));
+    }
+
+    fn de<T: DeserializeOwned>(&mut self, value: toml::Value, path: &str) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let inner = e.path().to_string();
+                self.err(join(path, &inner), e.into_inner().to_string());
+                None
+            }
+        }
+    }
+
+    fn section<T: DeserializeOwned>(&mut self, table: &toml::Table, key: &str) -> Option<T> {
+        let value = table.get(key)?.clone();
+        self.de(value, key)
+    }
+
+    fn list<T: DeserializeOwned>(&mut self, table: &toml::Table, key: &str) -> Vec<T> {
+        match table.get(key) {
+            None => Vec::new(),
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, item)| self.de(item.clone(), &format!("{key}[{i}]")))
+                .collect(),
+            Some(other) => {
+                self.err(
+                    key,
+                    format!("expected an array of tables ([[{key}]]), found {}", other.type_str()),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    fn named<T: DeserializeOwned>(&mut self, table: &toml::Table, key: &str) -> BTreeMap<String, T> {
+        match table.get(key) {
+            None => BTreeMap::new(),
+            Some(toml::Value::Table(items)) => items
+                .iter()
+                .filter_map(|(name, item)| {
+                    self.de(item.clone(), &format!("{key}.{name}"))
+                        .map(|t| (name.clone(), t))
+                })
+                .collect(),
+            Some(other) => {
+                self.err(
+                    key,
+                    format!("expected a table of named entries ([{key}.NAME]), found {}", other.type_str()),
+                );
+                BTreeMap::new()
+            }
+        }
+    }
+
+    fn socket_addr(&mut self, path: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    path,
+                    format!("invalid socket address {value:?}: expected IP:PORT, e.g. 127.0.0.1:8080 or [::1]:8080"),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &str, value: Option<&String>, default: Duration) -> Duration {
+        let Some(value) = value else { return default };
+        match humantime::parse_duration(value) {
+            Ok(d) if d.is_zero() => {
+                self.err(path, format!("invalid duration {value:?}: must be greater than zero"));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(
+                    path,
+                    format!("invalid duration {value:?}: {e} (examples: \"500ms\", \"2s\", \"1m\")"),
+                );
+                default
+            }
+        }
+    }
+
+    fn listeners(&mut self, sections: Vec<ListenerSection>) -> Vec<Listener> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, l) in sections.into_iter().enumerate() {
+            let path = format!("listeners[{i}].address");
+            let ListenerSection { address, h2c } = l;
+            if let Some(addr) = self.socket_addr(&path, &address) {
+                if !seen.insert(addr) {
+                    self.err(&path, format!("duplicate listener address {address:?}"));
+                }
+                out.push(Listener {
+                    address: addr,
+                    h2c: h2c.unwrap_or(true),
+                });
+            }
+        }
+        if out.is_empty() && !self.errors.iter().any(|e| e.path.starts_with("listeners")) {
+            self.err("listeners", "at least one [[listeners]] entry with an address is required");
+        }
+        out
+    }
+
+    fn admin(&mut self, s: AdminSection, listeners: &[Listener]) -> AdminSettings {
+        let AdminSection { listen } = s;
+        let default: SocketAddr = "127.0.0.1:9901".parse().expect("valid literal");
+        let listen = match listen {
+            None => default,
+            Some(v) => self.socket_addr("admin.listen", &v).unwrap_or(default),
+        };
+        if listeners.iter().any(|l| l.address == listen) {
+            self.err(
+                "admin.listen",
+                format!("{listen} is also a proxy listener; the admin API needs its own address"),
+            );
+        }
+        AdminSettings { listen }
+    }
+
+    fn server(&mut self, s: ServerSection, listeners: &[Listener]) -> ServerSettings {
+        let ServerSection {
+            threads,
+            work_stealing,
+            drain_timeout,
+            shutdown_timeout,
+            pid_file,
+            upgrade_sock,
+            upstream_keepalive_pool,
+        } = s;
+        let default_threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let threads = match threads {
+            None => default_threads,
+            Some(t) if (1..=256).contains(&t) => t,
+            Some(t) => {
+                self.err("server.threads", format!("invalid value {t}: must be between 1 and 256"));
+                default_threads
+            }
+        };
+        // Unique per instance by default: Pingora's shared /tmp defaults would let
+        // one instance hand its sockets to another on upgrade.
+        let port = listeners.first().map(|l| l.address.port()).unwrap_or(0);
+        let pool = upstream_keepalive_pool.unwrap_or(1024);
+        if pool == 0 {
+            self.err("server.upstream_keepalive_pool", "invalid value 0: must be at least 1");
+        }
+        ServerSettings {
+            threads,
+            work_stealing: work_stealing.unwrap_or(false),
+            drain_timeout: self.duration(
+                "server.drain_timeout",
+                drain_timeout.as_ref(),
+                Duration::from_secs(10),
+            ),
+            shutdown_timeout: self.duration(
+                "server.shutdown_timeout",
+                shutdown_timeout.as_ref(),
+                Duration::from_secs(2),
+            ),
+            pid_file: pid_file.unwrap_or_else(|| format!("/tmp/switchyard-{port}.pid")),
+            upgrade_sock: upgrade_sock
+                .unwrap_or_else(|| format!("/tmp/switchyard-{port}-upgrade.sock")),
+            upstream_keepalive_pool: pool.max(1),
+        }
+    }
+
+    fn access_log(&mut self, s: AccessLogSection) -> AccessLogSettings {
+        let AccessLogSection {
+            enabled,
+            format,
+            path,
+            max_bytes,
+            keep,
+            buffer_lines,
+        } = s;
+        let format = match format.as_deref() {
+            None | Some("json") => LogFormat::Json,
+            Some("text") => LogFormat::Text,
+            Some(other) => {
+                self.err(
+                    "access_log.format",
+                    format!("invalid value {other:?}: expected \"json\" or \"text\""),
+                );
+                LogFormat::Json
+            }
+        };
+        let target = match path.as_deref() {
+            None | Some("-") => LogTarget::Stdout,
+            Some("") => {
+                self.err("access_log.path", "invalid value \"\": use \"-\" for stdout or a file path");
+                LogTarget::Stdout
+            }
+            Some(p) => LogTarget::File {
+                path: self.base.join(p),
+                max_bytes: max_bytes.unwrap_or(0),
+                keep: keep.unwrap_or(5),
+            },
+        };
+        let buffer_lines = buffer_lines.unwrap_or(16384);
+        if buffer_lines == 0 {
+            self.err("access_log.buffer_lines", "invalid value 0: must be at least 1");
+        }
+        AccessLogSettings {
+            enabled: enabled.unwrap_or(true),
+            format,
+            target,
+            buffer_lines: buffer_lines.max(1),
+        }
+    }
+
+    fn clusters(&mut self, sections: BTreeMap<String, ClusterSection>) -> BTreeMap<String, ClusterSpec> {
+        let mut out = BTreeMap::new();
+        for (name, c) in sections {
+            let p = format!("clusters.{name}");
+            if !valid_name(&name) {
+                self.err(
+                    &p,
+                    format!("invalid cluster name {name:?}: use letters, digits, '-', '_' or '.'"),
+                );
+            }
+            let ClusterSection {
+                static_,
+                file,
+                selection,
+                hash_header,
+                hash_cookie,
+                connect_timeout,
+                read_timeout,
+                write_timeout,
+                idle_timeout,
+                retries,
+            } = c;
+            let discovery = match (static_, file) {
+                (Some(_), Some(_)) => {
+                    self.err(&p, "set exactly one discovery source (`static` or `file`), not both");
+                    None
+                }
+                (None, None) => {
+                    self.err(&p, "missing discovery source: set `static = [\"IP:PORT\", ...]` or `file = { catalog = \"...\" }`");
+                    None
+                }
+                (Some(list), None) => {
+                    let mut addrs = Vec::new();
+                    for (i, a) in list.iter().enumerate() {
+                        let ap = format!("{p}.static[{i}]");
+                        if let Some(addr) = self.socket_addr(&ap, a) {
+                            if addrs.contains(&addr) {
+                                self.err(&ap, format!("duplicate backend {a:?}"));
+                            } else {
+                                addrs.push(addr);
+                            }
+                        }
+                    }
+                    if list.is_empty() {
+                        self.err(format!("{p}.static"), "empty backend list: a static cluster needs at least one address");
+                    }
+                    Some(DiscoverySpec::Static(addrs))
+                }
+                (None, Some(f)) => {
+                    let FileDiscoverySection { catalog, service } = f;
+                    if catalog.is_empty() {
+                        self.err(format!("{p}.file.catalog"), "invalid value \"\": a file path is required");
+                    }
+                    let service = service.unwrap_or_else(|| name.clone());
+                    if service.is_empty() {
+                        self.err(format!("{p}.file.service"), "invalid value \"\": a service name is required");
+                    }
+                    Some(DiscoverySpec::File {
+                        catalog: self.base.join(catalog),
+                        service,
+                    })
+                }
+            };
+            let selection = self.selection(&p, selection, hash_header, hash_cookie);
+            let retries = retries.unwrap_or(2);
+            if retries > 10 {
+                self.err(format!("{p}.retries"), format!("invalid value {retries}: must be between 0 and 10"));
+            }
+            let spec = ClusterSpec {
+                name: name.clone(),
+                discovery: discovery.unwrap_or(DiscoverySpec::Static(Vec::new())),
+                selection,
+                connect_timeout: self.duration(&format!("{p}.connect_timeout"), connect_timeout.as_ref(), Duration::from_secs(2)),
+                read_timeout: self.duration(&format!("{p}.read_timeout"), read_timeout.as_ref(), Duration::from_secs(30)),
+                write_timeout: self.duration(&format!("{p}.write_timeout"), write_timeout.as_ref(), Duration::from_secs(30)),
+                idle_timeout: self.duration(&format!("{p}.idle_timeout"), idle_timeout.as_ref(), Duration::from_secs(60)),
+                retries: retries.min(10),
+            };
+            // A cluster with errors stays known, so routes pointing at it report only their own.
+            out.insert(name, spec);
+        }
+        out
+    }
+
+    fn selection(
+        &mut self,
+        p: &str,
+        selection: Option<String>,
+        hash_header: Option<String>,
+        hash_cookie: Option<String>,
+    ) -> Selection {
+        let sel = match selection.as_deref() {
+            None | Some("round_robin") => Selection::RoundRobin,
+            Some("weighted") => Selection::Weighted,
+            Some("least_connections") => Selection::LeastConnections,
+            Some("consistent_hash") => {
+                let key = match (&hash_header, &hash_cookie) {
+                    (Some(h), None) => match http::HeaderName::from_bytes(h.as_bytes()) {
+                        Ok(name) => Some(HashKey::Header(name)),
+                        Err(_) => {
+                            self.err(format!("{p}.hash_header"), format!("invalid header name {h:?}"));
+                            None
+                        }
+                    },
+                    (None, Some(c)) if !c.is_empty() && !c.contains([';', '=', ' ']) => {
+                        Some(HashKey::Cookie(c.clone()))
+                    }
+                    (None, Some(c)) => {
+                        self.err(format!("{p}.hash_cookie"), format!("invalid cookie name {c:?}"));
+                        None
+                    }
+                    _ => {
+                        self.err(
+                            format!("{p}.selection"),
+                            "\"consistent_hash\" needs exactly one of `hash_header` or `hash_cookie`",
+                        );
+                        None
+                    }
+                };
+                return Selection::ConsistentHash(
+                    key.unwrap_or(HashKey::Cookie(String::new())),
+                );
+            }
+            Some(other) => {
+                self.err(
+                    format!("{p}.selection"),
+                    format!("invalid value {other:?}: expected \"round_robin\", \"weighted\", \"least_connections\" or \"consistent_hash\""),
+                );
+                Selection::RoundRobin
+            }
+        };
+        if hash_header.is_some() {
+            self.err(format!("{p}.hash_header"), "only valid with selection = \"consistent_hash\"");
+        }
+        if hash_cookie.is_some() {
+            self.err(format!("{p}.hash_cookie"), "only valid with selection = \"consistent_hash\"");
+        }
+        sel
+    }
+
+    fn routes(&mut self, sections: Vec<RouteSection>, clusters: &BTreeMap<String, ClusterSpec>) -> Vec<RouteSpec> {
+        let mut out = Vec::new();
+        let mut names = HashSet::new();
+        let mut keys: HashSet<(Option<HostPattern>, String)> = HashSet::new();
+        for (i, r) in sections.into_iter().enumerate() {
+            let p = format!("routes[{i}]");
+            let RouteSection {
+                name,
+                hosts,
+                path_prefix,
+                cluster,
+            } = r;
+            let name = name.unwrap_or_else(|| format!("route{i}"));
+            if !valid_name(&name) {
+                self.err(format!("{p}.name"), format!("invalid route name {name:?}: use letters, digits, '-', '_' or '.'"));
+            }
+            if !names.insert(name.clone()) {
+                self.err(format!("{p}.name"), format!("duplicate route name {name:?}"));
+            }
+            if !clusters.contains_key(&cluster) {
+                let known: Vec<&str> = clusters.keys().map(|s| s.as_str()).collect();
+                self.err(
+                    format!("{p}.cluster"),
+                    format!("unknown cluster {cluster:?} (defined: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") }),
+                );
+            }
+            let path_prefix = path_prefix.unwrap_or_else(|| "/".to_string());
+            if !path_prefix.starts_with('/') || path_prefix.contains(['?', '#', ' ']) {
+                self.err(
+                    format!("{p}.path_prefix"),
+                    format!("invalid value {path_prefix:?}: must start with '/' and hold no '?', '#' or spaces"),
+                );
+            }
+            let mut patterns = Vec::new();
+            for (j, h) in hosts.iter().enumerate() {
+                match host_pattern(h) {
+                    Some(pat) => patterns.push(pat),
+                    None => self.err(
+                        format!("{p}.hosts[{j}]"),
+                        format!("invalid host {h:?}: expected a DNS name such as \"api.example.com\" or \"*.example.com\" (no port, no scheme)"),
+                    ),
+                }
+            }
+            let host_keys: Vec<Option<HostPattern>> = if patterns.is_empty() {
+                vec![None]
+            } else {
+                patterns.iter().cloned().map(Some).collect()
+            };
+            for k in host_keys {
+                let shown = match &k {
+                    None => "*".to_string(),
+                    Some(HostPattern::Exact(h)) => h.clone(),
+                    Some(HostPattern::Suffix(s)) => format!("*{s}"),
+                };
+                if !keys.insert((k, path_prefix.clone())) {
+                    self.err(
+                        &p,
+                        format!("host {shown:?} with path_prefix {path_prefix:?} is already matched by an earlier route"),
+                    );
+                }
+            }
+            out.push(RouteSpec {
+                name,
+                hosts: patterns,
+                path_prefix,
+                cluster,
+            });
+        }
+        if out.is_empty() && !self.errors.iter().any(|e| e.path.starts_with("routes")) {
+            self.err("routes", "at least one [[routes]] entry is required");
+        }
+        out
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+/// Parse a route host: `name.example.com` or `*.example.com`, case-folded.
+pub fn host_pattern(h: &str) -> Option<HostPattern> {
+    let h = h.to_ascii_lowercase();
+    let (wild, rest) = match h.strip_prefix("*.") {
+        Some(rest) => (true, rest.to_string()),
+        None => (false, h.clone()),
+    };
+    let ok = !rest.is_empty()
+        && rest.len() <= 253
+        && rest.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if !ok {
+        return None;
+    }
+    Some(if wild {
+        HostPattern::Suffix(format!(".{rest}"))
+    } else {
+        HostPattern::Exact(rest)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errs(text: &str) -> Vec<String> {
+        match parse(text, Path::new("/etc/sy")) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    const MINIMAL: &str = r#"
+[[listeners]]
+address = "127.0.0.1:8080"
+[[routes]]
+cluster = "web"
+[clusters.web]
+static = ["127.0.0.1:8001"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL, Path::new("/etc/sy")).unwrap();
+        assert_eq!(c.admin.listen.to_string(), "127.0.0.1:9901");
+        assert_eq!(c.routes[0].path_prefix, "/");
+        assert_eq!(c.clusters["web"].retries, 2);
+        assert_eq!(c.server.pid_file, "/tmp/switchyard-8080.pid");
+        assert!(c.listeners[0].h2c);
+    }
+
+    #[test]
+    fn every_error_is_reported_with_path_and_value() {
+        let text = r#"
+[server]
+drain_timeout = "5 parsecs"
+[[listeners]]
+address = "127.0.0.1:80800"
+[[routes]]
+cluster = "nope"
+path_prefix = "api"
+hosts = ["bad host"]
+[clusters.web]
+static = ["1.2.3.4"]
+selection = "fastest"
+bogus = 1
+[clusters.api]
+file = { catalog = "c.json" }
+static = ["127.0.0.1:1"]
+"#;
+        let e = errs(text);
+        let joined = e.join("\n");
+        for needle in [
+            "server.drain_timeout: invalid duration \"5 parsecs\"",
+            "listeners[0].address: invalid socket address \"127.0.0.1:80800\"",
+            "routes[0].cluster: unknown cluster \"nope\"",
+            "routes[0].path_prefix: invalid value \"api\"",
+            "routes[0].hosts[0]: invalid host \"bad host\"",
+            "clusters.web: unknown field `bogus`",
+            "clusters.api: set exactly one discovery source",
+        ] {
+            assert!(joined.contains(needle), "missing {needle:?} in:\n{joined}");
+        }
+    }
+
+    #[test]
+    fn relative_catalog_is_anchored_at_config_dir() {
+        let text = MINIMAL.replace("static = [\"127.0.0.1:8001\"]", "file = { catalog = \"cat.json\" }");
+        let c = parse(&text, Path::new("/etc/sy")).unwrap();
+        assert_eq!(
+            c.clusters["web"].discovery,
+            DiscoverySpec::File {
+                catalog: "/etc/sy/cat.json".into(),
+                service: "web".into()
+            }
+        );
+    }
+
+    #[test]
+    fn duplicate_route_keys_are_rejected() {
+        let text = format!("{MINIMAL}\n[[routes]]\ncluster = \"web\"\n");
+        let e = errs(&text).join("\n");
+        assert!(e.contains("routes[1]: host \"*\" with path_prefix \"/\" is already matched"), "{e}");
+    }
+
+    #[test]
+    fn consistent_hash_needs_a_key() {
+        let text = MINIMAL.replace("[clusters.web]", "[clusters.web]\nselection = \"consistent_hash\"");
+        let e = errs(&text).join("\n");
+        assert!(e.contains("clusters.web.selection: \"consistent_hash\" needs exactly one"), "{e}");
+    }
+
+    #[test]
+    fn toml_syntax_error_is_reported() {
+        let e = errs("[[listeners]\naddress=").join("\n");
+        assert!(e.contains("not valid TOML"), "{e}");
+    }
+
+    #[test]
+    fn host_patterns() {
+        assert_eq!(host_pattern("API.Example.com"), Some(HostPattern::Exact("api.example.com".into())));
+        assert_eq!(host_pattern("*.example.com"), Some(HostPattern::Suffix(".example.com".into())));
+        assert_eq!(host_pattern("example.com:80"), None);
+        assert_eq!(host_pattern("http://x"), None);
+        assert_eq!(host_pattern("*"), None);
+    }
+}

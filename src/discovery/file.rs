@@ -1,0 +1,328 @@
+//! The file catalog: a JSON file mapping service name → instances, watched for
+//! changes. The embedded default that needs no Consul.
+//!
+//! ```json
+//! { "web": [ { "address": "10.0.0.5", "port": 8000, "weight": 2,
+//!              "tags": ["v2"], "meta": { "az": "a" } } ] }
+//! ```
+//!
+//! Change detection uses inotify (through `notify`, watching the *directory*
+//! so editors that replace the file by rename are seen) plus a 1 s poll of
+//! size/mtime as a safety net for filesystems without inotify. A file is only
+//! published when it parses and validates completely; anything else (bad
+//! JSON, a bad address, a file truncated mid-write) leaves the last good
+//! catalog in force and is reported in `/status`, the log and a metric.
+
+use super::{normalise, Endpoint, EndpointSet};
+use crate::error::DiscoveryError;
+use crate::metrics::Metrics;
+use crate::status::StatusBoard;
+use async_trait::async_trait;
+use notify::{RecursiveMode, Watcher};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, watch};
+
+/// A parsed catalog: service name → normalised set.
+pub type Catalog = BTreeMap<String, EndpointSet>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Instance {
+    address: String,
+    port: Option<u16>,
+    weight: Option<u32>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    meta: BTreeMap<String, String>,
+}
+
+/// The largest catalog file we read; a larger file is refused, not loaded.
+pub const MAX_CATALOG_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest accepted weight (the same bound Consul puts on `Weights`).
+pub const MAX_WEIGHT: u32 = 65535;
+
+/// Parse and validate catalog text. Strict: one bad instance rejects the file,
+/// because the operator wrote it and a half-applied file is a surprise.
+pub fn parse_catalog(text: &[u8]) -> Result<Catalog, String> {
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let raw: BTreeMap<String, Vec<Instance>> = serde_path_to_error::deserialize(&mut de)
+        .map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path.is_empty() || path == "." {
+                inner.to_string()
+            } else {
+                format!("{path}: {inner}")
+            }
+        })?;
+    de.end().map_err(|e| e.to_string())?;
+    let mut out = Catalog::new();
+    for (service, instances) in raw {
+        if service.is_empty() {
+            return Err("service name \"\" is not allowed".into());
+        }
+        let mut seen = HashSet::new();
+        let mut eps = Vec::with_capacity(instances.len());
+        for (i, inst) in instances.into_iter().enumerate() {
+            let at = format!("{service}[{i}]");
+            let addr = instance_addr(&inst.address, inst.port).map_err(|m| format!("{at}.address: {m}"))?;
+            if !seen.insert(addr) {
+                return Err(format!("{at}.address: duplicate instance {addr}"));
+            }
+            let weight = inst.weight.unwrap_or(1);
+            if weight > MAX_WEIGHT {
+                return Err(format!("{at}.weight: invalid value {weight}: must be between 0 and {MAX_WEIGHT}"));
+            }
+            eps.push(Endpoint {
+                addr,
+                weight,
+                tags: inst.tags,
+                meta: inst.meta,
+            });
+        }
+        out.insert(service, normalise(eps));
+    }
+    Ok(out)
+}
+
+fn instance_addr(address: &str, port: Option<u16>) -> Result<SocketAddr, String> {
+    let addr = match port {
+        Some(port) => {
+            let ip: IpAddr = address
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+                .map_err(|_| format!("invalid IP address {address:?} (host names are not resolved by the file catalog)"))?;
+            SocketAddr::new(ip, port)
+        }
+        None => address.parse().map_err(|_| {
+            format!("invalid address {address:?}: give \"IP\" with \"port\", or \"IP:PORT\"")
+        })?,
+    };
+    if addr.port() == 0 {
+        return Err(format!("invalid port 0 in {address:?}"));
+    }
+    if addr.ip().is_unspecified() || addr.ip().is_multicast() {
+        return Err(format!("invalid IP address {address:?}: not a unicast host address"));
+    }
+    Ok(addr)
+}
+
+/// Read and parse a catalog file.
+pub fn read_catalog(path: &Path) -> Result<Catalog, DiscoveryError> {
+    let shown = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|e| DiscoveryError::Read {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    if meta.len() > MAX_CATALOG_BYTES {
+        return Err(DiscoveryError::Invalid {
+            path: shown,
+            reason: format!("file is {} bytes, above the {} byte limit", meta.len(), MAX_CATALOG_BYTES),
+        });
+    }
+    let bytes = std::fs::read(path).map_err(|e| DiscoveryError::Read {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    parse_catalog(&bytes).map_err(|reason| DiscoveryError::Invalid { path: shown, reason })
+}
+
+/// The metrics/status name of a file source.
+pub fn source_name(path: &Path) -> String {
+    format!("file:{}", path.display())
+}
+
+/// Watches one catalog file and publishes every valid version of it.
+pub struct FileSource {
+    path: PathBuf,
+    name: String,
+    tx: watch::Sender<Option<Arc<Catalog>>>,
+    metrics: Arc<Metrics>,
+    status: Arc<StatusBoard>,
+    poll: Duration,
+}
+
+impl FileSource {
+    /// Create the source and read the file once, so the first routing table
+    /// can be complete before the proxy starts listening.
+    pub fn new(
+        path: PathBuf,
+        metrics: Arc<Metrics>,
+        status: Arc<StatusBoard>,
+    ) -> (Self, watch::Receiver<Option<Arc<Catalog>>>) {
+        let (tx, rx) = watch::channel(None);
+        let name = source_name(&path);
+        status.register_source(&name, "file", &path.display().to_string());
+        let src = FileSource {
+            path,
+            name,
+            tx,
+            metrics,
+            status,
+            poll: Duration::from_secs(1),
+        };
+        src.reload(&mut None);
+        (src, rx)
+    }
+
+    /// Read the file; publish when it is valid and differs from what is out.
+    /// `last_seen` is the raw content last looked at, to skip re-parsing.
+    fn reload(&self, last_seen: &mut Option<Vec<u8>>) {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) => {
+                *last_seen = None;
+                self.fail(DiscoveryError::Read {
+                    path: self.path.display().to_string(),
+                    reason: e.to_string(),
+                });
+                return;
+            }
+        };
+        if last_seen.as_deref() == Some(&bytes[..]) {
+            return;
+        }
+        let result = if bytes.len() as u64 > MAX_CATALOG_BYTES {
+            Err(format!("file is {} bytes, above the {} byte limit", bytes.len(), MAX_CATALOG_BYTES))
+        } else {
+            parse_catalog(&bytes)
+        };
+        *last_seen = Some(bytes);
+        match result {
+            Ok(catalog) => {
+                let changed = self.tx.send_if_modified(|cur| {
+                    if cur.as_deref() == Some(&catalog) {
+                        false
+                    } else {
+                        *cur = Some(Arc::new(catalog));
+                        true
+                    }
+                });
+                let result = if changed { "ok" } else { "unchanged" };
+                self.metrics.discovery_update(&self.name, result);
+                self.status.source_ok(&self.name, SystemTime::now());
+                if changed {
+                    tracing::info!(source = %self.name, "catalog loaded");
+                }
+            }
+            Err(reason) => self.fail(DiscoveryError::Invalid {
+                path: self.path.display().to_string(),
+                reason,
+            }),
+        }
+    }
+
+    fn fail(&self, e: DiscoveryError) {
+        tracing::warn!(source = %self.name, error = %e, "catalog rejected; last good catalog stays in force");
+        self.metrics.discovery_update(&self.name, "error");
+        self.status.source_error(&self.name, e.to_string());
+    }
+}
+
+#[async_trait]
+impl BackgroundService for FileSource {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (ev_tx, mut ev_rx) = mpsc::channel::<()>(1);
+        let file_name = self.path.file_name().map(|n| n.to_os_string());
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(ev) = res {
+                let ours = ev
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().map(|n| n.to_os_string()) == file_name);
+                if ours {
+                    let _ = ev_tx.try_send(());
+                }
+            }
+        });
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let _watcher = match watcher {
+            Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => Some(w),
+                Err(e) => {
+                    tracing::warn!(source = %self.name, error = %e, "cannot watch directory; falling back to polling");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(source = %self.name, error = %e, "no file watcher; falling back to polling");
+                None
+            }
+        };
+        let mut last_seen: Option<Vec<u8>> = std::fs::read(&self.path).ok();
+        let mut seen_fp = fingerprint(&self.path);
+        let mut tick = tokio::time::interval(self.poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                Some(()) = ev_rx.recv() => {
+                    // Let a burst of events (write + close + rename) settle.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    while ev_rx.try_recv().is_ok() {}
+                }
+                _ = tick.tick() => {
+                    if fingerprint(&self.path) == seen_fp {
+                        continue;
+                    }
+                }
+            }
+            seen_fp = fingerprint(&self.path);
+            self.reload(&mut last_seen);
+        }
+    }
+}
+
+/// Size and modification time: a cheap "did anything happen" check.
+fn fingerprint(path: &Path) -> Option<(u64, Option<SystemTime>)> {
+    std::fs::metadata(path).ok().map(|m| (m.len(), m.modified().ok()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_normalises() {
+        let c = parse_catalog(
+            br#"{"web":[{"address":"127.0.0.2","port":80,"weight":3,"tags":["a"]},
+                        {"address":"127.0.0.1:81"}]}"#,
+        )
+        .unwrap();
+        let web = &c["web"];
+        assert_eq!(web[0].addr.to_string(), "127.0.0.1:81");
+        assert_eq!(web[0].weight, 1);
+        assert_eq!(web[1].weight, 3);
+        assert_eq!(web[1].tags, vec!["a".to_string()]);
+    }
+
+    #[test]
+    fn rejects_bad_input_with_location() {
+        let cases: &[(&[u8], &str)] = &[
+            (br#"{"web":[{"address":"nope","port":80}]}"#, "web[0].address: invalid IP address \"nope\""),
+            (br#"{"web":[{"address":"127.0.0.1","port":70000}]}"#, "web[0].port"),
+            (br#"{"web":[{"address":"127.0.0.1:1"},{"address":"127.0.0.1","port":1}]}"#, "duplicate instance"),
+            (br#"{"web":[{"address":"127.0.0.1:1","wieght":1}]}"#, "unknown field `wieght`"),
+            (br#"{"web":[{"address":"127.0.0.1:1"}"#, "EOF"),
+            (br#"{"web":[{"address":"127.0.0.1:1","weight":70000}]}"#, "web[0].weight"),
+            (br#"{"web":[{"address":"0.0.0.0:1"}]}"#, "not a unicast"),
+            (br#"[]"#, "expected a map"),
+        ];
+        for (text, needle) in cases {
+            let err = parse_catalog(text).unwrap_err();
+            assert!(err.contains(needle), "{:?}: {err}", String::from_utf8_lossy(text));
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! Error vocabulary. Control-plane errors are `thiserror` enums; request-path
+//! errors are Pingora errors, created in exactly one place ([`upstream_error`])
+//! so the proxy's status-code mapping stays in one spot.
+
+use pingora::{Error, ErrorType};
+use std::fmt;
+
+/// One configuration problem: where it is (a dotted field path) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config file, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Why a discovery source could not produce a set.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum DiscoveryError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("invalid catalog {path}: {reason}")]
+    Invalid { path: String, reason: String },
+}
+
+/// The request-path failure kinds the proxy answers for itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyFailure {
+    /// No route matched the request: 404.
+    NoRoute,
+    /// The route's cluster has no backend to send to: 503 with `Retry-After`.
+    NoBackends,
+    /// Every attempt failed to reach or read a backend: 502.
+    BadGateway,
+    /// The backend did not answer within its timeout: 504.
+    Timeout,
+}
+
+impl ProxyFailure {
+    pub fn status(self) -> u16 {
+        match self {
+            ProxyFailure::NoRoute => 404,
+            ProxyFailure::NoBackends => 503,
+            ProxyFailure::BadGateway => 502,
+            ProxyFailure::Timeout => 504,
+        }
+    }
+
+    /// The short plain-text body sent with the status.
+    pub fn body(self) -> &'static str {
+        match self {
+            ProxyFailure::NoRoute => "no route for this request\n",
+            ProxyFailure::NoBackends => "no backend available for this service\n",
+            ProxyFailure::BadGateway => "upstream failed\n",
+            ProxyFailure::Timeout => "upstream timed out\n",
+        }
+    }
+
+    /// Classify a Pingora error that ended a proxied request.
+    pub fn classify(e: &Error) -> ProxyFailure {
+        match e.etype() {
+            ErrorType::HTTPStatus(503) => ProxyFailure::NoBackends,
+            ErrorType::HTTPStatus(404) => ProxyFailure::NoRoute,
+            ErrorType::HTTPStatus(504)
+            | ErrorType::ConnectTimedout
+            | ErrorType::ReadTimedout
+            | ErrorType::WriteTimedout => ProxyFailure::Timeout,
+            _ => ProxyFailure::BadGateway,
+        }
+    }
+}
+
+/// The one constructor of request-path errors.
+pub fn upstream_error(kind: ProxyFailure, context: &'static str) -> Box<Error> {
+    Error::explain(ErrorType::HTTPStatus(kind.status()), context)
+}

@@ -1,0 +1,34 @@
+//! Switchyard: an edge HTTP load balancer that follows a service catalog
+//! (a watched file today; Consul and DNS SRV plug into the same flow) and swaps
+//! its routing snapshot without restarts or reloads.
+//!
+//! Data flows one way:
+//!
+//! ```text
+//! config file ─┐
+//! discovery    ├─► reconcile ─► RoutingTable::build ─► snapshot (one ArcSwap) ─► proxy ─► metrics
+//!  (file,      │   (the only     (pure function:         publish() / load()        (request    (write-only
+//!   static)    │    writer)       no I/O, no async)                                 path)       sink)
+//! ```
+//!
+//! * Sources publish *whole* sets (never deltas) on `tokio::sync::watch` channels.
+//! * [`reconcile`] is the only writer of the snapshot. A failed build or an invalid
+//!   input leaves the last good table serving.
+//! * [`routing::RoutingTable`] is immutable; the proxy loads it once per request.
+//! * State that must survive a swap (in-flight counts, round-robin cursors) lives in
+//!   per-backend / per-cluster `Arc`s that the builder reuses.
+
+pub mod accesslog;
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod discovery;
+pub mod error;
+pub mod metrics;
+pub mod proxy;
+pub mod reconcile;
+pub mod routing;
+pub mod server;
+pub mod snapshot;
+pub mod status;

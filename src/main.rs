@@ -1,0 +1,96 @@
+//! The binary shell: CLI, logging, config, run. An invalid config exits 64
+//! (EX_USAGE-style "data error") with every error listed and nothing started.
+
+use clap::Parser;
+use std::process::ExitCode;
+use switchyard::cli::{Cli, Command, LogFormatArg};
+use switchyard::{config, demo, server};
+
+const EXIT_CONFIG: u8 = 64;
+
+fn init_logging(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormatArg::Text => builder.init(),
+        LogFormatArg::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<config::Config, ExitCode> {
+    config::load(path).map_err(|errs| {
+        eprintln!("{}: {} error(s):", path.display(), errs.0.len());
+        for e in &errs.0 {
+            eprintln!("  {e}");
+        }
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Check { config } => match load(config) {
+            Ok(c) => {
+                println!("{}: ok", config.display());
+                print!("{}", c.summary());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run { config } => {
+            let c = match load(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging(&cli);
+            tracing::info!(config = %config.display(), version = env!("CARGO_PKG_VERSION"), "starting");
+            match server::run(c, server::Extras::default()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("switchyard: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo { listen, admin, dir } => {
+            let dir = match dir {
+                Some(d) => {
+                    if let Err(e) = std::fs::create_dir_all(d) {
+                        eprintln!("switchyard: cannot create {}: {e}", d.display());
+                        return ExitCode::FAILURE;
+                    }
+                    d.clone()
+                }
+                None => match tempfile::Builder::new().prefix("switchyard-demo-").tempdir() {
+                    Ok(t) => t.keep(),
+                    Err(e) => {
+                        eprintln!("switchyard: cannot create a temp dir: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            let d = match demo::prepare(&dir, *listen, *admin) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("switchyard: cannot write demo files in {}: {e}", dir.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            let c = match load(&d.config_path) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging(&cli);
+            println!("{}", d.instructions(*listen, *admin));
+            match server::run(c, d.extras()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("switchyard: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

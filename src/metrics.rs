@@ -1,0 +1,232 @@
+//! Every metric Switchyard exports, defined in one place with its help text.
+//!
+//! Metrics are a write-only sink: nothing in the process reads them to make a
+//! decision. Per-request handles (route × code class, cluster histogram,
+//! backend outcomes) are resolved once when a routing table is built, so the
+//! request path never looks up a label set. Label values are route, cluster
+//! and backend names from config and discovery, so cardinality is bounded by
+//! the configuration; series of removed backends are deleted.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub const PREFIX: &str = "switchyard";
+
+/// The HTTP status classes used as `code_class` label values.
+pub const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// Upstream attempt outcomes used as `outcome` label values.
+pub const OUTCOMES: [&str; 4] = ["ok", "connect_error", "timeout", "error"];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_requests: IntCounterVec,
+    pub backends: IntGaugeVec,
+    pub routing_generation: IntGauge,
+    pub routing_swaps: IntCounter,
+    pub discovery_updates: IntCounterVec,
+    pub discovery_last_success: prometheus::GaugeVec,
+    pub downstream_connections: IntGauge,
+    pub requests_in_flight: IntGauge,
+    pub access_log_dropped: IntCounter,
+    pub routing_build_errors: IntCounter,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help).namespace(PREFIX)
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            opts("requests_total", "Requests answered, by route, cluster and status class. Requests no route matched have route=\"\" and cluster=\"\"."),
+            &["route", "cluster", "code_class"],
+        )
+        .expect("valid metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "request_duration_seconds",
+                "Time from the request's arrival to the end of its response, by cluster.",
+            )
+            .namespace(PREFIX)
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["cluster"],
+        )
+        .expect("valid metric");
+        let upstream_requests = IntCounterVec::new(
+            opts("upstream_requests_total", "Attempts to forward a request to a backend, by outcome: ok (a response header arrived), connect_error, timeout, error (reset or protocol error)."),
+            &["cluster", "backend", "outcome"],
+        )
+        .expect("valid metric");
+        let backends = IntGaugeVec::new(
+            opts("backends", "Backends per cluster in the serving table, by state: active (receives new requests) or drained (weight 0: known, receives nothing new)."),
+            &["cluster", "state"],
+        )
+        .expect("valid metric");
+        let routing_generation = IntGauge::with_opts(opts(
+            "routing_generation",
+            "Generation number of the routing table currently serving.",
+        ))
+        .expect("valid metric");
+        let routing_swaps = IntCounter::with_opts(opts(
+            "routing_swaps_total",
+            "Routing tables published (each a new generation).",
+        ))
+        .expect("valid metric");
+        let discovery_updates = IntCounterVec::new(
+            opts("discovery_updates_total", "Results from discovery sources: ok (new set published), unchanged (valid, same set), error (rejected; the last good set stays)."),
+            &["source", "result"],
+        )
+        .expect("valid metric");
+        let discovery_last_success = prometheus::GaugeVec::new(
+            opts("discovery_last_success_timestamp_seconds", "Unix time of the last valid result from each discovery source."),
+            &["source"],
+        )
+        .expect("valid metric");
+        let downstream_connections = IntGauge::with_opts(opts(
+            "downstream_connections",
+            "Client connections currently open.",
+        ))
+        .expect("valid metric");
+        let requests_in_flight = IntGauge::with_opts(opts(
+            "requests_in_flight",
+            "Requests currently being handled.",
+        ))
+        .expect("valid metric");
+        let access_log_dropped = IntCounter::with_opts(opts(
+            "access_log_dropped_total",
+            "Access log lines dropped because the writer fell behind (the request itself was served).",
+        ))
+        .expect("valid metric");
+        let routing_build_errors = IntCounter::with_opts(opts(
+            "routing_build_errors_total",
+            "Routing table builds that failed; the previous table kept serving.",
+        ))
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(upstream_requests.clone()),
+            Box::new(backends.clone()),
+            Box::new(routing_generation.clone()),
+            Box::new(routing_swaps.clone()),
+            Box::new(discovery_updates.clone()),
+            Box::new(discovery_last_success.clone()),
+            Box::new(downstream_connections.clone()),
+            Box::new(requests_in_flight.clone()),
+            Box::new(access_log_dropped.clone()),
+            Box::new(routing_build_errors.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_requests,
+            backends,
+            routing_generation,
+            routing_swaps,
+            discovery_updates,
+            discovery_last_success,
+            downstream_connections,
+            requests_in_flight,
+            access_log_dropped,
+            routing_build_errors,
+        }
+    }
+
+    /// Prometheus text exposition of everything.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let enc = TextEncoder::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = enc.encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+
+    pub fn discovery_update(&self, source: &str, result: &str) {
+        self.discovery_updates.with_label_values(&[source, result]).inc();
+        if result != "error" {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0);
+            self.discovery_last_success.with_label_values(&[source]).set(now);
+        }
+    }
+
+    /// Per-route handles: one counter per status class.
+    pub fn route_handles(&self, route: &str, cluster: &str) -> RouteMetrics {
+        RouteMetrics {
+            by_class: CODE_CLASSES.map(|c| self.requests.with_label_values(&[route, cluster, c])),
+        }
+    }
+
+    pub fn cluster_histogram(&self, cluster: &str) -> Histogram {
+        self.request_duration.with_label_values(&[cluster])
+    }
+
+    pub fn backend_handles(&self, cluster: &str, backend: &str) -> BackendMetrics {
+        BackendMetrics {
+            by_outcome: OUTCOMES.map(|o| self.upstream_requests.with_label_values(&[cluster, backend, o])),
+        }
+    }
+
+    pub fn forget_backend(&self, cluster: &str, backend: &str) {
+        for o in OUTCOMES {
+            let _ = self.upstream_requests.remove_label_values(&[cluster, backend, o]);
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Clone)]
+pub struct RouteMetrics {
+    by_class: [IntCounter; 5],
+}
+
+impl RouteMetrics {
+    pub fn record(&self, status: u16) {
+        let i = match status {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
+        };
+        self.by_class[i].inc();
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Ok = 0,
+    ConnectError = 1,
+    Timeout = 2,
+    Error = 3,
+}
+
+#[derive(Clone)]
+pub struct BackendMetrics {
+    by_outcome: [IntCounter; 4],
+}
+
+impl BackendMetrics {
+    pub fn record(&self, outcome: Outcome) {
+        self.by_outcome[outcome as usize].inc();
+    }
+}

@@ -1,0 +1,126 @@
+//! Request headers the backends rely on: `X-Forwarded-For` (appended),
+//! `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Request-Id` — so a Django app
+//! behind the proxy sees the real client and scheme — and origin-form targets.
+
+use pingora::http::RequestHeader;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The host a request is for: the absolute-form / h2 authority, else `Host`.
+pub fn request_host(req: &RequestHeader) -> Option<&[u8]> {
+    if let Some(a) = req.uri.authority() {
+        return Some(a.as_str().as_bytes());
+    }
+    req.headers.get(http::header::HOST).map(|v| v.as_bytes())
+}
+
+/// Generates request ids: a random per-process prefix and a counter, so ids
+/// are unique across restarts and instances without a random draw per request.
+pub struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RequestIds {
+    pub fn new() -> Self {
+        RequestIds {
+            prefix: rand::random(),
+            counter: AtomicU64::new(0),
+        }
+    }
+
+    /// Keep a sane incoming `X-Request-Id`, else make one.
+    pub fn for_request(&self, req: &RequestHeader) -> String {
+        if let Some(v) = req.headers.get("x-request-id") {
+            let b = v.as_bytes();
+            if is_sane_id(b) {
+                // is_sane_id admits ASCII only.
+                return String::from_utf8_lossy(b).into_owned();
+            }
+        }
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut s = String::with_capacity(33);
+        let _ = write!(s, "{:016x}{:016x}", self.prefix, n);
+        s
+    }
+}
+
+/// 1–128 characters from `[A-Za-z0-9._:-]`.
+pub fn is_sane_id(b: &[u8]) -> bool {
+    !b.is_empty()
+        && b.len() <= 128
+        && b.iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Set the forwarding headers on the request going upstream.
+pub fn forwarded(session: &Session, up: &mut RequestHeader, request_id: &str) -> Result<()> {
+    let original_host = request_host(session.req_header()).map(|h| h.to_vec());
+    // Absolute-form (HTTP/1.x only): the authority is the host; send origin-form upstream.
+    if !session.is_http2() && up.uri.authority().is_some() {
+        if let Some(h) = &original_host {
+            up.insert_header(http::header::HOST, h.as_slice())?;
+        }
+        let pq = up
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".to_string());
+        let uri: http::Uri = pq
+            .parse()
+            .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad request target"))?;
+        up.set_uri(uri);
+    }
+    if let Some(ip) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) {
+        let mut xff = String::new();
+        for v in up.headers.get_all("x-forwarded-for") {
+            if let Ok(s) = v.to_str() {
+                let s = s.trim();
+                if !s.is_empty() {
+                    if !xff.is_empty() {
+                        xff.push_str(", ");
+                    }
+                    xff.push_str(s);
+                }
+            }
+        }
+        if !xff.is_empty() {
+            xff.push_str(", ");
+        }
+        let _ = write!(xff, "{ip}");
+        up.insert_header("x-forwarded-for", xff)?;
+    }
+    up.insert_header("x-forwarded-proto", "http")?;
+    if let Some(h) = original_host {
+        up.insert_header("x-forwarded-host", h)?;
+    }
+    up.insert_header("x-request-id", request_id)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids() {
+        let ids = RequestIds::new();
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        let a = ids.for_request(&req);
+        let b = ids.for_request(&req);
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        req.insert_header("x-request-id", "abc-123").unwrap();
+        assert_eq!(ids.for_request(&req), "abc-123");
+        req.insert_header("x-request-id", "bad id with spaces").unwrap();
+        assert_ne!(ids.for_request(&req), "bad id with spaces");
+        assert!(!is_sane_id(&[b'a'; 129]));
+    }
+}

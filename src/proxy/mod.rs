@@ -1,0 +1,382 @@
+//! The request path: Pingora's `ProxyHttp` over the routing snapshot.
+//!
+//! Per request: load the table once (so one request sees one generation),
+//! match a route, pick a backend, forward. No locks and no shared writes on
+//! this path except counters. Failures are answered here with short
+//! plain-text bodies: 404 (no route), 503 + `Retry-After` (no backends),
+//! 502 (backends failed), 504 (backend timed out).
+
+mod headers;
+
+use crate::accesslog::{AccessLog, AccessRecord};
+use crate::error::{upstream_error, ProxyFailure};
+use crate::metrics::{Metrics, Outcome};
+use crate::routing::{InFlight, RoutingTable};
+use crate::snapshot::Snapshot;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::apps::ServerApp;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::protocols::Stream;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::server::ShutdownWatch;
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{ErrorSource, ErrorType};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+pub use headers::RequestIds;
+
+/// Seconds a client is told to wait when a cluster has no backends.
+pub const RETRY_AFTER_SECS: &str = "5";
+
+pub struct Proxy {
+    snapshot: Arc<Snapshot>,
+    metrics: Arc<Metrics>,
+    access_log: AccessLog,
+    ids: RequestIds,
+}
+
+impl Proxy {
+    pub fn new(snapshot: Arc<Snapshot>, metrics: Arc<Metrics>, access_log: AccessLog) -> Self {
+        Proxy {
+            snapshot,
+            metrics,
+            access_log,
+            ids: RequestIds::new(),
+        }
+    }
+}
+
+/// Counts a request in flight for as long as its context lives.
+pub struct RequestGauge(prometheus::IntGauge);
+
+impl Drop for RequestGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+pub struct Ctx {
+    start: Instant,
+    table: Option<Arc<RoutingTable>>,
+    route: Option<u32>,
+    cluster: Option<u32>,
+    backend: Option<u32>,
+    tried: Vec<u32>,
+    inflight: Option<InFlight>,
+    request_id: String,
+    upstream_start: Option<Instant>,
+    response_started: bool,
+    /// Status of a response this proxy generated itself.
+    local_status: u16,
+    _gauge: RequestGauge,
+}
+
+impl Ctx {
+    fn cluster(&self) -> Option<&crate::routing::Cluster> {
+        Some(&self.table.as_ref()?.clusters[self.cluster? as usize])
+    }
+
+    fn backend(&self) -> Option<&crate::routing::Backend> {
+        Some(&self.cluster()?.backends[self.backend? as usize])
+    }
+
+    fn record_outcome(&self, outcome: Outcome) {
+        if let Some(m) = self.backend().and_then(|b| b.state.metrics.as_ref()) {
+            m.record(outcome);
+        }
+    }
+
+    /// Whether another attempt is allowed (retry budget left).
+    fn budget_left(&self) -> bool {
+        self.cluster().is_some_and(|c| (self.tried.len() as u32) <= c.spec.retries)
+    }
+}
+
+/// Write a short plain-text response for a failure this proxy decides.
+async fn respond(session: &mut Session, failure: ProxyFailure, request_id: &str) -> Result<()> {
+    let body = Bytes::from_static(failure.body().as_bytes());
+    let mut h = ResponseHeader::build(failure.status(), Some(4))?;
+    h.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
+    h.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    if failure == ProxyFailure::NoBackends {
+        h.insert_header(http::header::RETRY_AFTER, RETRY_AFTER_SECS)?;
+    }
+    if !request_id.is_empty() {
+        h.insert_header("x-request-id", request_id)?;
+    }
+    if !session.is_body_empty() {
+        // The unread request body would poison the next request on this connection.
+        session.set_keepalive(None);
+    }
+    let head = session.req_header().method == http::Method::HEAD;
+    session.write_response_header(Box::new(h), head).await?;
+    if !head {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+fn outcome_of(e: &Error) -> Outcome {
+    match e.etype() {
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => Outcome::Timeout,
+        ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError
+        | ErrorType::SocketError | ErrorType::BindError => Outcome::ConnectError,
+        _ => Outcome::Error,
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Proxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        self.metrics.requests_in_flight.inc();
+        Ctx {
+            start: Instant::now(),
+            table: None,
+            route: None,
+            cluster: None,
+            backend: None,
+            tried: Vec::new(),
+            inflight: None,
+            request_id: String::new(),
+            upstream_start: None,
+            response_started: false,
+            local_status: 0,
+            _gauge: RequestGauge(self.metrics.requests_in_flight.clone()),
+        }
+    }
+
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
+        // No downstream modules: the default registers a disabled compression
+        // module that still costs a call per request.
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let table = self.snapshot.load();
+        let req = session.req_header();
+        ctx.request_id = self.ids.for_request(req);
+        let absolute = !session.is_http2() && req.uri.authority().is_some();
+        let host = headers::request_host(req);
+        let route = table.router.find(host, req.uri.path(), absolute);
+        let Some(ri) = route else {
+            ctx.table = Some(table);
+            ctx.local_status = 404;
+            respond(session, ProxyFailure::NoRoute, &ctx.request_id).await?;
+            return Ok(true);
+        };
+        let ci = table.routes[ri].cluster;
+        ctx.route = Some(ri as u32);
+        ctx.cluster = Some(ci);
+        let empty = table.clusters[ci as usize].active.is_empty();
+        ctx.table = Some(table);
+        if empty {
+            ctx.local_status = 503;
+            respond(session, ProxyFailure::NoBackends, &ctx.request_id).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let Some(cluster) = ctx.cluster() else {
+            return Err(upstream_error(ProxyFailure::NoRoute, "no route"));
+        };
+        let Some(i) = cluster.pick(session.req_header(), &ctx.tried) else {
+            return Err(upstream_error(ProxyFailure::NoBackends, "cluster has no active backends"));
+        };
+        let backend = &cluster.backends[i as usize];
+        let peer = Box::new(backend.peer.clone());
+        ctx.inflight = Some(InFlight::new(&backend.state));
+        ctx.tried.push(i);
+        ctx.backend = Some(i);
+        ctx.upstream_start = Some(Instant::now());
+        Ok(peer)
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        headers::forwarded(session, upstream_request, &ctx.request_id)
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if !ctx.response_started {
+            ctx.response_started = true;
+            ctx.record_outcome(Outcome::Ok);
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if !ctx.request_id.is_empty() && !upstream_response.headers.contains_key("x-request-id") {
+            upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
+        ctx.record_outcome(outcome_of(&e));
+        ctx.inflight = None;
+        let retry = ctx.budget_left() && ctx.cluster().is_some_and(|c| c.has_untried(&ctx.tried));
+        e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer: {peer}"));
+        if *e.esource() == ErrorSource::Upstream && !ctx.response_started {
+            ctx.record_outcome(outcome_of(&e));
+        }
+        // Retry only if nothing of the response has been seen, the method is
+        // idempotent and its body (if any) is still buffered, and either another
+        // backend is left or the failure was on a reused (possibly stale) connection.
+        let safe = !ctx.response_started
+            && session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated();
+        let target = client_reused || ctx.cluster().is_some_and(|c| c.has_untried(&ctx.tried));
+        let retry = safe && target && ctx.budget_left() && *e.esource() == ErrorSource::Upstream;
+        if retry {
+            ctx.inflight = None;
+        }
+        e.set_retry(retry);
+        e
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let failure = match (e.etype(), e.esource()) {
+            (ErrorType::HTTPStatus(_), _) | (_, ErrorSource::Upstream) => Some(ProxyFailure::classify(e)),
+            (ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed, ErrorSource::Downstream) => None,
+            (_, ErrorSource::Downstream) => {
+                // Malformed request: 400 for this connection only.
+                let _ = session.respond_error(400).await;
+                ctx.local_status = 400;
+                return FailToProxy { error_code: 400, can_reuse_downstream: false };
+            }
+            _ => Some(ProxyFailure::BadGateway),
+        };
+        let code = match failure {
+            Some(f) if !ctx.response_started => {
+                if respond(session, f, &ctx.request_id).await.is_err() {
+                    0
+                } else {
+                    f.status()
+                }
+            }
+            // Mid-response failures can't become an error page; the connection is cut.
+            Some(f) => f.status(),
+            None => 0,
+        };
+        ctx.local_status = code;
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        ctx.inflight = None;
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .filter(|_| ctx.local_status == 0 || ctx.response_started)
+            .unwrap_or(match ctx.local_status {
+                0 => 499, // client went away before any response
+                s => s,
+            });
+        let elapsed = ctx.start.elapsed();
+        let table = ctx.table.as_deref();
+        let route = table.zip(ctx.route).map(|(t, r)| &t.routes[r as usize]);
+        match route {
+            Some(r) => r.metrics.record(status),
+            None => {
+                if let Some(t) = table {
+                    t.unrouted.record(status)
+                }
+            }
+        }
+        if let Some(c) = ctx.cluster() {
+            c.duration.observe(elapsed.as_secs_f64());
+        }
+        if !self.access_log.enabled() {
+            return;
+        }
+        let req = session.req_header();
+        let host = headers::request_host(req)
+            .map(|h| String::from_utf8_lossy(h).into_owned())
+            .unwrap_or_default();
+        let record = AccessRecord {
+            time: SystemTime::now() - elapsed,
+            client: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
+            method: req.method.as_str().to_string(),
+            host,
+            path: req.uri.path().to_string(),
+            status,
+            route: route.map(|r| r.name.clone()),
+            cluster: ctx.cluster().map(|c| c.name.clone()),
+            backend: ctx.backend().map(|b| b.addr),
+            upstream_duration: ctx.upstream_start.map(|s| s.elapsed().as_secs_f64()),
+            duration: elapsed.as_secs_f64(),
+            bytes_in: session.body_bytes_read(),
+            bytes_out: session.body_bytes_sent(),
+            attempts: ctx.tried.len() as u32,
+            request_id: std::mem::take(&mut ctx.request_id),
+        };
+        self.access_log.log(record);
+    }
+}
+
+/// Wraps a server app to keep `switchyard_downstream_connections` current.
+/// Pingora calls `process_new` once per request on a connection and keeps the
+/// connection inside it while idle, so inc/dec around the call tracks open
+/// connections.
+pub struct ConnectionCounter<A> {
+    inner: Arc<A>,
+    gauge: prometheus::IntGauge,
+    total: AtomicU64,
+}
+
+impl<A> ConnectionCounter<A> {
+    pub fn new(inner: A, gauge: prometheus::IntGauge) -> Self {
+        ConnectionCounter {
+            inner: Arc::new(inner),
+            gauge,
+            total: AtomicU64::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCounter<A> {
+    async fn process_new(self: &Arc<Self>, session: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        self.gauge.inc();
+        self.total.fetch_add(1, Ordering::Relaxed);
+        let _guard = RequestGauge(self.gauge.clone());
+        self.inner.process_new(session, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await
+    }
+}

@@ -1,0 +1,272 @@
+//! Backend selection. Each structure is built once per backend set (when a
+//! table is built) and read lock-free per request. Every policy takes a list
+//! of backends already tried by this request and avoids them, so a retry goes
+//! to a different backend whenever one exists.
+
+use super::{Backend, ClusterState};
+use crate::config::{HashKey, Selection};
+use pingora::http::RequestHeader;
+use pingora_ketama::{Bucket, Continuum};
+use std::sync::atomic::Ordering;
+
+/// Longest weighted schedule we build; larger weight sums are scaled down.
+const MAX_SCHEDULE: u64 = 4096;
+
+pub enum Selector {
+    RoundRobin,
+    /// Smooth weighted round robin, precomputed: a cycle of backend indices.
+    Weighted(Vec<u32>),
+    LeastConnections,
+    ConsistentHash { ring: Continuum, key: HashKey },
+}
+
+impl Selector {
+    /// `active` are the indices (into `backends`) that may receive new requests.
+    pub fn build(selection: &Selection, backends: &[Backend], active: &[u32]) -> Selector {
+        match selection {
+            Selection::RoundRobin => Selector::RoundRobin,
+            Selection::LeastConnections => Selector::LeastConnections,
+            Selection::Weighted => Selector::Weighted(smooth_wrr(backends, active)),
+            Selection::ConsistentHash(key) => {
+                let buckets: Vec<Bucket> = active
+                    .iter()
+                    .map(|&i| {
+                        let b = &backends[i as usize];
+                        Bucket::new(b.addr, b.weight.max(1))
+                    })
+                    .collect();
+                Selector::ConsistentHash {
+                    ring: Continuum::new(&buckets),
+                    key: key.clone(),
+                }
+            }
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Selector::RoundRobin => "round_robin",
+            Selector::Weighted(_) => "weighted",
+            Selector::LeastConnections => "least_connections",
+            Selector::ConsistentHash { .. } => "consistent_hash",
+        }
+    }
+}
+
+/// Precompute one cycle of smooth weighted round robin (the nginx algorithm):
+/// heavy backends are spread through the cycle, not bunched.
+fn smooth_wrr(backends: &[Backend], active: &[u32]) -> Vec<u32> {
+    if active.is_empty() {
+        return Vec::new();
+    }
+    let total: u64 = active.iter().map(|&i| backends[i as usize].weight as u64).sum();
+    let scale = if total > MAX_SCHEDULE { total as f64 / MAX_SCHEDULE as f64 } else { 1.0 };
+    let weights: Vec<i64> = active
+        .iter()
+        .map(|&i| ((backends[i as usize].weight as f64 / scale).round() as i64).max(1))
+        .collect();
+    let g = weights.iter().fold(0i64, |acc, &w| gcd(acc, w)).max(1);
+    let weights: Vec<i64> = weights.iter().map(|w| w / g).collect();
+    let sum: i64 = weights.iter().sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut out = Vec::with_capacity(sum as usize);
+    for _ in 0..sum {
+        let mut best = 0;
+        for j in 0..weights.len() {
+            current[j] += weights[j];
+            if current[j] > current[best] {
+                best = j;
+            }
+        }
+        current[best] -= sum;
+        out.push(active[best]);
+    }
+    out
+}
+
+fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Pick a backend index for a request, avoiding `tried` where possible.
+/// Returns None only when `active` is empty.
+pub fn pick(
+    selector: &Selector,
+    backends: &[Backend],
+    active: &[u32],
+    state: &ClusterState,
+    req: &RequestHeader,
+    tried: &[u32],
+) -> Option<u32> {
+    let n = active.len();
+    if n == 0 {
+        return None;
+    }
+    let untried = |i: u32| !tried.contains(&i);
+    let chosen = match selector {
+        Selector::RoundRobin => {
+            let start = state.cursor.fetch_add(1, Ordering::Relaxed);
+            (0..n).map(|k| active[(start + k) % n]).find(|&i| untried(i))
+        }
+        Selector::Weighted(schedule) => {
+            let len = schedule.len();
+            let start = state.cursor.fetch_add(1, Ordering::Relaxed);
+            (0..len).map(|k| schedule[(start + k) % len]).find(|&i| untried(i))
+        }
+        Selector::LeastConnections => {
+            // Scan from a rotating start so ties spread evenly.
+            let start = state.cursor.fetch_add(1, Ordering::Relaxed);
+            let mut best: Option<(u32, u64, u64)> = None; // (index, in_flight, weight)
+            for k in 0..n {
+                let i = active[(start + k) % n];
+                if !untried(i) {
+                    continue;
+                }
+                let b = &backends[i as usize];
+                let load = b.state.in_flight.load(Ordering::Relaxed);
+                let w = b.weight.max(1) as u64;
+                // load/w < best_load/best_w, without division
+                if best.is_none_or(|(_, bl, bw)| load * bw < bl * w) {
+                    best = Some((i, load, w));
+                }
+            }
+            best.map(|(i, _, _)| i)
+        }
+        Selector::ConsistentHash { ring, key } => match hash_key(req, key) {
+            Some(k) => ring
+                .node_iter(k)
+                .take(n * 64 + 64)
+                .filter_map(|addr| backends.binary_search_by(|b| b.addr.cmp(addr)).ok())
+                .map(|i| i as u32)
+                .find(|&i| untried(i)),
+            None => {
+                let start = state.cursor.fetch_add(1, Ordering::Relaxed);
+                (0..n).map(|k| active[(start + k) % n]).find(|&i| untried(i))
+            }
+        },
+    };
+    // Everything tried: reuse one (a stale pooled connection is worth a second try).
+    chosen.or_else(|| {
+        let start = state.cursor.fetch_add(1, Ordering::Relaxed);
+        Some(active[start % n])
+    })
+}
+
+/// The consistent-hash key of a request: a header value or a cookie value.
+fn hash_key<'a>(req: &'a RequestHeader, key: &HashKey) -> Option<&'a [u8]> {
+    match key {
+        HashKey::Header(name) => req.headers.get(name).map(|v| v.as_bytes()).filter(|v| !v.is_empty()),
+        HashKey::Cookie(name) => req.headers.get_all(http::header::COOKIE).iter().find_map(|v| {
+            v.as_bytes().split(|&b| b == b';').find_map(|pair| {
+                let pair = pair.trim_ascii();
+                let eq = pair.iter().position(|&b| b == b'=')?;
+                (pair[..eq] == *name.as_bytes() && eq + 1 < pair.len()).then(|| &pair[eq + 1..])
+            })
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::BackendState;
+    use std::sync::Arc;
+
+    fn backends(weights: &[u32]) -> Vec<Backend> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| Backend::for_test(format!("127.0.0.1:{}", 1000 + i).parse().unwrap(), w))
+            .collect()
+    }
+
+    fn counts(sel: &Selector, bs: &[Backend], active: &[u32], req: &RequestHeader, n: usize) -> Vec<usize> {
+        let st = ClusterState::default();
+        let mut c = vec![0; bs.len()];
+        for _ in 0..n {
+            c[pick(sel, bs, active, &st, req, &[]).unwrap() as usize] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn weighted_schedule_is_exact_and_interleaved() {
+        let bs = backends(&[5, 1, 1]);
+        let sched = smooth_wrr(&bs, &[0, 1, 2]);
+        assert_eq!(sched.len(), 7);
+        assert_eq!(sched.iter().filter(|&&i| i == 0).count(), 5);
+        // nginx's smooth WRR for 5,1,1 is a a b a c a a: never more than two heavy in a row at the start
+        assert_eq!(sched, vec![0, 0, 1, 0, 2, 0, 0]);
+        let req = RequestHeader::build("GET", b"/", None).unwrap();
+        assert_eq!(counts(&Selector::Weighted(sched), &bs, &[0, 1, 2], &req, 700), vec![500, 100, 100]);
+    }
+
+    #[test]
+    fn huge_weights_are_scaled() {
+        let bs = backends(&[65535, 65535, 1]);
+        let sched = smooth_wrr(&bs, &[0, 1, 2]);
+        assert!(sched.len() as u64 <= MAX_SCHEDULE + 3, "{}", sched.len());
+        assert!(sched.contains(&2));
+    }
+
+    #[test]
+    fn retries_avoid_tried_backends() {
+        let bs = backends(&[1, 1, 1]);
+        let st = ClusterState::default();
+        let req = RequestHeader::build("GET", b"/", None).unwrap();
+        for sel in [Selector::RoundRobin, Selector::LeastConnections, Selector::Weighted(smooth_wrr(&bs, &[0, 1, 2]))] {
+            for _ in 0..10 {
+                let a = pick(&sel, &bs, &[0, 1, 2], &st, &req, &[]).unwrap();
+                let b = pick(&sel, &bs, &[0, 1, 2], &st, &req, &[a]).unwrap();
+                let c = pick(&sel, &bs, &[0, 1, 2], &st, &req, &[a, b]).unwrap();
+                assert!(a != b && b != c && a != c, "{}", sel.name());
+            }
+        }
+    }
+
+    #[test]
+    fn least_connections_prefers_idle_backends() {
+        let bs = backends(&[1, 1, 1]);
+        bs[0].state.in_flight.store(5, Ordering::Relaxed);
+        bs[2].state.in_flight.store(1, Ordering::Relaxed);
+        let req = RequestHeader::build("GET", b"/", None).unwrap();
+        let st = ClusterState::default();
+        for _ in 0..5 {
+            assert_eq!(pick(&Selector::LeastConnections, &bs, &[0, 1, 2], &st, &req, &[]), Some(1));
+        }
+        let _ = Arc::new(BackendState::default());
+    }
+
+    #[test]
+    fn consistent_hash_is_sticky_and_moves_little() {
+        let bs = backends(&[1, 1, 1, 1]);
+        let sel = Selector::build(
+            &Selection::ConsistentHash(HashKey::Cookie("sid".into())),
+            &bs,
+            &[0, 1, 2, 3],
+        );
+        let st = ClusterState::default();
+        let mut first = Vec::new();
+        for u in 0..200 {
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            req.insert_header("cookie", format!("a=1; sid=user{u}; b=2")).unwrap();
+            let x = pick(&sel, &bs, &[0, 1, 2, 3], &st, &req, &[]).unwrap();
+            assert_eq!(pick(&sel, &bs, &[0, 1, 2, 3], &st, &req, &[]).unwrap(), x);
+            first.push(x);
+        }
+        // Drop backend 3: only its keys move.
+        let sel2 = Selector::build(&Selection::ConsistentHash(HashKey::Cookie("sid".into())), &bs, &[0, 1, 2]);
+        for (u, &x) in first.iter().enumerate() {
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            req.insert_header("cookie", format!("sid=user{u}")).unwrap();
+            let y = pick(&sel2, &bs, &[0, 1, 2], &st, &req, &[]).unwrap();
+            if x != 3 {
+                assert_eq!(x, y, "key user{u} moved although its backend stayed");
+            }
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Wiring: turn a validated [`Config`] into a running Pingora server with the
+//! proxy listeners, the admin listener and the control plane (sources,
+//! reconcile, signal handling, drain).
+
+use crate::accesslog::AccessLog;
+use crate::admin::Admin;
+use crate::config::{Config, DiscoverySpec};
+use crate::discovery::file::FileSource;
+use crate::metrics::Metrics;
+use crate::proxy::{ConnectionCounter, Proxy};
+use crate::reconcile::{FileInput, Reconciler};
+use crate::routing::StateRegistry;
+use crate::status::StatusBoard;
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::apps::HttpServerOptions;
+use pingora::proxy::HttpProxy;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use pingora::services::ServiceWithDependents;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Everything `run` needs besides the config: extra services (the demo's
+/// sample upstreams) to host in the same process.
+#[derive(Default)]
+pub struct Extras {
+    pub services: Vec<Box<dyn ServiceWithDependents>>,
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Build the server. Errors are operator-facing messages.
+pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new());
+    let status = Arc::new(StatusBoard::new());
+    let states = Arc::new(StateRegistry::new(metrics.clone()));
+
+    let access_log = AccessLog::start(&config.access_log, metrics.clone())
+        .map_err(|e| format!("cannot open access log: {e}"))?;
+
+    // One file source per distinct catalog path; each reads its file once now.
+    let paths: BTreeSet<_> = config
+        .clusters
+        .values()
+        .filter_map(|c| match &c.discovery {
+            DiscoverySpec::File { catalog, .. } => Some(catalog.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut tasks: Vec<Arc<dyn BackgroundService + Send + Sync>> = Vec::new();
+    let mut inputs = Vec::new();
+    for path in paths {
+        let (src, rx) = FileSource::new(path.clone(), metrics.clone(), status.clone());
+        tasks.push(Arc::new(src));
+        inputs.push(FileInput { path, rx });
+    }
+    let reconciler = Reconciler::new(config.clone(), inputs, states, metrics.clone(), status.clone())
+        .map_err(|e| format!("cannot build the first routing table: {e}"))?;
+    let snapshot = reconciler.snapshot();
+    tasks.push(Arc::new(reconciler));
+    tasks.push(Arc::new(Signals {
+        access_log: access_log.clone(),
+    }));
+    tasks.push(Arc::new(Drain {
+        metrics: metrics.clone(),
+        access_log: access_log.clone(),
+        timeout: config.server.drain_timeout,
+    }));
+
+    let mut conf = ServerConf::default();
+    conf.threads = config.server.threads;
+    conf.work_stealing = config.server.work_stealing;
+    conf.grace_period_seconds = Some(ceil_secs(config.server.drain_timeout));
+    conf.graceful_shutdown_timeout_seconds = Some(ceil_secs(config.server.shutdown_timeout));
+    conf.upstream_keepalive_pool_size = config.server.upstream_keepalive_pool;
+    conf.pid_file = config.server.pid_file.clone();
+    conf.upgrade_sock = config.server.upgrade_sock.clone();
+    conf.max_retries = 11;
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    // Pingora's server options are per service: one proxy service per h2c setting.
+    for h2c in [true, false] {
+        let addrs: Vec<_> = config.listeners.iter().filter(|l| l.h2c == h2c).map(|l| l.address).collect();
+        if addrs.is_empty() {
+            continue;
+        }
+        let proxy = Proxy::new(snapshot.clone(), metrics.clone(), access_log.clone());
+        let mut app = HttpProxy::new(proxy, server.configuration.clone());
+        let mut opts = HttpServerOptions::default();
+        opts.h2c = h2c;
+        app.server_options = Some(opts);
+        app.handle_init_modules();
+        let app = ConnectionCounter::new(app, metrics.downstream_connections.clone());
+        let names: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        let mut svc = Service::new(format!("proxy {}", names.join(" ")), app);
+        for a in &addrs {
+            svc.add_tcp(&a.to_string());
+        }
+        server.add_service(svc);
+    }
+
+    let admin = Admin {
+        config: config.clone(),
+        snapshot: snapshot.clone(),
+        metrics: metrics.clone(),
+        status: status.clone(),
+    };
+    let mut admin_svc = Service::new("admin".to_string(), HttpServer::new_app(admin));
+    admin_svc.add_tcp(&config.admin.listen.to_string());
+    server.add_service(admin_svc);
+
+    let mut control = background_service("control plane", ControlPlane { tasks });
+    control.threads = Some(1);
+    server.add_service(control);
+
+    for s in extras.services {
+        server.add_boxed_service(s);
+    }
+    Ok(server)
+}
+
+/// Runs the control-plane tasks on one runtime thread.
+struct ControlPlane {
+    tasks: Vec<Arc<dyn BackgroundService + Send + Sync>>,
+}
+
+#[async_trait]
+impl BackgroundService for ControlPlane {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let handles: Vec<_> = self
+            .tasks
+            .iter()
+            .map(|t| {
+                let t = t.clone();
+                let s = shutdown.clone();
+                tokio::spawn(async move { t.start(s).await })
+            })
+            .collect();
+        for h in handles {
+            let _ = h.await;
+        }
+    }
+}
+
+/// SIGHUP reopens the access log file.
+struct Signals {
+    access_log: AccessLog,
+}
+
+#[async_trait]
+impl BackgroundService for Signals {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                Some(()) = hup.recv() => {
+                    tracing::info!("SIGHUP: reopening the access log");
+                    self.access_log.reopen();
+                }
+            }
+        }
+    }
+}
+
+/// On graceful shutdown (SIGTERM), exit as soon as in-flight requests are
+/// done, or when the drain timeout runs out, whichever is first. Pingora on its
+/// own would always wait the whole grace period.
+struct Drain {
+    metrics: Arc<Metrics>,
+    access_log: AccessLog,
+    timeout: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for Drain {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if shutdown.changed().await.is_err() || !*shutdown.borrow() {
+            return;
+        }
+        let start = Instant::now();
+        let deadline = start + self.timeout;
+        tracing::info!(in_flight = self.metrics.requests_in_flight.get(), timeout = ?self.timeout, "draining");
+        let mut last_report = start;
+        while self.metrics.requests_in_flight.get() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                last_report = Instant::now();
+                tracing::info!(in_flight = self.metrics.requests_in_flight.get(), "draining");
+            }
+        }
+        let left = self.metrics.requests_in_flight.get();
+        if left > 0 {
+            tracing::warn!(in_flight = left, "drain timeout reached; exiting with requests in flight");
+        } else {
+            tracing::info!(took = ?start.elapsed(), "drained; exiting");
+        }
+        self.access_log.flush(Duration::from_secs(2));
+        std::process::exit(0);
+    }
+}
+
+/// Build and run until shutdown.
+pub fn run(config: Config, extras: Extras) -> Result<(), String> {
+    let server = build(config, extras)?;
+    server.run_forever();
+}
