@@ -8,7 +8,15 @@ use pingora::proxy::Session;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The host a request is for: the absolute-form / h2 authority, else `Host`.
+/// Whether an HTTP/1.x request used an absolute-form target
+/// (`GET http://host/path`). Pingora keeps only the path in `uri` and has
+/// already checked that `Host` agrees with the target's authority.
+pub fn is_absolute_form(req: &RequestHeader) -> bool {
+    let raw = req.raw_path();
+    !raw.is_empty() && raw[0] != b'/' && raw != b"*"
+}
+
+/// The host a request is for: the h2 authority, else `Host`.
 pub fn request_host(req: &RequestHeader) -> Option<&[u8]> {
     if let Some(a) = req.uri.authority() {
         return Some(a.as_str().as_bytes());
@@ -63,11 +71,8 @@ pub fn is_sane_id(b: &[u8]) -> bool {
 /// Set the forwarding headers on the request going upstream.
 pub fn forwarded(session: &Session, up: &mut RequestHeader, request_id: &str) -> Result<()> {
     let original_host = request_host(session.req_header()).map(|h| h.to_vec());
-    // Absolute-form (HTTP/1.x only): the authority is the host; send origin-form upstream.
-    if !session.is_http2() && up.uri.authority().is_some() {
-        if let Some(h) = &original_host {
-            up.insert_header(http::header::HOST, h.as_slice())?;
-        }
+    // Absolute-form (HTTP/1.x only): send origin-form upstream.
+    if !session.is_http2() && is_absolute_form(session.req_header()) {
         let pq = up
             .uri
             .path_and_query()

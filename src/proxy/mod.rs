@@ -160,7 +160,7 @@ impl ProxyHttp for Proxy {
         let table = self.snapshot.load();
         let req = session.req_header();
         ctx.request_id = self.ids.for_request(req);
-        let absolute = !session.is_http2() && req.uri.authority().is_some();
+        let absolute = !session.is_http2() && headers::is_absolute_form(req);
         let host = headers::request_host(req);
         let route = table.router.find(host, req.uri.path(), absolute);
         let Some(ri) = route else {
@@ -273,12 +273,15 @@ impl ProxyHttp for Proxy {
             (ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed, ErrorSource::Downstream) => None,
             (_, ErrorSource::Downstream) => {
                 // Malformed request: 400 for this connection only.
+                session.set_keepalive(None);
                 let _ = session.respond_error(400).await;
                 ctx.local_status = 400;
                 return FailToProxy { error_code: 400, can_reuse_downstream: false };
             }
             _ => Some(ProxyFailure::BadGateway),
         };
+        // Pingora closes the connection after a proxy failure: say so in the response.
+        session.set_keepalive(None);
         let code = match failure {
             Some(f) if !ctx.response_started => {
                 if respond(session, f, &ctx.request_id).await.is_err() {

@@ -1,0 +1,335 @@
+//! Proxy behaviour against real upstreams: distribution, retries, error
+//! statuses, forwarded headers, protocols, absolute-form, drain.
+
+mod support;
+
+use std::time::{Duration, Instant};
+use support::*;
+
+fn static_cluster(name: &str, addrs: &[std::net::SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("[clusters.{name}]\nstatic = [{}]\n{extra}\n", list.join(", "))
+}
+
+#[test]
+fn round_robin_spreads_evenly() {
+    let ups: Vec<Upstream> = (0..3).map(|i| Upstream::start(&format!("u{i}"))).collect();
+    let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
+    let p = Proxy::start(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &addrs, "")));
+    for _ in 0..300 {
+        assert_eq!(p.fetch("/").0, 200);
+    }
+    // Sequential requests on one proxy thread: round robin is exact.
+    for u in &ups {
+        assert_eq!(u.hits(), 100, "{} got {}", u.name(), u.hits());
+    }
+}
+
+#[test]
+fn weighted_follows_catalog_weights() {
+    let ups: Vec<Upstream> = (0..3).map(|i| Upstream::start(&format!("w{i}"))).collect();
+    let cat = catalog_json(&[("web", vec![(ups[0].addr, 1), (ups[1].addr, 2), (ups[2].addr, 3)])]);
+    let p = Proxy::builder(
+        "[[routes]]\ncluster = \"web\"\n[clusters.web]\nfile = { catalog = \"catalog.json\" }\nselection = \"weighted\"\n",
+    )
+    .file("catalog.json", &cat)
+    .start();
+    for _ in 0..600 {
+        assert_eq!(p.fetch("/").0, 200);
+    }
+    // Tolerance: ±2 % of the total per backend (the schedule itself is exact).
+    for (u, want) in ups.iter().zip([100u64, 200, 300]) {
+        let got = u.hits();
+        assert!(got.abs_diff(want) <= 12, "{}: got {got}, want {want}±12", u.name());
+    }
+}
+
+#[test]
+fn least_connections_avoids_the_slow_backend() {
+    let slow = Upstream::start("slow");
+    slow.set_delay(Duration::from_millis(200));
+    let fast = Upstream::start("fast");
+    let p = Proxy::start(&format!(
+        "[[routes]]\ncluster = \"web\"\n{}",
+        static_cluster("web", &[slow.addr, fast.addr], "selection = \"least_connections\"")
+    ));
+    let url = p.url("/");
+    let loads: Vec<Load> = (0..4).map(|_| Load::start(url.clone(), 200, Duration::from_millis(1500))).collect();
+    let reports: Vec<LoadReport> = loads.into_iter().map(|l| l.join()).collect();
+    let failed: u64 = reports.iter().map(|r| r.failed).sum();
+    assert_eq!(failed, 0, "{reports:?}");
+    // Round robin would give the slow one half of all requests; least-connections
+    // sends it only a trickle while it is busy.
+    assert!(fast.hits() > 5 * slow.hits(), "fast {} slow {}", fast.hits(), slow.hits());
+}
+
+#[test]
+fn consistent_hash_on_cookie_is_sticky() {
+    let ups: Vec<Upstream> = (0..3).map(|i| Upstream::start(&format!("h{i}"))).collect();
+    let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
+    let p = Proxy::start(&format!(
+        "[[routes]]\ncluster = \"web\"\n{}",
+        static_cluster("web", &addrs, "selection = \"consistent_hash\"\nhash_cookie = \"sessionid\"")
+    ));
+    let mut seen = std::collections::HashSet::new();
+    for user in 0..30 {
+        let cookie = format!("theme=dark; sessionid=user{user}");
+        let first = p.http.get(p.url("/")).header("cookie", &cookie).send().unwrap().text().unwrap();
+        for _ in 0..5 {
+            let again = p.http.get(p.url("/")).header("cookie", &cookie).send().unwrap().text().unwrap();
+            assert_eq!(first, again, "user{user} moved");
+        }
+        seen.insert(first);
+    }
+    assert_eq!(seen.len(), 3, "30 users should land on all 3 backends: {seen:?}");
+}
+
+#[test]
+fn dead_backend_is_retried_on_another_without_client_error() {
+    let live = Upstream::start("live");
+    let dead = dead_addr();
+    let p = Proxy::start(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[dead, live.addr], "")));
+    for _ in 0..50 {
+        let (code, body) = p.fetch("/");
+        assert_eq!((code, body.as_str()), (200, "live"));
+    }
+    assert_eq!(live.hits(), 50);
+    let m = parse_metrics(&p.metrics());
+    let dead_s = dead.to_string();
+    let errs = sample(&m, "switchyard_upstream_requests_total", &[("cluster", "web"), ("backend", &dead_s), ("outcome", "connect_error")]).unwrap();
+    assert!(errs >= 20.0, "dead backend should have been tried ~25 times, saw {errs}");
+}
+
+#[test]
+fn reset_before_response_is_retried_for_get_but_not_post() {
+    let reset = ResetUpstream::start();
+    let live = Upstream::start("live");
+    let p = Proxy::start(&format!(
+        "[[routes]]\ncluster = \"web\"\n{}",
+        static_cluster("web", &[reset.addr, live.addr], "selection = \"round_robin\"")
+    ));
+    for _ in 0..10 {
+        assert_eq!(p.fetch("/").0, 200);
+    }
+    assert!(reset.hits() >= 4, "reset backend was picked {} times", reset.hits());
+    // A POST that reaches the resetting backend must not be replayed elsewhere.
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(p.http.post(p.url("/")).body("x=1").send().unwrap().status().as_u16());
+    }
+    assert!(codes.contains(&502), "{codes:?}");
+    assert!(codes.contains(&200), "{codes:?}");
+}
+
+#[test]
+fn error_statuses_404_502_503_504() {
+    let slow = Upstream::start("slow");
+    slow.set_delay(Duration::from_millis(1500));
+    let dead1 = dead_addr();
+    let dead2 = dead_addr();
+    let body = format!(
+        "[[routes]]\nhosts = [\"dead.test\"]\ncluster = \"dead\"\n\
+         [[routes]]\nhosts = [\"slow.test\"]\ncluster = \"slow\"\n\
+         [[routes]]\nhosts = [\"empty.test\"]\ncluster = \"empty\"\n\
+         {}{}\
+         [clusters.empty]\nfile = {{ catalog = \"catalog.json\" }}\n",
+        static_cluster("dead", &[dead1, dead2], ""),
+        static_cluster("slow", &[slow.addr], "read_timeout = \"300ms\"\nretries = 0"),
+    );
+    let p = Proxy::builder(&body).file("catalog.json", "{\"empty\": []}").start();
+    let get = |host: &str| {
+        let r = p.http.get(p.url("/x")).header("host", host).send().unwrap();
+        let code = r.status().as_u16();
+        let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+        let ctype = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+        (code, retry_after, ctype, r.text().unwrap())
+    };
+    let (c, _, t, b) = get("nothing.test");
+    assert_eq!(c, 404);
+    assert!(t.unwrap().starts_with("text/plain") && b.contains("no route"), "{b}");
+    let (c, _, _, b) = get("dead.test");
+    assert_eq!(c, 502, "{b}");
+    assert!(b.contains("upstream failed"));
+    let (c, ra, _, b) = get("empty.test");
+    assert_eq!(c, 503);
+    assert_eq!(ra.as_deref(), Some("5"));
+    assert!(b.contains("no backend"));
+    let t0 = Instant::now();
+    let (c, _, _, b) = get("slow.test");
+    assert_eq!(c, 504, "{b}");
+    assert!(t0.elapsed() < Duration::from_millis(1400), "504 should come at the 300 ms read timeout");
+    // Counted per route and class.
+    let m = parse_metrics(&p.metrics());
+    assert_eq!(sample(&m, "switchyard_requests_total", &[("route", ""), ("cluster", ""), ("code_class", "4xx")]), Some(1.0));
+    assert_eq!(sample(&m, "switchyard_requests_total", &[("route", "route0"), ("cluster", "dead"), ("code_class", "5xx")]), Some(1.0));
+}
+
+#[test]
+fn forwarded_headers_and_request_id() {
+    let up = Upstream::start("h");
+    let p = Proxy::start(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")));
+    let r = p
+        .http
+        .get(p.url("/path?q=1"))
+        .header("host", "www.example.com")
+        .header("x-forwarded-for", "203.0.113.7")
+        .header("x-forwarded-proto", "https")
+        .header("x-request-id", "req-abc_123")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "req-abc_123");
+    let (target, h) = up.last_request().unwrap();
+    assert_eq!(target, "/path?q=1");
+    assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http", "the client must not choose the scheme");
+    assert_eq!(h["x-forwarded-host"], "www.example.com");
+    assert_eq!(h["host"], "www.example.com");
+    assert_eq!(h["x-request-id"], "req-abc_123");
+    // An insane id is replaced by a generated one.
+    let r = p.http.get(p.url("/")).header("x-request-id", "a b\tc").send().unwrap();
+    let generated = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(generated.len(), 32);
+    assert_eq!(up.last_request().unwrap().1["x-request-id"], generated.as_str());
+}
+
+#[test]
+fn absolute_form_is_never_an_open_proxy() {
+    let up = Upstream::start("app");
+    let p = Proxy::start(&format!(
+        "[[routes]]\ncluster = \"web\"\n[[routes]]\nhosts = [\"www.example.com\"]\ncluster = \"web\"\n{}",
+        static_cluster("web", &[up.addr], "")
+    ));
+    // Absolute-form for a host no route names: 404, even though an any-host route exists.
+    let resp = raw_exchange(
+        p.addr,
+        b"GET http://evil.test/steal HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    );
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+    assert_eq!(up.hits(), 0);
+    // Absolute-form for a configured host: routed, sent upstream in origin-form.
+    let resp = raw_exchange(
+        p.addr,
+        b"GET http://www.example.com/page?x=1 HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let (target, h) = up.last_request().unwrap();
+    assert_eq!(target, "/page?x=1");
+    assert_eq!(h["host"], "www.example.com");
+}
+
+#[test]
+fn malformed_request_gets_400_and_others_are_unaffected() {
+    let up = Upstream::start("ok");
+    let p = Proxy::start(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")));
+    for garbage in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+        b"GET / HTTP/9.9\r\nHost: a\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    ] {
+        let resp = raw_exchange(p.addr, garbage, Duration::from_secs(3));
+        assert!(
+            resp.is_empty() || resp.starts_with("HTTP/1.1 400"),
+            "{:?} -> {resp:?}",
+            String::from_utf8_lossy(garbage)
+        );
+        assert_eq!(p.fetch("/").0, 200, "proxy must keep serving others");
+    }
+    assert_eq!(up.hits(), 4, "no malformed request may reach the backend");
+}
+
+#[test]
+fn h2c_downstream_works() {
+    let up = Upstream::start("h2");
+    let p = Proxy::start(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")));
+    let client = reqwest::blocking::Client::builder().http2_prior_knowledge().no_proxy().build().unwrap();
+    for _ in 0..5 {
+        let r = client.get(p.url("/h2")).header("x-request-id", "h2-id").send().unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.text().unwrap(), "h2");
+    }
+    let (target, h) = up.last_request().unwrap();
+    assert_eq!(target, "/h2");
+    assert_eq!(h["x-request-id"], "h2-id");
+    assert!(h.contains_key("host"), "an HTTP/1.1 upstream needs Host");
+}
+
+#[test]
+fn websocket_upgrade_passes_through() {
+    use std::io::{Read, Write};
+    let up = Upstream::start("ws");
+    let p = Proxy::start(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")));
+    let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1, "connection closed during handshake: {:?}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    for msg in [&b"ping-1"[..], b"second message", b"\x81\x05hello"] {
+        s.write_all(msg).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg);
+    }
+}
+
+#[test]
+fn sigterm_drains_in_flight_requests_then_exits() {
+    let up = Upstream::start("slow");
+    up.set_delay(Duration::from_millis(800));
+    let mut p = Proxy::builder(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")))
+        .server("drain_timeout = \"5s\"")
+        .start();
+    let url = p.url("/");
+    let inflight = std::thread::spawn(move || {
+        let c = reqwest::blocking::Client::builder().no_proxy().build().unwrap();
+        let r = c.get(url).send().unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    });
+    assert!(wait_until(Duration::from_secs(3), || up.hits() == 1));
+    let t0 = Instant::now();
+    p.signal(libc::SIGTERM);
+    let (code, body) = inflight.join().unwrap();
+    assert_eq!((code, body.as_str()), (200, "slow"), "in-flight request must complete");
+    let exit = p.wait_exit(Duration::from_secs(7));
+    assert_eq!(exit, Some(0), "stderr:\n{}", p.stderr());
+    // Exits once drained, well before the 5 s bound.
+    assert!(t0.elapsed() < Duration::from_secs(4), "took {:?}", t0.elapsed());
+    assert!(std::net::TcpStream::connect(p.addr).is_err(), "listener must be closed");
+}
+
+#[test]
+fn drain_timeout_bounds_shutdown() {
+    let up = Upstream::start("stuck");
+    up.set_delay(Duration::from_secs(20));
+    let mut p = Proxy::builder(&format!(
+        "[[routes]]\ncluster = \"web\"\n{}",
+        static_cluster("web", &[up.addr], "read_timeout = \"60s\"")
+    ))
+    .server("drain_timeout = \"1s\"")
+    .start();
+    let url = p.url("/");
+    let _client = std::thread::spawn(move || {
+        let c = reqwest::blocking::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().unwrap();
+        let _ = c.get(url).send();
+    });
+    assert!(wait_until(Duration::from_secs(3), || up.hits() == 1));
+    let t0 = Instant::now();
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(10)), Some(0));
+    let took = t0.elapsed();
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "took {took:?}");
+}

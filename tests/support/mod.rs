@@ -1,0 +1,655 @@
+//! Test support: real HTTP upstreams on ephemeral loopback ports, a handle on a
+//! real `switchyard` process, catalog writers and a load client.
+//!
+//! Everything here is bounded: waits poll a condition with a deadline, load
+//! loops stop on a flag *and* a count/time cap, and processes are ended by the
+//! PID we started.
+
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Poll `cond` every 10 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A loopback port nothing listens on (bound once, then released).
+pub fn dead_addr() -> SocketAddr {
+    let l = StdListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+pub fn free_port() -> u16 {
+    dead_addr().port()
+}
+
+// ---------------------------------------------------------------- upstreams
+
+#[derive(Default)]
+struct UpState {
+    name: String,
+    hits: AtomicU64,
+    delay_ms: AtomicU64,
+    last: Mutex<Option<(String, http::HeaderMap)>>,
+}
+
+/// A real HTTP/1.1 server (hyper) that answers with its own name, counts
+/// requests, remembers the last request's target and headers, optionally
+/// delays, and echoes bytes after an `Upgrade` (for WebSocket pass-through).
+pub struct Upstream {
+    pub addr: SocketAddr,
+    state: Arc<UpState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+async fn serve(req: Request<Incoming>, st: Arc<UpState>) -> Result<Response<Full<Bytes>>, Infallible> {
+    st.hits.fetch_add(1, Ordering::SeqCst);
+    *st.last.lock().unwrap() = Some((req.uri().to_string(), req.headers().clone()));
+    let delay = st.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if req.headers().get("upgrade").is_some() {
+        let mut req = req;
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on_upgrade.await {
+                let mut io = TokioIo::new(up);
+                let mut buf = [0u8; 1024];
+                loop {
+                    match io.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if io.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        return Ok(Response::builder()
+            .status(101)
+            .header("upgrade", "websocket")
+            .header("connection", "upgrade")
+            .body(Full::new(Bytes::new()))
+            .unwrap());
+    }
+    let _ = req.into_body().collect().await;
+    Ok(Response::builder()
+        .header("x-upstream", st.name.as_str())
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from(st.name.clone())))
+        .unwrap())
+}
+
+impl Upstream {
+    pub fn start(name: &str) -> Upstream {
+        let std_listener = StdListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let state = Arc::new(UpState {
+            name: name.to_string(),
+            ..Default::default()
+        });
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                loop {
+                    tokio::select! {
+                        _ = &mut rx => break,
+                        acc = listener.accept() => {
+                            let Ok((stream, _)) = acc else { continue };
+                            let st = st.clone();
+                            tokio::spawn(async move {
+                                let svc = service_fn(move |req| serve(req, st.clone()));
+                                let _ = hyper::server::conn::http1::Builder::new()
+                                    .serve_connection(TokioIo::new(stream), svc)
+                                    .with_upgrades()
+                                    .await;
+                            });
+                        }
+                    }
+                }
+            });
+        });
+        Upstream {
+            addr,
+            state,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.state.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn set_delay(&self, d: Duration) {
+        self.state.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Target and headers of the last request received.
+    pub fn last_request(&self) -> Option<(String, http::HeaderMap)> {
+        self.state.last.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A backend that accepts, reads the request, and resets the connection
+/// before sending a single response byte.
+pub struct ResetUpstream {
+    pub addr: SocketAddr,
+    hits: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl ResetUpstream {
+    pub fn start() -> ResetUpstream {
+        let l = StdListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let hits = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (h, s) = (hits.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(120);
+            while !s.load(Ordering::SeqCst) && Instant::now() < end {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        let _ = c.set_nonblocking(false);
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut buf = [0u8; 4096];
+                        let _ = c.read(&mut buf);
+                        h.fetch_add(1, Ordering::SeqCst);
+                        // SO_LINGER 0: close with RST.
+                        let sock = socket_linger_zero(&c);
+                        drop(c);
+                        let _ = sock;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        ResetUpstream { addr, hits, stop }
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+fn socket_linger_zero(c: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    unsafe {
+        libc::setsockopt(
+            c.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+impl Drop for ResetUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+// ---------------------------------------------------------------- catalogs
+
+/// Render a catalog: service → [(addr, weight)].
+pub fn catalog_json(services: &[(&str, Vec<(SocketAddr, u32)>)]) -> String {
+    let mut m = serde_json::Map::new();
+    for (name, insts) in services {
+        let v: Vec<serde_json::Value> = insts
+            .iter()
+            .map(|(a, w)| serde_json::json!({ "address": a.ip().to_string(), "port": a.port(), "weight": w }))
+            .collect();
+        m.insert(name.to_string(), serde_json::Value::Array(v));
+    }
+    serde_json::to_string_pretty(&serde_json::Value::Object(m)).unwrap()
+}
+
+/// Replace a file atomically (write a temp file, rename over).
+pub fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+// ---------------------------------------------------------------- the proxy
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_switchyard")
+}
+
+/// A running `switchyard run` with its own temp dir, ports and config.
+pub struct Proxy {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::blocking::Client,
+}
+
+pub struct ProxyBuilder {
+    server: String,
+    body: String,
+    files: Vec<(String, String)>,
+    access_log: String,
+}
+
+impl ProxyBuilder {
+    /// Extra lines for the `[server]` section.
+    pub fn server(mut self, lines: &str) -> Self {
+        self.server.push_str(lines);
+        self.server.push('\n');
+        self
+    }
+
+    /// Write a file into the proxy's directory before start (e.g. a catalog).
+    pub fn file(mut self, name: &str, text: &str) -> Self {
+        self.files.push((name.into(), text.into()));
+        self
+    }
+
+    /// Replace the `[access_log]` section.
+    pub fn access_log(mut self, section: &str) -> Self {
+        self.access_log = section.into();
+        self
+    }
+
+    pub fn start(self) -> Proxy {
+        let mut dir = tempfile::tempdir().unwrap();
+        for (name, text) in &self.files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        for _attempt in 0..5 {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let config = format!(
+                "[server]\nthreads = 1\n{server}\n[admin]\nlisten = \"{admin}\"\n\n{log}\n\n[[listeners]]\naddress = \"{addr}\"\n\n{body}\n",
+                server = self.server,
+                log = self.access_log,
+                body = self.body
+            );
+            let cfg = dir.path().join("switchyard.toml");
+            std::fs::write(&cfg, &config).unwrap();
+            let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+            let child = Command::new(bin())
+                .args(["run", "--config"])
+                .arg(&cfg)
+                .args(["--log-level", "info,pingora=warn"])
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .spawn()
+                .expect("spawn switchyard");
+            let http = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .no_proxy()
+                .build()
+                .unwrap();
+            let mut p = Proxy {
+                child: Some(child),
+                addr,
+                admin,
+                dir,
+                http,
+            };
+            if p.wait_listening() {
+                return p;
+            }
+            // Port raced with someone else, or startup failed: try new ports.
+            let log = p.stderr();
+            p.kill();
+            if !log.contains("Address already in use") {
+                panic!("switchyard did not start:\n{log}");
+            }
+            dir = p.take_dir();
+        }
+        panic!("switchyard did not start after 5 attempts");
+    }
+}
+
+impl Proxy {
+    /// `body` holds the `[[routes]]` and `[clusters.*]` sections.
+    pub fn builder(body: &str) -> ProxyBuilder {
+        ProxyBuilder {
+            server: String::new(),
+            body: body.to_string(),
+            files: Vec::new(),
+            access_log: "[access_log]\npath = \"access.log\"".into(),
+        }
+    }
+
+    pub fn start(body: &str) -> Proxy {
+        Self::builder(body).start()
+    }
+
+    fn take_dir(&mut self) -> tempfile::TempDir {
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+
+    fn wait_listening(&mut self) -> bool {
+        let admin = self.admin;
+        let addr = self.addr;
+        let end = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < end {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return false;
+            }
+            if TcpStream::connect(admin).is_ok() && TcpStream::connect(addr).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::blocking::Response {
+        self.http.get(self.url(path)).send().unwrap()
+    }
+
+    /// GET and return (status, body).
+    pub fn fetch(&self, path: &str) -> (u16, String) {
+        let r = self.get(path);
+        let s = r.status().as_u16();
+        (s, r.text().unwrap_or_default())
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.http.get(self.admin_url("/status")).send().unwrap().text().unwrap()).unwrap()
+    }
+
+    pub fn metrics(&self) -> String {
+        self.http.get(self.admin_url("/metrics")).send().unwrap().text().unwrap()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Wait for the process to exit; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return Some(st.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Ok(None) = c.try_wait() {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ---------------------------------------------------------------- metrics
+
+/// Parse Prometheus text format strictly enough to catch malformed output:
+/// returns (name, labels, value) per sample; panics on a line that is not
+/// a comment, blank, or `name{labels} value`.
+pub fn parse_metrics(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            if line.starts_with("# ") {
+                let mut parts = line.splitn(4, ' ');
+                let _ = parts.next();
+                let kind = parts.next().unwrap();
+                assert!(kind == "HELP" || kind == "TYPE", "bad comment line {line:?}");
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {line:?}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_string(), Vec::new()),
+            Some((n, rest)) => {
+                let rest = rest.strip_suffix('}').unwrap_or_else(|| panic!("bad labels in {line:?}"));
+                let mut labels = Vec::new();
+                for pair in split_labels(rest) {
+                    let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("bad label in {line:?}"));
+                    let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or_else(|| panic!("unquoted label in {line:?}"));
+                    labels.push((k.to_string(), v.to_string()));
+                }
+                (n.to_string(), labels)
+            }
+        };
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line:?}"
+        );
+        out.push((name, labels, value));
+    }
+    out
+}
+
+fn split_labels(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_q = false;
+    let mut esc = false;
+    for c in s.chars() {
+        if esc {
+            cur.push(c);
+            esc = false;
+            continue;
+        }
+        match c {
+            '\\' => {
+                esc = true;
+                cur.push(c)
+            }
+            '"' => {
+                in_q = !in_q;
+                cur.push(c)
+            }
+            ',' if !in_q => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            _ => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// The value of one sample with exactly these labels (order-insensitive).
+pub fn sample(samples: &[(String, Vec<(String, String)>, f64)], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(n, l, _)| {
+            n == name
+                && l.len() == labels.len()
+                && labels.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, v)| *v)
+}
+
+// ---------------------------------------------------------------- load
+
+/// Results of a background load loop.
+#[derive(Default, Debug)]
+pub struct LoadReport {
+    pub ok: u64,
+    pub failed: u64,
+    pub failures: Vec<String>,
+}
+
+/// Sends GETs in a loop on one keep-alive connection until stopped, or until
+/// `max_requests` / `max_time` (whichever first).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+    handle: Option<std::thread::JoinHandle<LoadReport>>,
+}
+
+impl Load {
+    pub fn start(url: String, max_requests: u64, max_time: Duration) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let (s, c) = (stop.clone(), count.clone());
+        let handle = std::thread::spawn(move || {
+            let client = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .no_proxy()
+                .build()
+                .unwrap();
+            let end = Instant::now() + max_time;
+            let mut rep = LoadReport::default();
+            while !s.load(Ordering::SeqCst) && Instant::now() < end && rep.ok + rep.failed < max_requests {
+                match client.get(&url).send() {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes();
+                        rep.ok += 1;
+                    }
+                    Ok(r) => {
+                        rep.failed += 1;
+                        if rep.failures.len() < 20 {
+                            rep.failures.push(format!("status {}", r.status()));
+                        }
+                    }
+                    Err(e) => {
+                        rep.failed += 1;
+                        if rep.failures.len() < 20 {
+                            rep.failures.push(e.to_string());
+                        }
+                    }
+                }
+                c.fetch_add(1, Ordering::SeqCst);
+            }
+            rep
+        });
+        Load {
+            stop,
+            count,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    pub fn finish(mut self) -> LoadReport {
+        self.stop.store(true, Ordering::SeqCst);
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+/// A raw HTTP/1.1 exchange on a fresh connection: send bytes, read until the
+/// peer closes or `timeout`. For requests reqwest won't send (absolute-form,
+/// garbage, upgrades).
+pub fn raw_exchange(addr: SocketAddr, request: &[u8], timeout: Duration) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => break,
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Load {
+    /// Wait for the loop to reach its own count or time cap.
+    pub fn join(mut self) -> LoadReport {
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
