@@ -31,7 +31,7 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Every problem found in a config file, in file order.
+/// Every problem found in a config file, section by section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 

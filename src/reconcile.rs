@@ -76,16 +76,14 @@ impl Reconciler {
     /// Rebuild and publish if the inputs changed. Returns the new generation.
     pub fn reconcile(&self) -> Option<u64> {
         let discovered = discovered(&self.config, &self.files);
-        {
-            let mut last = self.last_inputs.lock().unwrap_or_else(|e| e.into_inner());
-            if last.as_ref() == Some(&discovered) {
-                return None;
-            }
-            *last = Some(discovered.clone());
+        let mut last = self.last_inputs.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_ref() == Some(&discovered) {
+            return None;
         }
         let generation = self.generation.load(Ordering::Relaxed) + 1;
         match RoutingTable::build(&self.config, &discovered, &self.states, generation) {
             Ok(table) => {
+                *last = Some(discovered);
                 self.generation.store(generation, Ordering::Relaxed);
                 let table = self.snapshot.publish(table);
                 self.states.retain(&table);

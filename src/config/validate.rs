@@ -66,7 +66,12 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
     let server = v.server(server, &listeners);
     let access_log = v.access_log(access_log);
     let clusters = v.clusters(clusters);
-    let routes = v.routes(routes, &clusters);
+    // Clusters that failed to deserialise still exist for the routes naming them.
+    let cluster_names: Vec<String> = match table.get("clusters") {
+        Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
+        _ => Vec::new(),
+    };
+    let routes = v.routes(routes, &cluster_names);
 
     if v.errors.is_empty() {
         Ok(Config {
@@ -105,7 +110,7 @@ impl Validator<'_> {
             Ok(t) => Some(t),
             Err(e) => {
                 let inner = e.path().to_string();
-                self.err(join(path, &inner), e.into_inner().to_string());
+                self.err(join(path, &inner), e.into_inner().to_string().trim_end().to_string());
                 None
             }
         }
@@ -214,7 +219,11 @@ impl Validator<'_> {
             None => default,
             Some(v) => self.socket_addr("admin.listen", &v).unwrap_or(default),
         };
-        if listeners.iter().any(|l| l.address == listen) {
+        let clash = |l: &Listener| {
+            l.address.port() == listen.port()
+                && (l.address.ip() == listen.ip() || l.address.ip().is_unspecified() || listen.ip().is_unspecified())
+        };
+        if listeners.iter().any(clash) {
             self.err(
                 "admin.listen",
                 format!("{listen} is also a proxy listener; the admin API needs its own address"),
@@ -455,7 +464,7 @@ impl Validator<'_> {
         sel
     }
 
-    fn routes(&mut self, sections: Vec<RouteSection>, clusters: &BTreeMap<String, ClusterSpec>) -> Vec<RouteSpec> {
+    fn routes(&mut self, sections: Vec<RouteSection>, clusters: &[String]) -> Vec<RouteSpec> {
         let mut out = Vec::new();
         let mut names = HashSet::new();
         let mut keys: HashSet<(Option<HostPattern>, String)> = HashSet::new();
@@ -474,8 +483,8 @@ impl Validator<'_> {
             if !names.insert(name.clone()) {
                 self.err(format!("{p}.name"), format!("duplicate route name {name:?}"));
             }
-            if !clusters.contains_key(&cluster) {
-                let known: Vec<&str> = clusters.keys().map(|s| s.as_str()).collect();
+            if !clusters.contains(&cluster) {
+                let known: Vec<&str> = clusters.iter().map(|s| s.as_str()).collect();
                 self.err(
                     format!("{p}.cluster"),
                     format!("unknown cluster {cluster:?} (defined: {})", if known.is_empty() { "none".to_string() } else { known.join(", ") }),
@@ -619,7 +628,7 @@ static = ["127.0.0.1:1"]
             "routes[0].cluster: unknown cluster \"nope\"",
             "routes[0].path_prefix: invalid value \"api\"",
             "routes[0].hosts[0]: invalid host \"bad host\"",
-            "clusters.web: unknown field `bogus`",
+            "clusters.web.bogus: unknown field `bogus`",
             "clusters.api: set exactly one discovery source",
         ] {
             assert!(joined.contains(needle), "missing {needle:?} in:\n{joined}");
