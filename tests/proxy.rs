@@ -22,6 +22,8 @@ fn round_robin_spreads_evenly() {
     // Sequential requests on one proxy thread: round robin is exact.
     for u in &ups {
         assert_eq!(u.hits(), 100, "{} got {}", u.name(), u.hits());
+        // Upstream keep-alive: 100 sequential requests reuse pooled connections.
+        assert!(u.connections() <= 2, "{} saw {} connections for 100 requests", u.name(), u.connections());
     }
 }
 

@@ -677,3 +677,27 @@ static = ["127.0.0.1:1"]
         assert_eq!(host_pattern("*"), None);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+        /// Arbitrary text never panics the config loader.
+        #[test]
+        fn config_parser_never_panics(text in ".{0,400}") {
+            let _ = parse(&text, Path::new("/tmp"));
+        }
+
+        /// Valid TOML with arbitrary values in every field never panics.
+        #[test]
+        fn config_values_never_panic(a in ".{0,30}", b in ".{0,30}", n in any::<i64>()) {
+            let text = format!(
+                "[server]\nthreads = {n}\ndrain_timeout = {a:?}\n[[listeners]]\naddress = {b:?}\n[[routes]]\nhosts = [{a:?}]\npath_prefix = {b:?}\ncluster = {a:?}\n[clusters.x]\nstatic = [{b:?}]\nselection = {a:?}\nretries = {n}\n"
+            );
+            let _ = parse(&text, Path::new("/tmp"));
+        }
+    }
+}

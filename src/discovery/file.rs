@@ -326,3 +326,25 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// Arbitrary bytes never panic the catalog parser.
+        #[test]
+        fn catalog_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = parse_catalog(&bytes);
+        }
+
+        /// Structurally plausible catalogs with arbitrary field values never panic.
+        #[test]
+        fn catalog_fields_never_panic(addr in ".{0,40}", port in any::<i64>(), weight in any::<i64>()) {
+            let text = format!(r#"{{"s":[{{"address":{},"port":{port},"weight":{weight}}}]}}"#, serde_json::Value::String(addr));
+            let _ = parse_catalog(text.as_bytes());
+        }
+    }
+}

@@ -53,6 +53,7 @@ pub fn free_port() -> u16 {
 struct UpState {
     name: String,
     hits: AtomicU64,
+    connections: AtomicU64,
     delay_ms: AtomicU64,
     last: Mutex<Option<(String, http::HeaderMap)>>,
 }
@@ -128,6 +129,7 @@ impl Upstream {
                         _ = &mut rx => break,
                         acc = listener.accept() => {
                             let Ok((stream, _)) = acc else { continue };
+                            st.connections.fetch_add(1, Ordering::SeqCst);
                             let st = st.clone();
                             tokio::spawn(async move {
                                 let svc = service_fn(move |req| serve(req, st.clone()));
@@ -155,6 +157,11 @@ impl Upstream {
 
     pub fn hits(&self) -> u64 {
         self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     pub fn set_delay(&self, d: Duration) {
