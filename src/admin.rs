@@ -39,10 +39,40 @@ fn json_reply(code: StatusCode, v: serde_json::Value) -> Response<Vec<u8>> {
 }
 
 impl Admin {
+    /// Seconds since each cluster's source last succeeded (None: never, or static).
+    fn staleness(&self) -> std::collections::BTreeMap<String, Option<f64>> {
+        let sources = self.status.sources();
+        let now = unix(std::time::SystemTime::now());
+        self.config
+            .clusters
+            .iter()
+            .filter_map(|(name, spec)| {
+                let src = spec.discovery.source_name()?;
+                let age = sources.get(&src).and_then(|s| s.last_success_unix).map(|t| (now - t).max(0.0));
+                Some((name.clone(), age))
+            })
+            .collect()
+    }
+
+    /// Consul-backed clusters whose last successful sync is older than the bound.
+    fn stale_clusters(&self) -> Vec<String> {
+        let Some(consul) = &self.config.consul else { return Vec::new() };
+        let bound = consul.stale_after.as_secs_f64();
+        let ages = self.staleness();
+        self.config
+            .clusters
+            .iter()
+            .filter(|(_, c)| matches!(c.discovery, crate::config::DiscoverySpec::Consul(_)))
+            .filter(|(n, _)| ages.get(*n).copied().flatten().is_none_or(|a| a > bound))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     pub fn readiness(&self) -> (bool, serde_json::Value) {
         let table = self.snapshot.load();
         let pending = table.pending_clusters();
         let ready = pending.is_empty();
+        let stale = self.stale_clusters();
         let reason = if ready {
             serde_json::Value::Null
         } else {
@@ -53,7 +83,13 @@ impl Admin {
         };
         (
             ready,
-            json!({ "ready": ready, "generation": table.generation, "pending_clusters": pending, "reason": reason }),
+            json!({
+                "ready": ready,
+                "generation": table.generation,
+                "pending_clusters": pending,
+                "stale_clusters": stale,
+                "reason": reason,
+            }),
         )
     }
 
@@ -76,6 +112,8 @@ impl Admin {
                 json!({ "name": r.name, "hosts": hosts, "path_prefix": r.path_prefix, "cluster": r.cluster })
             })
             .collect();
+        let ages = self.staleness();
+        let panics = self.status.panics();
         let clusters: Vec<_> = table
             .clusters
             .iter()
@@ -99,6 +137,9 @@ impl Admin {
                     "discovery": c.spec.discovery.kind(),
                     "selection": c.selector.name(),
                     "discovered": c.discovered,
+                    "source": c.spec.discovery.source_name(),
+                    "staleness_seconds": ages.get(&*c.name).copied().flatten(),
+                    "panic_mode": panics.iter().any(|p| **p == *c.name),
                     "active_backends": c.active.len(),
                     "backends": backends,
                 })

@@ -35,6 +35,11 @@ pub struct Metrics {
     pub requests_in_flight: IntGauge,
     pub access_log_dropped: IntCounter,
     pub routing_build_errors: IntCounter,
+    pub consul_requests: IntCounterVec,
+    pub consul_watch_errors: IntCounterVec,
+    pub consul_instances_skipped: IntCounterVec,
+    pub discovery_staleness: prometheus::GaugeVec,
+    pub panic_mode: IntGaugeVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -111,8 +116,38 @@ impl Metrics {
             "Routing table builds that failed; the previous table kept serving.",
         ))
         .expect("valid metric");
+        let consul_requests = IntCounterVec::new(
+            opts("consul_requests_total", "Requests to the Consul agent, by endpoint and HTTP status (or connect_error, timeout, bad_body)."),
+            &["endpoint", "code"],
+        )
+        .expect("valid metric");
+        let consul_watch_errors = IntCounterVec::new(
+            opts("consul_watch_errors_total", "Failed or anomalous Consul watch reads, by service and kind: connect, timeout, forbidden, rate_limited, server_error, http_error, bad_body, index_reset. The last good set keeps serving."),
+            &["service", "kind"],
+        )
+        .expect("valid metric");
+        let consul_instances_skipped = IntCounterVec::new(
+            opts("consul_instances_skipped_total", "Instances in Consul answers that were skipped as invalid (the rest of the set applied), by service and reason."),
+            &["service", "reason"],
+        )
+        .expect("valid metric");
+        let discovery_staleness = prometheus::GaugeVec::new(
+            opts("discovery_staleness_seconds", "Seconds since the last successful read of each Consul-watched service."),
+            &["service"],
+        )
+        .expect("valid metric");
+        let panic_mode = IntGaugeVec::new(
+            opts("panic_mode", "1 while a cluster routes over all registered instances because too few are healthy."),
+            &["cluster"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(consul_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(consul_watch_errors.clone()),
+            Box::new(consul_instances_skipped.clone()),
+            Box::new(discovery_staleness.clone()),
+            Box::new(panic_mode.clone()),
+            Box::new(requests.clone()),
             Box::new(request_duration.clone()),
             Box::new(upstream_requests.clone()),
             Box::new(backends.clone()),
@@ -141,7 +176,16 @@ impl Metrics {
             requests_in_flight,
             access_log_dropped,
             routing_build_errors,
+            consul_requests,
+            consul_watch_errors,
+            consul_instances_skipped,
+            discovery_staleness,
+            panic_mode,
         }
+    }
+
+    pub fn consul_request(&self, endpoint: &str, code: &str) {
+        self.consul_requests.with_label_values(&[endpoint, code]).inc();
     }
 
     /// Prometheus text exposition of everything.

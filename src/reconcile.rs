@@ -5,7 +5,8 @@
 //! result. A build that fails leaves the last good table serving; the failure
 //! is logged, counted and shown in `/status`.
 
-use crate::config::{Config, DiscoverySpec};
+use crate::config::{Config, ConsulQuery, DiscoverySpec};
+use crate::discovery::consul::{endpoints_for, SnapshotRx};
 use crate::discovery::file::Catalog;
 use crate::discovery::Discovered;
 use crate::metrics::Metrics;
@@ -30,15 +31,29 @@ pub struct FileInput {
     pub rx: watch::Receiver<Option<Arc<Catalog>>>,
 }
 
+/// One Consul query input.
+pub struct ConsulInput {
+    pub query: ConsulQuery,
+    pub rx: SnapshotRx,
+}
+
+/// Everything reconcile reads.
+#[derive(Default)]
+pub struct Inputs {
+    pub files: Vec<FileInput>,
+    pub consul: Vec<ConsulInput>,
+}
+
 pub struct Reconciler {
     config: Arc<Config>,
-    files: Vec<FileInput>,
+    inputs: Inputs,
     states: Arc<StateRegistry>,
     snapshot: Arc<Snapshot>,
     metrics: Arc<Metrics>,
     status: Arc<StatusBoard>,
     generation: AtomicU64,
     last_inputs: Mutex<Option<Discovered>>,
+    panics: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Reconciler {
@@ -46,27 +61,48 @@ impl Reconciler {
     /// (file sources have already read their files once).
     pub fn new(
         config: Arc<Config>,
-        files: Vec<FileInput>,
+        inputs: Inputs,
         states: Arc<StateRegistry>,
         metrics: Arc<Metrics>,
         status: Arc<StatusBoard>,
     ) -> Result<Self, crate::routing::BuildError> {
-        let discovered = discovered(&config, &files);
+        let (discovered, panics) = discovered(&config, &inputs);
         let table = RoutingTable::build(&config, &discovered, &states, 1)?;
         states.retain(&table);
         table.export_gauges(&metrics);
         metrics.routing_swaps.inc();
         status.swapped(1, table.built_at);
-        Ok(Reconciler {
+        let r = Reconciler {
             config,
-            files,
+            inputs,
             states,
             snapshot: Arc::new(Snapshot::new(table)),
             metrics,
             status,
             generation: AtomicU64::new(1),
             last_inputs: Mutex::new(Some(discovered)),
-        })
+            panics: Mutex::new(Default::default()),
+        };
+        r.note_panics(panics);
+        Ok(r)
+    }
+
+    /// Export and log panic-mode transitions.
+    fn note_panics(&self, now: std::collections::BTreeSet<String>) {
+        let mut prev = self.panics.lock().unwrap_or_else(|e| e.into_inner());
+        for c in now.difference(&prev) {
+            tracing::warn!(cluster = %c, "panic mode on: too few healthy instances, routing over all registered instances");
+        }
+        for c in prev.difference(&now) {
+            tracing::info!(cluster = %c, "panic mode off");
+        }
+        for (name, spec) in &self.config.clusters {
+            if matches!(spec.discovery, DiscoverySpec::Consul(_)) {
+                self.metrics.panic_mode.with_label_values(&[name]).set(now.contains(name) as i64);
+            }
+        }
+        self.status.set_panics(now.iter().cloned().collect());
+        *prev = now;
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -75,7 +111,8 @@ impl Reconciler {
 
     /// Rebuild and publish if the inputs changed. Returns the new generation.
     pub fn reconcile(&self) -> Option<u64> {
-        let discovered = discovered(&self.config, &self.files);
+        let (discovered, panics) = discovered(&self.config, &self.inputs);
+        self.note_panics(panics);
         let mut last = self.last_inputs.lock().unwrap_or_else(|e| e.into_inner());
         if last.as_ref() == Some(&discovered) {
             return None;
@@ -103,21 +140,37 @@ impl Reconciler {
     }
 }
 
-/// Map each cluster to its current discovered set (absent = no result yet).
-fn discovered(config: &Config, files: &[FileInput]) -> Discovered {
+/// Map each cluster to its current discovered set (absent = no result yet),
+/// and name the clusters in panic mode.
+fn discovered(config: &Config, inputs: &Inputs) -> (Discovered, std::collections::BTreeSet<String>) {
     let mut out = Discovered::new();
+    let mut panics = std::collections::BTreeSet::new();
     for (name, spec) in &config.clusters {
-        if let DiscoverySpec::File { catalog, service } = &spec.discovery {
-            let Some(input) = files.iter().find(|f| &f.path == catalog) else { continue };
-            let current = input.rx.borrow();
-            if let Some(cat) = current.as_ref() {
-                // A valid catalog without this service means "no instances".
-                let set = cat.get(service).cloned().unwrap_or_default();
-                out.insert(name.clone(), set);
+        match &spec.discovery {
+            DiscoverySpec::File { catalog, service } => {
+                let Some(input) = inputs.files.iter().find(|f| &f.path == catalog) else { continue };
+                let current = input.rx.borrow();
+                if let Some(cat) = current.as_ref() {
+                    // A valid catalog without this service means "no instances".
+                    let set = cat.get(service).cloned().unwrap_or_default();
+                    out.insert(name.clone(), set);
+                }
             }
+            DiscoverySpec::Consul(q) => {
+                let Some(input) = inputs.consul.iter().find(|c| &c.query == q) else { continue };
+                let current = input.rx.borrow();
+                if let Some(snap) = current.as_ref() {
+                    let (eps, panic) = endpoints_for(snap, q);
+                    if panic {
+                        panics.insert(name.clone());
+                    }
+                    out.insert(name.clone(), crate::discovery::normalise(eps));
+                }
+            }
+            DiscoverySpec::Static(_) => {}
         }
     }
-    out
+    (out, panics)
 }
 
 #[async_trait]
@@ -125,8 +178,17 @@ impl BackgroundService for Reconciler {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let changed = Arc::new(Notify::new());
         let mut forwarders = Vec::new();
-        for f in &self.files {
+        for f in &self.inputs.files {
             let mut rx = f.rx.clone();
+            let changed = changed.clone();
+            forwarders.push(tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    changed.notify_one();
+                }
+            }));
+        }
+        for c in &self.inputs.consul {
+            let mut rx = c.rx.clone();
             let changed = changed.clone();
             forwarders.push(tokio::spawn(async move {
                 while rx.changed().await.is_ok() {

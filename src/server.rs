@@ -8,7 +8,8 @@ use crate::config::{Config, DiscoverySpec};
 use crate::discovery::file::FileSource;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnectionCounter, Proxy};
-use crate::reconcile::{FileInput, Reconciler};
+use crate::discovery::consul::ConsulSource;
+use crate::reconcile::{ConsulInput, FileInput, Inputs, Reconciler};
 use crate::routing::StateRegistry;
 use crate::status::StatusBoard;
 use async_trait::async_trait;
@@ -55,11 +56,25 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
         })
         .collect();
     let mut tasks: Vec<Arc<dyn BackgroundService + Send + Sync>> = Vec::new();
-    let mut inputs = Vec::new();
+    let mut inputs = Inputs::default();
     for path in paths {
         let (src, rx) = FileSource::new(path.clone(), metrics.clone(), status.clone());
         tasks.push(Arc::new(src));
-        inputs.push(FileInput { path, rx });
+        inputs.files.push(FileInput { path, rx });
+    }
+    let queries: BTreeSet<_> = config
+        .clusters
+        .values()
+        .filter_map(|c| match &c.discovery {
+            DiscoverySpec::Consul(q) => Some(q.clone()),
+            _ => None,
+        })
+        .collect();
+    if let (Some(settings), false) = (&config.consul, queries.is_empty()) {
+        let (src, rxs) = ConsulSource::new(settings, queries, metrics.clone(), status.clone())
+            .map_err(|e| format!("consul: {e}"))?;
+        tasks.push(Arc::new(src));
+        inputs.consul.extend(rxs.into_iter().map(|(query, rx)| ConsulInput { query, rx }));
     }
     let reconciler = Reconciler::new(config.clone(), inputs, states, metrics.clone(), status.clone())
         .map_err(|e| format!("cannot build the first routing table: {e}"))?;

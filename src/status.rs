@@ -30,6 +30,7 @@ pub struct SwapStatus {
 pub struct StatusBoard {
     sources: Mutex<BTreeMap<String, SourceStatus>>,
     swap: Mutex<SwapStatus>,
+    panics: Mutex<Vec<String>>,
 }
 
 pub fn unix(t: SystemTime) -> f64 {
@@ -91,6 +92,14 @@ impl StatusBoard {
 
     pub fn build_failed(&self, error: String) {
         self.swap.lock().unwrap_or_else(|e| e.into_inner()).last_build_error = Some(error);
+    }
+
+    pub fn set_panics(&self, clusters: Vec<String>) {
+        *self.panics.lock().unwrap_or_else(|e| e.into_inner()) = clusters;
+    }
+
+    pub fn panics(&self) -> Vec<String> {
+        self.panics.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn swap(&self) -> SwapStatus {

@@ -78,12 +78,66 @@ pub struct FileDiscoverySection {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct ConsulDiscoverySection {
+    /// Consul service name; defaults to the cluster name.
+    pub service: Option<String>,
+    /// Only instances carrying all of these tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Admit instances whose checks are `warning` too (weighted by `Weights.Warning`).
+    pub allow_warning: Option<bool>,
+    /// A Consul filter expression, passed through to the agent.
+    pub filter: Option<String>,
+    /// Share of healthy instances below which all registered instances are used.
+    pub panic_threshold: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsulTlsSection {
+    pub ca_file: Option<String>,
+    pub ca_path: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub server_name: Option<String>,
+    pub verify: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsulSection {
+    /// Agent addresses, tried in order: `host:port`, `http://host:port`, `https://host:port`.
+    pub addresses: Option<Vec<String>>,
+    pub token: Option<String>,
+    pub token_file: Option<String>,
+    pub datacenter: Option<String>,
+    /// Read with `?stale` (default true).
+    pub stale: Option<bool>,
+    /// Re-read without `stale` when the answering server lags the leader by more.
+    pub max_stale: Option<String>,
+    /// Blocking query wait (default 5m, at most 10m).
+    pub wait: Option<String>,
+    /// Upper bound on concurrent blocking health watches.
+    pub max_watches: Option<usize>,
+    /// Token-bucket refill interval of each watch loop (burst 2).
+    pub min_interval: Option<String>,
+    /// Where the last good catalog is kept for restarts during an outage.
+    pub state_file: Option<String>,
+    /// Staleness (since the last successful sync) that `/readyz` and `/status` flag.
+    pub stale_after: Option<String>,
+    pub tls: Option<ConsulTlsSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ClusterSection {
     /// Fixed backend list, `ip:port` each.
     #[serde(rename = "static")]
     pub static_: Option<Vec<String>>,
     /// Backends from a watched JSON catalog file.
     pub file: Option<FileDiscoverySection>,
+    /// Backends from Consul's health endpoint.
+    pub consul: Option<ConsulDiscoverySection>,
     /// `round_robin` (default), `weighted`, `least_connections`, `consistent_hash`.
     pub selection: Option<String>,
     /// For `consistent_hash`: request header whose value is the key.
@@ -108,6 +162,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "listeners",
     "routes",
     "clusters",
+    "consul",
 ];
 
 /// Named clusters, in name order.

@@ -25,6 +25,38 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     pub routes: Vec<RouteSpec>,
     pub clusters: BTreeMap<String, ClusterSpec>,
+    /// Present when a cluster uses Consul (or a `[consul]` section is given).
+    pub consul: Option<ConsulSettings>,
+}
+
+/// How to reach the Consul agent, after merging the config file with the
+/// `CONSUL_*` environment conventions (the file wins).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsulSettings {
+    /// Base URLs (`http://host:port` or `https://…`), tried in order.
+    pub addresses: Vec<String>,
+    pub token: Option<String>,
+    /// Re-read on 403, since the token may have been rotated.
+    pub token_file: Option<PathBuf>,
+    pub datacenter: Option<String>,
+    pub stale: bool,
+    pub max_stale: Duration,
+    pub wait: Duration,
+    pub max_watches: usize,
+    pub min_interval: Duration,
+    pub state_file: Option<PathBuf>,
+    pub stale_after: Duration,
+    pub tls: ConsulTls,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ConsulTls {
+    pub ca_file: Option<PathBuf>,
+    pub ca_path: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub server_name: Option<String>,
+    pub verify: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -95,13 +127,53 @@ pub struct RouteSpec {
 pub enum DiscoverySpec {
     Static(Vec<SocketAddr>),
     File { catalog: PathBuf, service: String },
+    Consul(ConsulQuery),
+}
+
+/// One Consul health watch: what to ask for and how to turn the answer into backends.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct ConsulQuery {
+    pub service: String,
+    pub tags: Vec<String>,
+    pub allow_warning: bool,
+    pub filter: Option<String>,
+    /// Panic threshold in per-mille (500 = 50 %), kept integral so the query hashes.
+    pub panic_permille: u32,
+}
+
+impl ConsulQuery {
+    /// Short stable name: `web`, `web[tag=prod,tag=v2]`, `web[filter=…]`.
+    pub fn label(&self) -> String {
+        let mut extra: Vec<String> = self.tags.iter().map(|t| format!("tag={t}")).collect();
+        if let Some(f) = &self.filter {
+            extra.push(format!("filter={f}"));
+        }
+        if self.allow_warning {
+            extra.push("warning".into());
+        }
+        if extra.is_empty() {
+            self.service.clone()
+        } else {
+            format!("{}[{}]", self.service, extra.join(","))
+        }
+    }
 }
 
 impl DiscoverySpec {
+    /// Name of the discovery source feeding this cluster, as in `/status` and metrics.
+    pub fn source_name(&self) -> Option<String> {
+        match self {
+            DiscoverySpec::Static(_) => None,
+            DiscoverySpec::File { catalog, .. } => Some(format!("file:{}", catalog.display())),
+            DiscoverySpec::Consul(q) => Some(format!("consul:{}", q.label())),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             DiscoverySpec::Static(_) => "static",
             DiscoverySpec::File { .. } => "file",
+            DiscoverySpec::Consul(_) => "consul",
         }
     }
 }
@@ -180,6 +252,7 @@ impl Config {
                 DiscoverySpec::File { catalog, service } => {
                     format!("file {} service {}", catalog.display(), service)
                 }
+                DiscoverySpec::Consul(q) => format!("consul service {}", q.service),
             };
             out.push_str(&format!(
                 "  {}: {}; {}; connect {:?}, read {:?}, retries {}\n",
@@ -200,6 +273,16 @@ impl Config {
             }
         };
         out.push_str(&format!("access log: {log}\n"));
+        if let Some(c) = &self.consul {
+            out.push_str(&format!(
+                "consul: {} (token: {}, stale reads: {}, wait {:?}, max watches {})\n",
+                c.addresses.join(", "),
+                if c.token.is_some() || c.token_file.is_some() { "set" } else { "none" },
+                c.stale,
+                c.wait,
+                c.max_watches
+            ));
+        }
         out.push_str(&format!(
             "drain timeout: {:?}, threads: {}\n",
             self.server.drain_timeout, self.server.threads

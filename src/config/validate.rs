@@ -28,8 +28,14 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     parse(&text, base)
 }
 
-/// Validate config text. `base` anchors relative paths.
+/// Validate config text. `base` anchors relative paths. The `CONSUL_*`
+/// environment variables fill in what the `[consul]` section leaves out.
 pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
+    parse_with_env(text, base, &|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+}
+
+/// [`parse`] with an explicit environment, for tests.
+pub fn parse_with_env(text: &str, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
     let mut v = Validator {
         errors: Vec::new(),
         base,
@@ -60,6 +66,8 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
     let listeners: Vec<ListenerSection> = v.list(&table, "listeners");
     let routes: Vec<RouteSection> = v.list(&table, "routes");
     let clusters: BTreeMap<String, ClusterSection> = v.named(&table, "clusters");
+    let consul_section: Option<ConsulSection> = v.section(&table, "consul");
+    let consul_needed = clusters.values().any(|c| c.consul.is_some());
 
     let listeners = v.listeners(listeners);
     let admin = v.admin(admin, &listeners);
@@ -72,6 +80,11 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
         _ => Vec::new(),
     };
     let routes = v.routes(routes, &cluster_names);
+    let consul = if consul_needed || consul_section.is_some() {
+        Some(v.consul(consul_section.unwrap_or_default(), env))
+    } else {
+        None
+    };
 
     if v.errors.is_empty() {
         Ok(Config {
@@ -81,6 +94,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
             listeners,
             routes,
             clusters,
+            consul,
         })
     } else {
         Err(ConfigErrors(v.errors))
@@ -337,6 +351,7 @@ impl Validator<'_> {
             let ClusterSection {
                 static_,
                 file,
+                consul,
                 selection,
                 hash_header,
                 hash_cookie,
@@ -346,16 +361,43 @@ impl Validator<'_> {
                 idle_timeout,
                 retries,
             } = c;
-            let discovery = match (static_, file) {
-                (Some(_), Some(_)) => {
-                    self.err(&p, "set exactly one discovery source (`static` or `file`), not both");
+            let sources = [static_.is_some(), file.is_some(), consul.is_some()].iter().filter(|&&b| b).count();
+            let discovery = match (static_, file, consul) {
+                _ if sources > 1 => {
+                    self.err(&p, "set exactly one discovery source (`static`, `file` or `consul`), not several");
                     None
                 }
-                (None, None) => {
-                    self.err(&p, "missing discovery source: set `static = [\"IP:PORT\", ...]` or `file = { catalog = \"...\" }`");
+                (None, None, None) => {
+                    self.err(&p, "missing discovery source: set `static = [\"IP:PORT\", ...]`, `file = { catalog = \"...\" }` or `consul = { service = \"...\" }`");
                     None
                 }
-                (Some(list), None) => {
+                (None, None, Some(c)) => {
+                    let ConsulDiscoverySection { service, tags, allow_warning, filter, panic_threshold } = c;
+                    let service = service.unwrap_or_else(|| name.clone());
+                    if service.is_empty() || service.contains(['/', '?', '#', ' ']) {
+                        self.err(format!("{p}.consul.service"), format!("invalid service name {service:?}"));
+                    }
+                    for (i, t) in tags.iter().enumerate() {
+                        if t.is_empty() || t.contains(['&', '#']) {
+                            self.err(format!("{p}.consul.tags[{i}]"), format!("invalid tag {t:?}"));
+                        }
+                    }
+                    let threshold = panic_threshold.unwrap_or(0.5);
+                    if !(0.0..=1.0).contains(&threshold) {
+                        self.err(format!("{p}.consul.panic_threshold"), format!("invalid value {threshold}: must be between 0.0 and 1.0"));
+                    }
+                    if filter.as_deref() == Some("") {
+                        self.err(format!("{p}.consul.filter"), "invalid value \"\": omit the field for no filter");
+                    }
+                    Some(DiscoverySpec::Consul(ConsulQuery {
+                        service,
+                        tags,
+                        allow_warning: allow_warning.unwrap_or(false),
+                        filter,
+                        panic_permille: (threshold.clamp(0.0, 1.0) * 1000.0).round() as u32,
+                    }))
+                }
+                (Some(list), None, None) => {
                     let mut addrs = Vec::new();
                     for (i, a) in list.iter().enumerate() {
                         let ap = format!("{p}.static[{i}]");
@@ -372,7 +414,7 @@ impl Validator<'_> {
                     }
                     Some(DiscoverySpec::Static(addrs))
                 }
-                (None, Some(f)) => {
+                (None, Some(f), None) => {
                     let FileDiscoverySection { catalog, service } = f;
                     if catalog.is_empty() {
                         self.err(format!("{p}.file.catalog"), "invalid value \"\": a file path is required");
@@ -386,6 +428,7 @@ impl Validator<'_> {
                         service,
                     })
                 }
+                _ => None,
             };
             let selection = self.selection(&p, selection, hash_header, hash_cookie);
             let retries = retries.unwrap_or(2);
@@ -406,6 +449,115 @@ impl Validator<'_> {
             out.insert(name, spec);
         }
         out
+    }
+
+    fn consul(&mut self, s: ConsulSection, env: &dyn Fn(&str) -> Option<String>) -> ConsulSettings {
+        let ConsulSection {
+            addresses,
+            token,
+            token_file,
+            datacenter,
+            stale,
+            max_stale,
+            wait,
+            max_watches,
+            min_interval,
+            state_file,
+            stale_after,
+            tls,
+        } = s;
+        let env_bool = |k: &str| env(k).map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
+        let https_default = env_bool("CONSUL_HTTP_SSL").unwrap_or(false);
+        let (raw, from) = match addresses {
+            Some(a) => (a, "consul.addresses"),
+            None => match env("CONSUL_HTTP_ADDR") {
+                Some(a) => (vec![a], "CONSUL_HTTP_ADDR"),
+                None => (vec!["127.0.0.1:8500".to_string()], "consul.addresses"),
+            },
+        };
+        let mut addrs = Vec::new();
+        for (i, a) in raw.iter().enumerate() {
+            let path = if from == "CONSUL_HTTP_ADDR" { from.to_string() } else { format!("consul.addresses[{i}]") };
+            match consul_base_url(a, https_default) {
+                Ok(u) => addrs.push(u),
+                Err(m) => self.err(path, m),
+            }
+        }
+        if addrs.is_empty() && !raw.is_empty() {
+            // errors already reported
+        } else if raw.is_empty() {
+            self.err("consul.addresses", "at least one agent address is required");
+        }
+        // Token: the file's own settings win over the environment; within each,
+        // a token file wins over a literal token (the Go client's rule).
+        let (token, token_file) = match (token, token_file) {
+            (_, Some(f)) => (None, Some(self.base.join(f))),
+            (Some(t), None) => (Some(t), None),
+            (None, None) => match (env("CONSUL_HTTP_TOKEN_FILE"), env("CONSUL_HTTP_TOKEN")) {
+                (Some(f), _) => (None, Some(PathBuf::from(f))),
+                (None, t) => (t, None),
+            },
+        };
+        let token = match &token_file {
+            Some(f) => match std::fs::read_to_string(f) {
+                Ok(t) => Some(t.trim().to_string()).filter(|t| !t.is_empty()),
+                Err(e) => {
+                    self.err("consul.token_file", format!("cannot read token file {}: {e}", f.display()));
+                    None
+                }
+            },
+            None => token,
+        };
+        let t = tls.unwrap_or_default();
+        let path_or_env = |v: Option<String>, var: &str| v.map(|p| self.base.join(p)).or_else(|| env(var).map(PathBuf::from));
+        let tls = ConsulTls {
+            ca_file: path_or_env(t.ca_file, "CONSUL_CACERT"),
+            ca_path: path_or_env(t.ca_path, "CONSUL_CAPATH"),
+            cert_file: path_or_env(t.cert_file, "CONSUL_CLIENT_CERT"),
+            key_file: path_or_env(t.key_file, "CONSUL_CLIENT_KEY"),
+            server_name: t.server_name.or_else(|| env("CONSUL_TLS_SERVER_NAME")),
+            verify: t.verify.or_else(|| env_bool("CONSUL_HTTP_SSL_VERIFY")).unwrap_or(true),
+        };
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            self.err("consul.tls", "client certificate and key go together: set both cert_file and key_file (or CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY), or neither");
+        }
+        for (field, p) in [("ca_file", &tls.ca_file), ("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
+            if let Some(p) = p {
+                if !p.is_file() {
+                    self.err(format!("consul.tls.{field}"), format!("no such file {}", p.display()));
+                }
+            }
+        }
+        if let Some(p) = &tls.ca_path {
+            if !p.is_dir() {
+                self.err("consul.tls.ca_path", format!("no such directory {}", p.display()));
+            }
+        }
+        let wait = self.duration("consul.wait", wait.as_ref(), Duration::from_secs(300));
+        if wait > Duration::from_secs(600) {
+            self.err("consul.wait", format!("invalid duration {wait:?}: Consul caps blocking waits at 10m"));
+        }
+        let max_watches = max_watches.unwrap_or(64);
+        if !(1..=190).contains(&max_watches) {
+            self.err(
+                "consul.max_watches",
+                format!("invalid value {max_watches}: must be between 1 and 190 (the agent allows 200 connections per client)"),
+            );
+        }
+        ConsulSettings {
+            addresses: addrs,
+            token,
+            token_file,
+            datacenter,
+            stale: stale.unwrap_or(true),
+            max_stale: self.duration("consul.max_stale", max_stale.as_ref(), Duration::from_secs(2)),
+            wait: wait.min(Duration::from_secs(600)),
+            max_watches,
+            min_interval: self.duration("consul.min_interval", min_interval.as_ref(), Duration::from_secs(1)),
+            state_file: state_file.map(|f| self.base.join(f)),
+            stale_after: self.duration("consul.stale_after", stale_after.as_ref(), Duration::from_secs(60)),
+            tls,
+        }
     }
 
     fn selection(
@@ -539,6 +691,30 @@ impl Validator<'_> {
     }
 }
 
+/// Normalise an agent address to a base URL without a trailing slash.
+fn consul_base_url(a: &str, https_default: bool) -> Result<String, String> {
+    let a = a.trim();
+    if a.starts_with("unix://") {
+        return Err(format!("unsupported agent address {a:?}: unix sockets are not supported; use host:port"));
+    }
+    let url = if a.contains("://") {
+        a.to_string()
+    } else if https_default {
+        format!("https://{a}")
+    } else {
+        format!("http://{a}")
+    };
+    let uri: http::Uri = url.parse().map_err(|_| format!("invalid agent address {a:?}: expected host:port or http(s)://host:port"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("invalid agent address {a:?}: scheme must be http or https")),
+    }
+    if uri.authority().is_none() || uri.host().unwrap_or("").is_empty() {
+        return Err(format!("invalid agent address {a:?}: no host"));
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
@@ -660,6 +836,46 @@ static = ["127.0.0.1:1"]
         let text = MINIMAL.replace("[clusters.web]", "[clusters.web]\nselection = \"consistent_hash\"");
         let e = errs(&text).join("\n");
         assert!(e.contains("clusters.web.selection: \"consistent_hash\" needs exactly one"), "{e}");
+    }
+
+    #[test]
+    fn consul_env_conventions() {
+        let dir = tempfile::tempdir().unwrap();
+        let tf = dir.path().join("token");
+        std::fs::write(&tf, "from-file\n").unwrap();
+        let tf_s = tf.display().to_string();
+        let text = MINIMAL.replace("static = [\"127.0.0.1:8001\"]", "consul = { service = \"web\" }");
+        let env_map = [
+            ("CONSUL_HTTP_ADDR", "consul.internal:8501"),
+            ("CONSUL_HTTP_SSL", "true"),
+            ("CONSUL_HTTP_TOKEN", "from-env"),
+            ("CONSUL_HTTP_TOKEN_FILE", tf_s.as_str()),
+            ("CONSUL_TLS_SERVER_NAME", "server.dc1.consul"),
+            ("CONSUL_HTTP_SSL_VERIFY", "false"),
+        ];
+        let env = |k: &str| env_map.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        let c = parse_with_env(&text, Path::new("/etc/sy"), &env).unwrap();
+        let consul = c.consul.unwrap();
+        assert_eq!(consul.addresses, vec!["https://consul.internal:8501".to_string()]);
+        assert_eq!(consul.token.as_deref(), Some("from-file"), "token file wins");
+        assert_eq!(consul.tls.server_name.as_deref(), Some("server.dc1.consul"));
+        assert!(!consul.tls.verify);
+        assert!(consul.stale);
+        assert_eq!(consul.wait, Duration::from_secs(300));
+        // The file's settings win over the environment.
+        let text2 = format!("{text}\n[consul]\naddresses = [\"10.0.0.1:8500\", \"http://10.0.0.2:8500/\"]\ntoken = \"lit\"\n");
+        let consul = parse_with_env(&text2, Path::new("/etc/sy"), &|_| None).unwrap().consul.unwrap();
+        assert_eq!(consul.addresses, vec!["http://10.0.0.1:8500".to_string(), "http://10.0.0.2:8500".to_string()]);
+        assert_eq!(consul.token.as_deref(), Some("lit"));
+        // Only one of client cert / key: an error naming both.
+        let env3 = |k: &str| (k == "CONSUL_CLIENT_CERT").then(|| "/etc/hosts".to_string());
+        let e = parse_with_env(&text, Path::new("/etc/sy"), &env3).unwrap_err().to_string();
+        assert!(e.contains("consul.tls: client certificate and key go together"), "{e}");
+        let e = parse_with_env(&format!("{text}\n[consul]\naddresses = [\"unix:///tmp/c.sock\"]\nwait = \"20m\"\n"), Path::new("/"), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("consul.addresses[0]: unsupported agent address"), "{e}");
+        assert!(e.contains("consul.wait: invalid duration"), "{e}");
     }
 
     #[test]

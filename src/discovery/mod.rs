@@ -5,6 +5,7 @@
 //! normalised (sorted by address, unique) so two sets compare equal exactly
 //! when they would route the same way.
 
+pub mod consul;
 pub mod file;
 
 use serde::Serialize;

@@ -1,0 +1,337 @@
+//! One blocking watch on `/v1/health/service/<name>`, following the rules in
+//! the Consul contract (section 3.3 and 9):
+//!
+//! * long-poll with the last good `X-Consul-Index` and an explicit `wait`;
+//!   the request timeout is `wait × 17/16` plus slack (Consul adds up to
+//!   wait/16 of jitter) — this timeout is also the watchdog for hung watches;
+//! * index went backwards → reset to 0 (one non-blocking read);
+//!   index 0, missing or unparsable → treat as a reset, never block below 1;
+//! * unchanged index → no-op; changed index but same normalised set → no-op;
+//! * a token bucket (burst 2) paces the loop instead of sleeps;
+//! * errors back off exponentially with full jitter and reset the index;
+//! * a failed read never publishes anything: the last good set stays.
+
+use super::client::{ClientError, ConsulClient};
+use super::health::parse_health;
+use super::{ServiceSnapshot, WatchShared};
+use crate::config::ConsulQuery;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+/// Extra time on top of `wait × 17/16` before a blocking read counts as hung.
+pub const READ_SLACK: Duration = Duration::from_secs(5);
+/// First backoff after an error, and the cap.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
+pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
+
+/// What a response's index means for the watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// First read, or the first after a reset: apply the content.
+    Fresh,
+    /// The index moved forward: compare content, apply if changed.
+    Advanced,
+    /// Same index: nothing changed.
+    Unchanged,
+    /// The index went backwards: apply the content; the next read is non-blocking.
+    WentBackwards,
+    /// 0, missing or unparsable: apply the content; block on 1 next.
+    Invalid,
+}
+
+/// The index rules, with no I/O.
+#[derive(Debug, Default, Clone)]
+pub struct IndexTracker {
+    index: u64,
+}
+
+impl IndexTracker {
+    /// Index to send; 0 means "no index parameter": a non-blocking read.
+    pub fn request_index(&self) -> u64 {
+        self.index
+    }
+
+    pub fn reset(&mut self) {
+        self.index = 0;
+    }
+
+    pub fn observe(&mut self, header: Option<u64>) -> Observed {
+        match header {
+            None | Some(0) => {
+                // Never echo 0: block on 1, which is always safe.
+                self.index = 1;
+                Observed::Invalid
+            }
+            Some(n) if self.index == 0 => {
+                self.index = n;
+                Observed::Fresh
+            }
+            Some(n) if n < self.index => {
+                self.index = 0;
+                Observed::WentBackwards
+            }
+            Some(n) if n == self.index => Observed::Unchanged,
+            Some(n) => {
+                self.index = n;
+                Observed::Advanced
+            }
+        }
+    }
+}
+
+/// Token bucket on tokio time (so paused-time tests can drive it).
+#[derive(Debug)]
+pub struct TokenBucket {
+    capacity: f64,
+    tokens: f64,
+    refill: Duration,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(capacity: u32, refill: Duration) -> Self {
+        TokenBucket {
+            capacity: capacity as f64,
+            tokens: capacity as f64,
+            refill,
+            last: Instant::now(),
+        }
+    }
+
+    /// Take one token, waiting for it if the bucket is empty.
+    pub async fn acquire(&mut self) {
+        loop {
+            let now = Instant::now();
+            let gained = now.duration_since(self.last).as_secs_f64() / self.refill.as_secs_f64().max(1e-9);
+            self.tokens = (self.tokens + gained).min(self.capacity);
+            self.last = now;
+            if self.tokens >= 1.0 {
+                self.tokens -= 1.0;
+                return;
+            }
+            let missing = (1.0 - self.tokens) * self.refill.as_secs_f64();
+            tokio::time::sleep(Duration::from_secs_f64(missing)).await;
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in [base·2ⁿ/2, base·2ⁿ], capped.
+pub fn backoff(failures: u32) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    let top = exp.min(BACKOFF_CAP);
+    let low = top / 2;
+    low + top.saturating_sub(low).mul_f64(rand::random::<f64>())
+}
+
+/// The blocking-read timeout for a wait: `wait × 17/16` plus slack.
+pub fn read_timeout(wait: Duration) -> Duration {
+    wait + wait / 16 + READ_SLACK
+}
+
+/// How a watch reads: blocking, or polling without an index (beyond the
+/// connection budget).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Blocking,
+    Poll(Duration),
+}
+
+fn query_params<'a>(q: &'a ConsulQuery, dc: Option<&'a str>, stale: bool, index: &'a str, wait: &'a str, blocking: bool) -> Vec<(&'a str, Option<&'a str>)> {
+    let mut p: Vec<(&str, Option<&str>)> = Vec::new();
+    if stale {
+        p.push(("stale", None));
+    }
+    if let Some(dc) = dc {
+        p.push(("dc", Some(dc)));
+    }
+    for t in &q.tags {
+        p.push(("tag", Some(t.as_str())));
+    }
+    if let Some(f) = &q.filter {
+        p.push(("filter", Some(f.as_str())));
+    }
+    if blocking {
+        p.push(("index", Some(index)));
+        p.push(("wait", Some(wait)));
+    }
+    p
+}
+
+/// Run one watch until shutdown.
+pub async fn run(
+    query: ConsulQuery,
+    client: Arc<ConsulClient>,
+    shared: Arc<WatchShared>,
+    mode: Mode,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let settings = client.settings().clone();
+    let mut tracker = IndexTracker::default();
+    let mut bucket = TokenBucket::new(2, settings.min_interval);
+    let mut failures: u32 = 0;
+    let mut use_stale = settings.stale;
+    let path = format!("/v1/health/service/{}", encode_segment(&query.service));
+    let wait_ms = format!("{}ms", settings.wait.as_millis().max(1));
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = bucket.acquire() => {}
+        }
+        let blocking = mode == Mode::Blocking && tracker.request_index() > 0;
+        let index = tracker.request_index().to_string();
+        let params = query_params(&query, settings.datacenter.as_deref(), use_stale, &index, &wait_ms, blocking);
+        let timeout = if blocking { read_timeout(settings.wait) } else { Duration::from_secs(10) + READ_SLACK };
+        let started = Instant::now();
+        let result = tokio::select! {
+            _ = shutdown.changed() => return,
+            r = tokio::time::timeout(timeout, client.request(reqwest::Method::GET, "health_service", &path, &params, None, timeout)) => {
+                r.unwrap_or(Err(ClientError::Timeout))
+            }
+        };
+        match result {
+            Ok(resp) => {
+                failures = 0;
+                // Freshness: a stale read from a server far behind the leader is
+                // re-done without `stale`, once.
+                if use_stale && resp.last_contact_ms.is_some_and(|ms| Duration::from_millis(ms) > settings.max_stale) {
+                    use_stale = false;
+                    tracker.reset();
+                    continue;
+                }
+                use_stale = settings.stale;
+                let observed = tracker.observe(resp.index);
+                shared.synced(SystemTime::now());
+                if observed == Observed::WentBackwards {
+                    shared.index_reset();
+                }
+                if observed == Observed::Unchanged {
+                    continue;
+                }
+                match parse_health(&resp.body) {
+                    Ok(parsed) => {
+                        for (reason, detail) in &parsed.skipped {
+                            shared.skipped(reason, detail);
+                        }
+                        shared.publish(ServiceSnapshot {
+                            instances: Arc::new(parsed.instances),
+                            synced_at: SystemTime::now(),
+                            from_state_file: false,
+                        });
+                    }
+                    Err(e) => {
+                        // A garbage body is an error like any other: keep the last good set.
+                        tracker.reset();
+                        failures += 1;
+                        shared.error("bad_body", &e);
+                        sleep_or_shutdown(backoff(failures), &mut shutdown).await;
+                    }
+                }
+                if let Mode::Poll(every) = mode {
+                    let spent = started.elapsed();
+                    sleep_or_shutdown(every.saturating_sub(spent), &mut shutdown).await;
+                    tracker.reset();
+                }
+            }
+            Err(e) => {
+                tracker.reset();
+                failures += 1;
+                if matches!(e, ClientError::Http { status: 403, .. }) {
+                    client.reload_token();
+                }
+                shared.error(e.kind(), &e.to_string());
+                sleep_or_shutdown(backoff(failures), &mut shutdown).await;
+            }
+        }
+    }
+}
+
+async fn sleep_or_shutdown(d: Duration, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    tokio::select! {
+        _ = shutdown.changed() => {}
+        _ = tokio::time::sleep(d) => {}
+    }
+}
+
+/// Percent-encode one path segment.
+pub fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_rules() {
+        let mut t = IndexTracker::default();
+        assert_eq!(t.request_index(), 0, "first read is non-blocking");
+        assert_eq!(t.observe(Some(10)), Observed::Fresh);
+        assert_eq!(t.request_index(), 10);
+        assert_eq!(t.observe(Some(10)), Observed::Unchanged);
+        assert_eq!(t.observe(Some(12)), Observed::Advanced);
+        assert_eq!(t.observe(Some(5)), Observed::WentBackwards);
+        assert_eq!(t.request_index(), 0, "reset: one non-blocking read");
+        assert_eq!(t.observe(Some(5)), Observed::Fresh);
+        assert_eq!(t.observe(Some(0)), Observed::Invalid);
+        assert_eq!(t.request_index(), 1, "never block below 1");
+        assert_eq!(t.observe(None), Observed::Invalid);
+        assert_eq!(t.request_index(), 1);
+        assert_eq!(t.observe(Some(7)), Observed::Advanced);
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        for n in 1..30 {
+            let d = backoff(n);
+            let top = BACKOFF_BASE.saturating_mul(1 << (n - 1).min(16)).min(BACKOFF_CAP);
+            assert!(d >= top / 2 && d <= top, "{n}: {d:?}");
+        }
+        assert!(backoff(40) <= BACKOFF_CAP);
+    }
+
+    #[test]
+    fn read_timeout_exceeds_jittered_wait() {
+        let w = Duration::from_secs(300);
+        assert!(read_timeout(w) > w * 17 / 16);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_bucket_allows_a_burst_of_two_then_paces() {
+        let mut b = TokenBucket::new(2, Duration::from_secs(1));
+        let t0 = Instant::now();
+        b.acquire().await;
+        b.acquire().await;
+        assert_eq!(t0.elapsed(), Duration::ZERO, "burst of two is immediate");
+        b.acquire().await;
+        let e = t0.elapsed();
+        assert!(e >= Duration::from_millis(999) && e <= Duration::from_millis(1001), "{e:?}");
+        b.acquire().await;
+        assert!(t0.elapsed() >= Duration::from_millis(1999));
+        // After a quiet period the burst is available again (but not more).
+        tokio::time::advance(Duration::from_secs(10)).await;
+        let t1 = Instant::now();
+        b.acquire().await;
+        b.acquire().await;
+        assert_eq!(t1.elapsed(), Duration::ZERO);
+        b.acquire().await;
+        assert!(t1.elapsed() >= Duration::from_millis(999));
+    }
+
+    #[test]
+    fn segments_are_encoded() {
+        assert_eq!(encode_segment("web-1"), "web-1");
+        assert_eq!(encode_segment("a/b c?"), "a%2Fb%20c%3F");
+    }
+}
