@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod health;
+pub mod tags;
 pub mod watch;
 
 use crate::config::{ConsulQuery, ConsulSettings};

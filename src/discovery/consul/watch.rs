@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 /// Extra time on top of `wait × 17/16` before a blocking read counts as hung.
-pub const READ_SLACK: Duration = Duration::from_secs(5);
+pub const READ_SLACK: Duration = Duration::from_secs(2);
 /// First backoff after an error, and the cap.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(500);
 pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
@@ -212,6 +212,17 @@ pub async fn run(
                     continue;
                 }
                 match parse_health(&resp.body) {
+                    Ok(parsed) if parsed.instances.is_empty() && !parsed.skipped.is_empty() => {
+                        // Every entry was invalid: that is a bad answer, not an
+                        // empty service. Never let it empty the pool.
+                        for (reason, detail) in &parsed.skipped {
+                            shared.skipped(reason, detail);
+                        }
+                        tracker.reset();
+                        failures += 1;
+                        shared.error("bad_body", &format!("all {} instances in the answer were invalid", parsed.skipped.len()));
+                        sleep_or_shutdown(backoff(failures), &mut shutdown).await;
+                    }
                     Ok(parsed) => {
                         for (reason, detail) in &parsed.skipped {
                             shared.skipped(reason, detail);
