@@ -40,31 +40,31 @@ fn json_reply(code: StatusCode, v: serde_json::Value) -> Response<Vec<u8>> {
 
 impl Admin {
     /// Seconds since each cluster's source last succeeded (None: never, or static).
-    fn staleness(&self) -> std::collections::BTreeMap<String, Option<f64>> {
+    fn staleness(&self, table: &crate::routing::RoutingTable) -> std::collections::BTreeMap<String, Option<f64>> {
         let sources = self.status.sources();
         let now = unix(std::time::SystemTime::now());
-        self.config
+        table
             .clusters
             .iter()
-            .filter_map(|(name, spec)| {
-                let src = spec.discovery.source_name()?;
+            .filter_map(|c| {
+                let src = c.spec.discovery.source_name()?;
                 let age = sources.get(&src).and_then(|s| s.last_success_unix).map(|t| (now - t).max(0.0));
-                Some((name.clone(), age))
+                Some((c.name.to_string(), age))
             })
             .collect()
     }
 
     /// Consul-backed clusters whose last successful sync is older than the bound.
-    fn stale_clusters(&self) -> Vec<String> {
+    fn stale_clusters(&self, table: &crate::routing::RoutingTable) -> Vec<String> {
         let Some(consul) = &self.config.consul else { return Vec::new() };
         let bound = consul.stale_after.as_secs_f64();
-        let ages = self.staleness();
-        self.config
+        let ages = self.staleness(table);
+        table
             .clusters
             .iter()
-            .filter(|(_, c)| matches!(c.discovery, crate::config::DiscoverySpec::Consul(_)))
-            .filter(|(n, _)| ages.get(*n).copied().flatten().is_none_or(|a| a > bound))
-            .map(|(n, _)| n.clone())
+            .filter(|c| matches!(c.spec.discovery, crate::config::DiscoverySpec::Consul(_)))
+            .filter(|c| ages.get(&*c.name).copied().flatten().is_none_or(|a| a > bound))
+            .map(|c| c.name.to_string())
             .collect()
     }
 
@@ -72,7 +72,7 @@ impl Admin {
         let table = self.snapshot.load();
         let pending = table.pending_clusters();
         let ready = pending.is_empty();
-        let stale = self.stale_clusters();
+        let stale = self.stale_clusters(&table);
         let reason = if ready {
             serde_json::Value::Null
         } else {
@@ -96,10 +96,10 @@ impl Admin {
     pub fn status_json(&self) -> serde_json::Value {
         let table = self.snapshot.load();
         let swap = self.status.swap();
-        let routes: Vec<_> = self
-            .config
+        let routes: Vec<_> = table
             .routes
             .iter()
+            .map(|r| &r.spec)
             .map(|r| {
                 let hosts: Vec<String> = r
                     .hosts
@@ -112,7 +112,7 @@ impl Admin {
                 json!({ "name": r.name, "hosts": hosts, "path_prefix": r.path_prefix, "cluster": r.cluster })
             })
             .collect();
-        let ages = self.staleness();
+        let ages = self.staleness(&table);
         let panics = self.status.panics();
         let clusters: Vec<_> = table
             .clusters
@@ -157,6 +157,7 @@ impl Admin {
             "routes": routes,
             "clusters": clusters,
             "sources": self.status.sources(),
+            "tag_errors": self.status.tag_errors(),
         })
     }
 }

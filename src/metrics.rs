@@ -40,6 +40,7 @@ pub struct Metrics {
     pub consul_instances_skipped: IntCounterVec,
     pub discovery_staleness: prometheus::GaugeVec,
     pub panic_mode: IntGaugeVec,
+    pub consul_tag_errors: IntCounterVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -141,8 +142,14 @@ impl Metrics {
             &["cluster"],
         )
         .expect("valid metric");
+        let consul_tag_errors = IntCounterVec::new(
+            opts("consul_tag_errors_total", "Catalog updates in which a service's switchyard.* tags were malformed; that service kept its last good route."),
+            &["service"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(consul_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(consul_tag_errors.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(consul_requests.clone()),
             Box::new(consul_watch_errors.clone()),
             Box::new(consul_instances_skipped.clone()),
             Box::new(discovery_staleness.clone()),
@@ -181,6 +188,7 @@ impl Metrics {
             consul_instances_skipped,
             discovery_staleness,
             panic_mode,
+            consul_tag_errors,
         }
     }
 

@@ -5,8 +5,9 @@
 //! result. A build that fails leaves the last good table serving; the failure
 //! is logged, counted and shown in `/status`.
 
-use crate::config::{Config, ConsulQuery, DiscoverySpec};
-use crate::discovery::consul::{endpoints_for, SnapshotRx};
+use crate::config::{Config, DiscoverySpec};
+use crate::discovery::consul::{endpoints_for, ConsulView, ViewRx};
+use std::borrow::Cow;
 use crate::discovery::file::Catalog;
 use crate::discovery::Discovered;
 use crate::metrics::Metrics;
@@ -31,17 +32,19 @@ pub struct FileInput {
     pub rx: watch::Receiver<Option<Arc<Catalog>>>,
 }
 
-/// One Consul query input.
-pub struct ConsulInput {
-    pub query: ConsulQuery,
-    pub rx: SnapshotRx,
-}
-
 /// Everything reconcile reads.
 #[derive(Default)]
 pub struct Inputs {
     pub files: Vec<FileInput>,
-    pub consul: Vec<ConsulInput>,
+    /// The Consul source's whole view (sets and auto routes).
+    pub consul: Option<ViewRx>,
+}
+
+/// What a table was built from; an identical set of inputs is not rebuilt.
+#[derive(PartialEq)]
+struct Built {
+    discovered: Discovered,
+    auto: Vec<(crate::config::RouteSpec, crate::config::ClusterSpec)>,
 }
 
 pub struct Reconciler {
@@ -52,7 +55,7 @@ pub struct Reconciler {
     metrics: Arc<Metrics>,
     status: Arc<StatusBoard>,
     generation: AtomicU64,
-    last_inputs: Mutex<Option<Discovered>>,
+    last_inputs: Mutex<Option<Built>>,
     panics: Mutex<std::collections::BTreeSet<String>>,
 }
 
@@ -66,8 +69,12 @@ impl Reconciler {
         metrics: Arc<Metrics>,
         status: Arc<StatusBoard>,
     ) -> Result<Self, crate::routing::BuildError> {
-        let (discovered, panics) = discovered(&config, &inputs);
-        let table = RoutingTable::build(&config, &discovered, &states, 1)?;
+        let view = inputs.consul.as_ref().map(|rx| rx.borrow().clone());
+        let eff = effective(&config, view.as_deref());
+        let (discovered, panics) = discovered(&eff, &inputs.files, view.as_deref());
+        let table = RoutingTable::build(&eff, &discovered, &states, 1)?;
+        let built = Built { discovered, auto: auto_of(view.as_deref()) };
+        drop(eff);
         states.retain(&table);
         table.export_gauges(&metrics);
         metrics.routing_swaps.inc();
@@ -80,7 +87,7 @@ impl Reconciler {
             metrics,
             status,
             generation: AtomicU64::new(1),
-            last_inputs: Mutex::new(Some(discovered)),
+            last_inputs: Mutex::new(Some(built)),
             panics: Mutex::new(Default::default()),
         };
         r.note_panics(panics);
@@ -95,6 +102,9 @@ impl Reconciler {
         }
         for c in prev.difference(&now) {
             tracing::info!(cluster = %c, "panic mode off");
+        }
+        for name in prev.union(&now) {
+            self.metrics.panic_mode.with_label_values(&[name]).set(now.contains(name) as i64);
         }
         for (name, spec) in &self.config.clusters {
             if matches!(spec.discovery, DiscoverySpec::Consul(_)) {
@@ -111,16 +121,19 @@ impl Reconciler {
 
     /// Rebuild and publish if the inputs changed. Returns the new generation.
     pub fn reconcile(&self) -> Option<u64> {
-        let (discovered, panics) = discovered(&self.config, &self.inputs);
+        let view = self.inputs.consul.as_ref().map(|rx| rx.borrow().clone());
+        let eff = effective(&self.config, view.as_deref());
+        let (discovered, panics) = discovered(&eff, &self.inputs.files, view.as_deref());
         self.note_panics(panics);
+        let built = Built { discovered, auto: auto_of(view.as_deref()) };
         let mut last = self.last_inputs.lock().unwrap_or_else(|e| e.into_inner());
-        if last.as_ref() == Some(&discovered) {
+        if last.as_ref() == Some(&built) {
             return None;
         }
         let generation = self.generation.load(Ordering::Relaxed) + 1;
-        match RoutingTable::build(&self.config, &discovered, &self.states, generation) {
+        match RoutingTable::build(&eff, &built.discovered, &self.states, generation) {
             Ok(table) => {
-                *last = Some(discovered);
+                *last = Some(built);
                 self.generation.store(generation, Ordering::Relaxed);
                 let table = self.snapshot.publish(table);
                 self.states.retain(&table);
@@ -140,15 +153,36 @@ impl Reconciler {
     }
 }
 
+fn auto_of(view: Option<&ConsulView>) -> Vec<(crate::config::RouteSpec, crate::config::ClusterSpec)> {
+    view.map(|v| v.auto.values().cloned().collect()).unwrap_or_default()
+}
+
+/// The config plus the auto routes from Consul tags whose service has had a
+/// first read (so a new auto route never makes `/readyz` flap). Config-file
+/// clusters and routes come first and win any conflict.
+fn effective<'a>(config: &'a Config, view: Option<&ConsulView>) -> Cow<'a, Config> {
+    let Some(view) = view.filter(|v| !v.auto.is_empty()) else { return Cow::Borrowed(config) };
+    let mut c = config.clone();
+    for (route, cluster) in view.auto.values() {
+        let DiscoverySpec::Consul(q) = &cluster.discovery else { continue };
+        if c.clusters.contains_key(&cluster.name) || !view.services.contains_key(q) {
+            continue;
+        }
+        c.clusters.insert(cluster.name.clone(), cluster.clone());
+        c.routes.push(route.clone());
+    }
+    Cow::Owned(c)
+}
+
 /// Map each cluster to its current discovered set (absent = no result yet),
 /// and name the clusters in panic mode.
-fn discovered(config: &Config, inputs: &Inputs) -> (Discovered, std::collections::BTreeSet<String>) {
+fn discovered(config: &Config, files: &[FileInput], view: Option<&ConsulView>) -> (Discovered, std::collections::BTreeSet<String>) {
     let mut out = Discovered::new();
     let mut panics = std::collections::BTreeSet::new();
     for (name, spec) in &config.clusters {
         match &spec.discovery {
             DiscoverySpec::File { catalog, service } => {
-                let Some(input) = inputs.files.iter().find(|f| &f.path == catalog) else { continue };
+                let Some(input) = files.iter().find(|f| &f.path == catalog) else { continue };
                 let current = input.rx.borrow();
                 if let Some(cat) = current.as_ref() {
                     // A valid catalog without this service means "no instances".
@@ -157,9 +191,7 @@ fn discovered(config: &Config, inputs: &Inputs) -> (Discovered, std::collections
                 }
             }
             DiscoverySpec::Consul(q) => {
-                let Some(input) = inputs.consul.iter().find(|c| &c.query == q) else { continue };
-                let current = input.rx.borrow();
-                if let Some(snap) = current.as_ref() {
+                if let Some(snap) = view.and_then(|v| v.services.get(q)) {
                     let (eps, panic) = endpoints_for(snap, q);
                     if panic {
                         panics.insert(name.clone());
@@ -187,8 +219,8 @@ impl BackgroundService for Reconciler {
                 }
             }));
         }
-        for c in &self.inputs.consul {
-            let mut rx = c.rx.clone();
+        if let Some(rx) = &self.inputs.consul {
+            let mut rx = rx.clone();
             let changed = changed.clone();
             forwarders.push(tokio::spawn(async move {
                 while rx.changed().await.is_ok() {

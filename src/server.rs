@@ -9,7 +9,7 @@ use crate::discovery::file::FileSource;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnectionCounter, Proxy};
 use crate::discovery::consul::ConsulSource;
-use crate::reconcile::{ConsulInput, FileInput, Inputs, Reconciler};
+use crate::reconcile::{FileInput, Inputs, Reconciler};
 use crate::routing::StateRegistry;
 use crate::status::StatusBoard;
 use async_trait::async_trait;
@@ -70,11 +70,14 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
             _ => None,
         })
         .collect();
-    if let (Some(settings), false) = (&config.consul, queries.is_empty()) {
-        let (src, rxs) = ConsulSource::new(settings, queries, metrics.clone(), status.clone())
-            .map_err(|e| format!("consul: {e}"))?;
-        tasks.push(Arc::new(src));
-        inputs.consul.extend(rxs.into_iter().map(|(query, rx)| ConsulInput { query, rx }));
+    if let Some(settings) = &config.consul {
+        if !queries.is_empty() || settings.auto_routes {
+            let reserved = config.clusters.keys().cloned().collect();
+            let (src, rx) = ConsulSource::new(settings, queries, reserved, metrics.clone(), status.clone())
+                .map_err(|e| format!("consul: {e}"))?;
+            tasks.push(Arc::new(src));
+            inputs.consul = Some(rx);
+        }
     }
     let reconciler = Reconciler::new(config.clone(), inputs, states, metrics.clone(), status.clone())
         .map_err(|e| format!("cannot build the first routing table: {e}"))?;

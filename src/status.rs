@@ -31,6 +31,7 @@ pub struct StatusBoard {
     sources: Mutex<BTreeMap<String, SourceStatus>>,
     swap: Mutex<SwapStatus>,
     panics: Mutex<Vec<String>>,
+    tag_errors: Mutex<BTreeMap<String, String>>,
 }
 
 pub fn unix(t: SystemTime) -> f64 {
@@ -96,6 +97,14 @@ impl StatusBoard {
 
     pub fn set_panics(&self, clusters: Vec<String>) {
         *self.panics.lock().unwrap_or_else(|e| e.into_inner()) = clusters;
+    }
+
+    pub fn set_tag_errors(&self, errors: BTreeMap<String, String>) {
+        *self.tag_errors.lock().unwrap_or_else(|e| e.into_inner()) = errors;
+    }
+
+    pub fn tag_errors(&self) -> BTreeMap<String, String> {
+        self.tag_errors.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn panics(&self) -> Vec<String> {

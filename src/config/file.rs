@@ -126,6 +126,8 @@ pub struct ConsulSection {
     /// Staleness (since the last successful sync) that `/readyz` and `/status` flag.
     pub stale_after: Option<String>,
     pub tls: Option<ConsulTlsSection>,
+    /// Build routes from `switchyard.*` tags on Consul services (default true).
+    pub auto_routes: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

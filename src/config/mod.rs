@@ -47,6 +47,7 @@ pub struct ConsulSettings {
     pub state_file: Option<PathBuf>,
     pub stale_after: Duration,
     pub tls: ConsulTls,
+    pub auto_routes: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

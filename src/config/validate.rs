@@ -465,6 +465,7 @@ impl Validator<'_> {
             state_file,
             stale_after,
             tls,
+            auto_routes,
         } = s;
         let env_bool = |k: &str| env(k).map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
         let https_default = env_bool("CONSUL_HTTP_SSL").unwrap_or(false);
@@ -557,6 +558,7 @@ impl Validator<'_> {
             state_file: state_file.map(|f| self.base.join(f)),
             stale_after: self.duration("consul.stale_after", stale_after.as_ref(), Duration::from_secs(60)),
             tls,
+            auto_routes: auto_routes.unwrap_or(true),
         }
     }
 

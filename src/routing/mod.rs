@@ -144,6 +144,7 @@ impl Cluster {
 }
 
 pub struct Route {
+    pub spec: crate::config::RouteSpec,
     pub name: Arc<str>,
     pub cluster: u32,
     pub metrics: RouteMetrics,
@@ -224,6 +225,7 @@ impl RoutingTable {
                 });
             };
             routes.push(Route {
+                spec: r.clone(),
                 name: Arc::from(r.name.as_str()),
                 cluster: ci,
                 metrics: states.metrics().route_handles(&r.name, &r.cluster),

@@ -11,12 +11,13 @@
 //! serving. The last good sets are persisted to a state file (temp file +
 //! rename) and loaded at start, so a restart during an outage still serves.
 
+pub mod catalog;
 pub mod client;
 pub mod health;
 pub mod tags;
 pub mod watch;
 
-use crate::config::{ConsulQuery, ConsulSettings};
+use crate::config::{ClusterSpec, ConsulQuery, ConsulSettings, RouteSpec};
 use crate::discovery::Endpoint;
 use crate::metrics::Metrics;
 use crate::status::{unix, StatusBoard};
@@ -26,8 +27,7 @@ use health::{ConsulInstance, Status};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch as wch, Notify};
@@ -44,7 +44,6 @@ pub struct ServiceSnapshot {
     pub from_state_file: bool,
 }
 
-pub type SnapshotRx = wch::Receiver<Option<Arc<ServiceSnapshot>>>;
 
 /// Turn an instance list into backends. Healthy instances are `passing` ones
 /// (plus `warning` when admitted, weighted by `Weights.Warning`). When the
@@ -87,12 +86,24 @@ pub fn endpoints_for(snap: &ServiceSnapshot, q: &ConsulQuery) -> (Vec<Endpoint>,
     (out, panic)
 }
 
+/// Everything the Consul source knows, published as one value: each watched
+/// query's last good instance list, and the auto routes derived from tags.
+#[derive(Debug, Clone, Default)]
+pub struct ConsulView {
+    pub services: BTreeMap<ConsulQuery, Arc<ServiceSnapshot>>,
+    /// service → its auto route and cluster (last good version).
+    pub auto: BTreeMap<String, (RouteSpec, ClusterSpec)>,
+}
+
+pub type ViewRx = wch::Receiver<Arc<ConsulView>>;
+type ViewTx = Arc<wch::Sender<Arc<ConsulView>>>;
+
 /// State shared between one watch task and the rest of the source.
 pub struct WatchShared {
     pub query: ConsulQuery,
     pub name: String,
     label: String,
-    tx: wch::Sender<Option<Arc<ServiceSnapshot>>>,
+    view: ViewTx,
     last_sync: Mutex<Option<SystemTime>>,
     metrics: Arc<Metrics>,
     status: Arc<StatusBoard>,
@@ -100,6 +111,21 @@ pub struct WatchShared {
 }
 
 impl WatchShared {
+    fn new(q: &ConsulQuery, view: ViewTx, metrics: &Arc<Metrics>, status: &Arc<StatusBoard>, persist: &Arc<Notify>) -> Self {
+        let name = format!("consul:{}", q.label());
+        status.register_source(&name, "consul", &q.label());
+        WatchShared {
+            label: q.label(),
+            name,
+            query: q.clone(),
+            view,
+            last_sync: Mutex::new(None),
+            metrics: metrics.clone(),
+            status: status.clone(),
+            persist: persist.clone(),
+        }
+    }
+
     pub fn synced(&self, at: SystemTime) {
         *self.last_sync.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
         self.status.source_ok(&self.name, at);
@@ -111,10 +137,11 @@ impl WatchShared {
     }
 
     pub fn publish(&self, snap: ServiceSnapshot) {
-        let changed = self.tx.send_if_modified(|cur| match cur {
+        let q = &self.query;
+        let changed = self.view.send_if_modified(|v| match v.services.get(q) {
             Some(c) if c.instances == snap.instances && !c.from_state_file => false,
             _ => {
-                *cur = Some(Arc::new(snap));
+                Arc::make_mut(v).services.insert(q.clone(), Arc::new(snap));
                 true
             }
         });
@@ -147,6 +174,9 @@ struct StateFile {
     version: u32,
     saved_unix: f64,
     services: Vec<StateEntry>,
+    /// Tags of services with auto routes, so those routes survive a restart too.
+    #[serde(default)]
+    auto_tags: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -160,94 +190,130 @@ fn from_unix(s: f64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs_f64(s.max(0.0))
 }
 
+struct Running {
+    shared: Arc<WatchShared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
 pub struct ConsulSource {
     client: Arc<ConsulClient>,
-    watches: Vec<Arc<WatchShared>>,
     settings: ConsulSettings,
     metrics: Arc<Metrics>,
+    status: Arc<StatusBoard>,
     persist: Arc<Notify>,
+    view: ViewTx,
+    configured: Vec<ConsulQuery>,
+    /// Cluster names from the config file: an auto route may not take them.
+    reserved: BTreeSet<String>,
+    running: Mutex<BTreeMap<ConsulQuery, Running>>,
+    /// Tags of the services that have auto routes, persisted with the sets.
+    auto_tags: Mutex<BTreeMap<String, Vec<String>>>,
 }
 
 impl ConsulSource {
-    /// Create the source; seed each query from the state file when it has it.
+    /// Create the source; seed the view from the state file when it has data.
     pub fn new(
         settings: &ConsulSettings,
-        queries: BTreeSet<ConsulQuery>,
+        configured: BTreeSet<ConsulQuery>,
+        reserved: BTreeSet<String>,
         metrics: Arc<Metrics>,
         status: Arc<StatusBoard>,
-    ) -> Result<(ConsulSource, Vec<(ConsulQuery, SnapshotRx)>), String> {
+    ) -> Result<(ConsulSource, ViewRx), String> {
         let client = Arc::new(ConsulClient::new(settings, metrics.clone())?);
-        let saved = settings.state_file.as_ref().and_then(|p| match std::fs::read(p) {
-            Ok(bytes) => match serde_json::from_slice::<StateFile>(&bytes) {
-                Ok(s) if s.version == 1 => Some(s),
-                Ok(_) => None,
-                Err(e) => {
-                    tracing::warn!(path = %p.display(), error = %e, "ignoring unreadable consul state file");
-                    None
-                }
-            },
-            Err(_) => None,
-        });
-        let persist = Arc::new(Notify::new());
-        let mut watches = Vec::new();
-        let mut rxs = Vec::new();
-        for q in queries {
-            let seed = saved.as_ref().and_then(|s| s.services.iter().find(|e| e.query == q)).map(|e| {
-                Arc::new(ServiceSnapshot {
-                    instances: Arc::new(e.instances.clone()),
-                    synced_at: from_unix(e.synced_unix),
-                    from_state_file: true,
-                })
-            });
-            let name = format!("consul:{}", q.label());
-            status.register_source(&name, "consul", &q.label());
-            let from_state = seed.is_some();
-            let (tx, rx) = wch::channel(seed);
-            if from_state {
-                tracing::info!(service = %q.label(), "serving the persisted set until Consul answers");
+        let mut view = ConsulView::default();
+        let mut auto_tags = BTreeMap::new();
+        if let Some(p) = &settings.state_file {
+            match std::fs::read(p) {
+                Ok(bytes) => match serde_json::from_slice::<StateFile>(&bytes) {
+                    Ok(s) if s.version == 1 => {
+                        let count = s.services.len();
+                        for (service, tags) in s.auto_tags {
+                            if let Ok(Some(spec)) = tags::parse(&service, &tags) {
+                                if !reserved.contains(&spec.1.name) {
+                                    view.auto.insert(service.clone(), spec);
+                                    auto_tags.insert(service, tags);
+                                }
+                            }
+                        }
+                        for e in s.services {
+                            view.services.insert(
+                                e.query,
+                                Arc::new(ServiceSnapshot {
+                                    instances: Arc::new(e.instances),
+                                    synced_at: from_unix(e.synced_unix),
+                                    from_state_file: true,
+                                }),
+                            );
+                        }
+                        tracing::info!(path = %p.display(), services = count, "loaded the persisted consul sets; serving them until Consul answers");
+                    }
+                    Ok(s) => tracing::warn!(path = %p.display(), version = s.version, "ignoring consul state file of unknown version"),
+                    Err(e) => tracing::warn!(path = %p.display(), error = %e, "ignoring unreadable consul state file"),
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(path = %p.display(), error = %e, "cannot read the consul state file"),
             }
-            watches.push(Arc::new(WatchShared {
-                label: q.label(),
-                name,
-                query: q.clone(),
-                tx,
-                last_sync: Mutex::new(None),
-                metrics: metrics.clone(),
-                status: status.clone(),
-                persist: persist.clone(),
-            }));
-            rxs.push((q, rx));
         }
+        let (tx, rx) = wch::channel(Arc::new(view));
         Ok((
             ConsulSource {
                 client,
-                watches,
                 settings: settings.clone(),
                 metrics,
-                persist,
+                status,
+                persist: Arc::new(Notify::new()),
+                view: Arc::new(tx),
+                configured: configured.into_iter().collect(),
+                reserved,
+                running: Mutex::new(BTreeMap::new()),
+                auto_tags: Mutex::new(auto_tags),
             },
-            rxs,
+            rx,
         ))
+    }
+
+    /// Start a watch for `q` unless one runs. Blocking within the budget,
+    /// polling beyond it.
+    fn ensure_watch(&self, q: &ConsulQuery, shutdown: &ShutdownWatch) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if running.contains_key(q) {
+            return;
+        }
+        let mode = if running.len() < self.settings.max_watches {
+            watch::Mode::Blocking
+        } else {
+            watch::Mode::Poll(OVERFLOW_POLL)
+        };
+        let shared = Arc::new(WatchShared::new(q, self.view.clone(), &self.metrics, &self.status, &self.persist));
+        let task = tokio::spawn(watch::run(q.clone(), self.client.clone(), shared.clone(), mode, shutdown.clone()));
+        running.insert(q.clone(), Running { shared, task });
+    }
+
+    /// Stop the watch for `q` and forget its set.
+    fn drop_watch(&self, q: &ConsulQuery) {
+        if let Some(r) = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(q) {
+            r.task.abort();
+        }
+        self.view.send_if_modified(|v| Arc::make_mut(v).services.remove(q).is_some());
     }
 
     fn save_state(&self) {
         let Some(path) = &self.settings.state_file else { return };
-        let services: Vec<StateEntry> = self
-            .watches
+        let view = self.view.borrow().clone();
+        let services: Vec<StateEntry> = view
+            .services
             .iter()
-            .filter_map(|w| {
-                let cur = w.tx.borrow().clone()?;
-                Some(StateEntry {
-                    query: w.query.clone(),
-                    synced_unix: unix(cur.synced_at),
-                    instances: cur.instances.as_ref().clone(),
-                })
+            .map(|(q, snap)| StateEntry {
+                query: q.clone(),
+                synced_unix: unix(snap.synced_at),
+                instances: snap.instances.as_ref().clone(),
             })
             .collect();
         let state = StateFile {
             version: 1,
             saved_unix: unix(SystemTime::now()),
             services,
+            auto_tags: self.auto_tags.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         };
         let result = (|| -> std::io::Result<()> {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
@@ -262,47 +328,133 @@ impl ConsulSource {
         }
     }
 
-    fn state_file(&self) -> Option<&PathBuf> {
-        self.settings.state_file.as_ref()
+    /// Apply a new catalog of service → tags: update auto routes and their watches.
+    fn apply_catalog(&self, catalog: &BTreeMap<String, Vec<String>>, shutdown: &ShutdownWatch) {
+        let mut auto = self.view.borrow().auto.clone();
+        let mut errors = BTreeMap::new();
+        for (service, tags) in catalog {
+            match tags::parse(service, tags) {
+                Ok(Some((route, cluster))) => {
+                    if self.reserved.contains(&cluster.name) {
+                        errors.insert(service.clone(), format!("auto cluster name {:?} is taken by the config file", cluster.name));
+                        continue;
+                    }
+                    auto.insert(service.clone(), (route, cluster));
+                }
+                Ok(None) => {
+                    auto.remove(service);
+                }
+                Err(e) => {
+                    // Keep the service's last good route (if any).
+                    errors.insert(service.clone(), e);
+                }
+            }
+        }
+        auto.retain(|service, _| catalog.contains_key(service));
+        {
+            let mut tags = self.auto_tags.lock().unwrap_or_else(|e| e.into_inner());
+            tags.retain(|s, _| auto.contains_key(s));
+            for s in auto.keys() {
+                if !errors.contains_key(s) {
+                    if let Some(t) = catalog.get(s) {
+                        tags.insert(s.clone(), t.clone());
+                    }
+                }
+            }
+        }
+        for (service, e) in &errors {
+            self.metrics.consul_tag_errors.with_label_values(&[service]).inc();
+            tracing::warn!(service = %service, error = %e, "bad switchyard tag; the service keeps its last good route");
+        }
+        self.status.set_tag_errors(errors);
+        let wanted: BTreeSet<ConsulQuery> = auto
+            .values()
+            .filter_map(|(_, c)| match &c.discovery {
+                crate::config::DiscoverySpec::Consul(q) => Some(q.clone()),
+                _ => None,
+            })
+            .chain(self.configured.iter().cloned())
+            .collect();
+        for q in &wanted {
+            self.ensure_watch(q, shutdown);
+        }
+        let stale: Vec<ConsulQuery> = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter(|q| !wanted.contains(*q))
+            .cloned()
+            .collect();
+        for q in stale {
+            self.drop_watch(&q);
+        }
+        self.view.send_if_modified(|v| {
+            if v.auto == auto {
+                false
+            } else {
+                Arc::make_mut(v).auto = auto;
+                true
+            }
+        });
     }
 }
 
 #[async_trait]
 impl BackgroundService for ConsulSource {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tasks = Vec::new();
-        for (i, w) in self.watches.iter().enumerate() {
-            // The first `max_watches` queries block; the rest poll, staggered.
-            let mode = if i < self.settings.max_watches {
-                watch::Mode::Blocking
-            } else {
-                watch::Mode::Poll(OVERFLOW_POLL)
-            };
-            tasks.push(tokio::spawn(watch::run(
-                w.query.clone(),
-                self.client.clone(),
-                w.clone(),
-                mode,
-                shutdown.clone(),
-            )));
+        for q in &self.configured {
+            self.ensure_watch(q, &shutdown);
         }
+        let restored: Vec<ConsulQuery> = self
+            .view
+            .borrow()
+            .auto
+            .values()
+            .filter_map(|(_, c)| match &c.discovery {
+                crate::config::DiscoverySpec::Consul(q) => Some(q.clone()),
+                _ => None,
+            })
+            .collect();
+        for q in &restored {
+            self.ensure_watch(q, &shutdown);
+        }
+        let (cat_tx, mut cat_rx) = wch::channel::<Option<BTreeMap<String, Vec<String>>>>(None);
+        let catalog_task = self
+            .settings
+            .auto_routes
+            .then(|| tokio::spawn(catalog::run(self.client.clone(), self.metrics.clone(), self.status.clone(), cat_tx, shutdown.clone())));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let started = SystemTime::now();
+        let mut last_save = tokio::time::Instant::now() - Duration::from_secs(10);
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
+                Ok(()) = cat_rx.changed() => {
+                    let cat = cat_rx.borrow_and_update().clone();
+                    if let Some(cat) = cat {
+                        self.apply_catalog(&cat, &shutdown);
+                    }
+                }
                 _ = self.persist.notified() => {
-                    if self.state_file().is_some() {
-                        // Coalesce bursts: at most one write per second.
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        self.save_state();
+                    if self.settings.state_file.is_some() {
+                        // At most one write per second; the tick picks up the rest.
+                        if last_save.elapsed() >= Duration::from_secs(1) {
+                            self.save_state();
+                            last_save = tokio::time::Instant::now();
+                        } else {
+                            self.persist.notify_one();
+                            tokio::time::sleep(Duration::from_secs(1).saturating_sub(last_save.elapsed())).await;
+                        }
                     }
                 }
                 _ = tick.tick() => {
                     let now = SystemTime::now();
-                    for w in &self.watches {
+                    let view = self.view.borrow().clone();
+                    for r in self.running.lock().unwrap_or_else(|e| e.into_inner()).values() {
+                        let w = &r.shared;
                         let since = w.last_sync()
-                            .or_else(|| w.tx.borrow().as_ref().map(|s| s.synced_at))
+                            .or_else(|| view.services.get(&w.query).map(|s| s.synced_at))
                             .unwrap_or(started);
                         let age = now.duration_since(since).unwrap_or_default().as_secs_f64();
                         self.metrics.discovery_staleness.with_label_values(&[&w.label]).set(age);
@@ -310,6 +462,13 @@ impl BackgroundService for ConsulSource {
                 }
             }
         }
+        if let Some(t) = catalog_task {
+            t.abort();
+        }
+        let tasks: Vec<_> = std::mem::take(&mut *self.running.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_values()
+            .map(|r| r.task)
+            .collect();
         for t in tasks {
             let _ = t.await;
         }
