@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod consul;
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -272,6 +274,20 @@ pub fn write_atomic(path: &Path, text: &str) {
 
 // ---------------------------------------------------------------- the proxy
 
+/// Environment variables that would change how the proxy reaches Consul.
+pub const CONSUL_ENV: &[&str] = &[
+    "CONSUL_HTTP_ADDR",
+    "CONSUL_HTTP_TOKEN",
+    "CONSUL_HTTP_TOKEN_FILE",
+    "CONSUL_HTTP_SSL",
+    "CONSUL_HTTP_SSL_VERIFY",
+    "CONSUL_CACERT",
+    "CONSUL_CAPATH",
+    "CONSUL_CLIENT_CERT",
+    "CONSUL_CLIENT_KEY",
+    "CONSUL_TLS_SERVER_NAME",
+];
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_switchyard")
 }
@@ -329,7 +345,11 @@ impl ProxyBuilder {
             let cfg = dir.path().join("switchyard.toml");
             std::fs::write(&cfg, &config).unwrap();
             let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-            let child = Command::new(bin())
+            let mut cmd = Command::new(bin());
+            for var in CONSUL_ENV {
+                cmd.env_remove(var);
+            }
+            let child = cmd
                 .args(["run", "--config"])
                 .arg(&cfg)
                 .args(["--log-level", "info,pingora=warn"])

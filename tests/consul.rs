@@ -1,0 +1,324 @@
+//! Consul discovery against the Consul double, with continuous client load:
+//! churn moves traffic within a second and fails nothing; Consul outages,
+//! index resets, hung watches and revoked tokens leave the last good set
+//! serving; restarts during an outage serve the persisted set; panic mode
+//! replaces an empty pool.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+use support::consul::{ConsulDouble, Fault, Instance};
+use support::*;
+
+fn config(consul: &ConsulDouble, extra_consul: &str, cluster: &str) -> String {
+    format!(
+        "[consul]\naddresses = [\"{}\"]\nwait = \"2s\"\nmin_interval = \"50ms\"\nstate_file = \"consul-state.json\"\n{extra_consul}\n\
+         [[routes]]\ncluster = \"web\"\n\
+         [clusters.web]\nconsul = {{ service = \"web\" {cluster} }}\nconnect_timeout = \"500ms\"\n",
+        consul.addr
+    )
+}
+
+fn reg(c: &ConsulDouble, u: &Upstream, id: &str) {
+    let a = u.addr;
+    c.register(Instance::new(&format!("node-{id}"), id, "web", &a.ip().to_string(), a.port()));
+}
+
+fn generation(p: &Proxy) -> u64 {
+    p.status()["generation"].as_u64().unwrap()
+}
+
+/// After a change: wait for a new table, then check traffic lands only on `allowed`.
+fn moved(p: &Proxy, prev: u64, allowed: &HashSet<&str>, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    if !wait_until(limit, || generation(p) > prev) {
+        return None;
+    }
+    let took = t0.elapsed();
+    for _ in 0..allowed.len() * 3 {
+        let (code, body) = p.fetch("/");
+        assert_eq!(code, 200);
+        assert!(allowed.contains(body.as_str()), "{body} answered; allowed {allowed:?}");
+    }
+    Some(took)
+}
+
+fn watch_errors(p: &Proxy, kind: &str) -> f64 {
+    let m = parse_metrics(&p.metrics());
+    sample(&m, "switchyard_consul_watch_errors_total", &[("service", "web"), ("kind", kind)]).unwrap_or(0.0)
+}
+
+#[test]
+fn churn_moves_traffic_within_a_second_with_zero_failures() {
+    let consul = ConsulDouble::start();
+    let ups: Vec<Upstream> = (0..4).map(|i| Upstream::start(&format!("u{i}"))).collect();
+    reg(&consul, &ups[0], "u0");
+    reg(&consul, &ups[1], "u1");
+    let p = Proxy::start(&config(&consul, "", ""));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/").0 == 200));
+    let loads: Vec<Load> = (0..2).map(|_| Load::start(p.url("/"), 500_000, Duration::from_secs(90))).collect();
+    // The live set, and 60 events cycling through register, health flips and deregister.
+    let mut live: Vec<usize> = vec![0, 1];
+    let mut down: Vec<usize> = Vec::new();
+    let mut worst = Duration::ZERO;
+    for e in 0..60 {
+        let prev = generation(&p);
+        // A cycle of four kinds of event; at least two instances stay live.
+        match e % 4 {
+            0 => {
+                let i = (0..4).find(|i| !live.contains(i) && !down.contains(i)).unwrap();
+                reg(&consul, &ups[i], &format!("u{i}"));
+                live.push(i);
+            }
+            1 => {
+                let i = live.remove(0);
+                consul.set_health(&format!("node-u{i}"), &format!("u{i}"), "critical");
+                down.push(i);
+            }
+            2 => {
+                let i = down.remove(0);
+                consul.set_health(&format!("node-u{i}"), &format!("u{i}"), "passing");
+                live.push(i);
+            }
+            _ => {
+                let i = live.remove(0);
+                consul.deregister(&format!("node-u{i}"), &format!("u{i}"));
+            }
+        }
+        let allowed: HashSet<&str> = live.iter().map(|&i| ups[i].name()).collect();
+        let took = moved(&p, prev, &allowed, Duration::from_secs(3))
+            .unwrap_or_else(|| panic!("event {e}: no new table within 3 s"));
+        assert!(took < Duration::from_secs(1), "event {e} took {took:?}");
+        worst = worst.max(took);
+    }
+    assert!(wait_until(Duration::from_secs(30), || loads.iter().map(|l| l.count()).sum::<u64>() >= 2000));
+    let reports: Vec<LoadReport> = loads.into_iter().map(|l| l.finish()).collect();
+    let failed: u64 = reports.iter().map(|r| r.failed).sum();
+    let ok: u64 = reports.iter().map(|r| r.ok).sum();
+    eprintln!("60 churn events, worst propagation {worst:?}, {ok} ok, {failed} failed");
+    assert_eq!(failed, 0, "{reports:?}");
+    // The client never sends the token in the query string, and always blocks with an explicit wait.
+    for r in consul.requests() {
+        assert!(!r.query.contains("token="), "{}", r.query);
+        if r.query.contains("index=") {
+            assert!(r.query.contains("wait="), "blocking without wait: {}", r.query);
+        }
+    }
+}
+
+#[test]
+fn consul_down_for_ten_seconds_fails_no_request() {
+    let mut consul = ConsulDouble::start();
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    reg(&consul, &a, "a");
+    let p = Proxy::start(&config(&consul, "", ""));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "a".into())));
+    let load = Load::start(p.url("/"), 1_000_000, Duration::from_secs(60));
+    consul.stop();
+    let t0 = Instant::now();
+    // Errors are seen and counted while the pool keeps serving.
+    assert!(wait_until(Duration::from_secs(8), || watch_errors(&p, "connect") >= 1.0));
+    let src = &p.status()["sources"]["consul:web"];
+    assert_eq!(src["state"], "error");
+    while t0.elapsed() < Duration::from_secs(10) {
+        assert_eq!(p.fetch("/"), (200, "a".into()));
+    }
+    consul.restart();
+    reg(&consul, &b, "b");
+    let both: HashSet<&str> = ["a", "b"].into();
+    // Recovery waits out the error backoff (capped): bounded, well under 20 s.
+    let prev = generation(&p);
+    assert!(moved(&p, prev, &both, Duration::from_secs(20)).is_some(), "no recovery after Consul came back");
+    let rep = load.finish();
+    assert_eq!(rep.failed, 0, "{rep:?}");
+    assert!(rep.ok > 100);
+}
+
+#[test]
+fn restart_during_an_outage_serves_the_persisted_set() {
+    let mut consul = ConsulDouble::start();
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    reg(&consul, &a, "a");
+    reg(&consul, &b, "b");
+    let mut p = Proxy::start(&config(&consul, "", ""));
+    let state = p.path("consul-state.json");
+    assert!(wait_until(Duration::from_secs(5), || std::fs::read_to_string(&state)
+        .map(|s| s.contains(&a.addr.port().to_string()) && s.contains(&b.addr.port().to_string()))
+        .unwrap_or(false)));
+    let cfg = std::fs::read_to_string(p.path("switchyard.toml")).unwrap();
+    let saved = std::fs::read(&state).unwrap();
+    p.signal(libc::SIGINT);
+    assert!(p.wait_exit(Duration::from_secs(5)).is_some());
+    consul.stop();
+    // A new process, same config and state file, Consul unreachable.
+    let body = cfg.split("[consul]").nth(1).map(|rest| format!("[consul]{rest}")).unwrap();
+    let body = body.split("\n[[listeners]]").next().unwrap().to_string();
+    let p2 = Proxy::builder(&body).file("consul-state.json", std::str::from_utf8(&saved).unwrap()).start();
+    let mut seen = HashSet::new();
+    for _ in 0..10 {
+        let (code, body) = p2.fetch("/");
+        assert_eq!(code, 200);
+        seen.insert(body);
+    }
+    assert_eq!(seen, HashSet::from(["a".to_string(), "b".to_string()]));
+    let r = p2.http.get(p2.admin_url("/readyz")).send().unwrap();
+    assert_eq!(r.status(), 200, "a persisted set counts as ready");
+    let v: serde_json::Value = serde_json::from_str(&r.text().unwrap()).unwrap();
+    assert_eq!(v["stale_clusters"], serde_json::json!(["web"]), "never synced with Consul: stale");
+}
+
+#[test]
+fn index_going_backwards_recovers_with_one_non_blocking_read() {
+    let consul = ConsulDouble::start();
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    reg(&consul, &a, "a");
+    let p = Proxy::start(&config(&consul, "", ""));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "a".into())));
+    // Let the watch settle into a blocking read.
+    assert!(wait_until(Duration::from_secs(5), || consul.held_queries() >= 1));
+    consul.clear_requests();
+    consul.reset_indexes();
+    assert!(wait_until(Duration::from_secs(5), || watch_errors(&p, "index_reset") >= 1.0));
+    let health = || -> Vec<support::consul::Recorded> {
+        consul.requests().into_iter().filter(|r| r.path == "/v1/health/service/web").collect()
+    };
+    // The held read was recorded before `clear_requests`; it came back with a
+    // lower index. The first read after it carries no index (non-blocking);
+    // the one after that blocks on the new, lower index.
+    assert!(wait_until(Duration::from_secs(5), || health().len() >= 2), "{:?}", health());
+    let health = health();
+    assert!(!health[0].query.contains("index="), "after a reset the next read must not block: {}", health[0].query);
+    let low = consul.index_of("web").max(1);
+    assert_eq!(health[1].param("index"), Some(low.to_string()), "{}", health[1].query);
+    // And the watch goes on: a change after the reset propagates.
+    let prev = generation(&p);
+    reg(&consul, &b, "b");
+    assert!(moved(&p, prev, &["a", "b"].into(), Duration::from_secs(3)).is_some());
+}
+
+#[test]
+fn a_hung_watch_is_restarted() {
+    let consul = ConsulDouble::start();
+    let a = Upstream::start("a");
+    let b = Upstream::start("b");
+    reg(&consul, &a, "a");
+    let p = Proxy::start(&config(&consul, "", "").replace("wait = \"2s\"", "wait = \"1s\""));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "a".into())));
+    consul.fault(Fault::Hang);
+    // wait 1 s × 17/16 + 2 s slack ≈ 3.1 s, then a timeout is counted.
+    assert!(wait_until(Duration::from_secs(10), || watch_errors(&p, "timeout") >= 1.0));
+    assert_eq!(p.fetch("/"), (200, "a".into()));
+    consul.fault(Fault::None);
+    let prev = generation(&p);
+    reg(&consul, &b, "b");
+    assert!(moved(&p, prev, &["a", "b"].into(), Duration::from_secs(15)).is_some());
+}
+
+#[test]
+fn a_revoked_token_keeps_serving_and_shows_the_error() {
+    let consul = ConsulDouble::start();
+    consul.require_token(Some("secret-1"));
+    let a = Upstream::start("a");
+    reg(&consul, &a, "a");
+    let p = Proxy::start(&config(&consul, "token = \"secret-1\"", ""));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "a".into())));
+    consul.require_token(Some("secret-2"));
+    assert!(wait_until(Duration::from_secs(10), || watch_errors(&p, "forbidden") >= 1.0));
+    for _ in 0..20 {
+        assert_eq!(p.fetch("/"), (200, "a".into()));
+    }
+    let st = p.status();
+    let err = st["sources"]["consul:web"]["last_error"].as_str().unwrap();
+    assert!(err.contains("403") && err.contains("ACL not found"), "{err}");
+    assert!(p.stderr().contains("last good set stays in force"));
+    for r in consul.requests() {
+        assert!(!r.query.contains("token"), "token in query: {}", r.query);
+    }
+    assert!(consul.requests().iter().any(|r| r.headers.iter().any(|(k, v)| k == "x-consul-token" && v == "secret-1")));
+}
+
+#[test]
+fn all_critical_triggers_panic_mode_not_an_empty_pool() {
+    let consul = ConsulDouble::start();
+    let ups: Vec<Upstream> = (0..3).map(|i| Upstream::start(&format!("p{i}"))).collect();
+    for (i, u) in ups.iter().enumerate() {
+        reg(&consul, u, &format!("p{i}"));
+    }
+    let p = Proxy::start(&config(&consul, "", ""));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/").0 == 200));
+    let panic_gauge = |p: &Proxy| sample(&parse_metrics(&p.metrics()), "switchyard_panic_mode", &[("cluster", "web")]);
+    assert_eq!(panic_gauge(&p), Some(0.0));
+    // Two of three critical: 33 % healthy < 50 % → panic, all three serve.
+    let prev = generation(&p);
+    consul.set_health("node-p0", "p0", "critical");
+    consul.set_health("node-p1", "p1", "critical");
+    let all: HashSet<&str> = ["p0", "p1", "p2"].into();
+    assert!(wait_until(Duration::from_secs(3), || panic_gauge(&p) == Some(1.0)));
+    assert!(generation(&p) >= prev);
+    let mut seen = HashSet::new();
+    for _ in 0..9 {
+        let (code, body) = p.fetch("/");
+        assert_eq!(code, 200);
+        seen.insert(body);
+    }
+    assert_eq!(seen.iter().map(|s| s.as_str()).collect::<HashSet<_>>(), all);
+    // All critical: still all three.
+    consul.set_health("node-p2", "p2", "critical");
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..6 {
+        assert_eq!(p.fetch("/").0, 200);
+    }
+    assert_eq!(p.status()["clusters"][0]["panic_mode"], true);
+    assert!(p.stderr().contains("panic mode on"));
+    // Recovery: two healthy of three → normal routing over the healthy two.
+    let prev = generation(&p);
+    consul.set_health("node-p0", "p0", "passing");
+    consul.set_health("node-p1", "p1", "passing");
+    assert!(wait_until(Duration::from_secs(3), || panic_gauge(&p) == Some(0.0)));
+    assert!(moved(&p, prev, &["p0", "p1"].into(), Duration::from_secs(3)).is_some());
+    // Deregistering the whole service is the only way to an empty pool: 503.
+    for i in 0..3 {
+        consul.deregister(&format!("node-p{i}"), &format!("p{i}"));
+    }
+    assert!(wait_until(Duration::from_secs(3), || p.fetch("/").0 == 503));
+}
+
+#[test]
+fn bad_answers_keep_the_last_good_set_and_bad_instances_are_skipped() {
+    let consul = ConsulDouble::start();
+    let a = Upstream::start("a");
+    reg(&consul, &a, "a");
+    let b = Upstream::start("b");
+    reg(&consul, &b, "b");
+    let p = Proxy::start(&config(&consul, "", ""));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/").0 == 200));
+    let mut flip = false;
+    let mut nudge = || {
+        // A real change, so the index moves and the watch reads the bad answer.
+        flip = !flip;
+        consul.set_health("node-b", "b", if flip { "critical" } else { "passing" });
+    };
+    for (fault, kind) in [(Fault::Garbage, "bad_body"), (Fault::Status(500), "server_error"), (Fault::Status(429), "rate_limited")] {
+        let before = watch_errors(&p, kind);
+        consul.fault(fault);
+        nudge();
+        assert!(wait_until(Duration::from_secs(10), || watch_errors(&p, kind) > before), "{kind} not counted");
+        for _ in 0..10 {
+            assert_eq!(p.fetch("/").0, 200, "{kind}: last good set must serve");
+        }
+        consul.fault(Fault::None);
+    }
+    consul.fault(Fault::WrongTypes);
+    nudge();
+    assert!(wait_until(Duration::from_secs(10), || {
+        let m = parse_metrics(&p.metrics());
+        m.iter().any(|(n, l, v)| n == "switchyard_consul_instances_skipped_total" && *v > 0.0 && l.iter().any(|(k, v)| k == "service" && v == "web"))
+    }));
+    for _ in 0..10 {
+        assert_eq!(p.fetch("/").0, 200);
+    }
+}

@@ -1,0 +1,892 @@
+//! Tests of the Consul double itself (tests/support/consul.rs): blocking
+//! semantics, per-service indexes, ACLs, faults, the agent API and the wire
+//! format, so that tests of our Consul client can trust it.
+
+mod support;
+
+use serde_json::Value;
+use std::io::Read;
+use std::net::TcpStream;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use support::consul::*;
+use support::{raw_exchange, wait_until};
+
+// ---------------------------------------------------------------- helpers
+
+struct Resp {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+impl Resp {
+    fn h(&self, name: &str) -> Option<String> {
+        self.headers.get(name).map(|v| v.to_str().unwrap().to_string())
+    }
+    fn index(&self) -> u64 {
+        self.h("x-consul-index").expect("X-Consul-Index").parse().unwrap()
+    }
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    fn entries(&self) -> Vec<Value> {
+        self.json().as_array().unwrap().clone()
+    }
+    fn ids(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .entries()
+            .iter()
+            .map(|e| e["Service"]["ID"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn http(timeout: Duration) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(timeout).no_proxy().build().unwrap()
+}
+
+fn send(rb: reqwest::blocking::RequestBuilder) -> Resp {
+    let r = rb.send().unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.text().unwrap();
+    Resp { status, headers, body }
+}
+
+fn get(c: &ConsulDouble, path: &str) -> Resp {
+    send(http(Duration::from_secs(15)).get(format!("{}{path}", c.url())))
+}
+
+fn get_with(c: &ConsulDouble, path: &str, headers: &[(&str, &str)]) -> Resp {
+    let mut rb = http(Duration::from_secs(15)).get(format!("{}{path}", c.url()));
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    send(rb)
+}
+
+fn put(c: &ConsulDouble, path: &str, body: &str) -> Resp {
+    send(http(Duration::from_secs(15)).put(format!("{}{path}", c.url())).body(body.to_string()))
+}
+
+/// GET on another thread; returns the response and the instant it arrived.
+fn spawn_get(c: &ConsulDouble, path: &str) -> JoinHandle<(Resp, Instant)> {
+    let url = format!("{}{path}", c.url());
+    std::thread::spawn(move || {
+        let r = send(http(Duration::from_secs(15)).get(url));
+        (r, Instant::now())
+    })
+}
+
+fn wait_held(c: &ConsulDouble, n: usize) {
+    assert!(
+        wait_until(Duration::from_secs(3), || c.held_queries() == n),
+        "expected {n} held queries, have {}",
+        c.held_queries()
+    );
+}
+
+fn web(c: &ConsulDouble, n: usize) {
+    for i in 1..=n {
+        c.register(Instance::new(&format!("n{i}"), &format!("web-{i}"), "web", &format!("10.0.0.{i}"), 8080));
+    }
+}
+
+// ---------------------------------------------------------------- blocking
+
+#[test]
+fn blocking_query_times_out_after_wait_plus_jitter_with_same_index() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    let first = get(&c, "/v1/health/service/web");
+    let i = first.index();
+    assert_eq!(i, c.index_of("web"));
+    let t = Instant::now();
+    let h = spawn_get(&c, &format!("/v1/health/service/web?index={i}&wait=2s"));
+    wait_held(&c, 1);
+    let (r, at) = h.join().unwrap();
+    let took = at.duration_since(t);
+    assert_eq!(r.status, 200);
+    assert!(took >= Duration::from_secs(2), "returned after {took:?}");
+    assert!(took < Duration::from_millis(2125 + 300), "returned after {took:?} (wait 2s + jitter ≤ 125ms)");
+    assert_eq!(r.index(), i, "a timed-out query returns the same index");
+    assert_eq!(r.ids(), vec!["web-1"]);
+    assert_eq!(c.held_queries(), 0);
+}
+
+#[test]
+fn register_during_held_query_wakes_it_promptly_with_higher_index() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    let i = get(&c, "/v1/health/service/web").index();
+    let h = spawn_get(&c, &format!("/v1/health/service/web?index={i}&wait=10s"));
+    wait_held(&c, 1);
+    let t = Instant::now();
+    c.register(Instance::new("n2", "web-2", "web", "10.0.0.2", 8080));
+    let (r, at) = h.join().unwrap();
+    assert!(at.duration_since(t) < Duration::from_millis(500), "woke after {:?}", at.duration_since(t));
+    assert!(r.index() > i);
+    assert_eq!(r.index(), c.index_of("web"));
+    assert_eq!(r.ids(), vec!["web-1", "web-2"]);
+}
+
+#[test]
+fn health_flip_on_another_service_does_not_wake_a_watcher() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    c.register(Instance::new("n9", "api-1", "api", "10.0.0.9", 9090));
+    let i = get(&c, "/v1/health/service/web").index();
+    let api_before = c.index_of("api");
+    let t = Instant::now();
+    let h = spawn_get(&c, &format!("/v1/health/service/web?index={i}&wait=1s"));
+    wait_held(&c, 1);
+    c.set_health("n9", "api-1", "critical");
+    c.register(Instance::new("n9", "api-2", "api", "10.0.0.9", 9091));
+    let (r, at) = h.join().unwrap();
+    assert!(at.duration_since(t) >= Duration::from_secs(1), "woken early by another service");
+    assert_eq!(r.index(), i);
+    assert_eq!(c.index_of("web"), i);
+    assert!(c.index_of("api") > api_before);
+}
+
+#[test]
+fn node_health_flip_wakes_watchers_of_services_on_that_node() {
+    let c = ConsulDouble::start();
+    web(&c, 2);
+    let i = get(&c, "/v1/health/service/web").index();
+    let h = spawn_get(&c, &format!("/v1/health/service/web?index={i}&wait=10s&passing"));
+    wait_held(&c, 1);
+    c.set_node_health("n1", "critical");
+    let (r, _) = h.join().unwrap();
+    assert!(r.index() > i);
+    assert_eq!(r.ids(), vec!["web-2"], "a critical serfHealth fails ?passing");
+}
+
+#[test]
+fn index_zero_or_absent_answers_at_once() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    for q in ["?index=0&wait=10s", "?wait=10s", ""] {
+        let t = Instant::now();
+        let r = get(&c, &format!("/v1/health/service/web{q}"));
+        assert_eq!(r.status, 200);
+        assert!(t.elapsed() < Duration::from_millis(500), "{q} blocked for {:?}", t.elapsed());
+        assert!(r.index() >= 1);
+    }
+}
+
+#[test]
+fn passing_filter_applies_after_blocking() {
+    let c = ConsulDouble::start();
+    web(&c, 2);
+    let i = get(&c, "/v1/health/service/web?passing").index();
+    let h = spawn_get(&c, &format!("/v1/health/service/web?passing&index={i}&wait=10s"));
+    wait_held(&c, 1);
+    c.set_health("n1", "web-1", "critical");
+    let (r, _) = h.join().unwrap();
+    let j = r.index();
+    assert!(j > i);
+    assert_eq!(r.ids(), vec!["web-2"]);
+    // A change to an instance that ?passing already hides still wakes the caller.
+    let h = spawn_get(&c, &format!("/v1/health/service/web?passing&index={j}&wait=10s"));
+    wait_held(&c, 1);
+    c.set_health("n1", "web-1", "warning");
+    let (r, _) = h.join().unwrap();
+    assert!(r.index() > j);
+    assert_eq!(r.ids(), vec!["web-2"]);
+}
+
+#[test]
+fn passing_values_maintenance_and_warning() {
+    let c = ConsulDouble::start();
+    web(&c, 3);
+    c.set_health("n2", "web-2", "warning");
+    c.set_maintenance("n3", "web-3", true);
+    for q in ["passing", "passing=1", "passing=true", "passing=T"] {
+        assert_eq!(get(&c, &format!("/v1/health/service/web?{q}")).ids(), vec!["web-1"], "{q}");
+    }
+    for q in ["", "?passing=false", "?passing=0"] {
+        assert_eq!(get(&c, &format!("/v1/health/service/web{q}")).ids().len(), 3, "{q}");
+    }
+    let all = get(&c, "/v1/health/service/web").entries();
+    let e3 = all.iter().find(|e| e["Service"]["ID"] == "web-3").unwrap();
+    let maint = e3["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|ch| ch["CheckID"] == "_service_maintenance:web-3")
+        .expect("maintenance check");
+    assert_eq!(maint["Status"], "critical");
+    assert_eq!(maint["Name"], "Service Maintenance Mode");
+    c.set_maintenance("n3", "web-3", false);
+    assert_eq!(get(&c, "/v1/health/service/web?passing").ids(), vec!["web-1", "web-3"]);
+}
+
+#[test]
+fn catalog_services_index_ignores_health_flips_but_moves_on_register() {
+    let c = ConsulDouble::start();
+    c.register(Instance::new("n1", "web-1", "web", "10.0.0.1", 80).tags(&["v1"]));
+    c.register(Instance::new("n2", "web-2", "web", "10.0.0.2", 80).tags(&["v2", "v1"]));
+    let r = get(&c, "/v1/catalog/services");
+    let i = r.index();
+    let j = r.json();
+    assert_eq!(j["consul"], serde_json::json!([]), "the server's own consul service is listed");
+    let mut tags: Vec<String> = j["web"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().into()).collect();
+    tags.sort();
+    assert_eq!(tags, vec!["v1", "v2"]);
+
+    c.set_health("n1", "web-1", "critical");
+    c.set_node_health("n2", "critical");
+    assert_eq!(get(&c, "/v1/catalog/services").index(), i);
+    let t = Instant::now();
+    let r = get(&c, &format!("/v1/catalog/services?index={i}&wait=300ms"));
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    assert_eq!(r.index(), i);
+
+    let h = spawn_get(&c, &format!("/v1/catalog/services?index={i}&wait=10s"));
+    wait_held(&c, 1);
+    c.register(Instance::new("n3", "db-1", "db", "10.0.0.3", 5432));
+    let (r, _) = h.join().unwrap();
+    assert!(r.index() > i);
+    assert!(r.json().get("db").is_some());
+    assert_eq!(c.services_index(), r.index());
+}
+
+#[test]
+fn missing_service_answers_with_the_last_extinction_index() {
+    let c = ConsulDouble::start();
+    c.register(Instance::new("n1", "tmp-1", "tmp", "10.0.0.1", 80));
+    c.deregister("n1", "tmp-1");
+    let e = c.index_of("ghost");
+    assert_eq!(e, c.raft_index(), "the extinction happened on the last write");
+    assert_eq!(c.index_of("tmp"), e);
+    let r = get(&c, "/v1/health/service/ghost");
+    assert_eq!(r.body, "[]", "empty is [] not null");
+    assert_eq!(r.index(), e);
+    // Another service appearing does not move the extinction index...
+    c.register(Instance::new("n1", "other-1", "other", "10.0.0.1", 81));
+    assert_eq!(c.index_of("ghost"), e);
+    let h = spawn_get(&c, &format!("/v1/health/service/ghost?index={e}&wait=10s"));
+    wait_held(&c, 1);
+    c.register(Instance::new("n1", "other-2", "other", "10.0.0.1", 82));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(c.held_queries(), 1, "not woken by an unrelated registration");
+    // ...but its extinction does.
+    c.deregister("n1", "other-1");
+    c.deregister("n1", "other-2");
+    let (r, _) = h.join().unwrap();
+    assert!(r.index() > e);
+    assert_eq!(r.body, "[]");
+}
+
+#[test]
+fn reset_indexes_releases_held_queries_with_a_lower_index() {
+    let c = ConsulDouble::start();
+    web(&c, 2);
+    let i = get(&c, "/v1/health/service/web").index();
+    let h1 = spawn_get(&c, &format!("/v1/health/service/web?index={i}&wait=10s"));
+    let h2 = spawn_get(&c, &format!("/v1/catalog/services?index={}&wait=10s", c.services_index()));
+    wait_held(&c, 2);
+    let t = Instant::now();
+    c.reset_indexes();
+    let (r1, at1) = h1.join().unwrap();
+    let (r2, at2) = h2.join().unwrap();
+    assert!(at1.duration_since(t) < Duration::from_millis(500));
+    assert!(at2.duration_since(t) < Duration::from_millis(500));
+    assert!(r1.index() < i, "{} !< {i}", r1.index());
+    assert!(r2.index() < i);
+    assert_eq!(r1.ids(), vec!["web-1", "web-2"], "same data, lower index");
+    assert_eq!(c.held_queries(), 0);
+    let low = r1.index();
+    c.register(Instance::new("n3", "web-3", "web", "10.0.0.3", 8080));
+    assert!(get(&c, "/v1/health/service/web").index() > low);
+}
+
+#[test]
+fn output_only_change_moves_the_index_without_changing_backends() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    let i = get(&c, "/v1/health/service/web").index();
+    c.register(Instance::new("n1", "web-1", "web", "10.0.0.1", 8080)); // identical: no change
+    assert_eq!(c.index_of("web"), i, "an identical upsert moves nothing");
+    c.set_check_output("n1", "web-1", "HTTP GET: 200 OK");
+    assert!(c.index_of("web") > i);
+}
+
+// ---------------------------------------------------------------- ACL
+
+#[test]
+fn acl_unknown_token_403_limited_token_filtered_anonymous_filtered_silently() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    c.require_token(Some("root"));
+    c.add_limited_token("weak");
+    let path = "/v1/health/service/web";
+
+    let r = get_with(&c, path, &[("X-Consul-Token", "wrong")]);
+    assert_eq!((r.status, r.body.as_str()), (403, "ACL not found"));
+    let r = get_with(&c, "/v1/catalog/services", &[("Authorization", "Bearer wrong")]);
+    assert_eq!((r.status, r.body.as_str()), (403, "ACL not found"));
+
+    for h in [("X-Consul-Token", "root"), ("Authorization", "Bearer root")] {
+        let r = get_with(&c, path, &[h]);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.ids(), vec!["web-1"]);
+        assert_eq!(r.h("x-consul-results-filtered-by-acls"), None);
+        assert_eq!(r.h("x-consul-default-acl-policy").as_deref(), Some("deny"));
+    }
+
+    let r = get_with(&c, path, &[("X-Consul-Token", "weak")]);
+    assert_eq!((r.status, r.body.as_str()), (200, "[]"));
+    assert_eq!(r.h("x-consul-results-filtered-by-acls").as_deref(), Some("true"));
+    let r = get_with(&c, "/v1/catalog/services", &[("X-Consul-Token", "weak")]);
+    assert_eq!((r.status, r.body.as_str()), (200, "{}"));
+    assert_eq!(r.h("x-consul-results-filtered-by-acls").as_deref(), Some("true"));
+
+    // No token: the anonymous token, filtered silently (no header) [2.2].
+    let r = get(&c, path);
+    assert_eq!((r.status, r.body.as_str()), (200, "[]"));
+    assert_eq!(r.h("x-consul-results-filtered-by-acls"), None);
+
+    // Single-object writes refuse.
+    let r = send(
+        http(Duration::from_secs(5))
+            .put(format!("{}/v1/agent/service/register", c.url()))
+            .header("X-Consul-Token", "weak")
+            .body(r#"{"Name":"lb"}"#),
+    );
+    assert_eq!(r.status, 403);
+    assert!(r.body.starts_with("Permission denied: token with AccessorID '"), "{}", r.body);
+    assert!(r.body.ends_with("lacks permission 'service:write' on \"lb\""), "{}", r.body);
+
+    // status/leader needs no ACL; ?token= works but is recorded as such.
+    assert_eq!(get_with(&c, "/v1/status/leader", &[("X-Consul-Token", "wrong")]).status, 200);
+    c.clear_requests();
+    assert_eq!(get(&c, &format!("{path}?token=root")).ids(), vec!["web-1"]);
+    let rec = c.requests();
+    assert_eq!(rec.len(), 1);
+    assert!(rec[0].has_param("token"));
+    assert_eq!(rec[0].token().as_deref(), Some("root"));
+
+    c.anonymous_acl_not_found(true);
+    let r = get(&c, path);
+    assert_eq!((r.status, r.body.as_str()), (403, "ACL not found"));
+
+    c.require_token(None);
+    let r = get_with(&c, path, &[("X-Consul-Token", "anything")]);
+    assert_eq!(r.ids(), vec!["web-1"]);
+    assert_eq!(r.h("x-consul-default-acl-policy").as_deref(), Some("allow"));
+}
+
+// ---------------------------------------------------------------- faults
+
+#[test]
+fn every_fault_behaves_as_documented() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    let path = "/v1/health/service/web";
+
+    for (code, body) in [(500, "No cluster leader"), (429, CONNLIMIT_TEXT), (403, "ACL not found")] {
+        c.fault(Fault::Status(code));
+        let r = get(&c, path);
+        assert_eq!((r.status, r.body.as_str()), (code, body));
+        assert_eq!(get(&c, "/v1/status/leader").status, code, "every endpoint");
+    }
+    c.fault(Fault::StatusBody(502, "bad gateway".into()));
+    assert_eq!(get(&c, path).status, 502);
+
+    c.fault(Fault::Slow(Duration::from_millis(300)));
+    let t = Instant::now();
+    assert_eq!(get(&c, path).status, 200);
+    assert!(t.elapsed() >= Duration::from_millis(300));
+
+    c.fault(Fault::Garbage);
+    let r = get(&c, path);
+    assert_eq!(r.status, 200);
+    assert!(r.index() >= 1);
+    assert!(serde_json::from_str::<Value>(&r.body).is_err(), "{}", r.body);
+
+    c.fault(Fault::WrongTypes);
+    let r = get(&c, path);
+    assert_eq!(r.status, 200);
+    let e = r.entries();
+    assert!(e.iter().any(|e| e["Service"]["Port"].is_string()));
+    assert!(e.iter().any(|e| e["Service"].is_null()));
+    assert!(e.iter().any(|e| e["Service"]["Port"] == 70000));
+    assert_eq!(e.iter().filter(|e| e["Service"]["ID"] == "web-1").count(), 2, "duplicates");
+    assert_eq!(get(&c, "/v1/catalog/services").json()["wrongtypes"], 42);
+
+    c.fault(Fault::IndexZero);
+    assert_eq!(get(&c, path).h("x-consul-index").as_deref(), Some("0"));
+    c.fault(Fault::IndexMissing);
+    let r = get(&c, path);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.h("x-consul-index"), None);
+
+    c.fault(Fault::Hang);
+    c.clear_requests();
+    let t = Instant::now();
+    let err = http(Duration::from_millis(300)).get(format!("{}{path}", c.url())).send();
+    assert!(err.is_err());
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let rec = c.requests();
+    assert_eq!(rec.len(), 1);
+    assert_eq!(rec[0].status, None, "recorded but never answered");
+
+    c.fault(Fault::NoLeader);
+    let r = get(&c, path);
+    assert_eq!((r.status, r.body.as_str()), (500, "No cluster leader"));
+    let r = get(&c, &format!("{path}?stale"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.h("x-consul-knownleader").as_deref(), Some("false"));
+    assert_eq!(get(&c, "/v1/status/leader").body, "\"\"");
+
+    c.fault(Fault::None);
+    let r = get(&c, path);
+    assert_eq!(r.ids(), vec!["web-1"]);
+    assert_eq!(r.h("x-consul-knownleader").as_deref(), Some("true"));
+}
+
+#[test]
+fn a_fault_releases_held_queries() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    let i = get(&c, "/v1/health/service/web").index();
+    let h = spawn_get(&c, &format!("/v1/health/service/web?index={i}&wait=10s"));
+    wait_held(&c, 1);
+    let t = Instant::now();
+    c.fault(Fault::Status(500));
+    let (r, at) = h.join().unwrap();
+    assert!(at.duration_since(t) < Duration::from_millis(500));
+    assert_eq!((r.status, r.body.as_str()), (500, "No cluster leader"));
+}
+
+// ---------------------------------------------------------------- agent API
+
+#[test]
+fn agent_registration_ttl_check_lifecycle() {
+    let c = ConsulDouble::start();
+    let r = put(
+        &c,
+        "/v1/agent/service/register",
+        r#"{"Name":"lb","ID":"lb-1","Address":"127.0.0.1","Port":8080,"Tags":["edge"],"Check":{"TTL":"10s"}}"#,
+    );
+    assert_eq!((r.status, r.body.as_str()), (200, ""));
+    let svc = &c.agent_services()[0];
+    assert_eq!(svc["ID"], "lb-1");
+    assert_eq!(svc["Checks"][0]["CheckID"], "service:lb-1");
+    assert_eq!(svc["Checks"][0]["Status"], "critical", "a new TTL check starts critical");
+    assert_eq!(svc["Checks"][0]["Name"], "Service 'lb' check");
+
+    let all = get(&c, "/v1/health/service/lb");
+    let e = &all.entries()[0];
+    assert_eq!(e["Node"]["Node"], NODE_NAME);
+    assert_eq!(e["Service"]["TaggedAddresses"]["lan_ipv4"]["Port"], 8080);
+    assert_eq!(get(&c, "/v1/health/service/lb?passing").body, "[]");
+
+    let i = all.index();
+    let r = put(&c, "/v1/agent/check/pass/service:lb-1?note=all%20good", "");
+    assert_eq!(r.status, 200);
+    assert_eq!(c.agent_services()[0]["Checks"][0]["Status"], "passing");
+    assert_eq!(c.agent_services()[0]["Checks"][0]["Output"], "all good");
+    let r = get(&c, "/v1/health/service/lb?passing");
+    assert_eq!(r.ids(), vec!["lb-1"]);
+    assert!(r.index() > i, "the status change reached the catalog at once");
+
+    let r = put(&c, "/v1/agent/check/pass/nope", "");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.body, "Unknown check ID \"nope\". Ensure that the check ID is passed, not the check name.");
+    let r = put(&c, "/v1/agent/service/deregister/nope", "");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.body, "Unknown service ID \"nope\". Ensure that the service ID is passed, not the service name.");
+
+    // Maintenance.
+    let r = put(&c, "/v1/agent/service/maintenance/lb-1", "");
+    assert_eq!((r.status, r.body.as_str()), (400, "Missing value for enable"));
+    assert_eq!(put(&c, "/v1/agent/service/maintenance/nope?enable=true", "").status, 404);
+    assert_eq!(put(&c, "/v1/agent/service/maintenance/lb-1?enable=true&reason=drain", "").status, 200);
+    assert_eq!(get(&c, "/v1/health/service/lb?passing").body, "[]");
+    let e = &get(&c, "/v1/health/service/lb").entries()[0];
+    let m = e["Checks"].as_array().unwrap().iter().find(|c| c["CheckID"] == "_service_maintenance:lb-1").unwrap();
+    assert_eq!(m["Notes"], "drain");
+    assert_eq!(put(&c, "/v1/agent/service/maintenance/lb-1?enable=false", "").status, 200);
+    assert_eq!(get(&c, "/v1/health/service/lb?passing").ids(), vec!["lb-1"]);
+
+    // Agent restart: registrations are forgotten.
+    c.set_agent_restart();
+    assert!(c.agent_services().is_empty());
+    let r = put(&c, "/v1/agent/check/pass/service:lb-1", "");
+    assert_eq!(r.status, 404);
+    assert!(r.body.starts_with("Unknown check ID \"service:lb-1\""));
+    assert_eq!(get(&c, "/v1/health/service/lb").body, "[]");
+}
+
+#[test]
+fn agent_register_body_forms_and_validation() {
+    let c = ConsulDouble::start();
+    // snake_case, ID defaults to Name, several checks numbered.
+    let r = put(
+        &c,
+        "/v1/agent/service/register",
+        r#"{"name":"snake","port":9000,"enable_tag_override":true,"checks":[{"ttl":"5s"},{"ttl":"5s","status":"passing"}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let s = &c.agent_services()[0];
+    assert_eq!(s["ID"], "snake");
+    let ids: Vec<&str> = s["Checks"].as_array().unwrap().iter().map(|c| c["CheckID"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["service:snake:1", "service:snake:2"]);
+    assert_eq!(s["Checks"][1]["Status"], "passing");
+    // Service.Address "" in the catalog: clients fall back to the node address.
+    let e = &get(&c, "/v1/health/service/snake").entries()[0];
+    assert_eq!(e["Service"]["Address"], "");
+    assert_eq!(e["Node"]["Address"], "127.0.0.1");
+
+    let r = put(&c, "/v1/agent/service/register", r#"{"Name":"x","Address":"0.0.0.0"}"#);
+    assert_eq!((r.status, r.body.as_str()), (400, "Invalid service address"));
+    let r = put(&c, "/v1/agent/service/register", r#"{"Port":1}"#);
+    assert_eq!((r.status, r.body.as_str()), (400, "Missing service name"));
+    let r = put(&c, "/v1/agent/service/register", r#"{"Name":"x","Weights":{"Passing":0,"Warning":1}}"#);
+    assert_eq!((r.status, r.body.as_str()), (400, "Invalid Weights: Passing must be greater than 0"));
+    let r = put(&c, "/v1/agent/service/register", "{not json");
+    assert_eq!(r.status, 400);
+    assert!(r.body.starts_with("Request decode failed"));
+    let r = put(&c, "/v1/agent/check/update/service:snake:1", r#"{"Status":"bogus"}"#);
+    assert_eq!((r.status, r.body.as_str()), (400, "Invalid check status: 'bogus'"));
+    let r = put(&c, "/v1/agent/check/update/service:snake:1", r#"{"Status":"warning","Output":"slow"}"#);
+    assert_eq!(r.status, 200);
+    let e = &get(&c, "/v1/health/service/snake").entries()[0];
+    let ch = e["Checks"].as_array().unwrap().iter().find(|c| c["CheckID"] == "service:snake:1").unwrap();
+    assert_eq!((ch["Status"].as_str(), ch["Output"].as_str()), (Some("warning"), Some("slow")));
+}
+
+#[test]
+fn ttl_expiry_and_deferred_output_sync() {
+    let c = ConsulDouble::start();
+    c.set_check_update_interval(Duration::from_millis(200));
+    let r = put(&c, "/v1/agent/service/register", r#"{"Name":"ttl","Check":{"TTL":"400ms"}}"#);
+    assert_eq!(r.status, 200);
+    assert_eq!(put(&c, "/v1/agent/check/pass/service:ttl?note=a", "").status, 200);
+    let catalog_check = |c: &ConsulDouble| -> Value {
+        let e = &get(c, "/v1/health/service/ttl").entries()[0];
+        e["Checks"].as_array().unwrap().iter().find(|c| c["CheckID"] == "service:ttl").unwrap().clone()
+    };
+    assert_eq!(catalog_check(&c)["Output"], "a");
+    // Output-only change: agent at once, catalog only after the deferral.
+    let i = c.index_of("ttl");
+    assert_eq!(put(&c, "/v1/agent/check/pass/service:ttl?note=b", "").status, 200);
+    assert_eq!(c.agent_services()[0]["Checks"][0]["Output"], "b");
+    assert_eq!(catalog_check(&c)["Output"], "a");
+    assert_eq!(c.index_of("ttl"), i);
+    assert!(wait_until(Duration::from_secs(2), || catalog_check(&c)["Output"] == "b"));
+    // Not refreshed within the TTL: critical.
+    assert!(wait_until(Duration::from_secs(3), || catalog_check(&c)["Status"] == "critical"));
+    assert_eq!(
+        c.agent_services()[0]["Checks"][0]["Output"],
+        "TTL expired (last output before timeout follows): b"
+    );
+}
+
+#[test]
+fn wrong_method_405_with_allow_header() {
+    let c = ConsulDouble::start();
+    let r = get(&c, "/v1/agent/service/register");
+    assert_eq!((r.status, r.body.as_str()), (405, "method GET not allowed"));
+    assert_eq!(r.h("allow").as_deref(), Some("OPTIONS,PUT"));
+    let r = get(&c, "/v1/agent/check/pass/service:x");
+    assert_eq!(r.status, 405);
+    let r = put(&c, "/v1/health/service/web", "");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.h("allow").as_deref(), Some("OPTIONS,GET"));
+}
+
+// ---------------------------------------------------------------- parameters
+
+#[test]
+fn bad_parameters_get_consul_texts() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    let cases: &[(&str, u16, &str)] = &[
+        ("?index=1&wait=abc", 400, "Invalid wait time"),
+        ("?wait=10", 400, "Invalid wait time"),
+        ("?index=abc", 400, "Invalid index"),
+        ("?index=-1", 400, "Invalid index"),
+        ("?passing=maybe", 400, "Invalid value for ?passing"),
+        ("?stale&consistent", 400, "Cannot specify ?stale with ?consistent, conflicting semantics."),
+        ("?cached&consistent", 400, "Cannot specify ?cached with ?consistent, conflicting semantics."),
+        ("?dc=dc2", 500, "No path to datacenter"),
+        ("?ns=team", 400, "Invalid query parameter: \"ns\" - Namespaces are a Consul Enterprise feature"),
+        (
+            "?partition=p1",
+            400,
+            "Invalid query parameter: \"partition\" - Partitions are a Consul Enterprise feature",
+        ),
+    ];
+    for (q, code, body) in cases {
+        let r = get(&c, &format!("/v1/health/service/web{q}"));
+        assert_eq!((r.status, r.body.as_str()), (*code, *body), "{q}");
+    }
+    for q in ["?dc=dc1", "?partition=default", "?stale", "?consistent", "?cached", "?wait=1m30s", "?pretty"] {
+        assert_eq!(get(&c, &format!("/v1/health/service/web{q}")).status, 200, "{q}");
+    }
+    let r = get(&c, "/v1/health/service/");
+    assert_eq!((r.status, r.body.as_str()), (400, "Missing service name"));
+    for f in ["foo", "Service.Nope == \"x\"", "Service.Tags contains", "\"a\" in"] {
+        let r = get(&c, &format!("/v1/health/service/web?filter={}", urlencode(f)));
+        assert_eq!(r.status, 400, "{f}");
+        assert!(r.body.starts_with("Failed to create boolean expression evaluator: "), "{f}: {}", r.body);
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn tag_and_filter_selection() {
+    let c = ConsulDouble::start();
+    c.register(Instance::new("n1", "a", "web", "10.0.0.1", 80).tags(&["canary", "v2"]).meta("version", "2"));
+    c.register(Instance::new("n2", "b", "web", "10.0.0.2", 80).tags(&["canary"]).meta("version", "1"));
+    c.register(Instance::new("n3", "c", "web", "10.0.0.3", 80).tags(&["stable"]));
+    let f = |expr: &str| get(&c, &format!("/v1/health/service/web?filter={}", urlencode(expr))).ids();
+    assert_eq!(f("\"canary\" in Service.Tags"), vec!["a", "b"]);
+    assert_eq!(f("Service.Tags contains \"canary\" and Service.Meta.version == \"2\""), vec!["a"]);
+    assert_eq!(f("Service.Meta.version == \"1\" or Service.Tags contains \"stable\""), vec!["b", "c"]);
+    assert_eq!(f("not (\"canary\" in Service.Tags)"), vec!["c"]);
+    assert_eq!(f("Node.Node == \"n2\""), vec!["b"]);
+    assert_eq!(get(&c, "/v1/health/service/web?tag=canary&tag=V2").ids(), vec!["a"], "all tags, case-insensitive");
+    let rows = get(&c, "/v1/catalog/service/web?tag=canary").json();
+    assert_eq!(rows.as_array().unwrap().len(), 2);
+    let r = get(&c, &format!("/v1/catalog/services?filter={}", urlencode("ServiceTags contains \"stable\"")));
+    let j = r.json();
+    assert_eq!(j.as_object().unwrap().keys().collect::<Vec<_>>(), vec!["web"]);
+    assert_eq!(j["web"], serde_json::json!(["stable"]));
+}
+
+#[test]
+fn go_durations() {
+    let s = 1_000_000_000i128;
+    for (text, ns) in [
+        ("10s", 10 * s),
+        ("5m", 300 * s),
+        ("1m30s", 90 * s),
+        ("5000ms", 5 * s),
+        ("300000ms", 300 * s),
+        ("1ms", 1_000_000),
+        ("1.5h", 5400 * s),
+        ("0", 0),
+        ("-1s", -s),
+        ("1µs", 1000),
+        ("2h45m", 9900 * s),
+    ] {
+        assert_eq!(parse_go_duration(text), Some(ns), "{text}");
+    }
+    for bad in ["", "abc", "10", "1x", ".s", "1.5.3s", "s", "--1s"] {
+        assert_eq!(parse_go_duration(bad), None, "{bad}");
+    }
+}
+
+// ---------------------------------------------------------------- wire format
+
+#[test]
+fn wire_format_headers_and_json_shapes() {
+    let c = ConsulDouble::start();
+    c.register(
+        Instance::new("n1", "web-1", "web", "10.0.0.1", 8080)
+            .service_address("")
+            .tags(&["a"])
+            .weights(10, 1),
+    );
+    c.register(Instance::new("n1", "api-1", "api", "10.0.0.1", 9090));
+    let raw = raw_exchange(
+        c.addr,
+        b"GET /v1/health/service/web HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    );
+    for h in [
+        "X-Consul-Index: ",
+        "X-Consul-Knownleader: true",
+        "X-Consul-Lastcontact: 0",
+        "X-Consul-Effective-Consistency: leader",
+        "X-Consul-Default-Acl-Policy: allow",
+        "Content-Type: application/json",
+    ] {
+        assert!(raw.contains(h), "missing {h:?} in\n{raw}");
+    }
+    assert_eq!(get(&c, "/v1/health/service/web?stale").h("x-consul-effective-consistency").as_deref(), Some("stale"));
+    assert_eq!(
+        get(&c, "/v1/health/service/web?consistent").h("x-consul-effective-consistency").as_deref(),
+        Some("consistent")
+    );
+    let cached = get(&c, "/v1/health/service/web?cached");
+    assert_eq!(cached.h("x-cache").as_deref(), Some("MISS"));
+    assert_eq!(get(&c, "/v1/health/service/web?cached").h("x-cache").as_deref(), Some("HIT"));
+
+    let r = get(&c, "/v1/health/service/web");
+    let e = &r.entries()[0];
+    assert_eq!(e["Node"]["Address"], "10.0.0.1");
+    assert_eq!(e["Node"]["Datacenter"], "dc1");
+    assert_eq!(e["Node"]["TaggedAddresses"]["lan_ipv4"], "10.0.0.1");
+    assert!(e["Node"]["ID"].as_str().unwrap().len() == 36);
+    assert_eq!(e["Service"]["Address"], "");
+    assert_eq!(e["Service"]["Port"], 8080);
+    assert_eq!(e["Service"]["Tags"], serde_json::json!(["a"]));
+    assert_eq!(e["Service"]["Weights"], serde_json::json!({"Passing": 10, "Warning": 1}));
+    assert_eq!(e["Service"]["EnableTagOverride"], false);
+    let checks = e["Checks"].as_array().unwrap();
+    let ids: Vec<&str> = checks.iter().map(|c| c["CheckID"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 2, "node checks and this instance's checks only: {ids:?}");
+    assert!(ids.contains(&"serfHealth") && ids.contains(&"service:web-1"));
+    let serf = checks.iter().find(|c| c["CheckID"] == "serfHealth").unwrap();
+    assert_eq!(serf["ServiceID"], "");
+    for k in ["Node", "Name", "Status", "Notes", "Output", "ServiceName", "ServiceTags", "Type", "CreateIndex", "ModifyIndex"] {
+        assert!(serf.get(k).is_some(), "check field {k}");
+    }
+    let api = &get(&c, "/v1/health/service/api").entries()[0];
+    assert_eq!(api["Service"]["Weights"], serde_json::json!({"Passing": 1, "Warning": 1}), "default weights");
+
+    let row = &get(&c, "/v1/catalog/service/web").json()[0];
+    assert_eq!(row["ServiceAddress"], "");
+    assert_eq!(row["Address"], "10.0.0.1");
+    assert_eq!(row["ServicePort"], 8080);
+    assert_eq!(row["ServiceWeights"]["Passing"], 10);
+    assert_eq!(row["ServiceTags"], serde_json::json!(["a"]));
+    assert_eq!(row["Node"], "n1");
+
+    assert_eq!(get(&c, "/v1/status/leader").body, "\"127.0.0.1:8300\"");
+    let me = get(&c, "/v1/agent/self").json();
+    assert_eq!(me["Config"]["Datacenter"], "dc1");
+    assert_eq!(me["Config"]["NodeName"], NODE_NAME);
+    assert_eq!(me["Config"]["Version"], VERSION);
+
+    let r = get(&c, "/v1/nope");
+    assert_eq!((r.status, r.body.as_str()), (404, ""));
+    assert!(get(&c, "/v1/health/service/web?pretty").body.contains("\n    "));
+}
+
+#[test]
+fn gzip_for_large_bodies_when_accepted() {
+    let c = ConsulDouble::start();
+    web(&c, 12);
+    let url = format!("{}/v1/health/service/web", c.url());
+    let raw_client = reqwest::blocking::Client::builder().no_gzip().no_proxy().build().unwrap();
+    let r = raw_client.get(&url).header("Accept-Encoding", "gzip").send().unwrap();
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    assert_eq!(r.headers()["vary"], "Accept-Encoding");
+    let plain = gunzip_stored(&r.bytes().unwrap()).expect("valid gzip");
+    let v: Value = serde_json::from_slice(&plain).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 12);
+    // A real inflater (reqwest's gzip support) reads it too.
+    let decoded = get(&c, "/v1/health/service/web");
+    assert_eq!(decoded.entries().len(), 12);
+    let r = raw_client.get(&url).send().unwrap();
+    assert!(r.headers().get("content-encoding").is_none(), "not without Accept-Encoding");
+    let r = raw_client.get(format!("{}/v1/status/leader", c.url())).header("Accept-Encoding", "gzip").send().unwrap();
+    assert!(r.headers().get("content-encoding").is_none(), "not below 1400 bytes");
+}
+
+// ---------------------------------------------------------------- connections
+
+#[test]
+fn connection_counts_and_per_client_limit() {
+    let c = ConsulDouble::start();
+    c.set_max_conns_per_client(3);
+    let held: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(c.addr).unwrap()).collect();
+    assert!(wait_until(Duration::from_secs(2), || c.open_connections() == 3));
+    let mut extra = TcpStream::connect(c.addr).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = String::new();
+    let _ = extra.read_to_string(&mut buf);
+    assert!(buf.starts_with("HTTP/1.1 429 Too Many Requests\r\n"), "{buf:?}");
+    assert!(buf.ends_with(CONNLIMIT_TEXT));
+    assert!(c.max_open_connections() >= 4);
+    drop(held);
+    drop(extra);
+    assert!(wait_until(Duration::from_secs(2), || c.open_connections() == 0));
+}
+
+#[test]
+fn stop_refuses_connections_and_restart_serves_the_same_state_on_the_same_port() {
+    let mut c = ConsulDouble::start();
+    web(&c, 2);
+    let before = get(&c, "/v1/health/service/web");
+    let i = before.index();
+    let url = format!("{}/v1/health/service/web?index={i}&wait=10s", c.url());
+    let h = std::thread::spawn(move || http(Duration::from_secs(15)).get(url).send().map(|r| r.status().as_u16()));
+    wait_held(&c, 1);
+    let addr = c.addr;
+    c.stop();
+    assert!(h.join().unwrap().is_err(), "the held query's connection is closed");
+    assert!(TcpStream::connect(addr).is_err(), "connection refused while stopped");
+    assert!(wait_until(Duration::from_secs(2), || c.held_queries() == 0 && c.open_connections() == 0));
+    c.register(Instance::new("n3", "web-3", "web", "10.0.0.3", 8080)); // state changes while down
+    c.restart();
+    assert_eq!(c.addr, addr);
+    let after = get(&c, "/v1/health/service/web");
+    assert_eq!(after.ids(), vec!["web-1", "web-2", "web-3"]);
+    assert!(after.index() > i);
+}
+
+#[test]
+fn requests_are_recorded_with_timing_and_status() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    get_with(&c, "/v1/health/service/web?stale&passing", &[("X-Consul-Token", "t1")]);
+    put(&c, "/v1/agent/check/pass/nope", "");
+    let rec = c.requests();
+    assert_eq!(rec.len(), 2);
+    assert_eq!(rec[0].method, "GET");
+    assert_eq!(rec[0].path, "/v1/health/service/web");
+    assert_eq!(rec[0].query, "stale&passing");
+    assert_eq!(rec[0].header("X-Consul-Token"), Some("t1"));
+    assert!(rec[0].headers.iter().all(|(k, _)| k == &k.to_lowercase()));
+    assert_eq!(rec[0].token().as_deref(), Some("t1"));
+    assert!(!rec[0].has_param("token"));
+    assert_eq!(rec[0].status, Some(200));
+    assert!(rec[0].answered.unwrap() >= rec[0].received);
+    assert_eq!((rec[1].method.as_str(), rec[1].status), ("PUT", Some(404)));
+    c.clear_requests();
+    assert!(c.requests().is_empty());
+}
+
+#[test]
+fn a_client_that_gives_up_releases_its_held_query_and_connection() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    let i = get(&c, "/v1/health/service/web").index();
+    let url = format!("{}/v1/health/service/web?index={i}&wait=10s", c.url());
+    let r = http(Duration::from_millis(300)).get(url).send();
+    assert!(r.is_err(), "client timed out");
+    assert!(wait_until(Duration::from_secs(2), || c.held_queries() == 0 && c.open_connections() == 0));
+}
+
+#[test]
+fn instances_are_keyed_by_node_and_id_and_order_is_shuffled() {
+    let c = ConsulDouble::start();
+    c.register(Instance::new("n1", "web", "web", "10.0.0.1", 80));
+    c.register(Instance::new("n2", "web", "web", "10.0.0.2", 80));
+    let e = get(&c, "/v1/health/service/web").entries();
+    assert_eq!(e.len(), 2, "the same service ID on two nodes is two instances");
+    c.deregister("n1", "web");
+    let e = get(&c, "/v1/health/service/web").entries();
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0]["Node"]["Node"], "n2");
+
+    web(&c, 6);
+    let order = || -> Vec<String> {
+        get(&c, "/v1/health/service/web")
+            .entries()
+            .iter()
+            .map(|e| format!("{}/{}", e["Node"]["Node"], e["Service"]["ID"]))
+            .collect()
+    };
+    let first = order();
+    assert!((0..30).any(|_| order() != first), "entry order never changed in 30 reads");
+}
