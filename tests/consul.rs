@@ -178,22 +178,23 @@ fn index_going_backwards_recovers_with_one_non_blocking_read() {
     reg(&consul, &a, "a");
     let p = Proxy::start(&config(&consul, "", ""));
     assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "a".into())));
-    // Let the watch settle into a blocking read.
-    assert!(wait_until(Duration::from_secs(5), || consul.held_queries() >= 1));
-    consul.clear_requests();
-    consul.reset_indexes();
-    assert!(wait_until(Duration::from_secs(5), || watch_errors(&p, "index_reset") >= 1.0));
     let health = || -> Vec<support::consul::Recorded> {
         consul.requests().into_iter().filter(|r| r.path == "/v1/health/service/web").collect()
     };
-    // The held read was recorded before `clear_requests`; it came back with a
-    // lower index. The first read after it carries no index (non-blocking);
-    // the one after that blocks on the new, lower index.
-    assert!(wait_until(Duration::from_secs(5), || health().len() >= 2), "{:?}", health());
-    let health = health();
-    assert!(!health[0].query.contains("index="), "after a reset the next read must not block: {}", health[0].query);
+    // Let the health watch settle into a held (blocking) read.
+    let held = || health().into_iter().find(|r| r.has_param("index") && r.answered.is_none());
+    assert!(wait_until(Duration::from_secs(5), || held().is_some()));
+    let held_seq = held().unwrap().seq;
+    consul.reset_indexes();
+    assert!(wait_until(Duration::from_secs(5), || watch_errors(&p, "index_reset") >= 1.0));
+    // The held read came back with a lower index. The first read after it
+    // carries no index (non-blocking); the next one blocks on the new index.
+    let after = || -> Vec<support::consul::Recorded> { health().into_iter().filter(|r| r.seq > held_seq).collect() };
+    assert!(wait_until(Duration::from_secs(5), || after().len() >= 2), "{:?}", after());
+    let after = after();
+    assert!(!after[0].has_param("index"), "after a reset the next read must not block: {}", after[0].query);
     let low = consul.index_of("web").max(1);
-    assert_eq!(health[1].param("index"), Some(low.to_string()), "{}", health[1].query);
+    assert_eq!(after[1].param("index"), Some(low.to_string()), "{}", after[1].query);
     // And the watch goes on: a change after the reset propagates.
     let prev = generation(&p);
     reg(&consul, &b, "b");
@@ -321,4 +322,89 @@ fn bad_answers_keep_the_last_good_set_and_bad_instances_are_skipped() {
     for _ in 0..10 {
         assert_eq!(p.fetch("/").0, 200);
     }
+}
+
+#[test]
+fn tagged_services_get_routes_that_follow_the_catalog() {
+    let consul = ConsulDouble::start();
+    let web = Upstream::start("web");
+    let api = Upstream::start("api");
+    let other = Upstream::start("other");
+    reg(&consul, &web, "w1");
+    // Only the configured `web` cluster at first; `api` and `other` arrive by tags.
+    let p = Proxy::start(&config(&consul, "", ""));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "web".into())));
+    let get = |host: &str| {
+        let r = p.http.get(p.url("/v1/x")).header("host", host).send().unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    assert_eq!(get("api.example.com"), (200, "web".into()), "before registration: the any-host route");
+    let t0 = Instant::now();
+    consul.register(
+        Instance::new("node-api", "api-1", "api", &api.addr.ip().to_string(), api.addr.port())
+            .tags(&["switchyard.host=api.example.com", "switchyard.path=/v1", "switchyard.selection=least_connections"]),
+    );
+    assert!(wait_until(Duration::from_secs(3), || get("api.example.com") == (200, "api".into())));
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(1), "auto route took {took:?}");
+    assert_eq!(get("www.example.com"), (200, "web".into()), "other hosts unaffected");
+    let st = p.status();
+    let route = st["routes"].as_array().unwrap().iter().find(|r| r["name"] == "consul.api").cloned().unwrap();
+    assert_eq!(route["hosts"][0], "api.example.com");
+    assert_eq!(route["path_prefix"], "/v1");
+    // A second tagged service with a malformed tag gets no route; the good one is untouched.
+    consul.register(
+        Instance::new("node-o", "o-1", "other", &other.addr.ip().to_string(), other.addr.port())
+            .tags(&["switchyard.host=other.example.com", "switchyard.selection=fastest"]),
+    );
+    assert!(wait_until(Duration::from_secs(3), || p.status()["tag_errors"]["other"].is_string()));
+    let err = p.status()["tag_errors"]["other"].as_str().unwrap().to_string();
+    assert!(err.contains("fastest"), "{err}");
+    let m = parse_metrics(&p.metrics());
+    assert!(sample(&m, "switchyard_consul_tag_errors_total", &[("service", "other")]).unwrap_or(0.0) >= 1.0);
+    assert_eq!(get("other.example.com"), (200, "web".into()), "no route from a bad tag set");
+    assert_eq!(get("api.example.com"), (200, "api".into()));
+    // A bad tag on a service that had a good route keeps its last good route.
+    consul.register(
+        Instance::new("node-api", "api-1", "api", &api.addr.ip().to_string(), api.addr.port())
+            .tags(&["switchyard.host=api.example.com", "switchyard.path=/v1", "switchyard.retries=many"]),
+    );
+    assert!(wait_until(Duration::from_secs(3), || p.status()["tag_errors"]["api"].is_string()));
+    assert_eq!(get("api.example.com"), (200, "api".into()), "last good route stays");
+    assert!(p.stderr().contains("keeps its last good route"));
+    // Deregistration removes the route.
+    consul.deregister("node-api", "api-1");
+    assert!(wait_until(Duration::from_secs(3), || get("api.example.com") == (200, "web".into())));
+}
+
+#[test]
+fn many_services_stay_within_the_connection_budget() {
+    let consul = ConsulDouble::start();
+    let up = Upstream::start("s");
+    let n = 40;
+    let mut body = format!(
+        "[consul]\naddresses = [\"{}\"]\nwait = \"2s\"\nmin_interval = \"50ms\"\nmax_watches = 8\nauto_routes = false\n",
+        consul.addr
+    );
+    for i in 0..n {
+        consul.register(Instance::new(&format!("n{i}"), &format!("s{i}-1"), &format!("s{i}"), "127.0.0.1", up.addr.port()));
+        body.push_str(&format!(
+            "[[routes]]\nhosts = [\"s{i}.test\"]\ncluster = \"s{i}\"\n[clusters.s{i}]\nconsul = {{ service = \"s{i}\" }}\n"
+        ));
+    }
+    let p = Proxy::start(&body);
+    let ready = || p.http.get(p.admin_url("/readyz")).send().map(|r| r.status() == 200).unwrap_or(false);
+    assert!(wait_until(Duration::from_secs(10), ready));
+    for i in 0..n {
+        let r = p.http.get(p.url("/")).header("host", format!("s{i}.test")).send().unwrap();
+        assert_eq!(r.status(), 200, "s{i}");
+    }
+    // 8 blocking watches + 4 short-read permits (+1 catalog permit, unused here).
+    assert!(consul.max_open_connections() <= 8 + 1 + 4, "max open connections {}", consul.max_open_connections());
+    // A change on a blocking-watched service still propagates fast.
+    let up2 = Upstream::start("s0-new");
+    consul.register(Instance::new("n0b", "s0-2", "s0", "127.0.0.1", up2.addr.port()));
+    assert!(wait_until(Duration::from_secs(3), || {
+        (0..4).any(|_| p.http.get(p.url("/")).header("host", "s0.test").send().unwrap().text().unwrap() == "s0-new")
+    }));
 }

@@ -298,6 +298,9 @@ fn reset_indexes_releases_held_queries_with_a_lower_index() {
     assert!(at2.duration_since(t) < Duration::from_millis(500));
     assert!(r1.index() < i, "{} !< {i}", r1.index());
     assert!(r2.index() < i);
+    assert!(r1.index() >= 2 && r2.index() >= 2, "index 1 is Consul's floor, never a restored index");
+    // The only index handed out before the restore was i.
+    assert!(r1.index().max(r2.index()) < i, "below everything handed out before the restore");
     assert_eq!(r1.ids(), vec!["web-1", "web-2"], "same data, lower index");
     assert_eq!(c.held_queries(), 0);
     let low = r1.index();
@@ -854,6 +857,18 @@ fn requests_are_recorded_with_timing_and_status() {
     assert_eq!((rec[1].method.as_str(), rec[1].status), ("PUT", Some(404)));
     c.clear_requests();
     assert!(c.requests().is_empty());
+
+    // A request in flight survives clear_requests and is completed in place.
+    let i = c.index_of("web");
+    let h = spawn_get(&c, &format!("/v1/health/service/web?index={i}&wait=10s"));
+    wait_held(&c, 1);
+    c.clear_requests();
+    let rec = c.requests();
+    assert_eq!(rec.len(), 1);
+    assert_eq!(rec[0].status, None);
+    c.register(Instance::new("n2", "web-2", "web", "10.0.0.2", 8080));
+    let _ = h.join().unwrap();
+    assert!(wait_until(Duration::from_secs(1), || c.requests()[0].status == Some(200)));
 }
 
 #[test]

@@ -575,30 +575,46 @@ impl Catalog {
         true
     }
 
-    /// Snapshot restore: every index drops to 1.
-    fn reset_indexes(&mut self) {
-        let low = 1;
-        self.global = low;
-        self.idx_nodes = low;
-        self.idx_services = low;
-        self.idx_checks = low;
+    /// Snapshot restore: every stored index is mapped, order-preserving,
+    /// into `2..=limit` (1 is never used: Consul's floor value that no real
+    /// blocking query carries).
+    fn reset_indexes(&mut self, limit: u64) {
+        let limit = limit.max(2);
+        let mut all: Vec<u64> = vec![self.global, self.idx_nodes, self.idx_services, self.idx_checks];
+        all.extend(self.svc_index.values().copied());
+        all.extend(self.extinction);
+        for n in self.nodes.values() {
+            all.extend([n.create, n.modify]);
+        }
+        for s in self.services.values() {
+            all.extend([s.create, s.modify]);
+        }
+        for c in self.checks.values() {
+            all.extend([c.create, c.modify]);
+        }
+        all.sort_unstable();
+        all.dedup();
+        let n = all.len() as u64;
+        let map = |v: u64| -> u64 {
+            let rank = all.binary_search(&v).unwrap() as u64;
+            2 + rank * (limit - 2) / (n - 1).max(1)
+        };
+        self.global = map(self.global);
+        self.idx_nodes = map(self.idx_nodes);
+        self.idx_services = map(self.idx_services);
+        self.idx_checks = map(self.idx_checks);
         for v in self.svc_index.values_mut() {
-            *v = low;
+            *v = map(*v);
         }
-        if self.extinction.is_some() {
-            self.extinction = Some(low);
+        self.extinction = self.extinction.map(map);
+        for x in self.nodes.values_mut() {
+            (x.create, x.modify) = (map(x.create), map(x.modify));
         }
-        for n in self.nodes.values_mut() {
-            n.create = low;
-            n.modify = low;
+        for x in self.services.values_mut() {
+            (x.create, x.modify) = (map(x.create), map(x.modify));
         }
-        for s in self.services.values_mut() {
-            s.create = low;
-            s.modify = low;
-        }
-        for c in self.checks.values_mut() {
-            c.create = low;
-            c.modify = low;
+        for x in self.checks.values_mut() {
+            (x.create, x.modify) = (map(x.create), map(x.modify));
         }
     }
 }
@@ -650,6 +666,8 @@ struct State {
     requests: Vec<Recorded>,
     next_seq: u64,
     abandon: u64,
+    /// Lowest X-Consul-Index handed out since the last restore.
+    min_handed: u64,
     cache_seen: HashSet<String>,
     max_conns_per_client: usize,
     check_update_interval: Duration,
@@ -716,6 +734,7 @@ impl ConsulDouble {
                 requests: Vec::new(),
                 next_seq: 0,
                 abandon: 0,
+                min_handed: u64::MAX,
                 cache_seen: HashSet::new(),
                 max_conns_per_client: DEFAULT_MAX_CONNS_PER_CLIENT,
                 check_update_interval: Duration::from_secs(300),
@@ -905,11 +924,16 @@ impl ConsulDouble {
         })
     }
 
-    /// Snapshot restore: every index drops to 1 (below anything handed out
-    /// before the first restore) and every held query is released at once.
+    /// Snapshot restore: every index drops, order-preserving, into
+    /// `2..min(X-Consul-Index handed out since the last restore)`, so every
+    /// watcher sees its index go backwards (index 1 is never used; if 2 was
+    /// already handed out, values collapse to 2). Every held blocking query
+    /// is released at once with the lower index.
     pub fn reset_indexes(&self) {
         self.shared.write(|st| {
-            st.cat.reset_indexes();
+            let limit = if st.min_handed == u64::MAX { st.cat.global } else { st.min_handed };
+            st.cat.reset_indexes(limit.saturating_sub(1));
+            st.min_handed = u64::MAX;
             st.abandon += 1;
         })
     }
@@ -937,8 +961,10 @@ impl ConsulDouble {
         self.shared.lock().requests.clone()
     }
 
+    /// Forget answered requests; requests still in flight (held queries,
+    /// hung requests) stay, and are completed in place when they answer.
     pub fn clear_requests(&self) {
-        self.shared.lock().requests.clear();
+        self.shared.lock().requests.retain(|r| r.answered.is_none());
     }
 
     pub fn held_queries(&self) -> usize {
@@ -2048,7 +2074,11 @@ async fn read_endpoint(sh: &Arc<Shared>, ctx: &Ctx, kind: ReadKind) -> Reply {
     match fault {
         Fault::IndexZero => h.push(("X-Consul-Index".into(), "0".into())),
         Fault::IndexMissing => {}
-        _ => h.push(("X-Consul-Index".into(), idx.max(1).to_string())),
+        _ => {
+            h.push(("X-Consul-Index".into(), idx.max(1).to_string()));
+            let mut st = sh.lock();
+            st.min_handed = st.min_handed.min(idx.max(1));
+        }
     }
     let is_streaming = streaming && matches!(kind, ReadKind::Health(_)) && (opts.index > 0 || opts.cached);
     if !is_streaming {

@@ -47,8 +47,16 @@ pub struct Response {
     pub body: Bytes,
 }
 
+/// Permits for short (non-blocking) requests, on top of the blocking budget.
+pub const SHORT_PERMITS: usize = 4;
+
 pub struct ConsulClient {
     http: reqwest::Client,
+    /// Connection budget: a blocking query holds a connection for up to
+    /// `wait`, so they get `max_watches` (+1 for the catalog watch) permits;
+    /// short reads and writes share a few more.
+    blocking: tokio::sync::Semaphore,
+    short: tokio::sync::Semaphore,
     bases: Vec<String>,
     current: AtomicUsize,
     token: RwLock<Option<String>>,
@@ -66,7 +74,7 @@ impl ConsulClient {
         let mut b = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(settings.max_watches + 8)
+            .pool_max_idle_per_host(settings.max_watches + 1 + SHORT_PERMITS)
             .tcp_nodelay(true)
             .no_proxy()
             .gzip(true)
@@ -120,6 +128,8 @@ impl ConsulClient {
         let http = b.build().map_err(|e| format!("HTTP client: {e}"))?;
         Ok(ConsulClient {
             http,
+            blocking: tokio::sync::Semaphore::new(settings.max_watches + 1),
+            short: tokio::sync::Semaphore::new(SHORT_PERMITS),
             bases,
             current: AtomicUsize::new(0),
             token: RwLock::new(settings.token.clone()),
@@ -159,6 +169,9 @@ impl ConsulClient {
         body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<Response, ClientError> {
+        let is_blocking = query.iter().any(|(k, _)| *k == "index");
+        let _permit = if is_blocking { self.blocking.acquire().await } else { self.short.acquire().await }
+            .map_err(|_| ClientError::Connect("client closed".into()))?;
         let n = self.bases.len();
         let start = self.current.load(Ordering::Relaxed);
         let mut last = ClientError::Connect("no agent address".into());
