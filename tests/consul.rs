@@ -399,8 +399,10 @@ fn many_services_stay_within_the_connection_budget() {
         let r = p.http.get(p.url("/")).header("host", format!("s{i}.test")).send().unwrap();
         assert_eq!(r.status(), 200, "s{i}");
     }
-    // 8 blocking watches + 4 short-read permits (+1 catalog permit, unused here).
-    assert!(consul.max_open_connections() <= 8 + 1 + 4, "max open connections {}", consul.max_open_connections());
+    // 8 blocking watches + 4 short-read permits (+1 catalog permit, unused
+    // here) bound the requests in flight; the double counts a connection as
+    // open until it sees the close, so allow two that are being torn down.
+    assert!(consul.max_open_connections() <= 8 + 1 + 4 + 2, "max open connections {}", consul.max_open_connections());
     // A change on a blocking-watched service still propagates fast.
     let up2 = Upstream::start("s0-new");
     consul.register(Instance::new("n0b", "s0-2", "s0", "127.0.0.1", up2.addr.port()));
