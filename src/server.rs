@@ -8,6 +8,7 @@ use crate::config::{Config, DiscoverySpec};
 use crate::discovery::file::FileSource;
 use crate::metrics::Metrics;
 use crate::proxy::{ConnectionCounter, Proxy};
+use crate::discovery::consul::register::{Heartbeat, Registration};
 use crate::discovery::consul::ConsulSource;
 use crate::reconcile::{FileInput, Inputs, Reconciler};
 use crate::routing::StateRegistry;
@@ -86,10 +87,22 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
     tasks.push(Arc::new(Signals {
         access_log: access_log.clone(),
     }));
+    let registration = match config.consul.as_ref().and_then(|c| c.register.clone().map(|r| (c, r))) {
+        Some((c, r)) => {
+            let client = Arc::new(
+                crate::discovery::consul::client::ConsulClient::new(c, metrics.clone()).map_err(|e| format!("consul: {e}"))?,
+            );
+            let reg = Arc::new(Registration::new(client, r, snapshot.clone()));
+            tasks.push(Arc::new(Heartbeat(reg.clone())));
+            Some(reg)
+        }
+        None => None,
+    };
     tasks.push(Arc::new(Drain {
         metrics: metrics.clone(),
         access_log: access_log.clone(),
         timeout: config.server.drain_timeout,
+        registration,
     }));
 
     let mut conf = ServerConf::default();
@@ -203,6 +216,7 @@ struct Drain {
     metrics: Arc<Metrics>,
     access_log: AccessLog,
     timeout: Duration,
+    registration: Option<Arc<Registration>>,
 }
 
 #[async_trait]
@@ -213,6 +227,9 @@ impl BackgroundService for Drain {
         }
         let start = Instant::now();
         let deadline = start + self.timeout;
+        if let Some(r) = &self.registration {
+            r.maintenance().await;
+        }
         tracing::info!(in_flight = self.metrics.requests_in_flight.get(), timeout = ?self.timeout, "draining");
         let mut last_report = start;
         while self.metrics.requests_in_flight.get() > 0 && Instant::now() < deadline {
@@ -227,6 +244,9 @@ impl BackgroundService for Drain {
             tracing::warn!(in_flight = left, "drain timeout reached; exiting with requests in flight");
         } else {
             tracing::info!(took = ?start.elapsed(), "drained; exiting");
+        }
+        if let Some(r) = &self.registration {
+            r.deregister().await;
         }
         self.access_log.flush(Duration::from_secs(2));
         std::process::exit(0);

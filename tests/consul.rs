@@ -410,3 +410,43 @@ fn many_services_stay_within_the_connection_budget() {
         (0..4).any(|_| p.http.get(p.url("/")).header("host", "s0.test").send().unwrap().text().unwrap() == "s0-new")
     }));
 }
+
+#[test]
+fn registers_itself_keeps_the_check_passing_and_leaves_cleanly() {
+    let consul = ConsulDouble::start();
+    let a = Upstream::start("a");
+    reg(&consul, &a, "a");
+    let mut p = Proxy::start(&config(
+        &consul,
+        "[consul.register]\nname = \"edge\"\nid = \"edge-1\"\ntags = [\"lb\"]\nttl = \"2s\"\n",
+        "",
+    ));
+    let ours = |consul: &ConsulDouble| consul.agent_services().into_iter().find(|s| s["ID"] == "edge-1");
+    let check_status = |consul: &ConsulDouble| ours(consul).and_then(|s| s["Checks"][0]["Status"].as_str().map(str::to_string));
+    assert!(wait_until(Duration::from_secs(5), || check_status(&consul).as_deref() == Some("passing")));
+    let s = ours(&consul).unwrap();
+    assert_eq!(s["Service"], "edge");
+    assert_eq!(s["Port"], p.addr.port());
+    assert_eq!(s["Tags"][0], "lb");
+    assert_eq!(s["Checks"][0]["CheckID"], "service:edge-1");
+    assert!(s["Checks"][0]["Output"].as_str().unwrap().contains("ready"));
+    // The agent restarts and forgets us: the next heartbeat gets 404 and registers again.
+    consul.set_agent_restart();
+    assert!(ours(&consul).is_none());
+    assert!(wait_until(Duration::from_secs(5), || check_status(&consul).as_deref() == Some("passing")));
+    assert!(p.stderr().contains("registering again"));
+    // SIGTERM: maintenance first, then deregistration on exit.
+    consul.clear_requests();
+    p.signal(libc::SIGTERM);
+    assert_eq!(p.wait_exit(Duration::from_secs(8)), Some(0));
+    assert!(ours(&consul).is_none(), "deregistered on exit");
+    let writes: Vec<String> = consul
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PUT")
+        .map(|r| r.path)
+        .collect();
+    let maint = writes.iter().position(|p| p == "/v1/agent/service/maintenance/edge-1");
+    let dereg = writes.iter().position(|p| p == "/v1/agent/service/deregister/edge-1");
+    assert!(maint.is_some() && dereg.is_some() && maint < dereg, "{writes:?}");
+}

@@ -128,6 +128,24 @@ pub struct ConsulSection {
     pub tls: Option<ConsulTlsSection>,
     /// Build routes from `switchyard.*` tags on Consul services (default true).
     pub auto_routes: Option<bool>,
+    pub register: Option<RegisterSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterSection {
+    /// Register this instance in Consul (default true).
+    pub enabled: Option<bool>,
+    pub name: Option<String>,
+    pub id: Option<String>,
+    /// Address to advertise; default: the agent's node address.
+    pub address: Option<String>,
+    /// Port to advertise; default: the first listener's.
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub ttl: Option<String>,
+    pub deregister_after: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

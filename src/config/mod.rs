@@ -48,6 +48,19 @@ pub struct ConsulSettings {
     pub stale_after: Duration,
     pub tls: ConsulTls,
     pub auto_routes: bool,
+    pub register: Option<RegisterSettings>,
+}
+
+/// How this instance registers itself in Consul.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegisterSettings {
+    pub name: String,
+    pub id: String,
+    pub address: Option<String>,
+    pub port: u16,
+    pub tags: Vec<String>,
+    pub ttl: Duration,
+    pub deregister_after: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -81,7 +81,8 @@ pub fn parse_with_env(text: &str, base: &Path, env: &dyn Fn(&str) -> Option<Stri
     };
     let routes = v.routes(routes, &cluster_names);
     let consul = if consul_needed || consul_section.is_some() {
-        Some(v.consul(consul_section.unwrap_or_default(), env))
+        let port = listeners.first().map(|l| l.address.port()).unwrap_or(0);
+        Some(v.consul(consul_section.unwrap_or_default(), env, port))
     } else {
         None
     };
@@ -451,7 +452,7 @@ impl Validator<'_> {
         out
     }
 
-    fn consul(&mut self, s: ConsulSection, env: &dyn Fn(&str) -> Option<String>) -> ConsulSettings {
+    fn consul(&mut self, s: ConsulSection, env: &dyn Fn(&str) -> Option<String>, listen_port: u16) -> ConsulSettings {
         let ConsulSection {
             addresses,
             token,
@@ -466,6 +467,7 @@ impl Validator<'_> {
             stale_after,
             tls,
             auto_routes,
+            register,
         } = s;
         let env_bool = |k: &str| env(k).map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
         let https_default = env_bool("CONSUL_HTTP_SSL").unwrap_or(false);
@@ -559,7 +561,39 @@ impl Validator<'_> {
             stale_after: self.duration("consul.stale_after", stale_after.as_ref(), Duration::from_secs(60)),
             tls,
             auto_routes: auto_routes.unwrap_or(true),
+            register: self.register(register.unwrap_or_default(), listen_port),
         }
+    }
+
+    fn register(&mut self, r: RegisterSection, listen_port: u16) -> Option<RegisterSettings> {
+        let RegisterSection { enabled, name, id, address, port, tags, ttl, deregister_after } = r;
+        if !enabled.unwrap_or(true) {
+            return None;
+        }
+        let name = name.unwrap_or_else(|| "switchyard".into());
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        let port = port.unwrap_or(listen_port);
+        let id = id.unwrap_or_else(|| format!("{name}-{host}-{port}"));
+        for (field, v) in [("name", &name), ("id", &id)] {
+            if v.is_empty() || v.contains(['/', ' ', '?', '#']) {
+                self.err(format!("consul.register.{field}"), format!("invalid value {v:?}"));
+            }
+        }
+        if let Some(a) = &address {
+            if a == "0.0.0.0" || a == "::" || a.is_empty() {
+                self.err("consul.register.address", format!("invalid value {a:?}: Consul refuses unspecified addresses; omit it to use the node address"));
+            }
+        }
+        let ttl = self.duration("consul.register.ttl", ttl.as_ref(), Duration::from_secs(10));
+        let deregister_after = self.duration("consul.register.deregister_after", deregister_after.as_ref(), Duration::from_secs(60));
+        if deregister_after < Duration::from_secs(60) {
+            self.err("consul.register.deregister_after", format!("invalid duration {deregister_after:?}: Consul's minimum is 1m"));
+        }
+        Some(RegisterSettings { name, id, address, port, tags, ttl, deregister_after })
     }
 
     fn selection(

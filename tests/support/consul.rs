@@ -778,7 +778,9 @@ impl ConsulDouble {
 
     /// Upsert by (node, id): one Raft write. The node is created (with a
     /// passing serfHealth) or its address updated; a new instance gets a
-    /// passing `service:<id>` check.
+    /// passing `service:<id>` check. Re-registering an identical instance
+    /// consumes a Raft index but moves no service or table index (Consul's
+    /// `IsSame` short-cut), so it wakes no watcher.
     pub fn register(&self, inst: Instance) {
         self.shared.write(|st| {
             let c = &mut st.cat;
@@ -801,7 +803,10 @@ impl ConsulDouble {
     }
 
     /// Set the status of the instance's `service:<id>` check (created if the
-    /// instance has none). Panics if the instance does not exist.
+    /// instance has none). Panics if the instance does not exist. Setting the
+    /// status it already has moves no index and wakes no watcher, as in
+    /// Consul's `ensureCheckTxn`; to nudge watchers without changing
+    /// backends use `set_check_output`.
     pub fn set_health(&self, node: &str, service_id: &str, status: &str) {
         assert!(valid_status(status), "bad status {status:?}");
         self.shared.write(|st| {

@@ -14,6 +14,7 @@
 pub mod catalog;
 pub mod client;
 pub mod health;
+pub mod register;
 pub mod tags;
 pub mod watch;
 
