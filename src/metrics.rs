@@ -41,6 +41,7 @@ pub struct Metrics {
     pub discovery_staleness: prometheus::GaugeVec,
     pub panic_mode: IntGaugeVec,
     pub consul_tag_errors: IntCounterVec,
+    pub routing_build: Histogram,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -147,8 +148,15 @@ impl Metrics {
             &["service"],
         )
         .expect("valid metric");
+        let routing_build = Histogram::with_opts(
+            HistogramOpts::new("routing_build_seconds", "Time reconcile takes to build and publish one routing table (inputs to swap).")
+                .namespace(PREFIX)
+                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(consul_tag_errors.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(routing_build.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(consul_tag_errors.clone()),
             Box::new(consul_requests.clone()),
             Box::new(consul_watch_errors.clone()),
             Box::new(consul_instances_skipped.clone()),
@@ -189,6 +197,7 @@ impl Metrics {
             discovery_staleness,
             panic_mode,
             consul_tag_errors,
+            routing_build,
         }
     }
 

@@ -121,6 +121,7 @@ impl Reconciler {
 
     /// Rebuild and publish if the inputs changed. Returns the new generation.
     pub fn reconcile(&self) -> Option<u64> {
+        let started = std::time::Instant::now();
         let view = self.inputs.consul.as_ref().map(|rx| rx.borrow().clone());
         let eff = effective(&self.config, view.as_deref());
         let (discovered, panics) = discovered(&eff, &self.inputs.files, view.as_deref());
@@ -140,7 +141,9 @@ impl Reconciler {
                 table.export_gauges(&self.metrics);
                 self.metrics.routing_swaps.inc();
                 self.status.swapped(generation, table.built_at);
-                tracing::info!(generation, "routing table published");
+                let took = started.elapsed();
+                self.metrics.routing_build.observe(took.as_secs_f64());
+                tracing::info!(generation, took_us = took.as_micros() as u64, "routing table published");
                 Some(generation)
             }
             Err(e) => {

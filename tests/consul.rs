@@ -450,3 +450,30 @@ fn registers_itself_keeps_the_check_passing_and_leaves_cleanly() {
     let dereg = writes.iter().position(|p| p == "/v1/agent/service/deregister/edge-1");
     assert!(maint.is_some() && dereg.is_some() && maint < dereg, "{writes:?}");
 }
+
+#[test]
+fn talks_to_the_agent_over_mutual_tls_with_a_server_name() {
+    let consul = ConsulDouble::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (front, files) = support::tls::start(consul.addr, "consul.test", true, dir.path());
+    let a = Upstream::start("a");
+    reg(&consul, &a, "a");
+    let body = format!(
+        "[consul]\naddresses = [\"https://{}\"]\nwait = \"2s\"\n\
+         tls = {{ ca_file = \"{}\", cert_file = \"{}\", key_file = \"{}\", server_name = \"consul.test\" }}\n\
+         [consul.register]\nenabled = false\n\
+         [[routes]]\ncluster = \"web\"\n[clusters.web]\nconsul = {{ service = \"web\" }}\n",
+        front.addr,
+        files.ca.display(),
+        files.client_cert.display(),
+        files.client_key.display()
+    );
+    let p = Proxy::start(&body);
+    assert!(wait_until(Duration::from_secs(10), || p.fetch("/") == (200, "a".into())), "{}", p.stderr());
+    assert!(consul.requests().iter().any(|r| r.path == "/v1/health/service/web"));
+    // Without the client certificate the handshake fails: errors, no backends.
+    let no_cert = body.replace(&format!("cert_file = \"{}\", key_file = \"{}\", ", files.client_cert.display(), files.client_key.display()), "");
+    let p2 = Proxy::start(&no_cert);
+    assert!(wait_until(Duration::from_secs(10), || watch_errors(&p2, "connect") >= 1.0));
+    assert_eq!(p2.fetch("/").0, 503, "never reached Consul: no backends");
+}

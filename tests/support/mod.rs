@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod consul;
+pub mod tls;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};

@@ -1,0 +1,162 @@
+//! End-to-end Consul benchmarks against the Consul double (not criterion:
+//! these time a real proxy process).
+//!
+//! * propagation: from the Consul write to the first proxied request that
+//!   reaches the new backend, p50/p99 over N changes;
+//! * scale: 1,000 routed services × 10 instances: time to ready, RSS, idle
+//!   CPU over a quiet window, and the reconcile time of one service's change.
+//!
+//! Run: `cargo bench --bench consul` (full) or with `SWITCHYARD_BENCH_QUICK=1`
+//! (a few seconds; what CI runs so the harness keeps working).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+use support::consul::{ConsulDouble, Instance};
+use support::*;
+
+fn quick() -> bool {
+    std::env::var("SWITCHYARD_BENCH_QUICK").is_ok_and(|v| v != "0")
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / ticks
+}
+
+fn rss_mib(pid: i32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+fn histogram(p: &Proxy, name: &str) -> (f64, f64) {
+    let m = parse_metrics(&p.metrics());
+    (
+        sample(&m, &format!("{name}_sum"), &[]).unwrap_or(0.0),
+        sample(&m, &format!("{name}_count"), &[]).unwrap_or(0.0),
+    )
+}
+
+fn propagation(changes: usize) {
+    let consul = ConsulDouble::start();
+    let ups = [Upstream::start("A"), Upstream::start("B")];
+    let reg = |i: usize, id: &str| {
+        let a = ups[i].addr;
+        consul.register(Instance::new("node", id, "web", &a.ip().to_string(), a.port()));
+    };
+    reg(0, "web-0");
+    let p = Proxy::start(&format!(
+        "[consul]\naddresses = [\"{}\"]\nmin_interval = \"250ms\"\n[consul.register]\nenabled = false\n\
+         [[routes]]\ncluster = \"web\"\n[clusters.web]\nconsul = {{ service = \"web\" }}\n",
+        consul.addr
+    ));
+    assert!(wait_until(Duration::from_secs(10), || p.fetch("/").0 == 200));
+    let mut lat = Vec::with_capacity(changes);
+    let mut current = 0usize;
+    for c in 1..=changes {
+        let next = 1 - current;
+        let id = format!("web-{c}");
+        let t0 = Instant::now();
+        reg(next, &id);
+        // Probe until the new backend answers.
+        let deadline = t0 + Duration::from_secs(10);
+        loop {
+            let (code, body) = p.fetch("/");
+            if code == 200 && body == ups[next].name() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "change {c} never propagated");
+        }
+        lat.push(t0.elapsed());
+        // Remove the old instance and wait until it is gone (not timed).
+        consul.deregister("node", &format!("web-{}", c - 1));
+        assert!(wait_until(Duration::from_secs(10), || (0..4).all(|_| p.fetch("/").1 == ups[next].name())));
+        current = next;
+        // Changes 300 ms apart: the token bucket (burst 2, one per 250 ms) never delays one.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    lat.sort();
+    let mean = lat.iter().sum::<Duration>() / lat.len() as u32;
+    println!(
+        "propagation: {} changes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, mean {:.1} ms",
+        lat.len(),
+        pct(&lat, 0.5).as_secs_f64() * 1e3,
+        pct(&lat, 0.99).as_secs_f64() * 1e3,
+        lat.last().unwrap().as_secs_f64() * 1e3,
+        mean.as_secs_f64() * 1e3
+    );
+}
+
+fn scale(services: usize, per: usize, idle_window: Duration) {
+    let consul = ConsulDouble::start();
+    let up = Upstream::start("s");
+    let t_reg = Instant::now();
+    for s in 0..services {
+        for i in 0..per {
+            // Distinct addresses; only instance 0 of each service is a live upstream.
+            let (ip, port) = if i == 0 { ("127.0.0.1".to_string(), up.addr.port()) } else { (format!("127.0.{}.{}", 1 + s / 250, 1 + i), 10000 + (s % 250) as u16) };
+            consul.register(Instance::new(&format!("node-{s}-{i}"), &format!("s{s}-{i}"), &format!("s{s}"), &ip, port));
+        }
+    }
+    let reg_took = t_reg.elapsed();
+    let mut body = format!("[consul]\naddresses = [\"{}\"]\nauto_routes = false\n[consul.register]\nenabled = false\n", consul.addr);
+    for s in 0..services {
+        body.push_str(&format!(
+            "[[routes]]\nhosts = [\"s{s}.test\"]\ncluster = \"s{s}\"\n[clusters.s{s}]\nconsul = {{ service = \"s{s}\" }}\n"
+        ));
+    }
+    let t0 = Instant::now();
+    let p = Proxy::builder(&body).access_log("[access_log]\nenabled = false").start();
+    let ready = || p.http.get(p.admin_url("/readyz")).send().map(|r| r.status() == 200).unwrap_or(false);
+    assert!(wait_until(Duration::from_secs(120), ready), "not ready");
+    let ready_took = t0.elapsed();
+    let pid = p.pid();
+    // Let the first burst of reads settle.
+    std::thread::sleep(Duration::from_secs(3));
+    let cpu0 = cpu_seconds(pid);
+    let w0 = Instant::now();
+    std::thread::sleep(idle_window);
+    let idle_cpu = (cpu_seconds(pid) - cpu0) / w0.elapsed().as_secs_f64() * 100.0;
+    let rss = rss_mib(pid);
+    // One service's change: reconcile time from the build histogram.
+    let (sum0, n0) = histogram(&p, "switchyard_routing_build_seconds");
+    consul.set_health("node-0-1", "s0-1", "critical");
+    assert!(wait_until(Duration::from_secs(10), || histogram(&p, "switchyard_routing_build_seconds").1 > n0));
+    let (sum1, n1) = histogram(&p, "switchyard_routing_build_seconds");
+    let publish_ms = (sum1 - sum0) / (n1 - n0) * 1e3;
+    println!(
+        "scale: {services} services x {per} instances: registered in {:.1} s; ready {:.2} s after start; RSS {rss:.1} MiB; \
+         idle CPU {idle_cpu:.2} % of a core over {:.0} s; one change rebuilt+published in {publish_ms:.2} ms; max agent connections {}",
+        reg_took.as_secs_f64(),
+        ready_took.as_secs_f64(),
+        idle_window.as_secs_f64(),
+        consul.max_open_connections()
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    if quick() {
+        propagation(5);
+        scale(50, 10, Duration::from_secs(2));
+    } else {
+        propagation(120);
+        scale(1000, 10, Duration::from_secs(30));
+    }
+}
