@@ -57,7 +57,12 @@ pub struct Reconciler {
     generation: AtomicU64,
     last_inputs: Mutex<Option<Built>>,
     panics: Mutex<std::collections::BTreeSet<String>>,
+    memo: Mutex<Memo>,
 }
+
+/// Per cluster: the Consul snapshot last turned into backends, and the result,
+/// so an unchanged snapshot costs a pointer comparison, not a conversion.
+type Memo = std::collections::HashMap<String, (Arc<crate::discovery::consul::ServiceSnapshot>, crate::discovery::EndpointSet, bool)>;
 
 impl Reconciler {
     /// Build the first table from whatever the sources hold right now
@@ -71,12 +76,13 @@ impl Reconciler {
     ) -> Result<Self, crate::routing::BuildError> {
         let view = inputs.consul.as_ref().map(|rx| rx.borrow().clone());
         let eff = effective(&config, view.as_deref());
-        let (discovered, panics) = discovered(&eff, &inputs.files, view.as_deref());
+        let mut memo = Memo::new();
+        let (discovered, panics) = discovered(&eff, &inputs.files, view.as_deref(), &mut memo);
         let table = RoutingTable::build(&eff, &discovered, &states, 1)?;
         let built = Built { discovered, auto: auto_of(view.as_deref()) };
         drop(eff);
         states.retain(&table);
-        table.export_gauges(&metrics);
+        table.export_gauges(&metrics, None);
         metrics.routing_swaps.inc();
         status.swapped(1, table.built_at);
         let r = Reconciler {
@@ -89,6 +95,7 @@ impl Reconciler {
             generation: AtomicU64::new(1),
             last_inputs: Mutex::new(Some(built)),
             panics: Mutex::new(Default::default()),
+            memo: Mutex::new(memo),
         };
         r.note_panics(panics);
         Ok(r)
@@ -124,7 +131,10 @@ impl Reconciler {
         let started = std::time::Instant::now();
         let view = self.inputs.consul.as_ref().map(|rx| rx.borrow().clone());
         let eff = effective(&self.config, view.as_deref());
-        let (discovered, panics) = discovered(&eff, &self.inputs.files, view.as_deref());
+        let (discovered, panics) = {
+            let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
+            discovered(&eff, &self.inputs.files, view.as_deref(), &mut memo)
+        };
         self.note_panics(panics);
         let built = Built { discovered, auto: auto_of(view.as_deref()) };
         let mut last = self.last_inputs.lock().unwrap_or_else(|e| e.into_inner());
@@ -132,13 +142,14 @@ impl Reconciler {
             return None;
         }
         let generation = self.generation.load(Ordering::Relaxed) + 1;
-        match RoutingTable::build(&eff, &built.discovered, &self.states, generation) {
+        let prev = self.snapshot.load();
+        match RoutingTable::build_from(Some(&prev), &eff, &built.discovered, &self.states, generation) {
             Ok(table) => {
                 *last = Some(built);
                 self.generation.store(generation, Ordering::Relaxed);
                 let table = self.snapshot.publish(table);
-                self.states.retain(&table);
-                table.export_gauges(&self.metrics);
+                self.states.retain_changed(&prev, &table);
+                table.export_gauges(&self.metrics, Some(&prev));
                 self.metrics.routing_swaps.inc();
                 self.status.swapped(generation, table.built_at);
                 let took = started.elapsed();
@@ -179,7 +190,12 @@ fn effective<'a>(config: &'a Config, view: Option<&ConsulView>) -> Cow<'a, Confi
 
 /// Map each cluster to its current discovered set (absent = no result yet),
 /// and name the clusters in panic mode.
-fn discovered(config: &Config, files: &[FileInput], view: Option<&ConsulView>) -> (Discovered, std::collections::BTreeSet<String>) {
+fn discovered(
+    config: &Config,
+    files: &[FileInput],
+    view: Option<&ConsulView>,
+    memo: &mut Memo,
+) -> (Discovered, std::collections::BTreeSet<String>) {
     let mut out = Discovered::new();
     let mut panics = std::collections::BTreeSet::new();
     for (name, spec) in &config.clusters {
@@ -195,11 +211,19 @@ fn discovered(config: &Config, files: &[FileInput], view: Option<&ConsulView>) -
             }
             DiscoverySpec::Consul(q) => {
                 if let Some(snap) = view.and_then(|v| v.services.get(q)) {
-                    let (eps, panic) = endpoints_for(snap, q);
+                    let (set, panic) = match memo.get(name) {
+                        Some((s, set, panic)) if Arc::ptr_eq(s, snap) => (set.clone(), *panic),
+                        _ => {
+                            let (eps, panic) = endpoints_for(snap, q);
+                            let set = crate::discovery::normalise(eps);
+                            memo.insert(name.clone(), (snap.clone(), set.clone(), panic));
+                            (set, panic)
+                        }
+                    };
                     if panic {
                         panics.insert(name.clone());
                     }
-                    out.insert(name.clone(), crate::discovery::normalise(eps));
+                    out.insert(name.clone(), set);
                 }
             }
             DiscoverySpec::Static(_) => {}

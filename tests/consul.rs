@@ -399,10 +399,11 @@ fn many_services_stay_within_the_connection_budget() {
         let r = p.http.get(p.url("/")).header("host", format!("s{i}.test")).send().unwrap();
         assert_eq!(r.status(), 200, "s{i}");
     }
-    // 8 blocking watches + 4 short-read permits (+1 catalog permit, unused
-    // here) bound the requests in flight; the double counts a connection as
-    // open until it sees the close, so allow two that are being torn down.
-    assert!(consul.max_open_connections() <= 8 + 1 + 4 + 2, "max open connections {}", consul.max_open_connections());
+    // max_watches is the whole budget: 4 blocking watches + 4 short-read
+    // permits bound the requests (and, with no idle pool, the connections) in
+    // flight; the double counts a connection as open until it sees the close,
+    // so allow two that are being torn down.
+    assert!(consul.max_open_connections() <= 8 + 2, "max open connections {}", consul.max_open_connections());
     // A change on a blocking-watched service still propagates fast.
     let up2 = Upstream::start("s0-new");
     consul.register(Instance::new("n0b", "s0-2", "s0", "127.0.0.1", up2.addr.port()));
@@ -476,4 +477,30 @@ fn talks_to_the_agent_over_mutual_tls_with_a_server_name() {
     let p2 = Proxy::start(&no_cert);
     assert!(wait_until(Duration::from_secs(10), || watch_errors(&p2, "connect") >= 1.0));
     assert_eq!(p2.fetch("/").0, 503, "never reached Consul: no backends");
+}
+
+#[test]
+fn staleness_counts_only_real_loss_of_contact() {
+    let mut consul = ConsulDouble::start();
+    let a = Upstream::start("a");
+    reg(&consul, &a, "a");
+    let p = Proxy::start(&config(&consul, "stale_after = \"1s\"", ""));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "a".into())));
+    let readyz = |p: &Proxy| -> serde_json::Value {
+        serde_json::from_str(&p.http.get(p.admin_url("/readyz")).send().unwrap().text().unwrap()).unwrap()
+    };
+    let staleness = |p: &Proxy| sample(&parse_metrics(&p.metrics()), "switchyard_discovery_staleness_seconds", &[("service", "web")]);
+    // A quiet service behind a held blocking read is current, not stale, even
+    // though no answer arrives for a whole `wait` (2 s here, bound 1 s).
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) {
+        assert_eq!(readyz(&p)["stale_clusters"], serde_json::json!([]), "quiet but connected is not stale");
+        assert!(staleness(&p).unwrap_or(0.0) < 1.5);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Losing Consul makes it stale within the bound (plus the 1 s ticker).
+    consul.stop();
+    assert!(wait_until(Duration::from_secs(5), || readyz(&p)["stale_clusters"] == serde_json::json!(["web"])));
+    assert!(wait_until(Duration::from_secs(3), || staleness(&p).unwrap_or(0.0) >= 1.0));
+    assert_eq!(readyz(&p)["ready"], true, "stale is reported, not a reason to be unready");
 }

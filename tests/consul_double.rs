@@ -905,3 +905,371 @@ fn instances_are_keyed_by_node_and_id_and_order_is_shuffled() {
     let first = order();
     assert!((0..30).any(|_| order() != first), "entry order never changed in 30 reads");
 }
+
+// ---------------------------------------------------------------- /v1/health/state
+
+/// (ServiceName, CheckID) → (Status, ModifyIndex) of a `/v1/health/state` body.
+fn check_map(r: &Resp) -> std::collections::BTreeMap<(String, String), (String, u64)> {
+    r.entries()
+        .iter()
+        .map(|c| {
+            (
+                (
+                    format!("{}/{}", c["Node"].as_str().unwrap(), c["ServiceName"].as_str().unwrap()),
+                    c["CheckID"].as_str().unwrap().to_string(),
+                ),
+                (c["Status"].as_str().unwrap().to_string(), c["ModifyIndex"].as_u64().unwrap()),
+            )
+        })
+        .collect()
+}
+
+fn check_ids(r: &Resp) -> Vec<String> {
+    r.entries()
+        .iter()
+        .map(|c| format!("{}:{}", c["Node"].as_str().unwrap(), c["CheckID"].as_str().unwrap()))
+        .collect()
+}
+
+#[test]
+fn health_state_blocks_on_the_checks_index_a_flip_anywhere_wakes_a_no_op_does_not() {
+    let c = ConsulDouble::start();
+    web(&c, 2);
+    c.register(Instance::new("n9", "api-1", "api", "10.0.0.9", 9090));
+    let r = get(&c, "/v1/health/state/any");
+    let i = r.index();
+    assert_eq!(i, c.checks_index(), "X-Consul-Index is the checks-table index");
+
+    // Writes that change no check: no-op writes, and catalog changes that
+    // leave every check as it was (a port change moves the services index).
+    let t = Instant::now();
+    let h = spawn_get(&c, &format!("/v1/health/state/any?index={i}&wait=1s"));
+    wait_held(&c, 1);
+    let raft = c.raft_index();
+    let services = c.services_index();
+    c.set_health("n1", "web-1", "passing"); // already passing
+    c.set_node_health("n2", "passing"); // already passing
+    c.register(Instance::new("n9", "api-1", "api", "10.0.0.9", 9090)); // identical
+    c.set_maintenance("n1", "web-1", false); // not in maintenance
+    c.register(Instance::new("n9", "api-1", "api", "10.0.0.9", 9191)); // port only
+    assert!(c.raft_index() >= raft + 5, "each write consumed a Raft index");
+    assert!(c.services_index() > services, "the port change moved the services table");
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(c.held_queries(), 1, "no check changed: still held");
+    let (r, at) = h.join().unwrap();
+    assert!(at.duration_since(t) >= Duration::from_secs(1), "woken early after {:?}", at.duration_since(t));
+    assert_eq!(r.index(), i, "a timed-out query returns the same index");
+    assert_eq!(c.checks_index(), i);
+
+    // A health flip of any service wakes it at once.
+    for (k, flip) in [
+        ("service check of api", Box::new(|c: &ConsulDouble| c.set_health("n9", "api-1", "critical")) as Box<dyn Fn(&ConsulDouble)>),
+        ("service check of web", Box::new(|c: &ConsulDouble| c.set_health("n2", "web-2", "warning"))),
+        ("node check", Box::new(|c: &ConsulDouble| c.set_node_health("n1", "critical"))),
+        ("maintenance on", Box::new(|c: &ConsulDouble| c.set_maintenance("n1", "web-1", true))),
+        ("maintenance off", Box::new(|c: &ConsulDouble| c.set_maintenance("n1", "web-1", false))),
+        ("output only", Box::new(|c: &ConsulDouble| c.set_check_output("n9", "api-1", "dial tcp: refused"))),
+    ] {
+        let before = c.checks_index();
+        let h = spawn_get(&c, &format!("/v1/health/state/any?index={before}&wait=10s"));
+        wait_held(&c, 1);
+        let t = Instant::now();
+        flip(&c);
+        let (r, at) = h.join().unwrap();
+        assert!(at.duration_since(t) < Duration::from_millis(500), "{k}: woke after {:?}", at.duration_since(t));
+        assert!(r.index() > before, "{k}");
+        assert_eq!(r.index(), c.checks_index(), "{k}");
+        assert_eq!(r.index(), c.raft_index(), "{k}: the index of the write that changed the check");
+    }
+    let r = get(&c, "/v1/health/state/critical");
+    assert_eq!(check_ids(&r), vec!["n1:serfHealth", "n9:service:api-1"]);
+}
+
+#[test]
+fn health_state_moves_on_registration_and_deregistration_of_checks() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    let i = get(&c, "/v1/health/state/any").index();
+
+    // A new instance on a new node: its service check and the node's serfHealth.
+    let h = spawn_get(&c, &format!("/v1/health/state/any?index={i}&wait=10s"));
+    wait_held(&c, 1);
+    c.register(Instance::new("n2", "db-1", "db", "10.0.0.2", 5432));
+    let (r, _) = h.join().unwrap();
+    let j = r.index();
+    assert!(j > i);
+    let ids = check_ids(&r);
+    assert!(ids.contains(&"n2:service:db-1".to_string()) && ids.contains(&"n2:serfHealth".to_string()), "{ids:?}");
+    let db = r.entries().into_iter().find(|c| c["CheckID"] == "service:db-1").unwrap();
+    assert_eq!((db["CreateIndex"].as_u64(), db["ModifyIndex"].as_u64()), (Some(j), Some(j)));
+
+    // A second instance on an existing node: only its service check is new.
+    let h = spawn_get(&c, &format!("/v1/health/state/any?index={j}&wait=10s"));
+    wait_held(&c, 1);
+    c.register(Instance::new("n2", "db-2", "db", "10.0.0.2", 5433));
+    let (r, _) = h.join().unwrap();
+    let k = r.index();
+    assert!(k > j);
+    assert!(check_ids(&r).contains(&"n2:service:db-2".to_string()));
+
+    // Deregistration removes the instance's checks.
+    let h = spawn_get(&c, &format!("/v1/health/state/any?index={k}&wait=10s"));
+    wait_held(&c, 1);
+    c.deregister("n2", "db-1");
+    let (r, _) = h.join().unwrap();
+    let l = r.index();
+    assert!(l > k);
+    assert!(!check_ids(&r).contains(&"n2:service:db-1".to_string()));
+
+    // Through the agent API: register with a check, TTL pass, deregister.
+    let h = spawn_get(&c, &format!("/v1/health/state/any?index={l}&wait=10s"));
+    wait_held(&c, 1);
+    let body = r#"{"Name":"lb","ID":"lb-1","Port":8080,"Check":{"TTL":"30s"}}"#;
+    assert_eq!(put(&c, "/v1/agent/service/register", body).status, 200);
+    let (r, _) = h.join().unwrap();
+    let m = r.index();
+    assert!(m > l);
+    let lb = r.entries().into_iter().find(|c| c["CheckID"] == "service:lb-1").unwrap();
+    assert_eq!((lb["Node"].as_str(), lb["Status"].as_str()), (Some(NODE_NAME), Some("critical")));
+    assert_eq!(put(&c, "/v1/agent/service/register", body).status, 200, "identical re-registration");
+    assert_eq!(c.checks_index(), m, "an identical re-registration moves no check");
+    assert_eq!(put(&c, "/v1/agent/check/pass/service:lb-1", "").status, 200);
+    let n = c.checks_index();
+    assert!(n > m);
+    // Output-only change: reaches the catalog (and the checks index) only
+    // after check_update_interval's deferral.
+    c.set_check_update_interval(Duration::from_millis(200));
+    assert_eq!(put(&c, "/v1/agent/check/pass/service:lb-1?note=busy", "").status, 200);
+    assert_eq!(c.checks_index(), n, "deferred");
+    let h = spawn_get(&c, &format!("/v1/health/state/passing?index={n}&wait=10s"));
+    let (r, _) = h.join().unwrap();
+    assert!(r.index() > n);
+    let lb = r.entries().into_iter().find(|c| c["CheckID"] == "service:lb-1").unwrap();
+    assert_eq!((lb["Output"].as_str(), lb["ModifyIndex"].as_u64()), (Some("busy"), Some(r.index())));
+    let n = r.index();
+    assert_eq!(put(&c, "/v1/agent/service/deregister/lb-1", "").status, 200);
+    assert!(c.checks_index() > n);
+    assert!(!check_ids(&get(&c, "/v1/health/state/any")).contains(&format!("{NODE_NAME}:service:lb-1")));
+}
+
+#[test]
+fn health_state_per_check_modify_index_tells_which_service_changed() {
+    let c = ConsulDouble::start();
+    web(&c, 2);
+    c.register(Instance::new("n3", "api-1", "api", "10.0.0.3", 9090));
+    let before = get(&c, "/v1/health/state/any");
+    let a = check_map(&before);
+    let creates: Vec<u64> = before.entries().iter().map(|c| c["CreateIndex"].as_u64().unwrap()).collect();
+    c.set_health("n2", "web-2", "critical");
+    let after = get(&c, "/v1/health/state/any");
+    let b = check_map(&after);
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "same checks");
+    let changed: Vec<_> = b.iter().filter(|(k, v)| a.get(*k) != Some(*v)).collect();
+    assert_eq!(changed.len(), 1, "exactly one check changed: {changed:?}");
+    let ((svc, cid), (status, modify)) = changed[0];
+    assert_eq!((svc.as_str(), cid.as_str(), status.as_str()), ("n2/web", "service:web-2", "critical"));
+    assert!(*modify > a[&(svc.clone(), cid.clone())].1);
+    assert_eq!(*modify, after.index(), "the changed check carries the new X-Consul-Index");
+    let creates_after: Vec<u64> = after.entries().iter().map(|c| c["CreateIndex"].as_u64().unwrap()).collect();
+    assert_eq!(creates, creates_after, "CreateIndex never moves");
+    let max_modify = after.entries().iter().map(|c| c["ModifyIndex"].as_u64().unwrap()).max().unwrap();
+    assert_eq!(max_modify, after.index());
+
+    // Back to passing: the ModifyIndex moves again.
+    c.set_health("n2", "web-2", "passing");
+    let again = check_map(&get(&c, "/v1/health/state/any"));
+    let key = ("n2/web".to_string(), "service:web-2".to_string());
+    assert_eq!(again[&key].0, "passing");
+    assert!(again[&key].1 > *modify);
+}
+
+#[test]
+fn health_state_filters_by_state_and_has_go_shapes() {
+    let c = ConsulDouble::start();
+    assert_eq!(get(&c, "/v1/health/state/critical").body, "[]", "empty is [] not null");
+    web(&c, 3);
+    c.set_health("n2", "web-2", "warning");
+    c.set_maintenance("n3", "web-3", true);
+
+    let any = get(&c, "/v1/health/state/any");
+    assert_eq!(
+        check_ids(&any),
+        vec![
+            format!("{NODE_NAME}:serfHealth"),
+            "n1:serfHealth".into(),
+            "n1:service:web-1".into(),
+            "n2:serfHealth".into(),
+            "n2:service:web-2".into(),
+            "n3:_service_maintenance:web-3".into(),
+            "n3:serfHealth".into(),
+            "n3:service:web-3".into(),
+        ],
+        "every check in the datacenter, by node then check ID"
+    );
+    let passing = get(&c, "/v1/health/state/passing");
+    assert_eq!(passing.entries().len(), 6);
+    assert!(passing.entries().iter().all(|c| c["Status"] == "passing"));
+    assert_eq!(check_ids(&get(&c, "/v1/health/state/warning")), vec!["n2:service:web-2"]);
+    assert_eq!(check_ids(&get(&c, "/v1/health/state/critical")), vec!["n3:_service_maintenance:web-3"]);
+    for s in ["passing", "warning", "critical"] {
+        assert_eq!(get(&c, &format!("/v1/health/state/{s}")).index(), any.index(), "{s}: same checks-table index");
+    }
+
+    let e = any.entries();
+    let serf = e.iter().find(|c| c["Node"] == "n1" && c["CheckID"] == "serfHealth").unwrap();
+    assert_eq!(serf["Name"], "Serf Health Status");
+    assert_eq!(serf["ServiceID"], "");
+    assert_eq!(serf["ServiceName"], "");
+    assert_eq!(serf["ServiceTags"], serde_json::json!([]));
+    assert_eq!(serf["Definition"], serde_json::json!({}));
+    for k in [
+        "Node", "CheckID", "Name", "Status", "Notes", "Output", "ServiceID", "ServiceName", "ServiceTags", "Type",
+        "Definition", "CreateIndex", "ModifyIndex",
+    ] {
+        assert!(e.iter().all(|c| c.get(k).is_some()), "field {k}");
+    }
+    let svc = e.iter().find(|c| c["CheckID"] == "service:web-1").unwrap();
+    assert_eq!((svc["ServiceID"].as_str(), svc["ServiceName"].as_str()), (Some("web-1"), Some("web")));
+    let maint = e.iter().find(|c| c["CheckID"] == "_service_maintenance:web-3").unwrap();
+    assert_eq!((maint["Status"].as_str(), maint["ServiceName"].as_str()), (Some("critical"), Some("web")));
+
+    // filter and node-meta, like the other read endpoints.
+    let f = |expr: &str| check_ids(&get(&c, &format!("/v1/health/state/any?filter={}", urlencode(expr))));
+    assert_eq!(f("ServiceID == \"web-2\""), vec!["n2:service:web-2"]);
+    assert_eq!(f("ServiceName == \"web\" and Status != \"passing\"").len(), 2);
+    assert_eq!(f("CheckID == \"serfHealth\"").len(), 4);
+    assert_eq!(f("ServiceName is empty and Node == \"n3\""), vec!["n3:serfHealth"]);
+    for bad in ["Nope == \"x\"", "Definition.HTTP == \"x\"", "Status =="] {
+        let r = get(&c, &format!("/v1/health/state/any?filter={}", urlencode(bad)));
+        assert_eq!(r.status, 400, "{bad}");
+        assert!(r.body.starts_with("Failed to create boolean expression evaluator: "), "{bad}: {}", r.body);
+    }
+    let r = get(&c, "/v1/health/state/any?node-meta=consul-version:1.19.0");
+    assert_eq!(check_ids(&r), vec![format!("{NODE_NAME}:serfHealth")]);
+
+    // Wire details.
+    let r = get(&c, "/v1/health/state/any?stale");
+    assert_eq!(r.h("x-consul-effective-consistency").as_deref(), Some("stale"));
+    assert_eq!(r.h("x-consul-knownleader").as_deref(), Some("true"));
+    assert_eq!(r.h("content-type").as_deref(), Some("application/json"));
+    let r = get(&c, "/v1/health/state/any?cached");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.h("x-cache"), None, "no agent cache for this endpoint");
+    assert_eq!(r.h("x-consul-effective-consistency").as_deref(), Some("leader"));
+    assert!(get(&c, "/v1/health/state/any?pretty").body.contains("\n    "));
+}
+
+#[test]
+fn health_state_bad_state_and_bad_parameters() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    for bad in ["bogus", "PASSING", "Any", "maintenance", "passing/extra", "ok"] {
+        let r = get(&c, &format!("/v1/health/state/{bad}"));
+        assert_eq!((r.status, r.body.clone()), (400, format!("Invalid check status: \"{bad}\"")), "{bad}");
+        assert_eq!(r.h("x-consul-index"), None);
+    }
+    let r = get(&c, "/v1/health/state/");
+    assert_eq!((r.status, r.body.as_str()), (400, "Missing check state"));
+    let cases: &[(&str, u16, &str)] = &[
+        ("?index=1&wait=abc", 400, "Invalid wait time"),
+        ("?index=abc", 400, "Invalid index"),
+        ("?stale&consistent", 400, "Cannot specify ?stale with ?consistent, conflicting semantics."),
+        ("?cached&consistent", 400, "Cannot specify ?cached with ?consistent, conflicting semantics."),
+        ("?dc=dc2", 500, "No path to datacenter"),
+        ("?ns=team", 400, "Invalid query parameter: \"ns\" - Namespaces are a Consul Enterprise feature"),
+    ];
+    for (q, code, body) in cases {
+        let r = get(&c, &format!("/v1/health/state/any{q}"));
+        assert_eq!((r.status, r.body.as_str()), (*code, *body), "{q}");
+    }
+    for q in ["?dc=dc1", "?consistent", "?wait=1m30s", "?passing", "?near=_agent"] {
+        assert_eq!(get(&c, &format!("/v1/health/state/passing{q}")).status, 200, "{q}");
+    }
+    let r = put(&c, "/v1/health/state/any", "");
+    assert_eq!(r.status, 405);
+    assert_eq!(r.h("allow").as_deref(), Some("OPTIONS,GET"));
+}
+
+#[test]
+fn health_state_acl_faults_and_reset() {
+    let c = ConsulDouble::start();
+    web(&c, 2);
+    let all = get(&c, "/v1/health/state/any").entries().len();
+    assert_eq!(all, 5);
+
+    // ACLs: node checks need node:read, service checks service:read too.
+    c.require_token(Some("root"));
+    c.add_limited_token("weak");
+    let r = get_with(&c, "/v1/health/state/any", &[("X-Consul-Token", "root")]);
+    assert_eq!(r.entries().len(), all);
+    assert_eq!(r.h("x-consul-results-filtered-by-acls"), None);
+    let r = get_with(&c, "/v1/health/state/any", &[("X-Consul-Token", "weak")]);
+    assert_eq!((r.status, r.body.as_str()), (200, "[]"));
+    assert_eq!(r.h("x-consul-results-filtered-by-acls").as_deref(), Some("true"));
+    assert_eq!(r.index(), c.checks_index(), "ACL filtering does not change the index");
+    let r = get(&c, "/v1/health/state/any");
+    assert_eq!((r.status, r.body.as_str()), (200, "[]"));
+    assert_eq!(r.h("x-consul-results-filtered-by-acls"), None, "masked for anonymous");
+    let r = get_with(&c, "/v1/health/state/any", &[("X-Consul-Token", "wrong")]);
+    assert_eq!((r.status, r.body.as_str()), (403, "ACL not found"));
+    let r = get_with(
+        &c,
+        &format!("/v1/health/state/any?filter={}", urlencode("Status == \"nope\"")),
+        &[("X-Consul-Token", "weak")],
+    );
+    assert_eq!(r.h("x-consul-results-filtered-by-acls"), None, "the filter ran before ACL filtering");
+    c.require_token(None);
+
+    // Faults.
+    c.fault(Fault::Status(500));
+    let r = get(&c, "/v1/health/state/any");
+    assert_eq!((r.status, r.body.as_str()), (500, "No cluster leader"));
+    c.fault(Fault::Garbage);
+    let r = get(&c, "/v1/health/state/any");
+    assert_eq!(r.status, 200);
+    assert!(r.index() >= 1);
+    assert!(serde_json::from_str::<Value>(&r.body).is_err(), "{}", r.body);
+    c.fault(Fault::WrongTypes);
+    let e = get(&c, "/v1/health/state/any").entries();
+    assert_eq!(e.iter().filter(|x| x["CheckID"] == "service:web-1").count(), 2, "duplicates");
+    assert!(e.iter().any(|x| x["Status"].is_number()));
+    assert!(e.iter().any(|x| x["ModifyIndex"].is_string()));
+    assert!(e.iter().any(|x| x.is_null()));
+    c.fault(Fault::IndexZero);
+    assert_eq!(get(&c, "/v1/health/state/any").h("x-consul-index").as_deref(), Some("0"));
+    c.fault(Fault::IndexMissing);
+    assert_eq!(get(&c, "/v1/health/state/any").h("x-consul-index"), None);
+    c.fault(Fault::NoLeader);
+    assert_eq!(get(&c, "/v1/health/state/any").status, 500);
+    assert_eq!(get(&c, "/v1/health/state/any?cached").status, 500, "no cache to answer from");
+    let r = get(&c, "/v1/health/state/any?stale");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.h("x-consul-knownleader").as_deref(), Some("false"));
+    c.fault(Fault::None);
+
+    // A fault releases a held query.
+    let i = get(&c, "/v1/health/state/any").index();
+    let h = spawn_get(&c, &format!("/v1/health/state/any?index={i}&wait=10s"));
+    wait_held(&c, 1);
+    c.fault(Fault::Status(503));
+    let (r, _) = h.join().unwrap();
+    assert_eq!(r.status, 503);
+    c.fault(Fault::None);
+
+    // Snapshot restore: released at once with a lower index, same checks.
+    let r = get(&c, "/v1/health/state/any");
+    let i = r.index();
+    let before = check_ids(&r);
+    let h = spawn_get(&c, &format!("/v1/health/state/any?index={i}&wait=10s"));
+    wait_held(&c, 1);
+    let t = Instant::now();
+    c.reset_indexes();
+    let (r, at) = h.join().unwrap();
+    assert!(at.duration_since(t) < Duration::from_millis(500));
+    assert!(r.index() < i && r.index() >= 2, "{} vs {i}", r.index());
+    assert_eq!(check_ids(&r), before);
+    assert!(r.entries().iter().all(|c| c["ModifyIndex"].as_u64().unwrap() <= r.index()));
+    let low = r.index();
+    c.set_health("n1", "web-1", "critical");
+    assert!(get(&c, "/v1/health/state/any").index() > low);
+}

@@ -541,10 +541,10 @@ impl Validator<'_> {
             self.err("consul.wait", format!("invalid duration {wait:?}: Consul caps blocking waits at 10m"));
         }
         let max_watches = max_watches.unwrap_or(64);
-        if !(1..=190).contains(&max_watches) {
+        if !(6..=190).contains(&max_watches) {
             self.err(
                 "consul.max_watches",
-                format!("invalid value {max_watches}: must be between 1 and 190 (the agent allows 200 connections per client)"),
+                format!("invalid value {max_watches}: must be between 6 and 190 (the whole connection budget towards the agent, which allows 200 per client; 4 go to short reads and writes)"),
             );
         }
         ConsulSettings {

@@ -10,7 +10,7 @@ pub mod matcher;
 pub mod select;
 
 use crate::config::{ClusterSpec, Config, DiscoverySpec};
-use crate::discovery::{Discovered, Endpoint};
+use crate::discovery::{Discovered, Endpoint, EndpointSet};
 use crate::metrics::{BackendMetrics, Metrics, RouteMetrics};
 use pingora::upstreams::peer::HttpPeer;
 use prometheus::Histogram;
@@ -74,6 +74,35 @@ impl StateRegistry {
         map.entry(name.to_string()).or_default().clone()
     }
 
+    /// Forget state (and metric series) of backends and clusters that `prev`
+    /// had and `table` no longer has, looking only at clusters that changed.
+    pub fn retain_changed(&self, prev: &RoutingTable, table: &RoutingTable) {
+        let mut gone: Vec<(String, SocketAddr)> = Vec::new();
+        for old in &prev.clusters {
+            let new = table.cluster(&old.name);
+            if new.is_some_and(|n| Arc::ptr_eq(n, old)) {
+                continue;
+            }
+            for b in &old.backends {
+                let kept = new.is_some_and(|n| n.backends.binary_search_by(|x| x.addr.cmp(&b.addr)).is_ok());
+                if !kept {
+                    gone.push((old.name.to_string(), b.addr));
+                }
+            }
+            if new.is_none() {
+                self.clusters.lock().unwrap_or_else(|e| e.into_inner()).remove(&*old.name);
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        let mut map = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        for key in gone {
+            self.metrics.forget_backend(&key.0, &key.1.to_string());
+            map.remove(&key);
+        }
+    }
+
     /// Forget state (and metric series) of backends and clusters the table no
     /// longer has. Requests still in flight keep their own `Arc`s.
     pub fn retain(&self, table: &RoutingTable) {
@@ -129,10 +158,55 @@ pub struct Cluster {
     pub state: Arc<ClusterState>,
     /// False until discovery has produced a first set for this cluster.
     pub discovered: bool,
+    /// The set this cluster was built from (to recognise it unchanged).
+    pub source: Option<EndpointSet>,
     pub duration: Histogram,
 }
 
+/// Whether a cluster was built from exactly this backend set.
+fn same_set(c: &Cluster, set: Option<&EndpointSet>) -> bool {
+    match (&c.source, set) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 impl Cluster {
+    fn new(name: &str, spec: &ClusterSpec, set: Option<EndpointSet>, states: &StateRegistry) -> Cluster {
+        let mut backends: Vec<Backend> = set
+            .iter()
+            .flat_map(|s| s.iter())
+            .map(|ep| Backend {
+                addr: ep.addr,
+                weight: ep.weight,
+                peer: make_peer(ep.addr, spec),
+                state: states.backend(name, ep.addr),
+                endpoint: ep.clone(),
+            })
+            .collect();
+        backends.sort_by(|a, b| a.addr.cmp(&b.addr));
+        backends.dedup_by(|a, b| a.addr == b.addr);
+        let active: Vec<u32> = backends
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.weight > 0)
+            .map(|(i, _)| i as u32)
+            .collect();
+        let selector = Selector::build(&spec.selection, &backends, &active);
+        Cluster {
+            name: Arc::from(name),
+            spec: spec.clone(),
+            discovered: set.is_some(),
+            source: set,
+            backends,
+            active,
+            selector,
+            state: states.cluster(name),
+            duration: states.metrics().cluster_histogram(name),
+        }
+    }
+
     pub fn pick(&self, req: &pingora::http::RequestHeader, tried: &[u32]) -> Option<u32> {
         select::pick(&self.selector, &self.backends, &self.active, &self.state, req, tried)
     }
@@ -153,9 +227,9 @@ pub struct Route {
 pub struct RoutingTable {
     pub generation: u64,
     pub built_at: SystemTime,
-    pub router: Router,
+    pub router: Arc<Router>,
     pub routes: Vec<Route>,
-    pub clusters: Vec<Cluster>,
+    pub clusters: Vec<Arc<Cluster>>,
     pub cluster_index: HashMap<String, u32>,
     /// Metrics for requests no route matched.
     pub unrouted: RouteMetrics,
@@ -175,71 +249,80 @@ impl RoutingTable {
         states: &StateRegistry,
         generation: u64,
     ) -> Result<RoutingTable, BuildError> {
+        Self::build_from(None, config, discovered, states, generation)
+    }
+
+    /// Build a table, reusing from `prev` every cluster whose spec and
+    /// backend set did not change (their selection structures — a consistent
+    /// hash ring is the expensive one — are then not rebuilt), the route
+    /// matcher when the routes did not change, and metric handles. The result
+    /// is the same as a fresh build.
+    pub fn build_from(
+        prev: Option<&RoutingTable>,
+        config: &Config,
+        discovered: &Discovered,
+        states: &StateRegistry,
+        generation: u64,
+    ) -> Result<RoutingTable, BuildError> {
         let mut clusters = Vec::with_capacity(config.clusters.len());
         let mut cluster_index = HashMap::with_capacity(config.clusters.len());
         for (name, spec) in &config.clusters {
-            let (endpoints, was_discovered): (Vec<Endpoint>, bool) = match &spec.discovery {
-                DiscoverySpec::Static(addrs) => (addrs.iter().map(|&a| Endpoint::new(a)).collect(), true),
-                _ => match discovered.get(name) {
-                    Some(set) => (set.as_ref().clone(), true),
-                    None => (Vec::new(), false),
-                },
+            let set: Option<EndpointSet> = match &spec.discovery {
+                DiscoverySpec::Static(addrs) => {
+                    Some(crate::discovery::normalise(addrs.iter().map(|&a| Endpoint::new(a)).collect()))
+                }
+                _ => discovered.get(name).cloned(),
             };
-            let mut backends: Vec<Backend> = endpoints
-                .into_iter()
-                .map(|ep| Backend {
-                    addr: ep.addr,
-                    weight: ep.weight,
-                    peer: make_peer(ep.addr, spec),
-                    state: states.backend(name, ep.addr),
-                    endpoint: ep,
-                })
-                .collect();
-            backends.sort_by(|a, b| a.addr.cmp(&b.addr));
-            backends.dedup_by(|a, b| a.addr == b.addr);
-            let active: Vec<u32> = backends
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.weight > 0)
-                .map(|(i, _)| i as u32)
-                .collect();
-            let selector = Selector::build(&spec.selection, &backends, &active);
+            let reused = prev
+                .and_then(|p| p.cluster(name))
+                .filter(|c| &c.spec == spec && c.discovered == set.is_some() && same_set(c, set.as_ref()));
+            let cluster = match reused {
+                Some(c) => c.clone(),
+                None => Arc::new(Cluster::new(name, spec, set, states)),
+            };
             cluster_index.insert(name.clone(), clusters.len() as u32);
-            clusters.push(Cluster {
-                name: Arc::from(name.as_str()),
-                spec: spec.clone(),
-                backends,
-                active,
-                selector,
-                state: states.cluster(name),
-                discovered: was_discovered,
-                duration: states.metrics().cluster_histogram(name),
-            });
+            clusters.push(cluster);
         }
+        let same_routes = prev.is_some_and(|p| p.routes.len() == config.routes.len() && p.routes.iter().zip(&config.routes).all(|(a, b)| &a.spec == b));
         let mut routes = Vec::with_capacity(config.routes.len());
-        for r in &config.routes {
+        for (i, r) in config.routes.iter().enumerate() {
             let Some(&ci) = cluster_index.get(&r.cluster) else {
                 return Err(BuildError::UnknownCluster {
                     route: r.name.clone(),
                     cluster: r.cluster.clone(),
                 });
             };
+            let metrics = match prev.filter(|_| same_routes) {
+                Some(p) => p.routes[i].metrics.clone(),
+                None => states.metrics().route_handles(&r.name, &r.cluster),
+            };
             routes.push(Route {
                 spec: r.clone(),
                 name: Arc::from(r.name.as_str()),
                 cluster: ci,
-                metrics: states.metrics().route_handles(&r.name, &r.cluster),
+                metrics,
             });
         }
+        let router = match prev.filter(|_| same_routes) {
+            Some(p) => p.router.clone(),
+            None => Arc::new(Router::new(&config.routes)),
+        };
         Ok(RoutingTable {
             generation,
             built_at: SystemTime::now(),
-            router: Router::new(&config.routes),
+            router,
             routes,
             clusters,
             cluster_index,
-            unrouted: states.metrics().route_handles("", ""),
+            unrouted: match prev {
+                Some(p) => p.unrouted.clone(),
+                None => states.metrics().route_handles("", ""),
+            },
         })
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.cluster_index.get(name).map(|&i| &self.clusters[i as usize])
     }
 
     /// Clusters that have not had a first discovery result.
@@ -247,10 +330,14 @@ impl RoutingTable {
         self.clusters.iter().filter(|c| !c.discovered).map(|c| &*c.name).collect()
     }
 
-    /// Update the per-cluster backend gauges after a publish.
-    pub fn export_gauges(&self, metrics: &Metrics) {
+    /// Update the per-cluster backend gauges after a publish (only clusters
+    /// that changed since `prev`).
+    pub fn export_gauges(&self, metrics: &Metrics, prev: Option<&RoutingTable>) {
         metrics.routing_generation.set(self.generation as i64);
         for c in &self.clusters {
+            if prev.and_then(|p| p.cluster(&c.name)).is_some_and(|old| Arc::ptr_eq(old, c)) {
+                continue;
+            }
             let active = c.active.len() as i64;
             let drained = c.backends.len() as i64 - active;
             metrics.backends.with_label_values(&[&c.name, "active"]).set(active);

@@ -29,6 +29,25 @@
 //!   check `service:<id>` that starts **passing** (test convenience); their
 //!   node gets a passing `serfHealth` check. Instances registered through the
 //!   agent API follow Consul: checks start **critical**.
+//! * `GET /v1/health/state/:state` [5.4]: a flat array of every check in the
+//!   datacenter (node checks such as `serfHealth`, service checks,
+//!   maintenance checks), filtered by status unless `:state` is `any`, in
+//!   Consul's check-ID-index order (node, then check ID). It blocks on the
+//!   **checks-table index**, which moves on every check create, update or
+//!   delete anywhere in the datacenter (health flips, output changes that
+//!   reach the catalog, registrations that add checks, deregistrations and
+//!   maintenance toggles that remove them) and on nothing else: not on a
+//!   write that changes nothing, not on a service or node change that
+//!   leaves every check as it was. Each check's `ModifyIndex` is the index
+//!   of the write that last changed it. ACLs: node checks need node:read,
+//!   service checks node:read and service:read (limited and anonymous
+//!   tokens have neither). No agent cache (`?cached` is accepted and
+//!   ignored, as in Consul), no streaming. Deliberately stricter than
+//!   Consul: a state other than exactly `any`/`passing`/`warning`/`critical`
+//!   answers 400 `Invalid check status: "<x>"` (Consul itself sends the
+//!   unknown state to the status index and answers 200 `[]`; the Go client
+//!   refuses such a state before sending). An empty state answers 400
+//!   `Missing check state`, as in Consul.
 //! * The agent's own node `consul-double` hosts Consul's `consul` service
 //!   (port 8300), as on a real server agent [5.2]; it shows up in
 //!   `/v1/catalog/services`.
@@ -526,7 +545,7 @@ impl Catalog {
         } else {
             rec.create = idx;
         }
-        rec.modify = idx;
+        rec.modify = if rec.create == idx { idx } else { rec.create };
         let node = rec.node.clone();
         let sid = rec.service_id.clone();
         let sname = rec.service_name.clone();
@@ -998,6 +1017,11 @@ impl ConsulDouble {
     /// Extension: the services-table index (`/v1/catalog/services`).
     pub fn services_index(&self) -> u64 {
         self.shared.lock().cat.idx_services
+    }
+
+    /// Extension: the checks-table index (`/v1/health/state/:state`).
+    pub fn checks_index(&self) -> u64 {
+        self.shared.lock().cat.idx_checks
     }
 
     /// Extension: the global Raft index.
@@ -1643,6 +1667,8 @@ async fn route(sh: &Arc<Shared>, ctx: &Ctx) -> Reply {
     let p = ctx.path.as_str();
     let (allowed, which): (&[&str], Ep) = if let Some(rest) = p.strip_prefix("/v1/health/service/") {
         (GET, Ep::Health(rest.to_string()))
+    } else if let Some(rest) = p.strip_prefix("/v1/health/state/") {
+        (GET, Ep::HealthState(rest.to_string()))
     } else if p == "/v1/catalog/services" {
         (GET, Ep::CatalogServices)
     } else if let Some(rest) = p.strip_prefix("/v1/catalog/service/") {
@@ -1687,6 +1713,7 @@ async fn route(sh: &Arc<Shared>, ctx: &Ctx) -> Reply {
     }
     match which {
         Ep::Health(name) => read_endpoint(sh, ctx, ReadKind::Health(name)).await,
+        Ep::HealthState(state) => read_endpoint(sh, ctx, ReadKind::HealthState(state)).await,
         Ep::CatalogServices => read_endpoint(sh, ctx, ReadKind::CatalogServices).await,
         Ep::CatalogService(name) => read_endpoint(sh, ctx, ReadKind::CatalogService(name)).await,
         Ep::Leader => {
@@ -1780,6 +1807,7 @@ async fn route(sh: &Arc<Shared>, ctx: &Ctx) -> Reply {
 
 enum Ep {
     Health(String),
+    HealthState(String),
     CatalogServices,
     CatalogService(String),
     Leader,
@@ -1808,6 +1836,9 @@ enum Who {
 
 impl Who {
     fn service_read(&self) -> bool {
+        matches!(self, Who::Off | Who::Full)
+    }
+    fn node_read(&self) -> bool {
         matches!(self, Who::Off | Who::Full)
     }
     fn service_write(&self) -> bool {
@@ -1849,6 +1880,7 @@ fn perm_denied(who: &Who, perm: &str, on: &str) -> String {
 #[derive(Clone, Debug)]
 enum ReadKind {
     Health(String),
+    HealthState(String),
     CatalogServices,
     CatalogService(String),
     Leader,
@@ -1997,7 +2029,7 @@ struct Listing {
 }
 
 async fn read_endpoint(sh: &Arc<Shared>, ctx: &Ctx, kind: ReadKind) -> Reply {
-    let opts = match parse_read(ctx) {
+    let mut opts = match parse_read(ctx) {
         Ok(o) => o,
         Err(r) => return r,
     };
@@ -2005,6 +2037,18 @@ async fn read_endpoint(sh: &Arc<Shared>, ctx: &Ctx, kind: ReadKind) -> Reply {
         if n.is_empty() {
             return Reply::text(400, "Missing service name");
         }
+    }
+    if let ReadKind::HealthState(s) = &kind {
+        if s.is_empty() {
+            return Reply::text(400, "Missing check state");
+        }
+        // Stricter than Consul (which answers 200 [] here): see the module doc.
+        if !matches!(s.as_str(), "any" | "passing" | "warning" | "critical") {
+            return Reply::text(400, format!("Invalid check status: {}", go_quote(s)));
+        }
+        // HealthChecksInState always makes a plain RPC: `?cached` was
+        // parsed (and rejected with `?consistent`) but has no effect.
+        opts.cached = false;
     }
     // RPC: forward to the datacenter, then resolve the token, then compile
     // the filter, then block.
@@ -2025,6 +2069,7 @@ async fn read_endpoint(sh: &Arc<Shared>, ctx: &Ctx, kind: ReadKind) -> Reply {
     }
     let schema = match kind {
         ReadKind::Health(_) => Schema::Health,
+        ReadKind::HealthState(_) => Schema::Check,
         _ => Schema::ServiceNode,
     };
     let filter = match ctx.q.get("filter").filter(|f| !f.is_empty()) {
@@ -2049,9 +2094,11 @@ async fn read_endpoint(sh: &Arc<Shared>, ctx: &Ctx, kind: ReadKind) -> Reply {
         node_meta,
         filter,
         service_read: who.service_read(),
+        node_read: who.node_read(),
     };
     let (idx, listing) = block(sh, opts.index, opts.wait, |st| match &kind {
         ReadKind::Health(n) => (st.cat.service_index(n, true), health_listing(&st.cat, n, &sel)),
+        ReadKind::HealthState(s) => (st.cat.idx_checks, state_listing(&st.cat, s, &sel)),
         ReadKind::CatalogService(n) => (st.cat.service_index(n, false), catalog_service_listing(&st.cat, n, &sel)),
         _ => (st.cat.idx_services, catalog_services_listing(&st.cat, &sel)),
     })
@@ -2174,6 +2221,10 @@ fn garbage(v: &Value) -> Reply {
 ///   `wrongtypes-hostname` (Service.Address a hostname),
 ///   `wrongtypes-weights-string` (Weights.Passing "1"), `wrongtypes-node-null`
 ///   (Node null).
+/// * `/v1/health/state`: every real check twice (exact duplicates), then
+///   synthetic checks with CheckIDs `wrongtypes-status-number` (Status 2),
+///   `wrongtypes-modifyindex-string` (ModifyIndex "12"),
+///   `wrongtypes-servicetags-string` (ServiceTags "a,b"), then a `null`.
 /// * `/v1/catalog/services`: each service maps to its tags joined by "," (a
 ///   string, not an array), plus `"wrongtypes": 42`.
 /// * `/v1/catalog/service`: every row twice, plus rows with ServicePort "80"
@@ -2216,6 +2267,28 @@ fn wrong_types(kind: &ReadKind, real: &Value) -> Value {
                 e["Service"]["Weights"] = json!({"Passing": "1", "Warning": 1})
             }));
             out.push(variant("wrongtypes-node-null", &|e: &mut Value| e["Node"] = Value::Null));
+            Value::Array(out)
+        }
+        ReadKind::HealthState(_) => {
+            let checks = real.as_array().cloned().unwrap_or_default();
+            let mut out = Vec::new();
+            for c in &checks {
+                out.push(c.clone());
+                out.push(c.clone());
+            }
+            let template = checks.first().cloned().unwrap_or_else(|| {
+                check_json(&service_check("wrongtypes-node", "wrongtypes", "wrongtypes", &[], "passing"))
+            });
+            let variant = |id: &str, f: &dyn Fn(&mut Value)| -> Value {
+                let mut c = template.clone();
+                c["CheckID"] = json!(id);
+                f(&mut c);
+                c
+            };
+            out.push(variant("wrongtypes-status-number", &|c: &mut Value| c["Status"] = json!(2)));
+            out.push(variant("wrongtypes-modifyindex-string", &|c: &mut Value| c["ModifyIndex"] = json!("12")));
+            out.push(variant("wrongtypes-servicetags-string", &|c: &mut Value| c["ServiceTags"] = json!("a,b")));
+            out.push(Value::Null);
             Value::Array(out)
         }
         ReadKind::CatalogServices => {
@@ -2282,6 +2355,7 @@ struct Selection {
     node_meta: Vec<(String, String)>,
     filter: Option<Expr>,
     service_read: bool,
+    node_read: bool,
 }
 
 impl Selection {
@@ -2290,13 +2364,15 @@ impl Selection {
             .tags
             .iter()
             .all(|t| svc.tags.iter().any(|x| x.to_lowercase() == t.to_lowercase()));
-        let meta_ok = self.node_meta.iter().all(|(k, v)| {
+        tags_ok && self.node_meta_ok(cat, node)
+    }
+    fn node_meta_ok(&self, cat: &Catalog, node: &str) -> bool {
+        self.node_meta.iter().all(|(k, v)| {
             cat.nodes
                 .get(node)
                 .and_then(|n| n.meta.get(k))
                 .is_some_and(|x| x == v)
-        });
-        tags_ok && meta_ok
+        })
     }
 }
 
@@ -2338,6 +2414,42 @@ fn health_listing(cat: &Catalog, name: &str, sel: &Selection) -> Listing {
         value: Value::Array(out),
         acl_filtered,
         passing,
+    }
+}
+
+/// `Health.ChecksInState`: every check in the datacenter whose status is
+/// `state` (all of them for `any`), in the check table's ID-index order
+/// (node, then check ID, both case-insensitive); `node-meta` in the state
+/// store, then the `filter` expression, then ACL filtering (node checks need
+/// node:read; service checks node:read and service:read), so that
+/// `X-Consul-Results-Filtered-By-Acls` only counts entries the filter kept.
+fn state_listing(cat: &Catalog, state: &str, sel: &Selection) -> Listing {
+    let mut rows: Vec<&CheckRec> = cat
+        .checks
+        .values()
+        .filter(|c| state == "any" || c.status == state)
+        .filter(|c| sel.node_meta_ok(cat, &c.node))
+        .collect();
+    rows.sort_by_cached_key(|c| (c.node.to_lowercase(), c.check_id.to_lowercase()));
+    let mut out = Vec::new();
+    let mut acl_filtered = false;
+    for c in rows {
+        let v = check_json(c);
+        if let Some(f) = &sel.filter {
+            if !f.eval(&|path: &[String]| row_field(&v, path)) {
+                continue;
+            }
+        }
+        if !(sel.node_read && (c.service_id.is_empty() || sel.service_read)) {
+            acl_filtered = true;
+            continue;
+        }
+        out.push(v);
+    }
+    Listing {
+        value: Value::Array(out),
+        acl_filtered,
+        passing: Vec::new(),
     }
 }
 
@@ -3109,6 +3221,8 @@ enum Schema {
     Health,
     /// Catalog rows (`structs.ServiceNode`): `ServiceName`, `ServiceTags`, ...
     ServiceNode,
+    /// `/v1/health/state` entries (`structs.HealthCheck`): `Status`, `ServiceName`, ...
+    Check,
 }
 
 #[derive(Clone, Debug)]
@@ -3380,6 +3494,14 @@ fn selector_valid(schema: Schema, path: &[String]) -> bool {
             ["ServiceWeights", "Passing" | "Warning"] => true,
             _ => false,
         },
+        // Definition and the Raft indexes are `bexpr:"-"` in Consul.
+        Schema::Check => matches!(
+            p.as_slice(),
+            [
+                "Node" | "CheckID" | "Name" | "Status" | "Notes" | "Output" | "ServiceID" | "ServiceName"
+                    | "ServiceTags" | "Type" | "Interval" | "Timeout" | "ExposedPort" | "PeerName"
+            ]
+        ),
     }
 }
 

@@ -47,8 +47,14 @@ pub struct Response {
     pub body: Bytes,
 }
 
-/// Permits for short (non-blocking) requests, on top of the blocking budget.
+/// Permits for short (non-blocking) requests and writes.
 pub const SHORT_PERMITS: usize = 4;
+
+/// `max_watches` is the whole connection budget towards the agent: short
+/// requests get [`SHORT_PERMITS`] of it, blocking queries the rest.
+pub fn blocking_budget(settings: &ConsulSettings) -> usize {
+    settings.max_watches.saturating_sub(SHORT_PERMITS).max(1)
+}
 
 pub struct ConsulClient {
     http: reqwest::Client,
@@ -74,7 +80,10 @@ impl ConsulClient {
         let mut b = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(settings.max_watches + 1 + SHORT_PERMITS)
+            // No idle pool: the client may race a new connection against an idle
+            // one, which would break the budget. One connection per request keeps
+            // open connections ≤ permits; a blocking query lasts minutes anyway.
+            .pool_max_idle_per_host(0)
             .tcp_nodelay(true)
             .no_proxy()
             .gzip(true)
@@ -128,7 +137,7 @@ impl ConsulClient {
         let http = b.build().map_err(|e| format!("HTTP client: {e}"))?;
         Ok(ConsulClient {
             http,
-            blocking: tokio::sync::Semaphore::new(settings.max_watches + 1),
+            blocking: tokio::sync::Semaphore::new(blocking_budget(settings)),
             short: tokio::sync::Semaphore::new(SHORT_PERMITS),
             bases,
             current: AtomicUsize::new(0),

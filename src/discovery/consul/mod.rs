@@ -106,6 +106,10 @@ pub struct WatchShared {
     label: String,
     view: ViewTx,
     last_sync: Mutex<Option<SystemTime>>,
+    /// A blocking read is held after a good read: the set is current right now
+    /// (Consul would answer at once on a change).
+    holding: std::sync::atomic::AtomicBool,
+    staleness: prometheus::Gauge,
     metrics: Arc<Metrics>,
     status: Arc<StatusBoard>,
     persist: Arc<Notify>,
@@ -121,6 +125,8 @@ impl WatchShared {
             query: q.clone(),
             view,
             last_sync: Mutex::new(None),
+            holding: std::sync::atomic::AtomicBool::new(false),
+            staleness: metrics.discovery_staleness.with_label_values(&[&q.label()]),
             metrics: metrics.clone(),
             status: status.clone(),
             persist: persist.clone(),
@@ -130,7 +136,15 @@ impl WatchShared {
     pub fn synced(&self, at: SystemTime) {
         *self.last_sync.lock().unwrap_or_else(|e| e.into_inner()) = Some(at);
         self.status.source_ok(&self.name, at);
-        self.metrics.discovery_staleness.with_label_values(&[&self.label]).set(0.0);
+        self.staleness.set(0.0);
+    }
+
+    pub fn set_holding(&self, on: bool) {
+        self.holding.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn holding(&self) -> bool {
+        self.holding.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn last_sync(&self) -> Option<SystemTime> {
@@ -194,6 +208,7 @@ fn from_unix(s: f64) -> SystemTime {
 struct Running {
     shared: Arc<WatchShared>,
     task: tokio::task::JoinHandle<()>,
+    mode: watch::Mode,
 }
 
 pub struct ConsulSource {
@@ -280,14 +295,17 @@ impl ConsulSource {
         if running.contains_key(q) {
             return;
         }
-        let mode = if running.len() < self.settings.max_watches {
+        // The catalog watch (auto routes) holds one blocking permit too.
+        let budget = client::blocking_budget(&self.settings).saturating_sub(self.settings.auto_routes as usize);
+        let blocking = running.values().filter(|r| r.mode == watch::Mode::Blocking).count();
+        let mode = if blocking < budget {
             watch::Mode::Blocking
         } else {
             watch::Mode::Poll(OVERFLOW_POLL)
         };
         let shared = Arc::new(WatchShared::new(q, self.view.clone(), &self.metrics, &self.status, &self.persist));
         let task = tokio::spawn(watch::run(q.clone(), self.client.clone(), shared.clone(), mode, shutdown.clone()));
-        running.insert(q.clone(), Running { shared, task });
+        running.insert(q.clone(), Running { shared, task, mode });
     }
 
     /// Stop the watch for `q` and forget its set.
@@ -454,11 +472,16 @@ impl BackgroundService for ConsulSource {
                     let view = self.view.borrow().clone();
                     for r in self.running.lock().unwrap_or_else(|e| e.into_inner()).values() {
                         let w = &r.shared;
+                        if w.holding() {
+                            // In sync right now: a held blocking read after a good one.
+                            w.synced(now);
+                            continue;
+                        }
                         let since = w.last_sync()
                             .or_else(|| view.services.get(&w.query).map(|s| s.synced_at))
                             .unwrap_or(started);
                         let age = now.duration_since(since).unwrap_or_default().as_secs_f64();
-                        self.metrics.discovery_staleness.with_label_values(&[&w.label]).set(age);
+                        w.staleness.set(age);
                     }
                 }
             }

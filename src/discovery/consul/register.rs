@@ -58,10 +58,12 @@ impl Registration {
     }
 
     async fn put(&self, endpoint: &'static str, path: &str, query: &[(&str, Option<&str>)], body: Option<Vec<u8>>) -> Result<(), ClientError> {
-        self.client
-            .request(reqwest::Method::PUT, endpoint, path, query, body, WRITE_TIMEOUT)
-            .await
-            .map(|_| ())
+        let r = self.client.request(reqwest::Method::PUT, endpoint, path, query, body, WRITE_TIMEOUT).await;
+        if matches!(r, Err(ClientError::Http { status: 403, .. })) {
+            // The token may have been rotated: the next attempt uses the file's current one.
+            self.client.reload_token();
+        }
+        r.map(|_| ())
     }
 
     pub async fn register(&self) -> Result<(), ClientError> {

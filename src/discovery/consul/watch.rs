@@ -186,6 +186,8 @@ pub async fn run(
         let params = query_params(&query, settings.datacenter.as_deref(), use_stale, &index, &wait_ms, blocking);
         let timeout = if blocking { read_timeout(settings.wait) } else { Duration::from_secs(10) + READ_SLACK };
         let started = Instant::now();
+        // Only a blocking read that follows a good read proves freshness while held.
+        shared.set_holding(blocking && failures == 0);
         let result = tokio::select! {
             _ = shutdown.changed() => return,
             r = tokio::time::timeout(timeout, client.request(reqwest::Method::GET, "health_service", &path, &params, None, timeout)) => {
@@ -248,6 +250,7 @@ pub async fn run(
                 }
             }
             Err(e) => {
+                shared.set_holding(false);
                 tracker.reset();
                 failures += 1;
                 if matches!(e, ClientError::Http { status: 403, .. }) {
