@@ -545,7 +545,7 @@ impl Catalog {
         } else {
             rec.create = idx;
         }
-        rec.modify = if rec.create == idx { idx } else { rec.create };
+        rec.modify = idx;
         let node = rec.node.clone();
         let sid = rec.service_id.clone();
         let sname = rec.service_name.clone();
