@@ -428,12 +428,26 @@ fn many_services_stay_within_the_connection_budget() {
     // ...and, with no idle pool, the connections; the double counts one as
     // open until it sees the close, so a few may be in teardown.
     assert!(consul.max_open_connections() <= 8 + 4, "max open connections {}", consul.max_open_connections());
-    // A change on a blocking-watched service still propagates fast.
-    let up2 = Upstream::start("s0-new");
-    consul.register(Instance::new("n0b", "s0-2", "s0", "127.0.0.1", up2.addr.port()));
+    // A change propagates fast both for a service with its own blocking watch
+    // and for one beyond the budget (poked by the datacenter-wide check signal).
+    let up2 = Upstream::start("new");
+    for s in ["s0", "s39"] {
+        let t0 = Instant::now();
+        consul.register(Instance::new(&format!("{s}-b"), &format!("{s}-2"), s, "127.0.0.1", up2.addr.port()));
+        assert!(wait_until(Duration::from_secs(3), || {
+            (0..4).any(|_| p.http.get(p.url("/")).header("host", format!("{s}.test")).send().unwrap().text().unwrap() == "new")
+        }));
+        assert!(t0.elapsed() < Duration::from_secs(1), "{s}: {:?}", t0.elapsed());
+    }
+    // Only the changed service was re-read: a change to s39 does not make the
+    // other triggered services read again.
+    let before: usize = consul.requests().iter().filter(|r| r.path == "/v1/health/service/s38").count();
+    consul.set_health("s39-b", "s39-2", "critical");
     assert!(wait_until(Duration::from_secs(3), || {
-        (0..4).any(|_| p.http.get(p.url("/")).header("host", "s0.test").send().unwrap().text().unwrap() == "s0-new")
+        (0..8).all(|_| p.http.get(p.url("/")).header("host", "s39.test").send().unwrap().text().unwrap() == "s")
     }));
+    let after: usize = consul.requests().iter().filter(|r| r.path == "/v1/health/service/s38").count();
+    assert_eq!(before, after, "an unrelated triggered service was re-read");
 }
 
 #[test]

@@ -15,6 +15,7 @@ pub mod catalog;
 pub mod client;
 pub mod health;
 pub mod register;
+pub mod signal;
 pub mod tags;
 pub mod watch;
 
@@ -33,8 +34,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{watch as wch, Notify};
 
-/// Poll interval of watches beyond the blocking budget.
-pub const OVERFLOW_POLL: Duration = Duration::from_secs(5);
+/// Watches beyond the blocking budget re-read at least this often, even
+/// without a signal (catches instances registered without any check).
+pub const TRIGGERED_RESYNC: Duration = Duration::from_secs(300);
 
 /// A whole instance list for one query, as last read.
 #[derive(Debug, Clone, PartialEq)]
@@ -222,6 +224,10 @@ pub struct ConsulSource {
     /// Cluster names from the config file: an auto route may not take them.
     reserved: BTreeSet<String>,
     running: Mutex<BTreeMap<ConsulQuery, Running>>,
+    /// Triggered watches, by service name, for the check signal to poke.
+    pokes: signal::Pokes,
+    signal_holding: Arc<std::sync::atomic::AtomicBool>,
+    signal_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Tags of the services that have auto routes, persisted with the sets.
     auto_tags: Mutex<BTreeMap<String, Vec<String>>>,
 }
@@ -282,6 +288,9 @@ impl ConsulSource {
                 configured: configured.into_iter().collect(),
                 reserved,
                 running: Mutex::new(BTreeMap::new()),
+                pokes: Default::default(),
+                signal_holding: Default::default(),
+                signal_task: Mutex::new(None),
                 auto_tags: Mutex::new(auto_tags),
             },
             rx,
@@ -295,16 +304,31 @@ impl ConsulSource {
         if running.contains_key(q) {
             return;
         }
-        // The catalog watch (auto routes) holds one blocking permit too.
-        let budget = client::blocking_budget(&self.settings).saturating_sub(self.settings.auto_routes as usize);
-        let blocking = running.values().filter(|r| r.mode == watch::Mode::Blocking).count();
+        // The catalog watch (auto routes) and the check signal hold one
+        // blocking permit each.
+        let budget = client::blocking_budget(&self.settings).saturating_sub(self.settings.auto_routes as usize + 1);
+        let blocking = running.values().filter(|r| r.mode.is_blocking()).count();
         let mode = if blocking < budget {
             watch::Mode::Blocking
         } else {
-            watch::Mode::Poll(OVERFLOW_POLL)
+            let poke = Arc::new(Notify::new());
+            self.pokes.lock().unwrap_or_else(|e| e.into_inner()).entry(q.service.clone()).or_default().push(poke.clone());
+            let mut task = self.signal_task.lock().unwrap_or_else(|e| e.into_inner());
+            if task.is_none() {
+                tracing::info!(budget, "more routed services than blocking watches; the rest follow the datacenter-wide check signal");
+                *task = Some(tokio::spawn(signal::run(
+                    self.client.clone(),
+                    self.metrics.clone(),
+                    self.status.clone(),
+                    self.pokes.clone(),
+                    self.signal_holding.clone(),
+                    shutdown.clone(),
+                )));
+            }
+            watch::Mode::Triggered { poke, resync: TRIGGERED_RESYNC }
         };
         let shared = Arc::new(WatchShared::new(q, self.view.clone(), &self.metrics, &self.status, &self.persist));
-        let task = tokio::spawn(watch::run(q.clone(), self.client.clone(), shared.clone(), mode, shutdown.clone()));
+        let task = tokio::spawn(watch::run(q.clone(), self.client.clone(), shared.clone(), mode.clone(), shutdown.clone()));
         running.insert(q.clone(), Running { shared, task, mode });
     }
 
@@ -312,6 +336,11 @@ impl ConsulSource {
     fn drop_watch(&self, q: &ConsulQuery) {
         if let Some(r) = self.running.lock().unwrap_or_else(|e| e.into_inner()).remove(q) {
             r.task.abort();
+            if let watch::Mode::Triggered { poke, .. } = &r.mode {
+                if let Some(v) = self.pokes.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&q.service) {
+                    v.retain(|p| !Arc::ptr_eq(p, poke));
+                }
+            }
         }
         self.view.send_if_modified(|v| Arc::make_mut(v).services.remove(q).is_some());
     }
@@ -472,7 +501,8 @@ impl BackgroundService for ConsulSource {
                     let view = self.view.borrow().clone();
                     for r in self.running.lock().unwrap_or_else(|e| e.into_inner()).values() {
                         let w = &r.shared;
-                        if w.holding() {
+                        let signalled = !r.mode.is_blocking() && self.signal_holding.load(std::sync::atomic::Ordering::Relaxed);
+                        if w.holding() || signalled {
                             // In sync right now: a held blocking read after a good one.
                             w.synced(now);
                             continue;
@@ -487,6 +517,9 @@ impl BackgroundService for ConsulSource {
             }
         }
         if let Some(t) = catalog_task {
+            t.abort();
+        }
+        if let Some(t) = self.signal_task.lock().unwrap_or_else(|e| e.into_inner()).take() {
             t.abort();
         }
         let tasks: Vec<_> = std::mem::take(&mut *self.running.lock().unwrap_or_else(|e| e.into_inner()))

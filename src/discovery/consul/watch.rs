@@ -129,12 +129,19 @@ pub fn read_timeout(wait: Duration) -> Duration {
     wait + wait / 16 + READ_SLACK
 }
 
-/// How a watch reads: blocking, or polling without an index (beyond the
-/// connection budget).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a watch reads: blocking; or, beyond the connection budget, a
+/// non-blocking read each time the datacenter-wide check signal says this
+/// service changed (and at least every `resync`).
+#[derive(Debug, Clone)]
 pub enum Mode {
     Blocking,
-    Poll(Duration),
+    Triggered { poke: Arc<tokio::sync::Notify>, resync: Duration },
+}
+
+impl Mode {
+    pub fn is_blocking(&self) -> bool {
+        matches!(self, Mode::Blocking)
+    }
 }
 
 fn query_params<'a>(q: &'a ConsulQuery, dc: Option<&'a str>, stale: bool, index: &'a str, wait: &'a str, blocking: bool) -> Vec<(&'a str, Option<&'a str>)> {
@@ -181,7 +188,7 @@ pub async fn run(
             _ = shutdown.changed() => return,
             _ = bucket.acquire() => {}
         }
-        let blocking = mode == Mode::Blocking && tracker.request_index() > 0;
+        let blocking = mode.is_blocking() && tracker.request_index() > 0;
         let index = tracker.request_index().to_string();
         let params = query_params(&query, settings.datacenter.as_deref(), use_stale, &index, &wait_ms, blocking);
         let timeout = if blocking { read_timeout(settings.wait) } else { Duration::from_secs(10) + READ_SLACK };
@@ -243,9 +250,13 @@ pub async fn run(
                         sleep_or_shutdown(backoff(failures), &mut shutdown).await;
                     }
                 }
-                if let Mode::Poll(every) = mode {
-                    let spent = started.elapsed();
-                    sleep_or_shutdown(every.saturating_sub(spent), &mut shutdown).await;
+                if let Mode::Triggered { poke, resync } = &mode {
+                    let _ = started;
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = poke.notified() => {}
+                        _ = tokio::time::sleep(*resync) => {}
+                    }
                     tracker.reset();
                 }
             }
