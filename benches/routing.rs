@@ -107,6 +107,19 @@ fn bench_build(c: &mut Criterion) {
                 RoutingTable::build(black_box(&cfg), black_box(&disc), &states, generation).unwrap()
             })
         });
+        // The common case in reconcile: one cluster's set changed, the other 99
+        // (and the route matcher) are reused from the previous table.
+        let prev = RoutingTable::build(&cfg, &disc, &states, 0).unwrap();
+        let mut changed = disc.clone();
+        let mut eps = changed["c0"].as_ref().clone();
+        eps.pop();
+        changed.insert("c0".into(), normalise(eps));
+        g.bench_function(BenchmarkId::new(format!("{CLUSTERS}x{BACKENDS}/one_changed"), policy), |b| {
+            b.iter(|| {
+                generation += 1;
+                RoutingTable::build_from(Some(&prev), black_box(&cfg), black_box(&changed), &states, generation).unwrap()
+            })
+        });
     }
     g.finish();
 }

@@ -1,0 +1,890 @@
+#!/usr/bin/env bash
+# benches/e2e.sh: end-to-end benchmark of Switchyard against nginx and HAProxy.
+#
+#   benches/e2e.sh            # full run: 3 rounds x 10 s per proxy and scenario (~8 min)
+#   benches/e2e.sh --smoke    # about a minute: 1 round x 2 s, 200 idle connections
+#
+# Options:
+#   --smoke          1 round, 2 s runs, 1 s warm-ups, 200 connections in the scale test
+#   --rounds N       interleaved rounds per scenario (default 3)
+#   --duration S     seconds per measured wrk run (default 10)
+#   --warmup S       seconds of warm-up per proxy before the rounds (default 3)
+#   --conns N        idle keep-alive connections in the scale scenario (default 10000)
+#   --only LIST      scenarios to run, comma separated (default: all):
+#                    pinned, unpinned, features, swaps, conns
+#   --proxies LIST   proxies in the pinned/unpinned/conns scenarios
+#                    (default: switchyard,nginx,haproxy)
+#   --no-build       do not run cargo; use target/release/switchyard as it is
+#   --keep           keep the work directory (configs, logs, raw wrk output)
+#   SWITCHYARD_BIN=path  benchmark that binary instead of building one
+#
+# What it does, in one run:
+#   * installs missing Debian packages (nginx-light, haproxy, wrk, curl, python3,
+#     util-linux, procps; cmake for the build) with apt-get;
+#   * builds the release binary (cargo decides whether anything changed) and
+#     copies it into the work directory, so a concurrent rebuild cannot swap it
+#     out in the middle of a run;
+#   * starts two upstreams, each its own nginx instance with one worker that
+#     answers `200 ok\n` (3 bytes), shared by every proxy;
+#   * starts the proxies with equivalent configs: round robin over the two
+#     upstreams, upstream keep-alive, no request cap per connection (client or
+#     upstream side), no access log, one worker/thread (two in "unpinned");
+#   * drives each with `wrk -t1 -c50`, interleaving the proxies (A B C A B C ...)
+#     after a warm-up of each, and records per run: req/s, p50/p99/p99.9 latency,
+#     the proxy's CPU microseconds per request (utime+stime of all its processes
+#     from /proc/PID/stat, before and after the run, divided by the requests) and
+#     its RSS (VmRSS summed over its processes);
+#   * prints a markdown table of medians per scenario and the Switchyard ratios.
+#
+# Scenarios:
+#   pinned    one worker each; the proxy on core 0 (taskset -c 0), wrk and the
+#             upstreams on core 1. CPU us/request is the number to compare:
+#             req/s on a shared machine is noisy.
+#   unpinned  two workers/threads each, nothing pinned.
+#   features  Switchyard lean (as above) vs "full": JSON access log to a file.
+#             Forwarded headers and request IDs are always on in both.
+#   swaps     lean Switchyard on a `file` catalog cluster, with and without a
+#             background loop that rewrites the catalog 10 times a second
+#             (alternating two valid contents, atomic rename). Non-2xx responses
+#             must be 0; the routing generation from /status proves the swaps.
+#   conns     RSS of each proxy holding N idle keep-alive client connections
+#             (a small Python client opens them, one request each, and holds them).
+#
+# Exit status: 0 when every proxy served every run (all 2xx, no connect errors,
+# still alive afterwards, every swap run swapped, every connection held).
+# Speed never fails the run. Everything listens on 127.0.0.1 only.
+#
+# Only the processes this script starts are stopped (by PID, from the EXIT trap).
+# Requires: Debian/Ubuntu (apt-get), root or sudo for missing packages, Rust
+# toolchain unless SWITCHYARD_BIN is given.
+
+set -euo pipefail
+
+# ---------------------------------------------------------------- options ---
+
+SMOKE=0
+ROUNDS=3
+DURATION=10
+WARMUP=3
+CONNS=10000
+ONLY="pinned,unpinned,features,swaps,conns"
+PROXIES="switchyard,nginx,haproxy"
+BUILD=1
+KEEP=0
+ROUNDS_SET=0 DURATION_SET=0 WARMUP_SET=0 CONNS_SET=0
+
+usage() { sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0"; }
+
+while (($#)); do
+    case $1 in
+        --smoke) SMOKE=1 ;;
+        --rounds) ROUNDS=${2:?--rounds needs a value}; ROUNDS_SET=1; shift ;;
+        --duration) DURATION=${2:?--duration needs a value}; DURATION_SET=1; shift ;;
+        --warmup) WARMUP=${2:?--warmup needs a value}; WARMUP_SET=1; shift ;;
+        --conns) CONNS=${2:?--conns needs a value}; CONNS_SET=1; shift ;;
+        --only) ONLY=${2:?--only needs a value}; shift ;;
+        --proxies) PROXIES=${2:?--proxies needs a value}; shift ;;
+        --no-build) BUILD=0 ;;
+        --keep) KEEP=1 ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "unknown option: $1 (see --help)" >&2; exit 64 ;;
+    esac
+    shift
+done
+
+if ((SMOKE)); then
+    ((ROUNDS_SET)) || ROUNDS=1
+    ((DURATION_SET)) || DURATION=2
+    ((WARMUP_SET)) || WARMUP=1
+    ((CONNS_SET)) || CONNS=200
+fi
+for v in ROUNDS DURATION WARMUP CONNS; do
+    [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 1 ]] || { echo "--${v,,} must be a positive integer" >&2; exit 64; }
+done
+
+# ---------------------------------------------------------------- globals ---
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PATH="$PATH:/usr/sbin:/sbin"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/switchyard-e2e.XXXXXX")
+RESULTS="$WORK/results.tsv"   # scenario label round rps p50 p99 p999 cpu_us rss_mb requests non2xx sockerr
+TABLES="$WORK/tables.md"      # every table printed, reprinted at the end
+STARTED_PIDS=()               # every background process this script started
+declare -A PID_OF=()          # name -> PID of a started server
+declare -A PORT_OF=()         # name -> proxy port
+declare -A ADMIN_OF=()        # Switchyard name -> admin port
+FAILURES=()                   # one line per failure; non-empty => exit 1
+declare -A USED_PORTS=()      # ports handed out by next_port
+declare -A STOPSIG_OF=()      # name -> signal that stops it quickly
+CLK_TCK=$(getconf CLK_TCK)
+NCPU=$(nproc)
+PROXY_CPU=0                   # pinned scenarios: the proxy's core
+LOAD_CPU=1                    # pinned scenarios: wrk, upstreams, clients
+((NCPU >= 2)) || LOAD_CPU=0
+ALL_CPUS="0-$((NCPU - 1))"
+WRK_CONNS=50
+THROUGHPUT_MAXCONN=4096       # nginx worker_connections / HAProxy maxconn outside "conns"
+SY_BIN=""
+PY=""
+
+log() { printf '[e2e %(%T)T] %s\n' -1 "$*" >&2; }
+warn() { log "WARNING: $*"; }
+die() { log "ERROR: $*"; exit 1; }
+fail() { FAILURES+=("$*"); log "FAIL: $*"; }
+want() { [[ ",$1," == *",$2,"* ]]; }   # want LIST ITEM
+
+# ---------------------------------------------------------------- cleanup ---
+
+alive() {   # alive PID: running and not a zombie
+    local st
+    [[ -r /proc/$1/stat ]] || return 1
+    st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    [[ -n $st && $st != Z ]]
+}
+
+# stop_pid PID [SIGNAL]: signal, wait up to 5 s, then SIGKILL.
+stop_pid() {
+    local pid=$1 sig=${2:-TERM} i
+    alive "$pid" || return 0
+    kill -s "$sig" "$pid" 2>/dev/null || return 0
+    for ((i = 0; i < 50; i++)); do
+        alive "$pid" || break
+        sleep 0.1
+    done
+    if alive "$pid"; then
+        warn "PID $pid ignored SIG$sig for 5 s; killing it"
+        kill -s KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    # Newest first: clients and swappers before proxies before upstreams.
+    for ((i = ${#STARTED_PIDS[@]} - 1; i >= 0; i--)); do
+        pid=${STARTED_PIDS[i]}
+        stop_pid "$pid" TERM
+    done
+    if ((KEEP)); then
+        log "work directory kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+# ----------------------------------------------------------- preparation ---
+
+as_root() { if ((EUID == 0)); then "$@"; else sudo "$@"; fi; }
+
+# Installs the Debian packages whose commands are missing; apt-get update first.
+ensure_packages() {
+    local -A pkg_for=([nginx]=nginx-light [haproxy]=haproxy [wrk]=wrk [curl]=curl
+        [python3]=python3 [taskset]=util-linux [ps]=procps)
+    local -a missing=()
+    local cmd
+    for cmd in "${!pkg_for[@]}"; do
+        command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkg_for[$cmd]}")
+    done
+    if ((BUILD)) && [[ -z ${SWITCHYARD_BIN:-} ]] && ! command -v cmake >/dev/null 2>&1; then
+        missing+=(cmake)   # Pingora's libz-ng-sys needs it
+    fi
+    ((${#missing[@]})) || return 0
+    log "installing missing packages: ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# Builds (if needed) and copies the binary into $WORK.
+build_switchyard() {
+    local src=${SWITCHYARD_BIN:-$REPO/target/release/switchyard}
+    if [[ -z ${SWITCHYARD_BIN:-} ]] && ((BUILD)); then
+        command -v cargo >/dev/null 2>&1 || die "cargo not found (set SWITCHYARD_BIN or install Rust)"
+        log "cargo build --release (waits if another build holds the lock)"
+        if ! (cd "$REPO" && timeout 3600 cargo build --release --bin switchyard >"$WORK/cargo.log" 2>&1); then
+            tail -n 30 "$WORK/cargo.log" >&2
+            [[ -x $src ]] || die "cargo build failed and there is no binary"
+            warn "cargo build FAILED; benchmarking the existing (possibly stale) $src"
+        fi
+    fi
+    [[ -x $src ]] || die "no switchyard binary at $src"
+    cp "$src" "$WORK/switchyard"
+    SY_BIN="$WORK/switchyard"
+}
+
+# Raises the soft fd limit to the hard one (and the hard one if allowed).
+raise_nofile() {
+    ulimit -Hn 1048576 2>/dev/null || true
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    NOFILE=$(ulimit -n)
+    [[ $NOFILE == unlimited ]] && NOFILE=1048576
+    if ((THROUGHPUT_MAXCONN * 2 + 200 > NOFILE)); then
+        THROUGHPUT_MAXCONN=$(((NOFILE - 200) / 2))
+    fi
+}
+
+# next_port: a free loopback port (bound to port 0 and closed), never one
+# handed out before. Allocated just before use to keep the race window short.
+next_port() {
+    local i p
+    for ((i = 0; i < 20; i++)); do
+        p=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        if [[ -z ${USED_PORTS[$p]:-} ]]; then
+            USED_PORTS[$p]=1
+            NEXT_PORT=$p
+            return 0
+        fi
+    done
+    die "no free port found"
+}
+
+# Helper files: the wrk Lua script and the idle-connection client.
+write_helpers() {
+    cat >"$WORK/report.lua" <<'EOF'
+-- One machine-readable line at the end of a wrk run (latencies in microseconds).
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "E2E requests=%d duration_us=%d p50_us=%.0f p99_us=%.0f p999_us=%.0f non2xx=%d connect=%d read=%d write=%d timeout=%d\n",
+    summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    e.status, e.connect, e.read, e.write, e.timeout))
+end
+EOF
+    cat >"$WORK/hold_conns.py" <<'EOF'
+"""Open N keep-alive connections, one GET each, and hold them open.
+
+usage: hold_conns.py PORT N READY_FILE HOLD_SECONDS
+Writes "<held> <failed> <seconds to open>" to READY_FILE once done opening,
+then sleeps up to HOLD_SECONDS (or until SIGTERM) with every socket open.
+"""
+import os, resource, signal, socket, sys, time
+
+port, n, ready, hold = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+want = n + 64
+if soft < want:
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+
+REQ = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: keep-alive\r\n\r\n"
+
+def one():
+    s = socket.socket()
+    # SO_REUSEADDR: the TIME_WAIT left behind must not block a later bind() of this port
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(10)
+    try:
+        s.connect(("127.0.0.1", port))
+        s.sendall(REQ)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise OSError("closed before the response header")
+            buf += chunk
+        head, _, body = buf.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        if b" 200 " not in lines[0] + b" ":
+            raise OSError("status %r" % lines[0])
+        length = None
+        for line in lines[1:]:
+            k, _, v = line.partition(b":")
+            if k.strip().lower() == b"content-length":
+                length = int(v.strip())
+        while (length is not None and len(body) < length) or (
+                length is None and not body.endswith(b"0\r\n\r\n")):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise OSError("closed in the body")
+            body += chunk
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+socks, failed, t0 = [], 0, time.monotonic()
+deadline = t0 + 120 + n / 100
+for _ in range(n):
+    if time.monotonic() > deadline or failed > 20:
+        break
+    try:
+        socks.append(one())
+    except OSError as e:
+        failed += 1
+        print("connection failed: %s" % e, file=sys.stderr)
+with open(ready + ".tmp", "w") as f:
+    f.write("%d %d %.2f\n" % (len(socks), failed, time.monotonic() - t0))
+os.rename(ready + ".tmp", ready)
+time.sleep(hold)
+EOF
+}
+
+# --------------------------------------------------------- process tools ---
+
+# start_bg NAME CPUS CMD...: start in the background, log to $WORK/NAME.log.
+# CPUS "" = no pinning. Records the PID (taskset execs, so it is CMD's PID).
+start_bg() {
+    local name=$1 cpus=$2
+    shift 2
+    if [[ -n $cpus ]]; then
+        taskset -c "$cpus" "$@" >"$WORK/$name.log" 2>&1 &
+    else
+        "$@" >"$WORK/$name.log" 2>&1 &
+    fi
+    local pid=$!
+    STARTED_PIDS+=("$pid")
+    PID_OF[$name]=$pid
+}
+
+# proc_tree PID: the PID and all its descendants (nginx master + workers).
+proc_tree() {
+    local pid=$1 child
+    echo "$pid"
+    for child in $(ps -o pid= --ppid "$pid" 2>/dev/null); do
+        proc_tree "$child"
+    done
+}
+
+# cpu_ticks NAME: utime+stime (clock ticks) summed over NAME's processes.
+cpu_ticks() {
+    local total=0 p t
+    for p in $(proc_tree "${PID_OF[$1]}"); do
+        t=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || t=0
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
+}
+
+# rss_kb NAME: VmRSS (kB) summed over NAME's processes.
+rss_kb() {
+    local total=0 p r
+    for p in $(proc_tree "${PID_OF[$1]}"); do
+        r=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null) || r=0
+        total=$((total + ${r:-0}))
+    done
+    echo "$total"
+}
+
+# set_affinity CPUS NAME: re-pin every thread of NAME's processes.
+set_affinity() {
+    local p
+    for p in $(proc_tree "${PID_OF[$2]}"); do
+        taskset -a -p -c "$1" "$p" >/dev/null
+    done
+}
+
+# wait_ok URL NAME: until URL answers 200 (at most 10 s).
+wait_ok() {
+    local url=$1 name=$2 i
+    for ((i = 0; i < 100; i++)); do
+        if curl -fsS -o /dev/null --max-time 1 "$url" 2>/dev/null; then return 0; fi
+        alive "${PID_OF[$name]}" || break
+        sleep 0.1
+    done
+    tail -n 20 "$WORK/$name.log" >&2 || true
+    die "$name did not come up at $url"
+}
+
+# stop NAME: stop a server this script started (Switchyard: SIGINT = fast stop).
+stop() {
+    local name=$1
+    stop_pid "${PID_OF[$name]}" "${STOPSIG_OF[$name]:-TERM}"
+}
+
+# -------------------------------------------------------------- configs ---
+
+# nginx_common NAME: the lines every nginx instance shares (own paths, no logs).
+nginx_common() {
+    local dir="$WORK/$1" m
+    mkdir -p "$dir/tmp"
+    cat <<EOF
+daemon off;
+master_process on;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+worker_rlimit_nofile $NOFILE;
+EOF
+    NGINX_TEMP_PATHS=""
+    for m in client_body proxy fastcgi uwsgi scgi; do
+        if ! nginx -V 2>&1 | grep -q -- "--without-http_${m}_module"; then
+            NGINX_TEMP_PATHS+="    ${m}_temp_path $dir/tmp/$m;"$'\n'
+        fi
+    done
+}
+
+# start_upstream NAME PORT: nginx, 1 worker, `200 ok\n`, no request cap.
+start_upstream() {
+    local name=$1 port=$2 conf="$WORK/$1.conf"
+    {
+        nginx_common "$name"
+        cat <<EOF
+worker_processes 1;
+events { worker_connections 4096; }
+http {
+    access_log off;
+$NGINX_TEMP_PATHS    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            default_type text/plain;
+            return 200 "ok\n";
+        }
+    }
+}
+EOF
+    } >"$conf"
+    start_bg "$name" "" nginx -p "$WORK/$name" -c "$conf" -e "$WORK/$name/error.log"
+    wait_ok "http://127.0.0.1:$port/" "$name"
+}
+
+# start_nginx NAME PORT WORKERS CPUS MAXCONN
+start_nginx() {
+    local name=$1 port=$2 workers=$3 cpus=$4 maxconn=$5 conf="$WORK/$1.conf"
+    {
+        nginx_common "$name"
+        cat <<EOF
+worker_processes $workers;
+events { worker_connections $maxconn; }
+http {
+    access_log off;
+$NGINX_TEMP_PATHS    keepalive_requests 1000000;   # client side: no request cap
+    keepalive_timeout 300s;
+    upstream backends {
+        server 127.0.0.1:$UP1;
+        server 127.0.0.1:$UP2;
+        keepalive 64;
+        keepalive_requests 1000000;           # upstream side: no request cap
+        keepalive_timeout 300s;
+    }
+    server {
+        listen 127.0.0.1:$port;
+        location / {
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+    } >"$conf"
+    nginx -t -q -p "$WORK/$name" -c "$conf" -e "$WORK/$name/error.log" || die "nginx config $conf invalid"
+    start_bg "$name" "$cpus" nginx -p "$WORK/$name" -c "$conf" -e "$WORK/$name/error.log"
+    PORT_OF[$name]=$port
+    wait_ok "http://127.0.0.1:$port/" "$name"
+}
+
+# start_haproxy NAME PORT THREADS CPUS MAXCONN
+start_haproxy() {
+    local name=$1 port=$2 threads=$3 cpus=$4 maxconn=$5 conf="$WORK/$1.cfg" limits=""
+    # HAProxy needs about 2*maxconn fds and refuses to start otherwise; when
+    # the hard limit is too low for the connection test, let it start anyway
+    # (idle client connections need one fd each, not two).
+    if ((2 * maxconn + 300 > NOFILE)); then
+        limits="    no strict-limits"
+        warn "$name: maxconn $maxconn needs ~$((2 * maxconn + 300)) fds, limit is $NOFILE; using 'no strict-limits'"
+    fi
+    cat >"$conf" <<EOF
+global
+    nbthread $threads
+    maxconn $maxconn
+$limits
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+    option http-keep-alive
+    http-reuse always
+
+frontend fe
+    bind 127.0.0.1:$port
+    default_backend be
+
+backend be
+    balance roundrobin
+    server up1 127.0.0.1:$UP1
+    server up2 127.0.0.1:$UP2
+EOF
+    haproxy -c -q -f "$conf" || die "haproxy config $conf invalid"
+    start_bg "$name" "$cpus" haproxy -db -f "$conf"
+    PORT_OF[$name]=$port
+    wait_ok "http://127.0.0.1:$port/" "$name"
+}
+
+# start_switchyard NAME PORT THREADS CPUS VARIANT   (VARIANT: lean | full | file)
+start_switchyard() {
+    local name=$1 port=$2 threads=$3 cpus=$4 variant=$5 conf="$WORK/$1.toml" admin access cluster h2c
+    next_port
+    admin=$NEXT_PORT
+    case $variant in
+        full)
+            # Everything at its default except where the log goes.
+            access=$'enabled = true\nformat = "json"\npath = "'"$WORK/$name-access.log"'"'
+            h2c=true ;;
+        *)
+            access="enabled = false"
+            h2c=false ;;   # nginx and HAProxy listen for HTTP/1.1 only
+    esac
+    if [[ $variant == file ]]; then
+        cluster="file = { catalog = \"$WORK/catalog/catalog.json\", service = \"up\" }"
+    else
+        cluster="static = [\"127.0.0.1:$UP1\", \"127.0.0.1:$UP2\"]"
+    fi
+    cat >"$conf" <<EOF
+# Generated by benches/e2e.sh ($variant).
+[server]
+threads = $threads
+work_stealing = false
+drain_timeout = "1s"
+shutdown_timeout = "1s"
+pid_file = "$WORK/$name.pid"
+upgrade_sock = "$WORK/$name-upgrade.sock"
+
+[admin]
+listen = "127.0.0.1:$admin"
+
+[access_log]
+$access
+
+[[listeners]]
+address = "127.0.0.1:$port"
+h2c = $h2c
+
+[[routes]]
+name = "all"
+cluster = "up"
+
+[clusters.up]
+$cluster
+selection = "round_robin"
+EOF
+    "$SY_BIN" check --config "$conf" >"$WORK/$name.check" 2>&1 ||
+        { cat "$WORK/$name.check" >&2; die "switchyard check rejected $conf"; }
+    start_bg "$name" "$cpus" "$SY_BIN" run --config "$conf"
+    STOPSIG_OF[$name]=INT   # fast stop; SIGTERM would drain first
+    PORT_OF[$name]=$port
+    ADMIN_OF[$name]=$admin
+    wait_ok "http://127.0.0.1:$port/" "$name"
+}
+
+# start_proxy KIND NAME WORKERS CPUS MAXCONN: KIND is switchyard | nginx | haproxy.
+start_proxy() {
+    local kind=$1 name=$2 workers=$3 cpus=$4 maxconn=$5
+    next_port
+    case $kind in
+        switchyard) start_switchyard "$name" "$NEXT_PORT" "$workers" "$cpus" lean ;;
+        nginx) start_nginx "$name" "$NEXT_PORT" "$workers" "$cpus" "$maxconn" ;;
+        haproxy) start_haproxy "$name" "$NEXT_PORT" "$workers" "$cpus" "$maxconn" ;;
+        *) die "unknown proxy $kind" ;;
+    esac
+    log "started $name (PID ${PID_OF[$name]}, port ${PORT_OF[$name]}, $workers worker(s), cpus ${cpus:-all})"
+}
+
+# ------------------------------------------------------------ measuring ---
+
+# wrk_once NAME SECONDS CPUS OUTFILE: one wrk run against NAME.
+wrk_once() {
+    local name=$1 secs=$2 cpus=$3 out=$4
+    local -a pin=()
+    [[ -n $cpus ]] && pin=(taskset -c "$cpus")
+    "${pin[@]}" timeout $((secs + 30)) wrk -t1 -c"$WRK_CONNS" -d"${secs}s" --timeout 5s \
+        -s "$WORK/report.lua" "http://127.0.0.1:${PORT_OF[$name]}/" >"$out" 2>&1 || true
+}
+
+# warm NAME CPUS: an unrecorded run; still checks that NAME serves.
+warm() {
+    local out="$WORK/wrk/warm-$1-$RANDOM.txt"
+    wrk_once "$1" "$WARMUP" "$2" "$out"
+    grep -q '^E2E requests=[1-9]' "$out" || fail "$1: warm-up served no requests ($(tail -n 3 "$out" | tr '\n' ' '))"
+}
+
+# measure SCENARIO LABEL NAME ROUND CPUS: one recorded run, appended to $RESULTS.
+measure() {
+    local sc=$1 label=$2 name=$3 round=$4 cpus=$5 before after rss line
+    local out="$WORK/wrk/$sc-$label-$round.txt"
+    before=$(cpu_ticks "$name")
+    wrk_once "$name" "$DURATION" "$cpus" "$out"
+    after=$(cpu_ticks "$name")
+    rss=$(rss_kb "$name")
+    line=$(grep '^E2E ' "$out" || true)
+    if [[ -z $line ]]; then
+        fail "$sc/$label round $round: wrk printed no result ($(tail -n 3 "$out" | tr '\n' ' '))"
+        line="E2E requests=0 duration_us=1 p50_us=0 p99_us=0 p999_us=0 non2xx=0 connect=0 read=0 write=0 timeout=0"
+    fi
+    local -a kv=()
+    local w
+    for w in ${line#E2E }; do kv+=(-v "$w"); done   # requests=N ... -> awk variables
+    awk -v sc="$sc" -v label="$label" -v round="$round" -v d="$((after - before))" \
+        -v tck="$CLK_TCK" -v rss="$rss" "${kv[@]}" 'BEGIN {
+            rps = requests / (duration_us / 1e6)
+            cpu = requests ? d * 1e6 / tck / requests : 0
+            printf "%s\t%s\t%s\t%.0f\t%.3f\t%.3f\t%.3f\t%.1f\t%.1f\t%d\t%d\t%d\n",
+                sc, label, round, rps, p50_us / 1000, p99_us / 1000, p999_us / 1000,
+                cpu, rss / 1024, requests, non2xx, connect + read + write + timeout
+        }' >>"$RESULTS"
+    local row rps p50 p99 cpu rssm req non2xx sockerr connect
+    row=$(tail -n 1 "$RESULTS")
+    IFS=$'\t' read -r _ _ _ rps p50 p99 _ cpu rssm req non2xx sockerr <<<"$row"
+    log "$sc/$label r$round: $rps req/s  p50 ${p50} ms  p99 ${p99} ms  ${cpu} us/req  RSS ${rssm} MB  non-2xx $non2xx  sock-err $sockerr"
+    connect=$(sed -n 's/.* connect=\([0-9]*\).*/\1/p' <<<"$line")
+    ((req > 0)) || fail "$sc/$label round $round: no requests served"
+    ((non2xx == 0)) || fail "$sc/$label round $round: $non2xx non-2xx responses"
+    ((${connect:-0} == 0)) || fail "$sc/$label round $round: $connect connect errors"
+    alive "${PID_OF[$name]}" || fail "$sc/$label: $name died during round $round"
+}
+
+# ------------------------------------------------------------- reporting ---
+
+median() {
+    sort -g | awk '{ v[NR] = $1 } END {
+        if (NR == 0) { print "nan"; exit }
+        print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+med() { awk -F'\t' -v s="$1" -v l="$2" -v c="$3" '$1 == s && $2 == l { print $c }' "$RESULTS" | median; }
+medf() { awk -v v="$(med "$1" "$2" "$3")" -v f="$4" 'BEGIN { if (v == "nan") print v; else printf f, v }'; }
+total() { awk -F'\t' -v s="$1" -v l="$2" -v c="$3" '$1 == s && $2 == l { t += $c } END { print t + 0 }' "$RESULTS"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "n/a"; else printf "%.2fx", a / b }'; }
+
+emit() { printf '%s\n' "$@" | tee -a "$TABLES"; }
+
+# table SCENARIO TITLE LABEL...: medians per label.
+table() {
+    local sc=$1 title=$2 label n
+    shift 2
+    emit "" "### $title" "" \
+        "| proxy | runs | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs/req | RSS MB | non-2xx | sock err |" \
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for label in "$@"; do
+        n=$(awk -F'\t' -v s="$sc" -v l="$label" '$1 == s && $2 == l' "$RESULTS" | wc -l)
+        emit "| $label | $n | $(medf "$sc" "$label" 4 %.0f) | $(medf "$sc" "$label" 5 %.2f) | $(medf "$sc" "$label" 6 %.2f) | $(medf "$sc" "$label" 7 %.2f) | $(medf "$sc" "$label" 8 %.1f) | $(medf "$sc" "$label" 9 %.1f) | $(total "$sc" "$label" 11) | $(total "$sc" "$label" 12) |"
+    done
+}
+
+# ratios SCENARIO A B: "A/B" for CPU µs/req, req/s and p99 (medians).
+ratios() {
+    local sc=$1 a=$2 b=$3
+    emit "- $a/$b: CPU µs/req $(ratio "$(med "$sc" "$a" 8)" "$(med "$sc" "$b" 8)"), req/s $(ratio "$(med "$sc" "$a" 4)" "$(med "$sc" "$b" 4)"), p99 $(ratio "$(med "$sc" "$a" 6)" "$(med "$sc" "$b" 6)")"
+}
+
+# ------------------------------------------------------------- scenarios ---
+
+# rounds SCENARIO CPUS LABEL=NAME...: warm each, then interleave the rounds.
+rounds() {
+    local sc=$1 cpus=$2 pair r
+    shift 2
+    for pair in "$@"; do warm "${pair#*=}" "$cpus"; done
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for pair in "$@"; do measure "$sc" "${pair%%=*}" "${pair#*=}" "$r" "$cpus"; done
+    done
+}
+
+selected_proxies() { tr ',' ' ' <<<"$PROXIES"; }
+
+pin_upstreams() { set_affinity "$1" up1; set_affinity "$1" up2; }
+
+# pinned / unpinned: the three proxies side by side.
+scenario_compare() {
+    local sc=$1 workers=$2 cpus=$3 load_cpus=$4 title=$5 p
+    local -a pairs=()
+    log "== scenario $sc: $title"
+    pin_upstreams "${load_cpus:-$ALL_CPUS}"
+    for p in $(selected_proxies); do
+        start_proxy "$p" "$sc-$p" "$workers" "$cpus" "$THROUGHPUT_MAXCONN"
+        pairs+=("$p=$sc-$p")
+    done
+    rounds "$sc" "$load_cpus" "${pairs[@]}"
+    local -a labels=()
+    for p in $(selected_proxies); do
+        stop "$sc-$p"
+        labels+=("$p")
+    done
+    table "$sc" "$title" "${labels[@]}"
+    if want "$PROXIES" switchyard; then
+        want "$PROXIES" nginx && ratios "$sc" switchyard nginx
+        want "$PROXIES" haproxy && ratios "$sc" switchyard haproxy
+    fi
+    return 0
+}
+
+# features: lean vs full (JSON access log to a file), both pinned.
+scenario_features() {
+    local sc=features lines req dropped
+    log "== scenario features: Switchyard lean vs full"
+    pin_upstreams "$LOAD_CPU"
+    next_port; start_switchyard features-lean "$NEXT_PORT" 1 "$PROXY_CPU" lean
+    next_port; start_switchyard features-full "$NEXT_PORT" 1 "$PROXY_CPU" full
+    rounds "$sc" "$LOAD_CPU" lean=features-lean full=features-full
+    sleep 1   # let the access log writer catch up
+    lines=$(wc -l <"$WORK/features-full-access.log")
+    dropped=$(curl -fsS --max-time 2 "http://127.0.0.1:${ADMIN_OF[features-full]}/metrics" |
+        awk '/^switchyard_access_log_dropped_total/ { print $2 }')
+    stop features-lean
+    stop features-full
+    req=$(total "$sc" full 10)
+    table "$sc" "Switchyard lean vs full feature (pinned, 1 thread; full = JSON access log to a file)" lean full
+    ratios "$sc" full lean
+    emit "- access log: $lines lines written, ${dropped:-?} dropped (requests in measured runs: $req, plus warm-up)"
+    ((lines >= req)) || warn "features: access log has $lines lines for $req measured requests"
+}
+
+# catalog_body TAG: a valid catalog for the two upstreams; TAG makes it differ.
+catalog_body() {
+    printf '{"up": [{"address": "127.0.0.1:%s", "meta": {"v": "%s"}}, {"address": "127.0.0.1:%s", "meta": {"v": "%s"}}]}\n' \
+        "$UP1" "$1" "$UP2" "$1"
+}
+
+generation() {
+    curl -fsS --max-time 2 "http://127.0.0.1:${ADMIN_OF[$1]}/status" |
+        "$PY" -c 'import json, sys; print(json.load(sys.stdin)["generation"])'
+}
+
+# start_swapper: rewrite the catalog 10 times a second (bounded), atomic rename.
+start_swapper() {
+    local dir="$WORK/catalog" max=$((DURATION * 10 + 50))
+    rm -f "$dir/stop"
+    (
+        for ((i = 0; i < max; i++)); do
+            [[ -e $dir/stop ]] && break
+            if ((i % 2)); then cp "$dir/a.json" "$dir/.next.json"; else cp "$dir/b.json" "$dir/.next.json"; fi
+            mv -f "$dir/.next.json" "$dir/catalog.json"
+            sleep 0.1
+        done
+    ) &
+    SWAPPER=$!
+    STARTED_PIDS+=("$SWAPPER")
+    taskset -a -p -c "$LOAD_CPU" "$SWAPPER" >/dev/null
+}
+stop_swapper() { touch "$WORK/catalog/stop"; stop_pid "$SWAPPER" TERM; }
+
+# swaps: a file-catalog cluster with and without catalog rewrites under load.
+scenario_swaps() {
+    local sc=swaps name=swaps-sy r g0 g1 swaps_total=0
+    log "== scenario swaps: file catalog rewritten 10x/s under load"
+    pin_upstreams "$LOAD_CPU"
+    mkdir -p "$WORK/catalog"
+    catalog_body a >"$WORK/catalog/a.json"
+    catalog_body b >"$WORK/catalog/b.json"
+    cp "$WORK/catalog/a.json" "$WORK/catalog/catalog.json"
+    next_port
+    start_switchyard "$name" "$NEXT_PORT" 1 "$PROXY_CPU" file
+    warm "$name" "$LOAD_CPU"
+    for ((r = 1; r <= ROUNDS; r++)); do
+        measure "$sc" "no-swaps" "$name" "$r" "$LOAD_CPU"
+        g0=$(generation "$name")
+        start_swapper
+        measure "$sc" "swaps" "$name" "$r" "$LOAD_CPU"
+        stop_swapper
+        sleep 0.2   # let the last rename land
+        g1=$(generation "$name")
+        log "swaps r$r: routing generation $g0 -> $g1"
+        ((g1 > g0)) || fail "swaps round $r: generation did not move ($g0 -> $g1)"
+        swaps_total=$((swaps_total + g1 - g0))
+    done
+    stop "$name"
+    table "$sc" "Swap under load (pinned, 1 thread, file catalog rewritten 10x/s)" no-swaps swaps
+    ratios "$sc" swaps no-swaps
+    emit "- routing generations published during the swap runs: $swaps_total (about $((DURATION * 10)) per run expected); non-2xx with swaps: $(total "$sc" swaps 11)"
+}
+
+# conns: RSS holding CONNS idle keep-alive client connections.
+scenario_conns() {
+    local sc=conns p name maxconn=$((CONNS + 256)) rss0 rss1 ready held failed secs i per
+    local -A before=() after=()
+    log "== scenario conns: RSS with $CONNS idle keep-alive connections"
+    if ((CONNS + 300 > NOFILE)); then
+        warn "fd limit $NOFILE is too low for $CONNS connections; results will show failures"
+    fi
+    pin_upstreams "$LOAD_CPU"
+    emit "" "### RSS holding $CONNS idle keep-alive client connections (1 worker each)" "" \
+        "| proxy | held | RSS after warm-up MB | RSS holding MB | KB per connection | seconds to open |" \
+        "|---|---:|---:|---:|---:|---:|"
+    for p in $(selected_proxies); do
+        name="conns-$p"
+        start_proxy "$p" "$name" 1 "$PROXY_CPU" "$maxconn"
+        warm "$name" "$LOAD_CPU"
+        rss0=$(rss_kb "$name")
+        ready="$WORK/$name.ready"
+        start_bg "$name-client" "$LOAD_CPU" "$PY" "$WORK/hold_conns.py" "${PORT_OF[$name]}" "$CONNS" "$ready" 600
+        for ((i = 0; i < 3000; i++)); do   # at most 300 s
+            [[ -e $ready ]] && break
+            alive "${PID_OF[$name-client]}" || break
+            sleep 0.1
+        done
+        held=0 failed=0 secs=0
+        [[ -e $ready ]] && read -r held failed secs <"$ready"
+        sleep 1
+        rss1=$(rss_kb "$name")
+        stop_pid "${PID_OF[$name-client]}" TERM
+        before[$p]=$rss0 after[$p]=$rss1
+        per=$(awk -v a="$rss0" -v b="$rss1" -v n="$held" 'BEGIN { printf "%.1f", n ? (b - a) / n : 0 }')
+        emit "| $p | $held | $(awk -v v="$rss0" 'BEGIN { printf "%.1f", v / 1024 }') | $(awk -v v="$rss1" 'BEGIN { printf "%.1f", v / 1024 }') | $per | $secs |"
+        ((held == CONNS)) || fail "conns: $p held $held of $CONNS connections ($failed failed; see $name-client.log)"
+        alive "${PID_OF[$name]}" || fail "conns: $name died"
+        stop "$name"
+    done
+    if want "$PROXIES" switchyard; then
+        for p in nginx haproxy; do
+            want "$PROXIES" "$p" || continue
+            emit "- switchyard/$p RSS holding: $(ratio "${after[switchyard]}" "${after[$p]}")"
+        done
+    fi
+}
+
+# ------------------------------------------------------------------ main ---
+
+main() {
+    ensure_packages
+    PY=$(python3 -c 'import sys; print(sys.executable)')
+    raise_nofile
+    build_switchyard
+    write_helpers
+    mkdir -p "$WORK/wrk"
+    : >"$RESULTS"
+    next_port; UP1=$NEXT_PORT
+    next_port; UP2=$NEXT_PORT
+
+    log "work dir $WORK; $NCPU CPUs; fd limit $NOFILE; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    log "$("$SY_BIN" --version 2>/dev/null || echo switchyard), $(nginx -v 2>&1), $(haproxy -v | sed -n 1p | cut -d' ' -f1-3), $(wrk -v 2>&1 | sed -n 1p | cut -d' ' -f1-2)"
+    log "mode: $([[ $SMOKE == 1 ]] && echo smoke || echo full), $ROUNDS round(s) x ${DURATION}s, warm-up ${WARMUP}s, wrk -t1 -c$WRK_CONNS"
+    ((NCPU >= 2)) || warn "only one CPU: pinned scenarios share core 0 with the load generator"
+
+    start_upstream up1 "$UP1"
+    start_upstream up2 "$UP2"
+
+    emit "## Switchyard end-to-end benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $ROUNDS x ${DURATION}s, medians)" "" \
+        "$NCPU CPUs, load average at start $(cut -d' ' -f1-3 /proc/loadavg) (other tenants' load makes req/s and latency noisy; CPU µs/req is the steadiest number)"
+    if want "$ONLY" pinned; then
+        scenario_compare pinned 1 "$PROXY_CPU" "$LOAD_CPU" \
+            "Pinned: proxy on core 0, wrk + upstreams on core 1, 1 worker each"
+    fi
+    if want "$ONLY" unpinned; then
+        scenario_compare unpinned 2 "" "" "Unpinned: 2 workers/threads each, nothing pinned"
+    fi
+    if want "$ONLY" features && want "$PROXIES" switchyard; then scenario_features; fi
+    if want "$ONLY" swaps && want "$PROXIES" switchyard; then scenario_swaps; fi
+    if want "$ONLY" conns; then scenario_conns; fi
+
+    emit "" "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo
+    echo "================================================================ summary"
+    cat "$TABLES"
+    if ((${#FAILURES[@]})); then
+        echo
+        echo "FAILED (${#FAILURES[@]}):"
+        printf '  - %s\n' "${FAILURES[@]}"
+        KEEP=1
+        exit 1
+    fi
+    echo
+    echo "all proxies served every run"
+}
+
+main
