@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # benches/e2e.sh: end-to-end benchmark of Switchyard against nginx and HAProxy.
 #
-#   benches/e2e.sh            # full run: 3 rounds x 10 s per proxy and scenario (~8 min)
-#   benches/e2e.sh --smoke    # about a minute: 1 round x 2 s, 200 idle connections
+#   benches/e2e.sh            # full run: 3 rounds x 10 s per proxy and scenario (~6 min)
+#   benches/e2e.sh --smoke    # ~45 s (plus any build): 1 round x 2 s, 200 idle connections
 #
 # Options:
 #   --smoke          1 round, 2 s runs, 1 s warm-ups, 200 connections in the scale test

@@ -3,14 +3,13 @@
 //! registrations, deregistrations and tag changes, not on health flips, so
 //! it is cheap; health stays with the per-service watches.
 
-use super::client::{ClientError, ConsulClient};
-use super::watch::{backoff, read_timeout, IndexTracker, Observed, TokenBucket};
+use super::blocking;
+use super::client::ConsulClient;
 use crate::metrics::Metrics;
 use crate::status::StatusBoard;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 pub const SOURCE: &str = "consul-catalog";
@@ -33,82 +32,37 @@ pub fn parse_services(body: &[u8]) -> Result<BTreeMap<String, Vec<String>>, Stri
         .collect())
 }
 
+struct Catalog(watch::Sender<Option<BTreeMap<String, Vec<String>>>>);
+
+impl blocking::Handler for Catalog {
+    fn answer(&mut self, body: &[u8]) -> Result<(), String> {
+        let services = parse_services(body)?;
+        self.0.send_if_modified(|cur| {
+            if cur.as_ref() == Some(&services) {
+                false
+            } else {
+                *cur = Some(services);
+                true
+            }
+        });
+        Ok(())
+    }
+}
+
 pub async fn run(
     client: Arc<ConsulClient>,
     metrics: Arc<Metrics>,
     status: Arc<StatusBoard>,
     tx: watch::Sender<Option<BTreeMap<String, Vec<String>>>>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let settings = client.settings().clone();
-    status.register_source(SOURCE, "consul", "/v1/catalog/services");
-    let mut tracker = IndexTracker::default();
-    let mut bucket = TokenBucket::new(2, settings.min_interval);
-    let mut failures = 0u32;
-    let wait_ms = format!("{}ms", settings.wait.as_millis().max(1));
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = bucket.acquire() => {}
-        }
-        let index = tracker.request_index().to_string();
-        let blocking = tracker.request_index() > 0;
-        let mut params: Vec<(&str, Option<&str>)> = Vec::new();
-        if settings.stale {
-            params.push(("stale", None));
-        }
-        if let Some(dc) = &settings.datacenter {
-            params.push(("dc", Some(dc.as_str())));
-        }
-        if blocking {
-            params.push(("index", Some(&index)));
-            params.push(("wait", Some(&wait_ms)));
-        }
-        let timeout = if blocking { read_timeout(settings.wait) } else { Duration::from_secs(12) };
-        let result = tokio::select! {
-            _ = shutdown.changed() => return,
-            r = tokio::time::timeout(timeout, client.request(reqwest::Method::GET, "catalog_services", "/v1/catalog/services", &params, None, timeout)) => {
-                r.unwrap_or(Err(ClientError::Timeout))
-            }
-        };
-        let err = match result {
-            Ok(resp) => {
-                if tracker.observe(resp.index) == Observed::Unchanged {
-                    status.source_ok(SOURCE, SystemTime::now());
-                    failures = 0;
-                    continue;
-                }
-                match parse_services(&resp.body) {
-                    Ok(services) => {
-                        failures = 0;
-                        status.source_ok(SOURCE, SystemTime::now());
-                        metrics.discovery_update(SOURCE, "ok");
-                        tx.send_if_modified(|cur| {
-                            if cur.as_ref() == Some(&services) {
-                                false
-                            } else {
-                                *cur = Some(services);
-                                true
-                            }
-                        });
-                        continue;
-                    }
-                    Err(e) => ("bad_body", e),
-                }
-            }
-            Err(e) => (e.kind(), e.to_string()),
-        };
-        tracker.reset();
-        failures += 1;
-        metrics.consul_watch_errors.with_label_values(&[SOURCE, err.0]).inc();
-        metrics.discovery_update(SOURCE, "error");
-        status.source_error(SOURCE, format!("{}: {}", err.0, err.1));
-        tracing::warn!(kind = err.0, error = %err.1, "consul catalog watch failed; auto routes stay as they are");
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(backoff(failures)) => {}
-        }
-    }
+    let ep = blocking::Endpoint {
+        source: SOURCE,
+        label: "catalog_services",
+        path: "/v1/catalog/services",
+        consequence: "consul catalog watch failed; auto routes stay as they are",
+    };
+    blocking::run(ep, client, metrics, status, Catalog(tx), shutdown).await
 }
 
 #[cfg(test)]

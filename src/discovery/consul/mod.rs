@@ -11,6 +11,7 @@
 //! serving. The last good sets are persisted to a state file (temp file +
 //! rename) and loaded at start, so a restart during an outage still serves.
 
+pub mod blocking;
 pub mod catalog;
 pub mod client;
 pub mod health;

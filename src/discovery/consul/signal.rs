@@ -12,8 +12,8 @@
 //! instance registered without any check does not move the checks table; it
 //! is picked up by the triggered watches' periodic resync.
 
-use super::client::{ClientError, ConsulClient};
-use super::watch::{backoff, read_timeout, IndexTracker, Observed, TokenBucket};
+use super::blocking;
+use super::client::ConsulClient;
 use crate::metrics::Metrics;
 use crate::status::StatusBoard;
 use serde_json::Value;
@@ -22,7 +22,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
 use tokio::sync::Notify;
 
 pub const SOURCE: &str = "consul-checks";
@@ -100,90 +99,55 @@ pub fn changed(old: &Fingerprints, new: &Fingerprints) -> BTreeSet<String> {
 /// Who to poke: service name → the notifiers of its triggered watches.
 pub type Pokes = Arc<Mutex<HashMap<String, Vec<Arc<Notify>>>>>;
 
+struct Signal {
+    pokes: Pokes,
+    holding: Arc<AtomicBool>,
+    last: Option<Fingerprints>,
+}
+
+impl blocking::Handler for Signal {
+    fn answer(&mut self, body: &[u8]) -> Result<(), String> {
+        let fp = fingerprints(body)?;
+        let map = self.pokes.lock().unwrap_or_else(|e| e.into_inner());
+        let services = match &self.last {
+            Some(old) => changed(old, &fp),
+            // First answer (or the first after an error): re-read everything we trigger.
+            None => map.keys().cloned().collect(),
+        };
+        for s in &services {
+            for n in map.get(s).into_iter().flatten() {
+                n.notify_one();
+            }
+        }
+        drop(map);
+        self.last = Some(fp);
+        Ok(())
+    }
+
+    fn holding(&mut self, on: bool) {
+        self.holding.store(on, Ordering::Relaxed);
+    }
+
+    fn failed(&mut self) {
+        self.last = None;
+    }
+}
+
 pub async fn run(
     client: Arc<ConsulClient>,
     metrics: Arc<Metrics>,
     status: Arc<StatusBoard>,
     pokes: Pokes,
     holding: Arc<AtomicBool>,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let settings = client.settings().clone();
-    status.register_source(SOURCE, "consul", "/v1/health/state/any");
-    let mut tracker = IndexTracker::default();
-    let mut bucket = TokenBucket::new(2, settings.min_interval);
-    let mut failures = 0u32;
-    let mut last: Option<Fingerprints> = None;
-    let wait_ms = format!("{}ms", settings.wait.as_millis().max(1));
-    loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = bucket.acquire() => {}
-        }
-        let index = tracker.request_index().to_string();
-        let blocking = tracker.request_index() > 0;
-        let mut params: Vec<(&str, Option<&str>)> = Vec::new();
-        if settings.stale {
-            params.push(("stale", None));
-        }
-        if let Some(dc) = &settings.datacenter {
-            params.push(("dc", Some(dc.as_str())));
-        }
-        if blocking {
-            params.push(("index", Some(&index)));
-            params.push(("wait", Some(&wait_ms)));
-        }
-        holding.store(blocking && failures == 0 && last.is_some(), Ordering::Relaxed);
-        let timeout = if blocking { read_timeout(settings.wait) } else { Duration::from_secs(12) };
-        let result = tokio::select! {
-            _ = shutdown.changed() => return,
-            r = tokio::time::timeout(timeout, client.request(reqwest::Method::GET, "health_state", "/v1/health/state/any", &params, None, timeout)) => {
-                r.unwrap_or(Err(ClientError::Timeout))
-            }
-        };
-        let err = match result {
-            Ok(resp) => {
-                if tracker.observe(resp.index) == Observed::Unchanged {
-                    failures = 0;
-                    status.source_ok(SOURCE, SystemTime::now());
-                    continue;
-                }
-                match fingerprints(&resp.body) {
-                    Ok(fp) => {
-                        failures = 0;
-                        status.source_ok(SOURCE, SystemTime::now());
-                        let services = match &last {
-                            Some(old) => changed(old, &fp),
-                            // First answer (or after an error): re-read everything we trigger.
-                            None => pokes.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect(),
-                        };
-                        let map = pokes.lock().unwrap_or_else(|e| e.into_inner());
-                        for s in &services {
-                            for n in map.get(s).into_iter().flatten() {
-                                n.notify_one();
-                            }
-                        }
-                        drop(map);
-                        last = Some(fp);
-                        continue;
-                    }
-                    Err(e) => ("bad_body", e),
-                }
-            }
-            Err(e) => (e.kind(), e.to_string()),
-        };
-        holding.store(false, Ordering::Relaxed);
-        tracker.reset();
-        last = None;
-        failures += 1;
-        metrics.consul_watch_errors.with_label_values(&[SOURCE, err.0]).inc();
-        status.source_error(SOURCE, format!("{}: {}", err.0, err.1));
-        tracing::warn!(kind = err.0, error = %err.1, "consul check signal failed; triggered services resync when it returns");
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(backoff(failures)) => {}
-        }
-    }
+    let ep = blocking::Endpoint {
+        source: SOURCE,
+        label: "health_state",
+        path: "/v1/health/state/any",
+        consequence: "consul check signal failed; triggered services resync when it returns",
+    };
+    blocking::run(ep, client, metrics, status, Signal { pokes, holding, last: None }, shutdown).await
 }
 
 #[cfg(test)]
