@@ -16,6 +16,7 @@ use crate::status::StatusBoard;
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::apps::HttpServerOptions;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
@@ -119,10 +120,11 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
 
     // Pingora's server options are per service: one proxy service per h2c setting.
     for h2c in [true, false] {
-        let addrs: Vec<_> = config.listeners.iter().filter(|l| l.h2c == h2c).map(|l| l.address).collect();
-        if addrs.is_empty() {
+        let listeners: Vec<_> = config.listeners.iter().filter(|l| l.h2c == h2c).collect();
+        if listeners.is_empty() {
             continue;
         }
+        let addrs: Vec<_> = listeners.iter().map(|l| l.address).collect();
         let proxy = Proxy::new(snapshot.clone(), metrics.clone(), access_log.clone());
         let mut app = HttpProxy::new(proxy, server.configuration.clone());
         let mut opts = HttpServerOptions::default();
@@ -132,8 +134,12 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
         let app = ConnectionCounter::new(app, metrics.downstream_connections.clone());
         let names: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
         let mut svc = Service::new(format!("proxy {}", names.join(" ")), app);
-        for a in &addrs {
-            svc.add_tcp(&a.to_string());
+        for l in &listeners {
+            let buffers = L4BufferSettings {
+                read: Some(l.read_buffer),
+                write: None,
+            };
+            svc.add_listener(ListenerConfig::tcp(l.address.to_string()).l4_buffer(buffers));
         }
         server.add_service(svc);
     }

@@ -53,6 +53,9 @@ pub struct ListenerSection {
     pub address: String,
     /// Accept HTTP/2 over cleartext (prior knowledge) next to HTTP/1.1. Default true.
     pub h2c: Option<bool>,
+    /// Bytes of read buffer kept per client connection (0: read straight
+    /// from the socket into the request parser's own buffer).
+    pub read_buffer: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

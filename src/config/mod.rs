@@ -117,7 +117,12 @@ pub struct AccessLogSettings {
 pub struct Listener {
     pub address: SocketAddr,
     pub h2c: bool,
+    pub read_buffer: usize,
 }
+
+/// Default per-connection read buffer (Pingora's own default is 64 KiB, which
+/// dominates memory per idle keep-alive connection).
+pub const DEFAULT_READ_BUFFER: usize = 0;
 
 /// A host pattern of a route.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -210,7 +210,11 @@ impl Validator<'_> {
         let mut seen = HashSet::new();
         for (i, l) in sections.into_iter().enumerate() {
             let path = format!("listeners[{i}].address");
-            let ListenerSection { address, h2c } = l;
+            let ListenerSection { address, h2c, read_buffer } = l;
+            let read_buffer = read_buffer.unwrap_or(DEFAULT_READ_BUFFER);
+            if read_buffer > 1 << 20 {
+                self.err(format!("listeners[{i}].read_buffer"), format!("invalid value {read_buffer}: at most 1048576 bytes"));
+            }
             if let Some(addr) = self.socket_addr(&path, &address) {
                 if !seen.insert(addr) {
                     self.err(&path, format!("duplicate listener address {address:?}"));
@@ -218,6 +222,7 @@ impl Validator<'_> {
                 out.push(Listener {
                     address: addr,
                     h2c: h2c.unwrap_or(true),
+                    read_buffer: read_buffer.min(1 << 20),
                 });
             }
         }
