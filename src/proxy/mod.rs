@@ -267,6 +267,14 @@ impl ProxyHttp for Proxy {
         e
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
+        // A client that goes away mid-request is normal traffic, not an error
+        // of ours: the access log records it (status 499); don't flood the
+        // error log with one line per dropped connection.
+        *e.esource() == ErrorSource::Downstream
+            && matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError)
+    }
+
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let failure = match (e.etype(), e.esource()) {
             (ErrorType::HTTPStatus(_), _) | (_, ErrorSource::Upstream) => Some(ProxyFailure::classify(e)),
