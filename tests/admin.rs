@@ -26,6 +26,15 @@ fn metrics_parse_and_match_the_traffic_sent() {
         let r = p.http.get(p.url("/")).header("host", "other.test").send().unwrap();
         assert_eq!(r.status(), 404);
     }
+    // A request is counted when its log phase runs, just after its response
+    // went out: wait (bounded) for the last one to land before comparing.
+    let counted = |t: &str| {
+        let m = parse_metrics(t);
+        let hist = sample(&m, "switchyard_request_duration_seconds_count", &[("cluster", "app")]).unwrap_or(0.0);
+        let unrouted = sample(&m, "switchyard_requests_total", &[("route", ""), ("cluster", ""), ("code_class", "4xx")]).unwrap_or(0.0);
+        hist >= ok as f64 && unrouted >= missing as f64
+    };
+    assert!(wait_until(Duration::from_secs(3), || counted(&p.metrics())));
     let text = p.metrics();
     let m = parse_metrics(&text);
     // Every metric has help and type lines.
@@ -58,7 +67,9 @@ fn metrics_parse_and_match_the_traffic_sent() {
     assert!(up(&d_s, "connect_error") >= 1.0);
     assert_eq!(sample(&m, "switchyard_backends", &[("cluster", "app"), ("state", "active")]), Some(3.0));
     assert_eq!(sample(&m, "switchyard_routing_generation", &[]), Some(1.0));
-    assert_eq!(sample(&m, "switchyard_requests_in_flight", &[]), Some(0.0));
+    assert!(wait_until(Duration::from_secs(3), || {
+        sample(&parse_metrics(&p.metrics()), "switchyard_requests_in_flight", &[]) == Some(0.0)
+    }));
 }
 
 #[test]

@@ -25,25 +25,6 @@ fn reg(c: &ConsulDouble, u: &Upstream, id: &str) {
     c.register(Instance::new(&format!("node-{id}"), id, "web", &a.ip().to_string(), a.port()));
 }
 
-fn generation(p: &Proxy) -> u64 {
-    p.status()["generation"].as_u64().unwrap()
-}
-
-/// After a change: wait for a new table, then check traffic lands only on `allowed`.
-fn moved(p: &Proxy, prev: u64, allowed: &HashSet<&str>, limit: Duration) -> Option<Duration> {
-    let t0 = Instant::now();
-    if !wait_until(limit, || generation(p) > prev) {
-        return None;
-    }
-    let took = t0.elapsed();
-    for _ in 0..allowed.len() * 3 {
-        let (code, body) = p.fetch("/");
-        assert_eq!(code, 200);
-        assert!(allowed.contains(body.as_str()), "{body} answered; allowed {allowed:?}");
-    }
-    Some(took)
-}
-
 fn watch_errors(p: &Proxy, kind: &str) -> f64 {
     let m = parse_metrics(&p.metrics());
     sample(&m, "switchyard_consul_watch_errors_total", &[("service", "web"), ("kind", kind)]).unwrap_or(0.0)
@@ -63,7 +44,7 @@ fn churn_moves_traffic_within_a_second_with_zero_failures() {
     let mut down: Vec<usize> = Vec::new();
     let mut worst = Duration::ZERO;
     for e in 0..60 {
-        let prev = generation(&p);
+        let prev = p.generation();
         // A cycle of four kinds of event; at least two instances stay live.
         match e % 4 {
             0 => {
@@ -87,7 +68,7 @@ fn churn_moves_traffic_within_a_second_with_zero_failures() {
             }
         }
         let allowed: HashSet<&str> = live.iter().map(|&i| ups[i].name()).collect();
-        let took = moved(&p, prev, &allowed, Duration::from_secs(3))
+        let took = p.wait_for_set(prev, &allowed, Instant::now(), Duration::from_secs(3))
             .unwrap_or_else(|| panic!("event {e}: no new table within 3 s"));
         if took >= Duration::from_secs(1) {
             let tail: Vec<String> = consul
@@ -139,8 +120,8 @@ fn consul_down_for_ten_seconds_fails_no_request() {
     reg(&consul, &b, "b");
     let both: HashSet<&str> = ["a", "b"].into();
     // Recovery waits out the error backoff (capped): bounded, well under 20 s.
-    let prev = generation(&p);
-    assert!(moved(&p, prev, &both, Duration::from_secs(20)).is_some(), "no recovery after Consul came back");
+    let prev = p.generation();
+    assert!(p.wait_for_set(prev, &both, Instant::now(), Duration::from_secs(20)).is_some(), "no recovery after Consul came back");
     let rep = load.finish();
     assert_eq!(rep.failed, 0, "{rep:?}");
     assert!(rep.ok > 100);
@@ -206,9 +187,9 @@ fn index_going_backwards_recovers_with_one_non_blocking_read() {
     let low = consul.index_of("web").max(1);
     assert_eq!(after[1].param("index"), Some(low.to_string()), "{}", after[1].query);
     // And the watch goes on: a change after the reset propagates.
-    let prev = generation(&p);
+    let prev = p.generation();
     reg(&consul, &b, "b");
-    assert!(moved(&p, prev, &["a", "b"].into(), Duration::from_secs(3)).is_some());
+    assert!(p.wait_for_set(prev, &["a", "b"].into(), Instant::now(), Duration::from_secs(3)).is_some());
 }
 
 #[test]
@@ -224,9 +205,9 @@ fn a_hung_watch_is_restarted() {
     assert!(wait_until(Duration::from_secs(10), || watch_errors(&p, "timeout") >= 1.0));
     assert_eq!(p.fetch("/"), (200, "a".into()));
     consul.fault(Fault::None);
-    let prev = generation(&p);
+    let prev = p.generation();
     reg(&consul, &b, "b");
-    assert!(moved(&p, prev, &["a", "b"].into(), Duration::from_secs(15)).is_some());
+    assert!(p.wait_for_set(prev, &["a", "b"].into(), Instant::now(), Duration::from_secs(15)).is_some());
 }
 
 #[test]
@@ -264,12 +245,12 @@ fn all_critical_triggers_panic_mode_not_an_empty_pool() {
     let panic_gauge = |p: &Proxy| sample(&parse_metrics(&p.metrics()), "switchyard_panic_mode", &[("cluster", "web")]);
     assert_eq!(panic_gauge(&p), Some(0.0));
     // Two of three critical: 33 % healthy < 50 % → panic, all three serve.
-    let prev = generation(&p);
+    let prev = p.generation();
     consul.set_health("node-p0", "p0", "critical");
     consul.set_health("node-p1", "p1", "critical");
     let all: HashSet<&str> = ["p0", "p1", "p2"].into();
     assert!(wait_until(Duration::from_secs(3), || panic_gauge(&p) == Some(1.0)));
-    assert!(generation(&p) >= prev);
+    assert!(p.generation() >= prev);
     let mut seen = HashSet::new();
     for _ in 0..9 {
         let (code, body) = p.fetch("/");
@@ -286,11 +267,11 @@ fn all_critical_triggers_panic_mode_not_an_empty_pool() {
     assert_eq!(p.status()["clusters"][0]["panic_mode"], true);
     assert!(p.stderr().contains("panic mode on"));
     // Recovery: two healthy of three → normal routing over the healthy two.
-    let prev = generation(&p);
+    let prev = p.generation();
     consul.set_health("node-p0", "p0", "passing");
     consul.set_health("node-p1", "p1", "passing");
     assert!(wait_until(Duration::from_secs(3), || panic_gauge(&p) == Some(0.0)));
-    assert!(moved(&p, prev, &["p0", "p1"].into(), Duration::from_secs(3)).is_some());
+    assert!(p.wait_for_set(prev, &["p0", "p1"].into(), Instant::now(), Duration::from_secs(3)).is_some());
     // Deregistering the whole service is the only way to an empty pool: 503.
     for i in 0..3 {
         consul.deregister(&format!("node-p{i}"), &format!("p{i}"));

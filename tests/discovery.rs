@@ -15,26 +15,6 @@ fn names_of(ups: &[Upstream], idx: &[usize]) -> HashSet<String> {
     idx.iter().map(|&i| ups[i].name().to_string()).collect()
 }
 
-fn generation(p: &Proxy) -> u64 {
-    p.status()["generation"].as_u64().unwrap()
-}
-
-/// Wait for a routing table newer than `prev`, then check that `probes`
-/// requests all land on `allowed`. Returns the time from `since` until the
-/// new table was observed.
-fn wait_for_set(p: &Proxy, prev: u64, allowed: &HashSet<String>, since: Instant, limit: Duration) -> Option<Duration> {
-    if !wait_until(limit, || generation(p) > prev) {
-        return None;
-    }
-    let took = since.elapsed();
-    for _ in 0..allowed.len() * 3 {
-        let (code, body) = p.fetch("/");
-        assert_eq!(code, 200);
-        assert!(allowed.contains(&body), "{body} answered after the swap; allowed {allowed:?}");
-    }
-    Some(took)
-}
-
 #[test]
 fn catalog_edits_move_traffic_within_a_second_with_zero_failures() {
     let ups: Vec<Upstream> = (0..4).map(|i| Upstream::start(&format!("b{i}"))).collect();
@@ -47,7 +27,7 @@ fn catalog_edits_move_traffic_within_a_second_with_zero_failures() {
     let edits = 24;
     for e in 1..=edits {
         let idx = sets[e % sets.len()];
-        let prev = generation(&p);
+        let prev = p.generation();
         let t0 = Instant::now();
         // Half the edits replace the file by rename, half rewrite it in place
         // (truncate + write, as many editors and scripts do).
@@ -56,10 +36,10 @@ fn catalog_edits_move_traffic_within_a_second_with_zero_failures() {
         } else {
             std::fs::write(&cat, render(idx)).unwrap();
         }
-        let took = wait_for_set(&p, prev, &names_of(&ups, idx), t0, Duration::from_secs(3))
+        let took = p.wait_for_set(prev, &names_of(&ups, idx), t0, Duration::from_secs(3))
             .unwrap_or_else(|| panic!("edit {e} to {idx:?} did not take effect within 3 s"));
         assert!(took < Duration::from_secs(1), "edit {e} took {took:?}");
-        assert_eq!(generation(&p), prev + 1, "one edit, one new table");
+        assert_eq!(p.generation(), prev + 1, "one edit, one new table");
         worst = worst.max(took);
     }
     // Keep the load going until it has sent at least 2,000 requests.
@@ -70,7 +50,7 @@ fn catalog_edits_move_traffic_within_a_second_with_zero_failures() {
     eprintln!("{edits} edits, worst propagation {worst:?}, {ok} ok, {failed} failed");
     assert_eq!(failed, 0, "{reports:?}");
     assert!(ok >= 2000);
-    assert_eq!(generation(&p), edits as u64 + 1);
+    assert_eq!(p.generation(), edits as u64 + 1);
 }
 
 #[test]
@@ -110,12 +90,12 @@ fn invalid_catalog_keeps_the_last_good_one() {
         assert!(p.stderr().contains("last good catalog stays in force"), "{what}: no log line");
     }
     // Nothing was published while the file was bad.
-    assert_eq!(generation(&p), 1);
+    assert_eq!(p.generation(), 1);
     // A valid file is picked up again.
-    let prev = generation(&p);
+    let prev = p.generation();
     write_atomic(&cat, &full);
     let both: HashSet<String> = ["a".to_string(), "b".to_string()].into();
-    assert!(wait_for_set(&p, prev, &both, Instant::now(), Duration::from_secs(2)).is_some());
+    assert!(p.wait_for_set(prev, &both, Instant::now(), Duration::from_secs(2)).is_some());
     assert!(b.hits() > 0);
     assert_eq!(p.status()["sources"][&source]["state"], "ok");
 }
@@ -169,10 +149,10 @@ fn removed_backend_finishes_in_flight_requests_and_gets_no_new_ones() {
         .collect();
     assert!(wait_until(Duration::from_secs(3), || slow.hits() >= 1));
     let slow_before = slow.hits();
-    let prev = generation(&p);
+    let prev = p.generation();
     write_atomic(&p.path("catalog.json"), &catalog_json(&[("web", vec![(fast.addr, 1)])]));
     let only_fast: HashSet<String> = ["fast".to_string()].into();
-    assert!(wait_for_set(&p, prev, &only_fast, Instant::now(), Duration::from_secs(1)).is_some());
+    assert!(p.wait_for_set(prev, &only_fast, Instant::now(), Duration::from_secs(1)).is_some());
     for _ in 0..20 {
         assert_eq!(p.fetch("/"), (200, "fast".to_string()));
     }

@@ -160,10 +160,15 @@ fn error_statuses_404_502_503_504() {
     let (c, _, _, b) = get("slow.test");
     assert_eq!(c, 504, "{b}");
     assert!(t0.elapsed() < Duration::from_millis(1400), "504 should come at the 300 ms read timeout");
-    // Counted per route and class.
-    let m = parse_metrics(&p.metrics());
-    assert_eq!(sample(&m, "switchyard_requests_total", &[("route", ""), ("cluster", ""), ("code_class", "4xx")]), Some(1.0));
-    assert_eq!(sample(&m, "switchyard_requests_total", &[("route", "route0"), ("cluster", "dead"), ("code_class", "5xx")]), Some(1.0));
+    // Counted per route and class (in the log phase, just after each response).
+    let counts = || {
+        let m = parse_metrics(&p.metrics());
+        (
+            sample(&m, "switchyard_requests_total", &[("route", ""), ("cluster", ""), ("code_class", "4xx")]),
+            sample(&m, "switchyard_requests_total", &[("route", "route0"), ("cluster", "dead"), ("code_class", "5xx")]),
+        )
+    };
+    assert!(wait_until(Duration::from_secs(3), || counts() == (Some(1.0), Some(1.0))), "{:?}", counts());
 }
 
 #[test]

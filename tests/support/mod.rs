@@ -447,6 +447,30 @@ impl Proxy {
         (s, r.text().unwrap_or_default())
     }
 
+    /// Generation of the routing table serving now.
+    pub fn generation(&self) -> u64 {
+        self.status()["generation"].as_u64().unwrap()
+    }
+
+    /// Wait for a routing table newer than `prev`, then check that a few
+    /// requests all land on `allowed` (backend names). Returns the time from
+    /// `since` until the new table was seen, or None past `limit`.
+    pub fn wait_for_set<T>(&self, prev: u64, allowed: &std::collections::HashSet<T>, since: Instant, limit: Duration) -> Option<Duration>
+    where
+        T: std::borrow::Borrow<str> + Eq + std::hash::Hash + std::fmt::Debug,
+    {
+        if !wait_until(limit, || self.generation() > prev) {
+            return None;
+        }
+        let took = since.elapsed();
+        for _ in 0..allowed.len() * 3 {
+            let (code, body) = self.fetch("/");
+            assert_eq!(code, 200);
+            assert!(allowed.contains(body.as_str()), "{body} answered after the swap; allowed {allowed:?}");
+        }
+        Some(took)
+    }
+
     pub fn status(&self) -> serde_json::Value {
         serde_json::from_str(&self.http.get(self.admin_url("/status")).send().unwrap().text().unwrap()).unwrap()
     }
