@@ -5,6 +5,7 @@
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use pingora::proxy::Session;
+use http::HeaderValue;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -45,19 +46,26 @@ impl RequestIds {
         }
     }
 
-    /// Keep a sane incoming `X-Request-Id`, else make one.
-    pub fn for_request(&self, req: &RequestHeader) -> String {
+    /// Keep a sane incoming `X-Request-Id`, else make one. A `HeaderValue`
+    /// is shared (not copied) by the upstream request, the response and the log.
+    pub fn for_request(&self, req: &RequestHeader) -> HeaderValue {
         if let Some(v) = req.headers.get("x-request-id") {
-            let b = v.as_bytes();
-            if is_sane_id(b) {
-                // is_sane_id admits ASCII only.
-                return String::from_utf8_lossy(b).into_owned();
+            if is_sane_id(v.as_bytes()) {
+                return v.clone();
             }
         }
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut s = String::with_capacity(33);
-        let _ = write!(s, "{:016x}{:016x}", self.prefix, n);
-        s
+        let mut buf = [0u8; 32];
+        hex16(self.prefix, &mut buf[..16]);
+        hex16(n, &mut buf[16..]);
+        HeaderValue::from_bytes(&buf).expect("hex digits are a valid header value")
+    }
+}
+
+fn hex16(v: u64, out: &mut [u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, o) in out.iter_mut().enumerate().take(16) {
+        *o = HEX[((v >> ((15 - i) * 4)) & 0xf) as usize];
     }
 }
 
@@ -69,8 +77,12 @@ pub fn is_sane_id(b: &[u8]) -> bool {
 }
 
 /// Set the forwarding headers on the request going upstream.
-pub fn forwarded(session: &Session, up: &mut RequestHeader, request_id: &str) -> Result<()> {
-    let original_host = request_host(session.req_header()).map(|h| h.to_vec());
+pub fn forwarded(session: &Session, up: &mut RequestHeader, request_id: &HeaderValue) -> Result<()> {
+    let req = session.req_header();
+    let original_host = match req.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => req.headers.get(http::header::HOST).cloned(),
+    };
     // Absolute-form (HTTP/1.x only): send origin-form upstream.
     if !session.is_http2() && is_absolute_form(session.req_header()) {
         let pq = up
@@ -106,7 +118,7 @@ pub fn forwarded(session: &Session, up: &mut RequestHeader, request_id: &str) ->
     if let Some(h) = original_host {
         up.insert_header("x-forwarded-host", h)?;
     }
-    up.insert_header("x-request-id", request_id)?;
+    up.insert_header("x-request-id", request_id.clone())?;
     Ok(())
 }
 
@@ -122,6 +134,8 @@ mod tests {
         let b = ids.for_request(&req);
         assert_ne!(a, b);
         assert_eq!(a.len(), 32);
+        assert!(a.to_str().unwrap().bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(&a.as_bytes()[..16], &b.as_bytes()[..16], "same process prefix");
         req.insert_header("x-request-id", "abc-123").unwrap();
         assert_eq!(ids.for_request(&req), "abc-123");
         req.insert_header("x-request-id", "bad id with spaces").unwrap();

@@ -59,15 +59,42 @@ impl Drop for RequestGauge {
     }
 }
 
+/// Backends already tried by a request, inline (at most 1 + 10 retries).
+#[derive(Default)]
+pub struct Tried {
+    n: u8,
+    ids: [u32; 12],
+}
+
+impl Tried {
+    fn push(&mut self, i: u32) {
+        if (self.n as usize) < self.ids.len() {
+            self.ids[self.n as usize] = i;
+            self.n += 1;
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.n as usize
+    }
+}
+
+impl std::ops::Deref for Tried {
+    type Target = [u32];
+    fn deref(&self) -> &[u32] {
+        &self.ids[..self.n as usize]
+    }
+}
+
 pub struct Ctx {
     start: Instant,
     table: Option<Arc<RoutingTable>>,
     route: Option<u32>,
     cluster: Option<u32>,
     backend: Option<u32>,
-    tried: Vec<u32>,
+    tried: Tried,
     inflight: Option<InFlight>,
-    request_id: String,
+    request_id: http::HeaderValue,
     upstream_start: Option<Instant>,
     response_started: bool,
     /// Status of a response this proxy generated itself.
@@ -97,7 +124,7 @@ impl Ctx {
 }
 
 /// Write a short plain-text response for a failure this proxy decides.
-async fn respond(session: &mut Session, failure: ProxyFailure, request_id: &str) -> Result<()> {
+async fn respond(session: &mut Session, failure: ProxyFailure, request_id: &http::HeaderValue) -> Result<()> {
     let body = Bytes::from_static(failure.body().as_bytes());
     let mut h = ResponseHeader::build(failure.status(), Some(4))?;
     h.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
@@ -106,7 +133,7 @@ async fn respond(session: &mut Session, failure: ProxyFailure, request_id: &str)
         h.insert_header(http::header::RETRY_AFTER, RETRY_AFTER_SECS)?;
     }
     if !request_id.is_empty() {
-        h.insert_header("x-request-id", request_id)?;
+        h.insert_header("x-request-id", request_id.clone())?;
     }
     if !session.is_body_empty() {
         // The unread request body would poison the next request on this connection.
@@ -141,9 +168,9 @@ impl ProxyHttp for Proxy {
             route: None,
             cluster: None,
             backend: None,
-            tried: Vec::new(),
+            tried: Tried::default(),
             inflight: None,
-            request_id: String::new(),
+            request_id: http::HeaderValue::from_static(""),
             upstream_start: None,
             response_started: false,
             local_status: 0,
@@ -227,7 +254,7 @@ impl ProxyHttp for Proxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if !ctx.request_id.is_empty() && !upstream_response.headers.contains_key("x-request-id") {
-            upstream_response.insert_header("x-request-id", ctx.request_id.as_str())?;
+            upstream_response.insert_header("x-request-id", ctx.request_id.clone())?;
         }
         Ok(())
     }
@@ -352,7 +379,7 @@ impl ProxyHttp for Proxy {
             bytes_in: session.body_bytes_read(),
             bytes_out: session.body_bytes_sent(),
             attempts: ctx.tried.len() as u32,
-            request_id: std::mem::take(&mut ctx.request_id),
+            request_id: ctx.request_id.to_str().unwrap_or_default().to_string(),
         };
         self.access_log.log(record);
     }
