@@ -23,7 +23,6 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -392,7 +391,6 @@ impl ProxyHttp for Proxy {
 pub struct ConnectionCounter<A> {
     inner: Arc<A>,
     gauge: prometheus::IntGauge,
-    total: AtomicU64,
 }
 
 impl<A> ConnectionCounter<A> {
@@ -400,7 +398,6 @@ impl<A> ConnectionCounter<A> {
         ConnectionCounter {
             inner: Arc::new(inner),
             gauge,
-            total: AtomicU64::new(0),
         }
     }
 }
@@ -409,7 +406,6 @@ impl<A> ConnectionCounter<A> {
 impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCounter<A> {
     async fn process_new(self: &Arc<Self>, session: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         self.gauge.inc();
-        self.total.fetch_add(1, Ordering::Relaxed);
         let _guard = RequestGauge(self.gauge.clone());
         self.inner.process_new(session, shutdown).await
     }
