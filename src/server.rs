@@ -7,7 +7,7 @@ use crate::admin::Admin;
 use crate::config::{Config, DiscoverySpec};
 use crate::discovery::file::FileSource;
 use crate::metrics::Metrics;
-use crate::proxy::{ConnectionCounter, Proxy};
+use crate::proxy::{Proxy, ProxyApp};
 use crate::discovery::consul::register::{Heartbeat, Registration};
 use crate::discovery::consul::ConsulSource;
 use crate::reconcile::{FileInput, Inputs, Reconciler};
@@ -131,7 +131,7 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
         opts.h2c = h2c;
         app.server_options = Some(opts);
         app.handle_init_modules();
-        let app = ConnectionCounter::new(app, metrics.downstream_connections.clone());
+        let app = ProxyApp::new(app, metrics.downstream_connections.clone());
         let names: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
         let mut svc = Service::new(format!("proxy {}", names.join(" ")), app);
         for l in &listeners {

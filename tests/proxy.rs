@@ -340,3 +340,34 @@ fn drain_timeout_bounds_shutdown() {
     let took = t0.elapsed();
     assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "took {took:?}");
 }
+
+#[test]
+fn requests_shorter_than_the_h2_preface_are_answered_on_h2c_listeners() {
+    // Listeners accept h2c by default. An HTTP/2 client starts with a 24-byte
+    // preface; a complete HTTP/1.0 request can be shorter (18 bytes here, the
+    // kind a health checker sends) and must not wait for more bytes.
+    let up = Upstream::start("short");
+    let p = Proxy::start(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")));
+    let t0 = Instant::now();
+    let resp = raw_exchange(p.addr, b"GET / HTTP/1.0\r\n\r\n", Duration::from_secs(3));
+    assert!(resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200"), "{resp:?}");
+    assert!(resp.ends_with("short"), "{resp:?}");
+    assert!(t0.elapsed() < Duration::from_secs(1), "took {:?}", t0.elapsed());
+    // Keep-alive on the HTTP/1 path still works: three requests, one connection.
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    for path in ["/a", "/b", "/c"] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"short") {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        assert_eq!(up.last_request().unwrap().0, path);
+    }
+    assert!(up.connections() <= 2);
+}

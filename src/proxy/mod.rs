@@ -19,7 +19,8 @@ use pingora::apps::ServerApp;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::Stream;
-use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::protocols::http::ServerSession;
+use pingora::proxy::{FailToProxy, HttpProxy, ProxyHttp, Session};
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
@@ -384,33 +385,98 @@ impl ProxyHttp for Proxy {
     }
 }
 
-/// Wraps a server app to keep `switchyard_downstream_connections` current.
-/// Pingora calls `process_new` once per request on a connection and keeps the
-/// connection inside it while idle, so inc/dec around the call tracks open
-/// connections.
-pub struct ConnectionCounter<A> {
-    inner: Arc<A>,
+/// The listener-side app around Pingora's `HttpProxy`:
+///
+/// * keeps `switchyard_downstream_connections` current (inc/dec around the
+///   connection, which Pingora keeps inside `process_new` while it lives);
+/// * on h2c listeners, tells HTTP/2 from HTTP/1 by the first bytes *as they
+///   arrive*. Pingora's own detection waits for 24 bytes (the length of the
+///   HTTP/2 preface), so a complete HTTP/1 request shorter than that — the
+///   18-byte `GET / HTTP/1.0` a health checker sends — would hang until the
+///   client gave up. HTTP/1 connections are then served here, with the same
+///   keep-alive loop Pingora uses; HTTP/2 ones go to Pingora unchanged.
+pub struct ProxyApp {
+    inner: Arc<HttpProxy<Proxy>>,
     gauge: prometheus::IntGauge,
+    h2c: bool,
 }
 
-impl<A> ConnectionCounter<A> {
-    pub fn new(inner: A, gauge: prometheus::IntGauge) -> Self {
-        ConnectionCounter {
+impl ProxyApp {
+    pub fn new(inner: HttpProxy<Proxy>, gauge: prometheus::IntGauge) -> Self {
+        let h2c = inner.server_options.as_ref().is_some_and(|o| o.h2c);
+        ProxyApp {
             inner: Arc::new(inner),
             gauge,
+            h2c,
+        }
+    }
+
+    /// Serve an HTTP/1 connection until it closes.
+    async fn serve_h1(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        use pingora::apps::HttpServerApp;
+        let mut session = ServerSession::new_http1(stream);
+        // As Pingora does: no keep-alive once shutting down, else 60 s idle.
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        session.set_keepalive_reuses_remaining(self.inner.server_options().and_then(|o| o.keepalive_request_limit));
+        let mut result = self.inner.process_new_http(session, shutdown).await;
+        while let Some((stream, settings)) = result.map(|r| r.consume()) {
+            let mut session = ServerSession::new_http1(stream);
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+            result = self.inner.process_new_http(session, shutdown).await;
+        }
+    }
+}
+
+/// The HTTP/2 connection preface.
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Read the first bytes until they either differ from the HTTP/2 preface
+/// (HTTP/1) or complete it (HTTP/2), then put them back. None: the client
+/// closed or failed first.
+async fn sniff_h2(stream: &mut pingora::protocols::l4::stream::Stream) -> Option<bool> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 24];
+    let mut n = 0;
+    loop {
+        match stream.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => return None,
+            Ok(k) => n += k,
+        }
+        let is_h2 = buf[..n] == H2_PREFACE[..n];
+        if !is_h2 || n == H2_PREFACE.len() {
+            stream.rewind(&buf[..n]);
+            return Some(is_h2);
         }
     }
 }
 
 #[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for ConnectionCounter<A> {
-    async fn process_new(self: &Arc<Self>, session: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+impl ServerApp for ProxyApp {
+    async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         self.gauge.inc();
         let _guard = RequestGauge(self.gauge.clone());
-        self.inner.process_new(session, shutdown).await
+        if !self.h2c || stream.get_ssl_digest().is_some() {
+            return ServerApp::process_new(&self.inner, stream, shutdown).await;
+        }
+        let mut tcp = match stream.into_any().downcast::<pingora::protocols::l4::stream::Stream>() {
+            Ok(tcp) => tcp,
+            Err(_) => return None,
+        };
+        let stream: Stream = match sniff_h2(&mut tcp).await {
+            None => return None,
+            Some(true) => tcp,
+            Some(false) => {
+                self.serve_h1(tcp, shutdown).await;
+                return None;
+            }
+        };
+        // HTTP/2: Pingora reads the preface again (from the rewound bytes).
+        ServerApp::process_new(&self.inner, stream, shutdown).await
     }
 
     async fn cleanup(&self) {
-        self.inner.cleanup().await
+        ServerApp::cleanup(&*self.inner).await
     }
 }
