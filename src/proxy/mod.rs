@@ -19,6 +19,7 @@ use pingora::apps::ServerApp;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::Stream;
+use pingora::apps::HttpPersistentSettings;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, HttpProxy, ProxyHttp, Session};
 use pingora::server::ShutdownWatch;
@@ -411,21 +412,68 @@ impl ProxyApp {
         }
     }
 
-    /// Serve an HTTP/1 connection until it closes.
-    async fn serve_h1(&self, stream: Stream, shutdown: &ShutdownWatch) {
+    /// Serve an HTTP/1 connection until it closes. Between requests the
+    /// connection waits in [`next_request`], a small future, so an idle
+    /// keep-alive connection holds no proxy state (Pingora's own loop keeps
+    /// its per-request future, ~14 KB, alive while waiting).
+    async fn serve_h1(&self, mut tcp: Box<L4Stream>, shutdown: &ShutdownWatch) {
         use pingora::apps::HttpServerApp;
-        let mut session = ServerSession::new_http1(stream);
-        // As Pingora does: no keep-alive once shutting down, else 60 s idle.
-        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
-        session.set_keepalive_reuses_remaining(self.inner.server_options().and_then(|o| o.keepalive_request_limit));
-        let mut result = self.inner.process_new_http(session, shutdown).await;
-        while let Some((stream, settings)) = result.map(|r| r.consume()) {
-            let mut session = ServerSession::new_http1(stream);
-            if let Some(settings) = settings {
-                settings.apply_to_session(&mut session);
+        let limit = self.inner.server_options().and_then(|o| o.keepalive_request_limit);
+        let mut settings = None;
+        let mut first = true;
+        loop {
+            if !first && !next_request(&mut tcp, shutdown).await {
+                return;
             }
-            result = self.inner.process_new_http(session, shutdown).await;
+            first = false;
+            let mut session = ServerSession::new_http1(tcp);
+            match settings.take() {
+                Some(s) => HttpPersistentSettings::apply_to_session(s, &mut session),
+                None => session.set_keepalive_reuses_remaining(limit),
+            }
+            // As Pingora does: no keep-alive once shutting down, else 60 s idle.
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
+            } else if session.get_keepalive().is_none() {
+                session.set_keepalive(Some(KEEPALIVE_SECS));
+            }
+            let Some(reused) = self.inner.process_new_http(session, shutdown).await else { return };
+            let (stream, next_settings) = reused.consume();
+            settings = next_settings;
+            let Ok(next) = stream.into_any().downcast::<L4Stream>() else { return };
+            tcp = next;
         }
+    }
+}
+
+type L4Stream = pingora::protocols::l4::stream::Stream;
+
+/// Idle time allowed between requests on a keep-alive connection (Pingora's default).
+const KEEPALIVE_SECS: u64 = 60;
+
+/// Bytes read ahead while waiting for a request; they are put back for the parser.
+const READ_AHEAD: usize = 512;
+
+/// Wait for the next request's first bytes on an idle keep-alive connection
+/// (reading what has arrived, up to [`READ_AHEAD`], and putting it back), the
+/// idle timeout, or shutdown. False: close the connection.
+async fn next_request(tcp: &mut L4Stream, shutdown: &ShutdownWatch) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; READ_AHEAD];
+    let mut sd = shutdown.clone();
+    if *sd.borrow() {
+        return false;
+    }
+    tokio::select! {
+        r = tcp.read(&mut buf) => match r {
+            Ok(n) if n > 0 => {
+                tcp.rewind(&buf[..n]);
+                true
+            }
+            _ => false,
+        },
+        _ = tokio::time::sleep(std::time::Duration::from_secs(KEEPALIVE_SECS)) => false,
+        _ = sd.changed() => false,
     }
 }
 
@@ -435,17 +483,18 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Read the first bytes until they either differ from the HTTP/2 preface
 /// (HTTP/1) or complete it (HTTP/2), then put them back. None: the client
 /// closed or failed first.
-async fn sniff_h2(stream: &mut pingora::protocols::l4::stream::Stream) -> Option<bool> {
+async fn sniff_h2(stream: &mut L4Stream) -> Option<bool> {
     use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; 24];
+    let mut buf = [0u8; READ_AHEAD];
     let mut n = 0;
     loop {
         match stream.read(&mut buf[n..]).await {
             Ok(0) | Err(_) => return None,
             Ok(k) => n += k,
         }
-        let is_h2 = buf[..n] == H2_PREFACE[..n];
-        if !is_h2 || n == H2_PREFACE.len() {
+        let m = n.min(H2_PREFACE.len());
+        let is_h2 = buf[..m] == H2_PREFACE[..m];
+        if !is_h2 || n >= H2_PREFACE.len() {
             stream.rewind(&buf[..n]);
             return Some(is_h2);
         }
@@ -457,13 +506,15 @@ impl ServerApp for ProxyApp {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         self.gauge.inc();
         let _guard = RequestGauge(self.gauge.clone());
-        if !self.h2c || stream.get_ssl_digest().is_some() {
+        if stream.get_ssl_digest().is_some() {
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
-        let mut tcp = match stream.into_any().downcast::<pingora::protocols::l4::stream::Stream>() {
-            Ok(tcp) => tcp,
-            Err(_) => return None,
-        };
+        if !self.h2c {
+            let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else { return None };
+            self.serve_h1(tcp, shutdown).await;
+            return None;
+        }
+        let Ok(mut tcp) = stream.into_any().downcast::<L4Stream>() else { return None };
         let stream: Stream = match sniff_h2(&mut tcp).await {
             None => return None,
             Some(true) => tcp,
