@@ -666,6 +666,29 @@ struct AgentCheck {
     definition: Value,
 }
 
+impl AgentCheck {
+    /// The critical check that maintenance mode adds (`_service_maintenance:<id>` or `_node_maintenance`).
+    fn maintenance(id: &str, name: &str, service_id: String, service_name: String, reason: &str) -> AgentCheck {
+        AgentCheck {
+            id: id.to_string(),
+            name: name.into(),
+            service_id,
+            service_name,
+            status: "critical".into(),
+            output: String::new(),
+            notes: reason.to_string(),
+            typ: "maintenance".into(),
+            ttl: None,
+            ttl_deadline: None,
+            last_ttl_output: String::new(),
+            defer_at: None,
+            interval: String::new(),
+            timeout: String::new(),
+            definition: json!({}),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Agent {
     services: BTreeMap<String, AgentSvc>,
@@ -3088,23 +3111,7 @@ impl State {
             let reason = ctx.q.get("reason").filter(|r| !r.is_empty()).unwrap_or(SERVICE_MAINT_REASON);
             self.agent.checks.insert(
                 cid.clone(),
-                AgentCheck {
-                    id: cid.clone(),
-                    name: "Service Maintenance Mode".into(),
-                    service_id: id.to_string(),
-                    service_name: name,
-                    status: "critical".into(),
-                    output: String::new(),
-                    notes: reason.to_string(),
-                    typ: "maintenance".into(),
-                    ttl: None,
-                    ttl_deadline: None,
-                    last_ttl_output: String::new(),
-                    defer_at: None,
-                    interval: String::new(),
-                    timeout: String::new(),
-                    definition: json!({}),
-                },
+                AgentCheck::maintenance(&cid, "Service Maintenance Mode", id.to_string(), name, reason),
             );
             self.sync_agent_check(&cid);
         } else if self.agent.checks.remove(&cid).is_some() {
@@ -3135,23 +3142,7 @@ impl State {
                 let reason = ctx.q.get("reason").filter(|r| !r.is_empty()).unwrap_or(NODE_MAINT_REASON);
                 self.agent.checks.insert(
                     cid.clone(),
-                    AgentCheck {
-                        id: cid.clone(),
-                        name: "Node Maintenance Mode".into(),
-                        service_id: String::new(),
-                        service_name: String::new(),
-                        status: "critical".into(),
-                        output: String::new(),
-                        notes: reason.to_string(),
-                        typ: "maintenance".into(),
-                        ttl: None,
-                        ttl_deadline: None,
-                        last_ttl_output: String::new(),
-                        defer_at: None,
-                        interval: String::new(),
-                        timeout: String::new(),
-                        definition: json!({}),
-                    },
+                    AgentCheck::maintenance(&cid, "Node Maintenance Mode", String::new(), String::new(), reason),
                 );
                 self.sync_agent_check(&cid);
             }
