@@ -81,7 +81,6 @@ impl Reconciler {
         let table = RoutingTable::build(&eff, &discovered, &states, 1)?;
         let built = Built { discovered, auto: auto_of(view.as_deref()) };
         drop(eff);
-        states.retain(&table);
         table.export_gauges(&metrics, None);
         metrics.routing_swaps.inc();
         status.swapped(1, table.built_at);

@@ -161,6 +161,11 @@ pub struct ConsulQuery {
 }
 
 impl ConsulQuery {
+    /// Name of this query's source, as in `/status` and metrics.
+    pub fn source_name(&self) -> String {
+        format!("consul:{}", self.label())
+    }
+
     /// Short stable name: `web`, `web[tag=prod,tag=v2]`, `web[filter=…]`.
     pub fn label(&self) -> String {
         let mut extra: Vec<String> = self.tags.iter().map(|t| format!("tag={t}")).collect();
@@ -178,13 +183,18 @@ impl ConsulQuery {
     }
 }
 
+/// Name of a file catalog source, as in `/status` and metrics.
+pub fn file_source_name(catalog: &std::path::Path) -> String {
+    format!("file:{}", catalog.display())
+}
+
 impl DiscoverySpec {
     /// Name of the discovery source feeding this cluster, as in `/status` and metrics.
     pub fn source_name(&self) -> Option<String> {
         match self {
             DiscoverySpec::Static(_) => None,
-            DiscoverySpec::File { catalog, .. } => Some(format!("file:{}", catalog.display())),
-            DiscoverySpec::Consul(q) => Some(format!("consul:{}", q.label())),
+            DiscoverySpec::File { catalog, .. } => Some(file_source_name(catalog)),
+            DiscoverySpec::Consul(q) => Some(q.source_name()),
         }
     }
 

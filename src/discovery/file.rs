@@ -116,31 +116,6 @@ fn instance_addr(address: &str, port: Option<u16>) -> Result<SocketAddr, String>
     Ok(addr)
 }
 
-/// Read and parse a catalog file.
-pub fn read_catalog(path: &Path) -> Result<Catalog, DiscoveryError> {
-    let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|e| DiscoveryError::Read {
-        path: shown.clone(),
-        reason: e.to_string(),
-    })?;
-    if meta.len() > MAX_CATALOG_BYTES {
-        return Err(DiscoveryError::Invalid {
-            path: shown,
-            reason: format!("file is {} bytes, above the {} byte limit", meta.len(), MAX_CATALOG_BYTES),
-        });
-    }
-    let bytes = std::fs::read(path).map_err(|e| DiscoveryError::Read {
-        path: shown.clone(),
-        reason: e.to_string(),
-    })?;
-    parse_catalog(&bytes).map_err(|reason| DiscoveryError::Invalid { path: shown, reason })
-}
-
-/// The metrics/status name of a file source.
-pub fn source_name(path: &Path) -> String {
-    format!("file:{}", path.display())
-}
-
 /// Watches one catalog file and publishes every valid version of it.
 pub struct FileSource {
     path: PathBuf,
@@ -160,7 +135,7 @@ impl FileSource {
         status: Arc<StatusBoard>,
     ) -> (Self, watch::Receiver<Option<Arc<Catalog>>>) {
         let (tx, rx) = watch::channel(None);
-        let name = source_name(&path);
+        let name = crate::config::file_source_name(&path);
         status.register_source(&name, "file", &path.display().to_string());
         let src = FileSource {
             path,

@@ -102,27 +102,6 @@ impl StateRegistry {
             map.remove(&key);
         }
     }
-
-    /// Forget state (and metric series) of backends and clusters the table no
-    /// longer has. Requests still in flight keep their own `Arc`s.
-    pub fn retain(&self, table: &RoutingTable) {
-        let mut keep: std::collections::HashSet<(&str, SocketAddr)> = std::collections::HashSet::new();
-        for c in &table.clusters {
-            for b in &c.backends {
-                keep.insert((&c.name, b.addr));
-            }
-        }
-        let mut map = self.backends.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|(cluster, addr), _| {
-            let kept = keep.contains(&(cluster.as_str(), *addr));
-            if !kept {
-                self.metrics.forget_backend(cluster, &addr.to_string());
-            }
-            kept
-        });
-        let mut clusters = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
-        clusters.retain(|name, _| table.cluster_index.contains_key(name));
-    }
 }
 
 pub struct Backend {

@@ -120,7 +120,7 @@ pub struct WatchShared {
 
 impl WatchShared {
     fn new(q: &ConsulQuery, view: ViewTx, metrics: &Arc<Metrics>, status: &Arc<StatusBoard>, persist: &Arc<Notify>) -> Self {
-        let name = format!("consul:{}", q.label());
+        let name = q.source_name();
         status.register_source(&name, "consul", &q.label());
         WatchShared {
             label: q.label(),
