@@ -7,7 +7,7 @@ use crate::admin::Admin;
 use crate::config::{Config, DiscoverySpec};
 use crate::discovery::file::FileSource;
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, ProxyApp};
+use crate::proxy::{Core, Proxy, ProxyApp};
 use crate::discovery::consul::register::{Heartbeat, Registration};
 use crate::discovery::consul::ConsulSource;
 use crate::reconcile::{FileInput, Inputs, Reconciler};
@@ -125,13 +125,15 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
             continue;
         }
         let addrs: Vec<_> = listeners.iter().map(|l| l.address).collect();
-        let proxy = Proxy::new(snapshot.clone(), metrics.clone(), access_log.clone());
+        let core = Core::new(snapshot.clone(), metrics.clone(), access_log.clone());
+        let proxy = Proxy::new(core.clone());
         let mut app = HttpProxy::new(proxy, server.configuration.clone());
         let mut opts = HttpServerOptions::default();
         opts.h2c = h2c;
         app.server_options = Some(opts);
         app.handle_init_modules();
-        let app = ProxyApp::new(app, metrics.downstream_connections.clone());
+        let express = config.server.express.then(|| (core, &*server.configuration));
+        let app = ProxyApp::new(app, express, metrics.downstream_connections.clone());
         let names: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
         let mut svc = Service::new(format!("proxy {}", names.join(" ")), app);
         for l in &listeners {

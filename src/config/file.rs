@@ -23,6 +23,8 @@ pub struct ServerSection {
     pub upgrade_sock: Option<String>,
     /// Idle upstream connections kept for reuse (all backends together).
     pub upstream_keepalive_pool: Option<usize>,
+    /// Serve plain bodiless HTTP/1.1 requests on the express path.
+    pub express: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -82,6 +82,7 @@ pub struct ServerSettings {
     pub pid_file: String,
     pub upgrade_sock: String,
     pub upstream_keepalive_pool: usize,
+    pub express: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -261,6 +261,7 @@ impl Validator<'_> {
             pid_file,
             upgrade_sock,
             upstream_keepalive_pool,
+            express,
         } = s;
         let default_threads = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -283,6 +284,7 @@ impl Validator<'_> {
         ServerSettings {
             threads,
             work_stealing: work_stealing.unwrap_or(false),
+            express: express.unwrap_or(true),
             drain_timeout: self.duration(
                 "server.drain_timeout",
                 drain_timeout.as_ref(),

@@ -4,9 +4,9 @@
 
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
-use pingora::proxy::Session;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use std::fmt::Write;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Whether an HTTP/1.x request used an absolute-form target
@@ -76,15 +76,60 @@ pub fn is_sane_id(b: &[u8]) -> bool {
         && b.iter().all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
 }
 
-/// Set the forwarding headers on the request going upstream.
-pub fn forwarded(session: &Session, up: &mut RequestHeader, request_id: &HeaderValue) -> Result<()> {
-    let req = session.req_header();
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The forwarding headers for the request going upstream, in order:
+/// `X-Forwarded-For` (the client's list with the client appended; none
+/// without a client address), `X-Forwarded-Proto`, `X-Forwarded-Host` (if
+/// the request named a host) and `X-Request-Id`. Each replaces any the
+/// client sent.
+pub fn forwarding(
+    req: &RequestHeader,
+    client: Option<IpAddr>,
+    request_id: &HeaderValue,
+) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
     let original_host = match req.uri.authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
         None => req.headers.get(http::header::HOST).cloned(),
     };
+    let xff = client.and_then(|ip| {
+        let mut xff = String::new();
+        for v in req.headers.get_all(X_FORWARDED_FOR) {
+            if let Ok(s) = v.to_str() {
+                let s = s.trim();
+                if !s.is_empty() {
+                    xff.push_str(s);
+                    xff.push_str(", ");
+                }
+            }
+        }
+        let _ = write!(xff, "{ip}");
+        HeaderValue::try_from(xff).ok()
+    });
+    [
+        xff.map(|v| (X_FORWARDED_FOR, v)),
+        Some((X_FORWARDED_PROTO, HeaderValue::from_static("http"))),
+        original_host.map(|h| (X_FORWARDED_HOST, h)),
+        Some((X_REQUEST_ID, request_id.clone())),
+    ]
+    .into_iter()
+    .flatten()
+}
+
+/// Set the forwarding headers on the request going upstream (Pingora's
+/// path), and send an absolute-form target as origin-form.
+pub fn forwarded(
+    req: &RequestHeader,
+    is_h2: bool,
+    client: Option<IpAddr>,
+    up: &mut RequestHeader,
+    request_id: &HeaderValue,
+) -> Result<()> {
     // Absolute-form (HTTP/1.x only): send origin-form upstream.
-    if !session.is_http2() && is_absolute_form(session.req_header()) {
+    if !is_h2 && is_absolute_form(req) {
         let pq = up
             .uri
             .path_and_query()
@@ -95,30 +140,9 @@ pub fn forwarded(session: &Session, up: &mut RequestHeader, request_id: &HeaderV
             .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad request target"))?;
         up.set_uri(uri);
     }
-    if let Some(ip) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) {
-        let mut xff = String::new();
-        for v in up.headers.get_all("x-forwarded-for") {
-            if let Ok(s) = v.to_str() {
-                let s = s.trim();
-                if !s.is_empty() {
-                    if !xff.is_empty() {
-                        xff.push_str(", ");
-                    }
-                    xff.push_str(s);
-                }
-            }
-        }
-        if !xff.is_empty() {
-            xff.push_str(", ");
-        }
-        let _ = write!(xff, "{ip}");
-        up.insert_header("x-forwarded-for", xff)?;
+    for (name, value) in forwarding(req, client, request_id) {
+        up.insert_header(name, value)?;
     }
-    up.insert_header("x-forwarded-proto", "http")?;
-    if let Some(h) = original_host {
-        up.insert_header("x-forwarded-host", h)?;
-    }
-    up.insert_header("x-request-id", request_id.clone())?;
     Ok(())
 }
 

@@ -6,6 +6,7 @@
 //! plain-text bodies: 404 (no route), 503 + `Retry-After` (no backends),
 //! 502 (backends failed), 504 (backend timed out).
 
+mod express;
 mod headers;
 
 use crate::accesslog::{AccessLog, AccessRecord};
@@ -33,21 +34,94 @@ pub use headers::RequestIds;
 /// Seconds a client is told to wait when a cluster has no backends.
 pub const RETRY_AFTER_SECS: &str = "5";
 
-pub struct Proxy {
+/// What both request paths (Pingora's `HttpProxy` and the express path)
+/// share: the snapshot, metrics, the access log and request ids.
+pub struct Core {
     snapshot: Arc<Snapshot>,
     metrics: Arc<Metrics>,
     access_log: AccessLog,
     ids: RequestIds,
 }
 
-impl Proxy {
-    pub fn new(snapshot: Arc<Snapshot>, metrics: Arc<Metrics>, access_log: AccessLog) -> Self {
-        Proxy {
+impl Core {
+    pub fn new(snapshot: Arc<Snapshot>, metrics: Arc<Metrics>, access_log: AccessLog) -> Arc<Self> {
+        Arc::new(Core {
             snapshot,
             metrics,
             access_log,
             ids: RequestIds::new(),
+        })
+    }
+
+    fn new_ctx(&self) -> Ctx {
+        self.metrics.requests_in_flight.inc();
+        Ctx {
+            start: Instant::now(),
+            table: None,
+            route: None,
+            cluster: None,
+            backend: None,
+            tried: Tried::default(),
+            inflight: None,
+            request_id: http::HeaderValue::from_static(""),
+            upstream_start: None,
+            response_started: false,
+            local_status: 0,
+            _gauge: RequestGauge(self.metrics.requests_in_flight.clone()),
         }
+    }
+
+    /// Metrics and the access log line for a finished request.
+    fn log(&self, ctx: &mut Ctx, req: &RequestHeader, client: Option<std::net::IpAddr>, status: u16, bytes: (usize, usize)) {
+        ctx.inflight = None;
+        let elapsed = ctx.start.elapsed();
+        let table = ctx.table.as_deref();
+        let route = table.zip(ctx.route).map(|(t, r)| &t.routes[r as usize]);
+        match route {
+            Some(r) => r.metrics.record(status),
+            None => {
+                if let Some(t) = table {
+                    t.unrouted.record(status)
+                }
+            }
+        }
+        if let Some(c) = ctx.cluster() {
+            c.duration.observe(elapsed.as_secs_f64());
+        }
+        if !self.access_log.enabled() {
+            return;
+        }
+        let host = headers::request_host(req)
+            .map(|h| String::from_utf8_lossy(h).into_owned())
+            .unwrap_or_default();
+        let record = AccessRecord {
+            time: SystemTime::now() - elapsed,
+            client,
+            method: req.method.as_str().to_string(),
+            host,
+            path: req.uri.path().to_string(),
+            status,
+            route: route.map(|r| r.name.clone()),
+            cluster: ctx.cluster().map(|c| c.name.clone()),
+            backend: ctx.backend().map(|b| b.addr),
+            upstream_duration: ctx.upstream_start.map(|s| s.elapsed().as_secs_f64()),
+            duration: elapsed.as_secs_f64(),
+            bytes_in: bytes.0,
+            bytes_out: bytes.1,
+            attempts: ctx.tried.len() as u32,
+            request_id: ctx.request_id.to_str().unwrap_or_default().to_string(),
+        };
+        self.access_log.log(record);
+    }
+}
+
+pub struct Proxy {
+    core: Arc<Core>,
+}
+
+impl Proxy {
+    pub fn new(core: Arc<Core>) -> Self {
+        Proxy { core }
     }
 }
 
@@ -124,8 +198,8 @@ impl Ctx {
     }
 }
 
-/// Write a short plain-text response for a failure this proxy decides.
-async fn respond(session: &mut Session, failure: ProxyFailure, request_id: &http::HeaderValue) -> Result<()> {
+/// The short plain-text response for a failure this proxy decides.
+fn failure_response(failure: ProxyFailure, request_id: &http::HeaderValue) -> Result<(ResponseHeader, Bytes)> {
     let body = Bytes::from_static(failure.body().as_bytes());
     let mut h = ResponseHeader::build(failure.status(), Some(4))?;
     h.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
@@ -136,6 +210,12 @@ async fn respond(session: &mut Session, failure: ProxyFailure, request_id: &http
     if !request_id.is_empty() {
         h.insert_header("x-request-id", request_id.clone())?;
     }
+    Ok((h, body))
+}
+
+/// Write a short plain-text response for a failure this proxy decides.
+async fn respond(session: &mut Session, failure: ProxyFailure, request_id: &http::HeaderValue) -> Result<()> {
+    let (h, body) = failure_response(failure, request_id)?;
     if !session.is_body_empty() {
         // The unread request body would poison the next request on this connection.
         session.set_keepalive(None);
@@ -162,21 +242,7 @@ impl ProxyHttp for Proxy {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        self.metrics.requests_in_flight.inc();
-        Ctx {
-            start: Instant::now(),
-            table: None,
-            route: None,
-            cluster: None,
-            backend: None,
-            tried: Tried::default(),
-            inflight: None,
-            request_id: http::HeaderValue::from_static(""),
-            upstream_start: None,
-            response_started: false,
-            local_status: 0,
-            _gauge: RequestGauge(self.metrics.requests_in_flight.clone()),
-        }
+        self.core.new_ctx()
     }
 
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {
@@ -185,9 +251,9 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let table = self.snapshot.load();
+        let table = self.core.snapshot.load();
         let req = session.req_header();
-        ctx.request_id = self.ids.for_request(req);
+        ctx.request_id = self.core.ids.for_request(req);
         let absolute = !session.is_http2() && headers::is_absolute_form(req);
         let host = headers::request_host(req);
         let route = table.router.find(host, req.uri.path(), absolute);
@@ -232,7 +298,9 @@ impl ProxyHttp for Proxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        headers::forwarded(session, upstream_request, &ctx.request_id)
+        let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let req = session.req_header();
+        headers::forwarded(req, session.is_http2(), client, upstream_request, &ctx.request_id)
     }
 
     async fn upstream_response_filter(
@@ -335,7 +403,6 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        ctx.inflight = None;
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
@@ -344,45 +411,9 @@ impl ProxyHttp for Proxy {
                 0 => 499, // client went away before any response
                 s => s,
             });
-        let elapsed = ctx.start.elapsed();
-        let table = ctx.table.as_deref();
-        let route = table.zip(ctx.route).map(|(t, r)| &t.routes[r as usize]);
-        match route {
-            Some(r) => r.metrics.record(status),
-            None => {
-                if let Some(t) = table {
-                    t.unrouted.record(status)
-                }
-            }
-        }
-        if let Some(c) = ctx.cluster() {
-            c.duration.observe(elapsed.as_secs_f64());
-        }
-        if !self.access_log.enabled() {
-            return;
-        }
-        let req = session.req_header();
-        let host = headers::request_host(req)
-            .map(|h| String::from_utf8_lossy(h).into_owned())
-            .unwrap_or_default();
-        let record = AccessRecord {
-            time: SystemTime::now() - elapsed,
-            client: session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()),
-            method: req.method.as_str().to_string(),
-            host,
-            path: req.uri.path().to_string(),
-            status,
-            route: route.map(|r| r.name.clone()),
-            cluster: ctx.cluster().map(|c| c.name.clone()),
-            backend: ctx.backend().map(|b| b.addr),
-            upstream_duration: ctx.upstream_start.map(|s| s.elapsed().as_secs_f64()),
-            duration: elapsed.as_secs_f64(),
-            bytes_in: session.body_bytes_read(),
-            bytes_out: session.body_bytes_sent(),
-            attempts: ctx.tried.len() as u32,
-            request_id: ctx.request_id.to_str().unwrap_or_default().to_string(),
-        };
-        self.access_log.log(record);
+        let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let bytes = (session.body_bytes_read(), session.body_bytes_sent());
+        self.core.log(ctx, session.req_header(), client, status, bytes);
     }
 }
 
@@ -398,15 +429,23 @@ impl ProxyHttp for Proxy {
 ///   keep-alive loop Pingora uses; HTTP/2 ones go to Pingora unchanged.
 pub struct ProxyApp {
     inner: Arc<HttpProxy<Proxy>>,
+    express: Option<express::Express>,
     gauge: prometheus::IntGauge,
     h2c: bool,
 }
 
 impl ProxyApp {
-    pub fn new(inner: HttpProxy<Proxy>, gauge: prometheus::IntGauge) -> Self {
+    /// `express`: the express path's shared state and upstream connector
+    /// settings, or None to send every request through `inner`.
+    pub fn new(
+        inner: HttpProxy<Proxy>,
+        express: Option<(Arc<Core>, &pingora::server::configuration::ServerConf)>,
+        gauge: prometheus::IntGauge,
+    ) -> Self {
         let h2c = inner.server_options.as_ref().is_some_and(|o| o.h2c);
         ProxyApp {
             inner: Arc::new(inner),
+            express: express.map(|(core, conf)| express::Express::new(core, conf)),
             gauge,
             h2c,
         }
@@ -416,16 +455,19 @@ impl ProxyApp {
     /// connection waits in [`next_request`], a small future, so an idle
     /// keep-alive connection holds no proxy state (Pingora's own loop keeps
     /// its per-request future, ~14 KB, alive while waiting).
-    async fn serve_h1(&self, mut tcp: Box<L4Stream>, shutdown: &ShutdownWatch) {
+    async fn serve_h1(&self, mut tcp: Box<L4Stream>, shutdown: &ShutdownWatch, mut ahead: Ahead) {
         use pingora::apps::HttpServerApp;
         let limit = self.inner.server_options().and_then(|o| o.keepalive_request_limit);
         let mut settings = None;
-        let mut first = true;
         loop {
-            if !first && !next_request(&mut tcp, shutdown).await {
+            if ahead == Ahead::Wait {
+                ahead = next_request(&mut tcp, shutdown).await;
+            }
+            if ahead == Ahead::Closed {
                 return;
             }
-            first = false;
+            let express = self.express.as_ref().filter(|_| ahead == Ahead::Express);
+            ahead = Ahead::Wait;
             let mut session = ServerSession::new_http1(tcp);
             match settings.take() {
                 Some(s) => HttpPersistentSettings::apply_to_session(s, &mut session),
@@ -437,13 +479,75 @@ impl ProxyApp {
             } else if session.get_keepalive().is_none() {
                 session.set_keepalive(Some(KEEPALIVE_SECS));
             }
-            let Some(reused) = self.inner.process_new_http(session, shutdown).await else { return };
+            let reused = if let Some(express) = express {
+                express.serve(session).await
+            } else {
+                self.inner.process_new_http(session, shutdown).await
+            };
+            let Some(reused) = reused else { return };
             let (stream, next_settings) = reused.consume();
             settings = next_settings;
             let Ok(next) = stream.into_any().downcast::<L4Stream>() else { return };
             tcp = next;
         }
     }
+}
+
+/// What the bytes read ahead of a request say.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Ahead {
+    /// Nothing read yet: wait for the next request.
+    Wait,
+    /// A request the express path serves (its head is put back).
+    Express,
+    /// Anything else, for Pingora's `HttpProxy` (bytes put back).
+    Proxy,
+    /// The connection closed, failed, idled out or the server is stopping.
+    Closed,
+}
+
+/// Largest request head the express path looks at (longer ones go to
+/// `HttpProxy`). Read only when a head overflows [`READ_AHEAD`].
+const EXPRESS_HEAD_MAX: usize = 8 * 1024;
+
+/// Put back what was read ahead and say which path serves it. A head that
+/// fills the read-ahead buffer is read on (into a heap buffer, up to
+/// [`EXPRESS_HEAD_MAX`]) until it is complete.
+async fn classify(tcp: &mut L4Stream, buf: &[u8]) -> Ahead {
+    use tokio::io::AsyncReadExt;
+    match express::eligible(buf) {
+        Some(e) => {
+            tcp.rewind(buf);
+            return if e { Ahead::Express } else { Ahead::Proxy };
+        }
+        None if buf.len() < READ_AHEAD => {
+            tcp.rewind(buf);
+            return Ahead::Proxy;
+        }
+        None => {}
+    }
+    let mut head = Vec::with_capacity(EXPRESS_HEAD_MAX);
+    head.extend_from_slice(buf);
+    let verdict = loop {
+        let n = head.len();
+        head.resize(EXPRESS_HEAD_MAX, 0);
+        let read = tcp.read(&mut head[n..]).await;
+        match read {
+            Ok(k) if k > 0 => head.truncate(n + k),
+            _ => {
+                head.truncate(n);
+                break if n == 0 { Ahead::Closed } else { Ahead::Proxy };
+            }
+        }
+        match express::eligible(&head) {
+            Some(true) => break Ahead::Express,
+            Some(false) => break Ahead::Proxy,
+            None if head.len() >= EXPRESS_HEAD_MAX => break Ahead::Proxy,
+            None => {}
+        }
+    };
+    tcp.rewind(&head);
+    verdict
 }
 
 type L4Stream = pingora::protocols::l4::stream::Stream;
@@ -457,46 +561,46 @@ const READ_AHEAD: usize = 512;
 /// Wait for the next request's first bytes on an idle keep-alive connection
 /// (reading what has arrived, up to [`READ_AHEAD`], and putting it back), the
 /// idle timeout, or shutdown. False: close the connection.
-async fn next_request(tcp: &mut L4Stream, shutdown: &ShutdownWatch) -> bool {
+async fn next_request(tcp: &mut L4Stream, shutdown: &ShutdownWatch) -> Ahead {
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; READ_AHEAD];
     let mut sd = shutdown.clone();
     if *sd.borrow() {
-        return false;
+        return Ahead::Closed;
     }
-    tokio::select! {
+    let n = tokio::select! {
         r = tcp.read(&mut buf) => match r {
-            Ok(n) if n > 0 => {
-                tcp.rewind(&buf[..n]);
-                true
-            }
-            _ => false,
+            Ok(n) if n > 0 => n,
+            _ => return Ahead::Closed,
         },
-        _ = tokio::time::sleep(std::time::Duration::from_secs(KEEPALIVE_SECS)) => false,
-        _ = sd.changed() => false,
-    }
+        _ = tokio::time::sleep(std::time::Duration::from_secs(KEEPALIVE_SECS)) => return Ahead::Closed,
+        _ = sd.changed() => return Ahead::Closed,
+    };
+    classify(tcp, &buf[..n]).await
 }
 
 /// The HTTP/2 connection preface.
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Read the first bytes until they either differ from the HTTP/2 preface
-/// (HTTP/1) or complete it (HTTP/2), then put them back. None: the client
-/// closed or failed first.
-async fn sniff_h2(stream: &mut L4Stream) -> Option<bool> {
+/// (HTTP/1: then classified as by [`next_request`]) or complete it (HTTP/2),
+/// then put them back. None: HTTP/2.
+async fn sniff_h2(stream: &mut L4Stream) -> Option<Ahead> {
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; READ_AHEAD];
     let mut n = 0;
     loop {
         match stream.read(&mut buf[n..]).await {
-            Ok(0) | Err(_) => return None,
+            Ok(0) | Err(_) => return Some(Ahead::Closed),
             Ok(k) => n += k,
         }
         let m = n.min(H2_PREFACE.len());
-        let is_h2 = buf[..m] == H2_PREFACE[..m];
-        if !is_h2 || n >= H2_PREFACE.len() {
+        if buf[..m] != H2_PREFACE[..m] {
+            return Some(classify(stream, &buf[..n]).await);
+        }
+        if n >= H2_PREFACE.len() {
             stream.rewind(&buf[..n]);
-            return Some(is_h2);
+            return None;
         }
     }
 }
@@ -509,22 +613,18 @@ impl ServerApp for ProxyApp {
         if stream.get_ssl_digest().is_some() {
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
-        if !self.h2c {
-            let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else { return None };
-            self.serve_h1(tcp, shutdown).await;
-            return None;
-        }
         let Ok(mut tcp) = stream.into_any().downcast::<L4Stream>() else { return None };
-        let stream: Stream = match sniff_h2(&mut tcp).await {
-            None => return None,
-            Some(true) => tcp,
-            Some(false) => {
-                self.serve_h1(tcp, shutdown).await;
-                return None;
+        let ahead = if self.h2c {
+            match sniff_h2(&mut tcp).await {
+                Some(ahead) => ahead,
+                // HTTP/2: Pingora reads the preface again (from the rewound bytes).
+                None => return ServerApp::process_new(&self.inner, tcp, shutdown).await,
             }
+        } else {
+            Ahead::Wait
         };
-        // HTTP/2: Pingora reads the preface again (from the rewound bytes).
-        ServerApp::process_new(&self.inner, stream, shutdown).await
+        self.serve_h1(tcp, shutdown, ahead).await;
+        None
     }
 
     async fn cleanup(&self) {
