@@ -33,6 +33,7 @@ pub struct Metrics {
     pub discovery_last_success: prometheus::GaugeVec,
     pub downstream_connections: IntGauge,
     pub requests_in_flight: IntGauge,
+    pub requests_express: IntCounter,
     pub access_log_dropped: IntCounter,
     pub routing_build_errors: IntCounter,
     pub consul_requests: IntCounterVec,
@@ -108,6 +109,11 @@ impl Metrics {
             "Requests currently being handled.",
         ))
         .expect("valid metric");
+        let requests_express = IntCounter::with_opts(opts(
+            "requests_express_total",
+            "Requests served by the express path (plain bodiless HTTP/1.1); the rest went through Pingora's general proxy.",
+        ))
+        .expect("valid metric");
         let access_log_dropped = IntCounter::with_opts(opts(
             "access_log_dropped_total",
             "Access log lines dropped because the writer fell behind (the request itself was served).",
@@ -172,6 +178,7 @@ impl Metrics {
             Box::new(discovery_last_success.clone()),
             Box::new(downstream_connections.clone()),
             Box::new(requests_in_flight.clone()),
+            Box::new(requests_express.clone()),
             Box::new(access_log_dropped.clone()),
             Box::new(routing_build_errors.clone()),
         ] {
@@ -189,6 +196,7 @@ impl Metrics {
             discovery_last_success,
             downstream_connections,
             requests_in_flight,
+            requests_express,
             access_log_dropped,
             routing_build_errors,
             consul_requests,

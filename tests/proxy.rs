@@ -371,3 +371,51 @@ fn requests_shorter_than_the_h2_preface_are_answered_on_h2c_listeners() {
     }
     assert!(up.connections() <= 2);
 }
+
+/// The express path (plain bodiless HTTP/1.1) and Pingora's general proxy
+/// answer alike: same status, body and headers to the client, same request
+/// (target, forwarding headers, hop-by-hop headers removed) to the backend.
+#[test]
+fn express_and_general_paths_answer_alike() {
+    let up = Upstream::start("alike");
+    let body = format!(
+        "[[routes]]\nhosts = [\"www.example.com\"]\ncluster = \"web\"\n{}",
+        static_cluster("web", &[up.addr], "")
+    );
+    let express = Proxy::builder(&body).server("express = true").start();
+    let general = Proxy::builder(&body).server("express = false").start();
+    let cookie = "c".repeat(3000); // a head longer than the 512-byte read-ahead
+    let requests = [
+        "GET /p?q=1 HTTP/1.1\r\nHost: www.example.com\r\nX-Forwarded-For: 203.0.113.7\r\nX-Request-Id: id-1\r\nConnection: close\r\n\r\n".to_string(),
+        format!("GET /long HTTP/1.1\r\nHost: www.example.com\r\nCookie: s={cookie}\r\nX-Request-Id: id-2\r\nConnection: close\r\n\r\n"),
+        "HEAD /h HTTP/1.1\r\nHost: www.example.com\r\nX-Request-Id: id-3\r\nConnection: close\r\n\r\n".to_string(),
+        "DELETE /d HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: 0\r\nX-Request-Id: id-4\r\nConnection: close\r\n\r\n".to_string(),
+        "GET /none HTTP/1.1\r\nHost: nothing.example.com\r\nX-Request-Id: id-5\r\nConnection: close\r\n\r\n".to_string(),
+    ];
+    // The response without its Date header (which differs by the second).
+    let normalise = |raw: String| -> Vec<String> {
+        raw.split("\r\n").filter(|l| !l.to_ascii_lowercase().starts_with("date:")).map(|l| l.to_ascii_lowercase()).collect()
+    };
+    let upstream_view = |h: &http::HeaderMap| -> Vec<(String, String)> {
+        let mut v: Vec<_> = h.iter().map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("?").to_string())).collect();
+        v.sort();
+        v
+    };
+    for req in &requests {
+        let mut answers = Vec::new();
+        for p in [&express, &general] {
+            let before = up.hits();
+            let raw = raw_exchange(p.addr, req.as_bytes(), Duration::from_secs(5));
+            let seen = (up.hits() > before).then(|| up.last_request().unwrap());
+            answers.push((normalise(raw), seen.map(|(t, h)| (t, upstream_view(&h)))));
+        }
+        assert!(answers[0].0[0].starts_with("http/1.1 "), "{:?}", answers[0].0);
+        assert_eq!(answers[0], answers[1], "request: {}", &req[..req.len().min(60)]);
+    }
+    let (_, h) = up.last_request().unwrap();
+    assert!(h.get("connection").is_none() || h["connection"] != "close", "the client's Connection header is hop-by-hop");
+    // Every request above went through the express path on one proxy only.
+    let express_count = |p: &Proxy| sample(&parse_metrics(&p.metrics()), "switchyard_requests_express_total", &[]);
+    assert_eq!(express_count(&express), Some(requests.len() as f64));
+    assert_eq!(express_count(&general), Some(0.0));
+}

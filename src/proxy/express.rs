@@ -134,6 +134,7 @@ impl Express {
                 return None;
             }
         }
+        self.core.metrics.requests_express.inc();
         let mut ctx = self.core.new_ctx();
         let client = s.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let ok = self.proxy(&mut s, &mut ctx, client).await;
