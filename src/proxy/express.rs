@@ -176,7 +176,7 @@ impl Express {
                 return self.respond(s, ctx, failure).await;
             };
             let backend = &cluster.backends[i as usize];
-            let peer = backend.peer.clone();
+            let peer = PooledPeer(backend.peer.clone());
             ctx.inflight = Some(InFlight::new(&backend.state));
             ctx.tried.push(i);
             ctx.backend = Some(i);
@@ -215,11 +215,11 @@ impl Express {
         s: &mut ServerSession,
         ctx: &mut Ctx,
         mut up: Upstream,
-        peer: &HttpPeer,
+        peer: &PooledPeer,
         client: Option<std::net::IpAddr>,
     ) -> std::result::Result<Attempt, ()> {
-        up.read_timeout = peer.options.read_timeout;
-        up.write_timeout = peer.options.write_timeout;
+        up.read_timeout = peer.0.options.read_timeout;
+        up.write_timeout = peer.0.options.write_timeout;
         let req = match upstream_request(s.req_header(), client, &ctx.request_id) {
             Ok(r) => r,
             Err(e) => return Ok(Attempt::Failed(e)),
@@ -298,6 +298,55 @@ impl Express {
             let _ = s.finish_body().await;
         }
         false
+    }
+}
+
+/// A backend's `HttpPeer` as the express path's connection pool sees it.
+///
+/// On every reuse of a pooled connection Pingora checks that the socket's
+/// peer address is still the backend's (`Peer::matches_fd`, a `getpeername`
+/// system call per request). The pool owns its idle connections and files
+/// them under this peer's `reuse_hash`, so a pooled socket cannot belong to
+/// another address; this peer skips that check and delegates the rest.
+#[derive(Clone)]
+pub struct PooledPeer(pub HttpPeer);
+
+impl std::fmt::Display for PooledPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl Peer for PooledPeer {
+    fn address(&self) -> &pingora::protocols::l4::socket::SocketAddr {
+        self.0.address()
+    }
+    fn tls(&self) -> bool {
+        self.0.tls()
+    }
+    fn sni(&self) -> &str {
+        self.0.sni()
+    }
+    fn reuse_hash(&self) -> u64 {
+        self.0.reuse_hash()
+    }
+    fn get_proxy(&self) -> Option<&pingora::upstreams::peer::Proxy> {
+        self.0.get_proxy()
+    }
+    fn get_peer_options(&self) -> Option<&pingora::upstreams::peer::PeerOptions> {
+        self.0.get_peer_options()
+    }
+    fn get_mut_peer_options(&mut self) -> Option<&mut pingora::upstreams::peer::PeerOptions> {
+        self.0.get_mut_peer_options()
+    }
+    fn get_client_cert_key(&self) -> Option<&Arc<pingora::utils::tls::CertKey>> {
+        self.0.get_client_cert_key()
+    }
+    fn get_tracer(&self) -> Option<pingora::upstreams::peer::Tracer> {
+        self.0.get_tracer()
+    }
+    fn matches_fd<V: std::os::fd::AsRawFd>(&self, _fd: V) -> bool {
+        true
     }
 }
 
