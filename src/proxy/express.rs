@@ -21,8 +21,8 @@ use crate::metrics::Outcome;
 use crate::routing::InFlight;
 use http::{header, Method, Version};
 use pingora::apps::{HttpPersistentSettings, ReusedHttpStream};
-use pingora::connectors::http::v1::Connector;
-use pingora::connectors::ConnectorOptions;
+use super::pool::Pool;
+use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::http::v1::client::HttpSession as Upstream;
@@ -107,14 +107,36 @@ enum Attempt {
 
 pub struct Express {
     core: Arc<Core>,
-    connector: Connector,
+    /// Makes new upstream connections (Pingora's; its own pool stays unused).
+    connector: TransportConnector,
+    /// Idle upstream connections.
+    pool: Arc<Pool>,
 }
 
 impl Express {
     pub fn new(core: Arc<Core>, conf: &ServerConf) -> Self {
         Express {
             core,
-            connector: Connector::new(Some(ConnectorOptions::from_server_conf(conf))),
+            connector: TransportConnector::new(Some(ConnectorOptions::from_server_conf(conf))),
+            pool: Pool::new(conf.upstream_keepalive_pool_size),
+        }
+    }
+
+    /// A client session to `peer`: a pooled connection if one is idle, else a
+    /// new one. True: the connection was reused.
+    async fn session(&self, peer: &PooledPeer) -> Result<(Upstream, bool)> {
+        if let Some(stream) = self.pool.take(peer.reuse_hash()) {
+            return Ok((Upstream::new_with_options(stream, peer), true));
+        }
+        let stream = self.connector.new_stream(peer).await?;
+        Ok((Upstream::new_with_options(stream, peer), false))
+    }
+
+    /// Back to the pool if the exchange left the connection reusable.
+    async fn release(&self, mut up: Upstream, peer: &PooledPeer) {
+        up.respect_keepalive();
+        if let Some(stream) = up.reuse().await {
+            self.pool.put(peer.reuse_hash(), stream, peer.idle_timeout());
         }
     }
 
@@ -181,7 +203,7 @@ impl Express {
             ctx.tried.push(i);
             ctx.backend = Some(i);
             ctx.upstream_start = Some(Instant::now());
-            let (up, reused) = match self.connector.get_http_session(&peer).await {
+            let (up, reused) = match self.session(&peer).await {
                 Ok(x) => x,
                 Err(e) => {
                     ctx.record_outcome(outcome_of(&e));
@@ -278,7 +300,7 @@ impl Express {
             return Err(());
         }
         ctx.inflight = None;
-        self.connector.release_http_session(up, peer, peer.idle_timeout()).await;
+        self.release(up, peer).await;
         Ok(Attempt::Done)
     }
 

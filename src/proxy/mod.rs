@@ -8,6 +8,7 @@
 
 mod express;
 mod headers;
+mod pool;
 
 use crate::accesslog::{AccessLog, AccessRecord};
 use crate::error::{upstream_error, ProxyFailure};
