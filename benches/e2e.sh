@@ -12,11 +12,16 @@
 #   --conns N        idle keep-alive connections in the scale scenario (default 10000)
 #   --only LIST      scenarios to run, comma separated (default: all):
 #                    pinned, unpinned, features, swaps, conns
+#                    (swaps = swaps-file + swaps-consul; either may be named alone)
 #   --proxies LIST   proxies in the pinned/unpinned/conns scenarios
 #                    (default: switchyard,nginx,haproxy)
-#   --no-build       do not run cargo; use target/release/switchyard as it is
+#   --no-build       do not run cargo; use target/release/switchyard as it is,
+#                    and the newest built Consul double (target/release/deps/)
 #   --keep           keep the work directory (configs, logs, raw wrk output)
 #   SWITCHYARD_BIN=path  benchmark that binary instead of building one
+#   CONSUL_DOUBLE_BIN=path  use that Consul double (the `consul_double` bench
+#                    binary) instead of building one with
+#                    `cargo bench --bench consul_double --no-run`
 #
 # What it does, in one run:
 #   * installs missing Debian packages (nginx-light, haproxy, wrk, curl, python3,
@@ -47,6 +52,12 @@
 #             background loop that rewrites the catalog 10 times a second
 #             (alternating two valid contents, atomic rename). Non-2xx responses
 #             must be 0; the routing generation from /status proves the swaps.
+#             Then the same with Consul as the source (swaps-consul): the Consul
+#             double (benches/consul_double.rs) runs as its own process, and
+#             Switchyard watches service `up` there (wait 2s, min_interval 50ms);
+#             "no-swaps" = the double idle, "swaps" = it flips the check of the
+#             second upstream between critical and passing 10 times a second
+#             (the first always passes, so the pool is never empty).
 #   conns     RSS of each proxy holding N idle keep-alive client connections
 #             (a small Python client opens them, one request each, and holds them).
 #
@@ -189,8 +200,9 @@ ensure_packages() {
     for cmd in "${!pkg_for[@]}"; do
         command -v "$cmd" >/dev/null 2>&1 || missing+=("${pkg_for[$cmd]}")
     done
-    if ((BUILD)) && [[ -z ${SWITCHYARD_BIN:-} ]] && ! command -v cmake >/dev/null 2>&1; then
-        missing+=(cmake)   # Pingora's libz-ng-sys needs it
+    if ((BUILD)) && { [[ -z ${SWITCHYARD_BIN:-} ]] || want_consul_double; } &&
+        ! command -v cmake >/dev/null 2>&1; then
+        missing+=(cmake)   # Pingora's libz-ng-sys needs it (a bench build builds the binary too)
     fi
     ((${#missing[@]})) || return 0
     log "installing missing packages: ${missing[*]}"
@@ -213,6 +225,68 @@ build_switchyard() {
     [[ -x $src ]] || die "no switchyard binary at $src"
     cp "$src" "$WORK/switchyard"
     SY_BIN="$WORK/switchyard"
+}
+
+# want_consul_double: the swaps-consul variant will run and needs a build of the double.
+want_consul_double() {
+    [[ -z ${CONSUL_DOUBLE_BIN:-} ]] && want "$PROXIES" switchyard &&
+        { want "$ONLY" swaps || want "$ONLY" swaps-consul; }
+}
+
+# newest_consul_double: the newest consul_double bench executable cargo built.
+newest_consul_double() {
+    local dir=${CARGO_TARGET_DIR:-$REPO/target}
+    [[ $dir == /* ]] || dir="$REPO/$dir"
+    find "$dir/release/deps" -maxdepth 1 -type f -executable -name 'consul_double-*' \
+        -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -n 1 | cut -d' ' -f2-
+}
+
+# build_consul_double: builds (if needed) the Consul double and copies it into
+# $WORK. Sets CONSUL_DOUBLE ("" when there is none: swaps-consul then fails).
+build_consul_double() {
+    local src=${CONSUL_DOUBLE_BIN:-}
+    CONSUL_DOUBLE=""
+    if [[ -z $src ]] && ((BUILD)); then
+        if command -v cargo >/dev/null 2>&1; then
+            log "cargo bench --bench consul_double --no-run (the Consul double; waits if another build holds the lock)"
+            if (cd "$REPO" && timeout 3600 cargo bench --bench consul_double --no-run --message-format=json \
+                >"$WORK/cargo-consul-double.json" 2>"$WORK/cargo-consul-double.log"); then
+                # The bench target's executable, from cargo's own artifact messages.
+                src=$("$PY" -c '
+import json, sys
+exe = ""
+for line in open(sys.argv[1]):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    t = m.get("target") or {}
+    if (m.get("reason") == "compiler-artifact" and t.get("name") == "consul_double"
+            and "bench" in t.get("kind", []) and m.get("executable")):
+        exe = m["executable"]
+print(exe)' "$WORK/cargo-consul-double.json")
+                [[ -n $src ]] || warn "cargo reported no consul_double executable (see $WORK/cargo-consul-double.json)"
+            else
+                tail -n 30 "$WORK/cargo-consul-double.log" >&2
+                warn "cargo bench --bench consul_double --no-run FAILED"
+            fi
+        else
+            warn "cargo not found: cannot build the Consul double (set CONSUL_DOUBLE_BIN)"
+        fi
+        if [[ -z $src ]]; then
+            src=$(newest_consul_double)
+            [[ -n $src ]] && warn "using the existing (possibly stale) Consul double $src"
+        fi
+    elif [[ -z $src ]]; then
+        src=$(newest_consul_double)
+    fi
+    if [[ -z $src || ! -x $src ]]; then
+        warn "no Consul double${src:+ at $src}; swaps-consul will fail (build it: cargo bench --bench consul_double --no-run)"
+        return 0
+    fi
+    cp "$src" "$WORK/consul_double"
+    CONSUL_DOUBLE="$WORK/consul_double"
+    log "Consul double: $src"
 }
 
 # Raises the soft fd limit to the hard one (and the hard one if allowed).
@@ -519,9 +593,10 @@ EOF
     wait_ok "http://127.0.0.1:$port/" "$name"
 }
 
-# start_switchyard NAME PORT THREADS CPUS VARIANT   (VARIANT: lean | full | file)
+# start_switchyard NAME PORT THREADS CPUS VARIANT   (VARIANT: lean | full | file | consul)
+# consul: service `up` from the Consul double at $CONSUL_ADDR.
 start_switchyard() {
-    local name=$1 port=$2 threads=$3 cpus=$4 variant=$5 conf="$WORK/$1.toml" admin access cluster h2c
+    local name=$1 port=$2 threads=$3 cpus=$4 variant=$5 conf="$WORK/$1.toml" admin access cluster h2c extra=""
     next_port
     admin=$NEXT_PORT
     case $variant in
@@ -535,6 +610,20 @@ start_switchyard() {
     esac
     if [[ $variant == file ]]; then
         cluster="file = { catalog = \"$WORK/catalog/catalog.json\", service = \"up\" }"
+    elif [[ $variant == consul ]]; then
+        cluster='consul = { service = "up" }'
+        # A short wait; min_interval below the change interval (100 ms), so
+        # the token bucket lets every change through; no self-registration
+        # and no catalog watch for tag-driven routes: only the health watch.
+        extra="
+[consul]
+addresses = [\"$CONSUL_ADDR\"]
+wait = \"2s\"
+min_interval = \"50ms\"
+auto_routes = false
+
+[consul.register]
+enabled = false"
     else
         cluster="static = [\"127.0.0.1:$UP1\", \"127.0.0.1:$UP2\"]"
     fi
@@ -565,6 +654,7 @@ cluster = "up"
 [clusters.up]
 $cluster
 selection = "round_robin"
+$extra
 EOF
     "$SY_BIN" check --config "$conf" >"$WORK/$name.check" 2>&1 ||
         { cat "$WORK/$name.check" >&2; die "switchyard check rejected $conf"; }
@@ -764,8 +854,8 @@ start_swapper() {
 }
 stop_swapper() { touch "$WORK/catalog/stop"; stop_pid "$SWAPPER" TERM; }
 
-# swaps: a file-catalog cluster with and without catalog rewrites under load.
-scenario_swaps() {
+# swaps (file): a file-catalog cluster with and without catalog rewrites under load.
+scenario_swaps_file() {
     local sc=swaps name=swaps-sy r g0 g1 swaps_total=0
     log "== scenario swaps: file catalog rewritten 10x/s under load"
     pin_upstreams "$LOAD_CPU"
@@ -792,6 +882,83 @@ scenario_swaps() {
     table "$sc" "Swap under load (pinned, 1 thread, file catalog rewritten 10x/s)" no-swaps swaps
     ratios "$sc" swaps no-swaps
     emit "- routing generations published during the swap runs: $swaps_total (about $((DURATION * 10)) per run expected); non-2xx with swaps: $(total "$sc" swaps 11)"
+}
+
+# log_count NAME PATTERN: how many lines of NAME's log match PATTERN.
+log_count() { grep -c -- "$2" "$WORK/$1.log" 2>/dev/null || true; }
+
+# swaps (consul): a Consul cluster fed by the Consul double (its own process,
+# on the load core); "swaps" runs have it flip the second upstream's check
+# 10 times a second (the active file turns the changes on and off).
+scenario_swaps_consul() {
+    local sc=swaps-consul name=swaps-consul-sy dbl=swaps-consul-double r i g0 g1 swaps_total=0
+    local active="$WORK/consul-active" portfile="$WORK/consul-double.addr" paused before after changes=0 errs
+    local bound=$((WARMUP + ROUNDS * (2 * DURATION + 20) + 120))
+    ((bound <= 86400)) || bound=86400
+    log "== scenario swaps-consul: Consul double, one instance's check flipped 10x/s under load"
+    if [[ -z ${CONSUL_DOUBLE:-} ]]; then
+        fail "swaps-consul: no Consul double binary (see the warnings above); variant skipped"
+        return 0
+    fi
+    pin_upstreams "$LOAD_CPU"
+    rm -f "$active" "$portfile"
+    # Runs for the whole variant (stopped below); the bound only matters if
+    # this script dies without its EXIT trap.
+    start_bg "$dbl" "$LOAD_CPU" "$CONSUL_DOUBLE" --port-file "$portfile" --service up \
+        --instances "127.0.0.1:$UP1,127.0.0.1:$UP2" --mode health --changes-per-sec 10 \
+        --active-file "$active" --duration-secs "$bound"
+    for ((i = 0; i < 100; i++)); do   # at most 10 s
+        [[ -s $portfile ]] && break
+        alive "${PID_OF[$dbl]}" || break
+        sleep 0.1
+    done
+    if [[ ! -s $portfile ]]; then
+        tail -n 20 "$WORK/$dbl.log" >&2 || true
+        fail "swaps-consul: the Consul double did not start (see $dbl.log)"
+        stop "$dbl"
+        return 0
+    fi
+    CONSUL_ADDR=$(<"$portfile")
+    log "started $dbl (PID ${PID_OF[$dbl]}, $CONSUL_ADDR)"
+    next_port
+    start_switchyard "$name" "$NEXT_PORT" 1 "$PROXY_CPU" consul
+    warm "$name" "$LOAD_CPU"
+    for ((r = 1; r <= ROUNDS; r++)); do
+        measure "$sc" "no-swaps" "$name" "$r" "$LOAD_CPU"
+        g0=$(generation "$name")
+        before=$(log_count "$dbl" '^consul_double: paused changes=')
+        touch "$active"
+        measure "$sc" "swaps" "$name" "$r" "$LOAD_CPU"
+        rm -f "$active"
+        # Wait for the double to put the check back to passing and say so.
+        for ((i = 0; i < 50; i++)); do   # at most 5 s
+            paused=$(log_count "$dbl" '^consul_double: paused changes=')
+            ((paused > before)) && break
+            sleep 0.1
+        done
+        sleep 0.2   # let the last change reach the routing table
+        g1=$(generation "$name")
+        after=$(sed -n 's/^consul_double: paused changes=\([0-9]*\)$/\1/p' "$WORK/$dbl.log" | tail -n 1)
+        log "swaps-consul r$r: routing generation $g0 -> $g1; Consul changes so far ${after:-?}"
+        ((paused > before)) || fail "swaps-consul round $r: the Consul double did not pause"
+        ((g1 > g0)) || fail "swaps-consul round $r: generation did not move ($g0 -> $g1)"
+        swaps_total=$((swaps_total + g1 - g0))
+    done
+    errs=$(curl -fsS --max-time 2 "http://127.0.0.1:${ADMIN_OF[$name]}/metrics" |
+        awk '/^switchyard_consul_watch_errors_total/ { t += $2 } END { print t + 0 }') || errs="?"
+    stop "$name"
+    stop "$dbl"
+    changes=$(sed -n 's/^consul_double: changes=\([0-9]*\)$/\1/p' "$WORK/$dbl.log" | tail -n 1)
+    [[ -n $changes ]] || fail "swaps-consul: the Consul double printed no final change count"
+    table "$sc" "Swap under load (pinned, 1 thread, Consul double: one of two instances' check flipped 10x/s)" no-swaps swaps
+    ratios "$sc" swaps no-swaps
+    emit "- routing generations published during the swap runs: $swaps_total (about $((DURATION * 10)) per run expected); Consul catalog changes made: ${changes:-?} (including one restore to passing per run); watch errors: $errs; non-2xx with swaps: $(total "$sc" swaps 11)"
+}
+
+# swaps: the file variant, then the Consul variant.
+scenario_swaps() {
+    if want "$ONLY" swaps || want "$ONLY" swaps-file; then scenario_swaps_file; fi
+    if want "$ONLY" swaps || want "$ONLY" swaps-consul; then scenario_swaps_consul; fi
 }
 
 # conns: RSS holding CONNS idle keep-alive client connections.
@@ -845,6 +1012,10 @@ main() {
     PY=$(python3 -c 'import sys; print(sys.executable)')
     raise_nofile
     build_switchyard
+    CONSUL_DOUBLE=""
+    if want "$PROXIES" switchyard && { want "$ONLY" swaps || want "$ONLY" swaps-consul; }; then
+        build_consul_double
+    fi
     write_helpers
     mkdir -p "$WORK/wrk"
     : >"$RESULTS"
@@ -869,7 +1040,10 @@ main() {
         scenario_compare unpinned 2 "" "" "Unpinned: 2 workers/threads each, nothing pinned"
     fi
     if want "$ONLY" features && want "$PROXIES" switchyard; then scenario_features; fi
-    if want "$ONLY" swaps && want "$PROXIES" switchyard; then scenario_swaps; fi
+    if { want "$ONLY" swaps || want "$ONLY" swaps-file || want "$ONLY" swaps-consul; } &&
+        want "$PROXIES" switchyard; then
+        scenario_swaps
+    fi
     if want "$ONLY" conns; then scenario_conns; fi
 
     emit "" "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
