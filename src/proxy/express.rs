@@ -128,7 +128,8 @@ impl Express {
         if let Some(stream) = self.pool.take(peer.reuse_hash()) {
             return Ok((Upstream::new_with_options(stream, peer), true));
         }
-        let stream = self.connector.new_stream(peer).await?;
+        // Boxed: the connect future (TLS included) is ~8 KB and rarely needed.
+        let stream = Box::pin(self.connector.new_stream(peer)).await?;
         Ok((Upstream::new_with_options(stream, peer), false))
     }
 

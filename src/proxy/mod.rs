@@ -481,7 +481,9 @@ impl ProxyApp {
                 session.set_keepalive(Some(KEEPALIVE_SECS));
             }
             let reused = if let Some(express) = express {
-                express.serve(session).await
+                // Boxed per request (~6 KB) so that an idle connection's
+                // future stays small.
+                Box::pin(express.serve(session)).await
             } else {
                 self.inner.process_new_http(session, shutdown).await
             };
