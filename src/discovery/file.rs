@@ -124,6 +124,10 @@ pub struct FileSource {
     metrics: Arc<Metrics>,
     status: Arc<StatusBoard>,
     poll: Duration,
+    /// The bytes read by `new`, handed to the watch loop: a change made
+    /// between that first read and the watcher's start is compared against
+    /// what was actually published, so it is not missed.
+    initial: std::sync::Mutex<Option<Vec<u8>>>,
 }
 
 impl FileSource {
@@ -144,8 +148,11 @@ impl FileSource {
             metrics,
             status,
             poll: Duration::from_secs(1),
+            initial: std::sync::Mutex::new(None),
         };
-        src.reload(&mut None);
+        let mut seen = None;
+        src.reload(&mut seen);
+        *src.initial.lock().unwrap_or_else(|e| e.into_inner()) = seen;
         (src, rx)
     }
 
@@ -236,8 +243,10 @@ impl BackgroundService for FileSource {
                 None
             }
         };
-        let mut last_seen: Option<Vec<u8>> = std::fs::read(&self.path).ok();
-        let mut seen_fp = fingerprint(&self.path);
+        // What `new` published, not a fresh read: the file may have changed
+        // since. No fingerprint yet, so the first tick (at once) re-reads it.
+        let mut last_seen = self.initial.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut seen_fp = None;
         let mut tick = tokio::time::interval(self.poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -268,6 +277,36 @@ fn fingerprint(path: &Path) -> Option<(u64, Option<SystemTime>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A change written after the first read but before the watch loop
+    /// starts (a busy machine at start-up) is still seen.
+    #[test]
+    fn a_change_before_the_watcher_starts_is_not_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.json");
+        std::fs::write(&path, br#"{"web":[{"address":"127.0.0.1","port":81}]}"#).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let status = Arc::new(StatusBoard::new());
+        let (src, rx) = FileSource::new(path.clone(), metrics.clone(), status);
+        assert!(rx.borrow().is_some(), "the first read publishes");
+        std::fs::write(&path, b"{ not json").unwrap();
+        let errors = || metrics.discovery_updates.with_label_values(&[src.name.as_str(), "error"]).get();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        rt.block_on(async {
+            let run = src.start(stop_rx);
+            tokio::pin!(run);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while errors() == 0 && tokio::time::Instant::now() < deadline {
+                tokio::select! {
+                    _ = &mut run => break,
+                    _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                }
+            }
+            let _ = stop_tx.send(true);
+        });
+        assert_eq!(errors(), 1, "the bad file written before the watcher started was not seen");
+    }
 
     #[test]
     fn parses_and_normalises() {
