@@ -125,7 +125,7 @@ impl Express {
     /// A client session to `peer`: a pooled connection if one is idle, else a
     /// new one. True: the connection was reused.
     async fn session(&self, peer: &PooledPeer) -> Result<(Upstream, bool)> {
-        if let Some(stream) = self.pool.take(peer.reuse_hash()) {
+        if let Some(stream) = self.pool.take(pool_key(peer)) {
             return Ok((Upstream::new_with_options(stream, peer), true));
         }
         // Boxed: the connect future (TLS included) is ~8 KB and rarely needed.
@@ -137,7 +137,7 @@ impl Express {
     async fn release(&self, mut up: Upstream, peer: &PooledPeer) {
         up.respect_keepalive();
         if let Some(stream) = up.reuse().await {
-            self.pool.put(peer.reuse_hash(), stream, peer.idle_timeout());
+            self.pool.put(pool_key(peer), stream, peer.idle_timeout());
         }
     }
 
@@ -322,6 +322,19 @@ impl Express {
         }
         false
     }
+}
+
+/// Where an idle connection to `peer` is filed: per backend and per worker
+/// thread. Each worker thread runs its own runtime, and a socket stays
+/// registered with the runtime that opened it; a connection taken by another
+/// thread would have its readiness delivered across threads (a wake-up
+/// through the other runtime's driver per event).
+fn pool_key(peer: &PooledPeer) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    peer.reuse_hash().hash(&mut h);
+    std::thread::current().id().hash(&mut h);
+    h.finish()
 }
 
 /// A backend's `HttpPeer` as the express path's connection pool sees it.
