@@ -10,6 +10,9 @@
 #   --duration S     seconds per measured wrk run (default 10)
 #   --warmup S       seconds of warm-up per proxy before the rounds (default 3)
 #   --conns N        idle keep-alive connections in the scale scenario (default 10000)
+#   --head-bytes N   send browser-like request heads of about N bytes (User-Agent,
+#                    Accept, Accept-Language, a Cookie padded to size; default 0:
+#                    wrk's minimal head)
 #   --only LIST      scenarios to run, comma separated (default: all):
 #                    pinned, unpinned, features, swaps, conns
 #                    (swaps = swaps-file + swaps-consul; either may be named alone)
@@ -79,6 +82,7 @@ ROUNDS=3
 DURATION=10
 WARMUP=3
 CONNS=10000
+HEAD_BYTES=0
 ONLY="pinned,unpinned,features,swaps,conns"
 PROXIES="switchyard,nginx,haproxy"
 BUILD=1
@@ -94,6 +98,7 @@ while (($#)); do
         --duration) DURATION=${2:?--duration needs a value}; DURATION_SET=1; shift ;;
         --warmup) WARMUP=${2:?--warmup needs a value}; WARMUP_SET=1; shift ;;
         --conns) CONNS=${2:?--conns needs a value}; CONNS_SET=1; shift ;;
+        --head-bytes) HEAD_BYTES=${2:?--head-bytes needs a value}; shift ;;
         --only) ONLY=${2:?--only needs a value}; shift ;;
         --proxies) PROXIES=${2:?--proxies needs a value}; shift ;;
         --no-build) BUILD=0 ;;
@@ -113,6 +118,22 @@ fi
 for v in ROUNDS DURATION WARMUP CONNS; do
     [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 1 ]] || { echo "--${v,,} must be a positive integer" >&2; exit 64; }
 done
+[[ $HEAD_BYTES =~ ^[0-9]+$ && $HEAD_BYTES -le 16384 ]] || { echo "--head-bytes must be 0-16384" >&2; exit 64; }
+
+# Extra request headers for wrk: a browser-like head of about HEAD_BYTES
+# (User-Agent, Accept, Accept-Language, and a Cookie padded to the size), the
+# same bytes for every proxy and run.
+WRK_HEADERS=()
+if ((HEAD_BYTES > 0)); then
+    ua='Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36'
+    accept='text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8'
+    lang='en-US,en;q=0.9'
+    # request line + Host + the headers above, about 260 bytes with names and CRLFs
+    pad=$((HEAD_BYTES - 260 - 30))
+    ((pad < 16)) && pad=16
+    cookie="sessionid=$(printf '%*s' "$pad" '' | tr ' ' 'x'); csrftoken=0123456789abcdef"
+    WRK_HEADERS=(-H "User-Agent: $ua" -H "Accept: $accept" -H "Accept-Language: $lang" -H "Cookie: $cookie")
+fi
 
 # ---------------------------------------------------------------- globals ---
 
@@ -692,7 +713,7 @@ wrk_once() {
     local -a pin=()
     [[ -n $cpus ]] && pin=(taskset -c "$cpus")
     "${pin[@]}" timeout $((secs + 30)) wrk -t1 -c"$WRK_CONNS" -d"${secs}s" --timeout 5s \
-        -s "$WORK/report.lua" "http://127.0.0.1:${PORT_OF[$name]}/" >"$out" 2>&1 || true
+        "${WRK_HEADERS[@]}" -s "$WORK/report.lua" "http://127.0.0.1:${PORT_OF[$name]}/" >"$out" 2>&1 || true
 }
 
 # warm NAME CPUS: an unrecorded run; still checks that NAME serves.
@@ -1030,13 +1051,13 @@ main() {
 
     log "work dir $WORK; $NCPU CPUs; fd limit $NOFILE; load average $(cut -d' ' -f1-3 /proc/loadavg)"
     log "$("$SY_BIN" --version 2>/dev/null || echo switchyard), $(nginx -v 2>&1), $(haproxy -v | sed -n 1p | cut -d' ' -f1-3), $(wrk -v 2>&1 | sed -n 1p | cut -d' ' -f1-2)"
-    log "mode: $([[ $SMOKE == 1 ]] && echo smoke || echo full), $ROUNDS round(s) x ${DURATION}s, warm-up ${WARMUP}s, wrk -t1 -c$WRK_CONNS"
+    log "mode: $([[ $SMOKE == 1 ]] && echo smoke || echo full), $ROUNDS round(s) x ${DURATION}s, warm-up ${WARMUP}s, wrk -t1 -c$WRK_CONNS, request head $( ((HEAD_BYTES)) && echo "~$HEAD_BYTES bytes (browser-like, with a cookie)" || echo minimal)"
     ((NCPU >= 2)) || warn "only one CPU: pinned scenarios share core 0 with the load generator"
 
     start_upstream up1 "$UP1"
     start_upstream up2 "$UP2"
 
-    emit "## Switchyard end-to-end benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $ROUNDS x ${DURATION}s, medians)" "" \
+    emit "## Switchyard end-to-end benchmark ($(date -u +%Y-%m-%dT%H:%MZ), $ROUNDS x ${DURATION}s, medians$( ((HEAD_BYTES)) && echo ", request heads ~$HEAD_BYTES bytes"))" "" \
         "$NCPU CPUs, load average at start $(cut -d' ' -f1-3 /proc/loadavg) (other tenants' load makes req/s and latency noisy; CPU µs/req is the steadiest number)"
     if want "$ONLY" pinned; then
         scenario_compare pinned 1 "$PROXY_CPU" "$LOAD_CPU" \
