@@ -419,3 +419,37 @@ fn express_and_general_paths_answer_alike() {
     assert_eq!(express_count(&express), Some(requests.len() as f64));
     assert_eq!(express_count(&general), Some(0.0));
 }
+
+/// Response framing on the express path matches Pingora's general proxy for
+/// what backends really send: chunked bodies, close-delimited bodies,
+/// 204/304 without a body, HTTP/1.0 responses, `Connection: close`, and 1xx
+/// before the final response. The client sees the same status, headers and
+/// decoded body from both, twice in a row (so a backend connection that must
+/// not be reused is not).
+#[test]
+fn express_and_general_paths_frame_responses_alike() {
+    let cases: [(&str, &'static [u8], bool); 7] = [
+        ("chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", false),
+        ("close-delimited", b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nclose-delimited body", true),
+        ("204", b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n", false),
+        ("304", b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n", false),
+        ("http/1.0", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", true),
+        ("connection close", b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbye", true),
+        ("103 then 200", b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody", false),
+    ];
+    for (what, response, close) in cases {
+        let up = RawUpstream::start(response, close);
+        let body = format!("[[routes]]\ncluster = \"raw\"\n{}", static_cluster("raw", &[up.addr], ""));
+        let express = Proxy::builder(&body).server("express = true").start();
+        let general = Proxy::builder(&body).server("express = false").start();
+        let req = b"GET /f HTTP/1.1\r\nHost: f.example.com\r\nX-Request-Id: rid-1\r\nConnection: close\r\n\r\n";
+        for round in 0..2 {
+            let e = parse_raw_response(&raw_exchange(express.addr, req, Duration::from_secs(5)));
+            let g = parse_raw_response(&raw_exchange(general.addr, req, Duration::from_secs(5)));
+            assert!(e.0.starts_with("HTTP/1."), "{what}: {e:?}");
+            assert_eq!(e, g, "{what} (round {round}): express vs general");
+        }
+        let served = |p: &Proxy| sample(&parse_metrics(&p.metrics()), "switchyard_requests_express_total", &[]);
+        assert_eq!(served(&express), Some(2.0), "{what}: the express proxy served both");
+    }
+}

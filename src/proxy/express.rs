@@ -265,6 +265,8 @@ impl Express {
                         return Ok(Attempt::Failed(e));
                     }
                     if h.status.is_informational() {
+                        // As HttpProxy: the response filter (request id) runs on 1xx too.
+                        response_headers(&mut h, head, end, &ctx.request_id).map_err(|_| ())?;
                         if s.write_response_header(h).await.is_err() {
                             return Err(());
                         }
@@ -418,6 +420,7 @@ fn upstream_request(
 fn response_headers(h: &mut ResponseHeader, head: bool, end: bool, request_id: &http::HeaderValue) -> Result<()> {
     let no_body = head || matches!(h.status.as_u16(), 204 | 304);
     if !no_body
+        && !h.status.is_informational()
         && !end
         && h.headers.get(header::TRANSFER_ENCODING).is_none()
         && h.headers.get(header::CONTENT_LENGTH).is_none()

@@ -705,3 +705,91 @@ impl Load {
         self.handle.take().unwrap().join().unwrap()
     }
 }
+
+/// A backend that answers every request with the same raw bytes, to test
+/// response framing (chunked, close-delimited, 204/304, HTTP/1.0). After
+/// each response it closes the connection if `close` is set, else waits for
+/// the next request. Serves for at most 120 s; stops when dropped.
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl RawUpstream {
+    pub fn start(response: &'static [u8], close: bool) -> RawUpstream {
+        let l = StdListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(120);
+            while !s.load(Ordering::SeqCst) && Instant::now() < end {
+                match l.accept() {
+                    Ok((c, _)) => {
+                        std::thread::spawn(move || raw_serve(c, response, close, end));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        RawUpstream { addr, stop }
+    }
+}
+
+fn raw_serve(mut c: TcpStream, response: &[u8], close: bool, end: Instant) {
+    let _ = c.set_nonblocking(false);
+    let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < end {
+        match c.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        // One response per complete request head (no request bodies here).
+        while let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            head.drain(..p + 4);
+            if c.write_all(response).is_err() || close {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A raw HTTP/1.1 response split into (status line, lower-cased headers
+/// sorted, without `date`, body with chunked framing removed).
+pub fn parse_raw_response(raw: &str) -> (String, Vec<(String, String)>, String) {
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw, ""));
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or("").to_string();
+    let mut headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .filter(|(k, _)| k != "date")
+        .collect();
+    headers.sort();
+    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+            if n == 0 || after.len() < n {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = after[n..].strip_prefix("\r\n").unwrap_or(&after[n..]);
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    (status, headers, body)
+}
