@@ -195,7 +195,7 @@ impl Express {
         loop {
             let Some(cluster) = ctx.cluster() else { return false };
             let Some(i) = cluster.pick(s.req_header(), &ctx.tried) else {
-                let failure = if ctx.tried.len() == 0 { ProxyFailure::NoBackends } else { ProxyFailure::BadGateway };
+                let failure = if ctx.tried.is_empty() { ProxyFailure::NoBackends } else { ProxyFailure::BadGateway };
                 return self.respond(s, ctx, failure).await;
             };
             let backend = &cluster.backends[i as usize];
