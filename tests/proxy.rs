@@ -453,3 +453,26 @@ fn express_and_general_paths_frame_responses_alike() {
         assert_eq!(served(&express), Some(2.0), "{what}: the express proxy served both");
     }
 }
+
+/// Keep-alive connections to backends die: closed while idle in the pool,
+/// or just as they are reused. Neither may cost the client an error: the
+/// pool drops connections it sees closed, and a request that fails on a
+/// reused connection before any response byte is retried on a new one (even
+/// with a single backend).
+#[test]
+fn dead_keepalive_connections_cost_no_client_error() {
+    let cases: [(&str, RawUpstream); 2] = [
+        ("closed after each answer", RawUpstream::start(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", true)),
+        ("dies when reused", RawUpstream::start_dropping_reused(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")),
+    ];
+    for (what, up) in cases {
+        let body = format!("[[routes]]\ncluster = \"raw\"\n{}", static_cluster("raw", &[up.addr], "retries = 1"));
+        let p = Proxy::start(&body);
+        for i in 0..20 {
+            let (code, text) = p.fetch("/");
+            assert_eq!((code, text.as_str()), (200, "ok"), "{what}: request {i}");
+        }
+        let served = sample(&parse_metrics(&p.metrics()), "switchyard_requests_express_total", &[]);
+        assert_eq!(served, Some(20.0), "{what}");
+    }
+}

@@ -717,6 +717,17 @@ pub struct RawUpstream {
 
 impl RawUpstream {
     pub fn start(response: &'static [u8], close: bool) -> RawUpstream {
+        Self::start_with(response, close, false)
+    }
+
+    /// Answers the first request on each connection and keeps it open, then
+    /// reads the second and closes without answering: a keep-alive connection
+    /// that dies just as it is reused.
+    pub fn start_dropping_reused(response: &'static [u8]) -> RawUpstream {
+        Self::start_with(response, false, true)
+    }
+
+    fn start_with(response: &'static [u8], close: bool, drop_second: bool) -> RawUpstream {
         let l = StdListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();
         let addr = l.local_addr().unwrap();
@@ -727,7 +738,7 @@ impl RawUpstream {
             while !s.load(Ordering::SeqCst) && Instant::now() < end {
                 match l.accept() {
                     Ok((c, _)) => {
-                        std::thread::spawn(move || raw_serve(c, response, close, end));
+                        std::thread::spawn(move || raw_serve(c, response, close, drop_second, end));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
@@ -737,7 +748,8 @@ impl RawUpstream {
     }
 }
 
-fn raw_serve(mut c: TcpStream, response: &[u8], close: bool, end: Instant) {
+fn raw_serve(mut c: TcpStream, response: &[u8], close: bool, drop_second: bool, end: Instant) {
+    let mut answered = 0;
     let _ = c.set_nonblocking(false);
     let _ = c.set_read_timeout(Some(Duration::from_secs(2)));
     let mut head = Vec::new();
@@ -750,9 +762,13 @@ fn raw_serve(mut c: TcpStream, response: &[u8], close: bool, end: Instant) {
         // One response per complete request head (no request bodies here).
         while let Some(p) = head.windows(4).position(|w| w == b"\r\n\r\n") {
             head.drain(..p + 4);
+            if drop_second && answered == 1 {
+                return; // closed without an answer
+            }
             if c.write_all(response).is_err() || close {
                 return;
             }
+            answered += 1;
         }
     }
 }
