@@ -2406,9 +2406,11 @@ fn entry_checks<'a>(cat: &'a Catalog, node: &str, sid: &str) -> Vec<&'a CheckRec
         .collect()
 }
 
-fn health_listing(cat: &Catalog, name: &str, sel: &Selection) -> Listing {
+/// The instances of service `name` that a per-service listing shows, in the
+/// catalog's order, with their nodes: the ones `sel` keeps (node-meta, tag)
+/// and the token may read. True: some were hidden by ACLs.
+fn readable_instances<'a>(cat: &'a Catalog, name: &str, sel: &Selection) -> (Vec<(&'a str, &'a NodeRec, &'a SvcRec)>, bool) {
     let mut out = Vec::new();
-    let mut passing = Vec::new();
     let mut acl_filtered = false;
     for ((node, _), s) in cat.services.iter().filter(|(_, s)| s.def.service == name) {
         if !sel.keeps(cat, node, &s.def) {
@@ -2418,7 +2420,18 @@ fn health_listing(cat: &Catalog, name: &str, sel: &Selection) -> Listing {
             acl_filtered = true;
             continue;
         }
-        let Some(n) = cat.nodes.get(node) else { continue };
+        if let Some(n) = cat.nodes.get(node) {
+            out.push((node.as_str(), n, s));
+        }
+    }
+    (out, acl_filtered)
+}
+
+fn health_listing(cat: &Catalog, name: &str, sel: &Selection) -> Listing {
+    let mut out = Vec::new();
+    let mut passing = Vec::new();
+    let (instances, acl_filtered) = readable_instances(cat, name, sel);
+    for (node, n, s) in instances {
         let checks = entry_checks(cat, node, &s.def.id);
         let entry = json!({
             "Node": node_json(node, n),
@@ -2478,16 +2491,8 @@ fn state_listing(cat: &Catalog, state: &str, sel: &Selection) -> Listing {
 
 fn catalog_service_listing(cat: &Catalog, name: &str, sel: &Selection) -> Listing {
     let mut out = Vec::new();
-    let mut acl_filtered = false;
-    for ((node, _), s) in cat.services.iter().filter(|(_, s)| s.def.service == name) {
-        if !sel.keeps(cat, node, &s.def) {
-            continue;
-        }
-        if !sel.service_read {
-            acl_filtered = true;
-            continue;
-        }
-        let Some(n) = cat.nodes.get(node) else { continue };
+    let (instances, acl_filtered) = readable_instances(cat, name, sel);
+    for (node, n, s) in instances {
         let row = service_node_json(node, n, s);
         if let Some(f) = &sel.filter {
             if !f.eval(&|path: &[String]| row_field(&row, path)) {
