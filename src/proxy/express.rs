@@ -125,7 +125,7 @@ impl Express {
     /// A client session to `peer`: a pooled connection if one is idle, else a
     /// new one. True: the connection was reused.
     async fn session(&self, peer: &PooledPeer) -> Result<(Upstream, bool)> {
-        if let Some(stream) = self.pool.take(pool_key(peer)) {
+        if let Some(stream) = self.pool.take(peer.key) {
             return Ok((Upstream::new_with_options(stream, peer), true));
         }
         // Boxed: the connect future (TLS included) is ~8 KB and rarely needed.
@@ -137,7 +137,7 @@ impl Express {
     async fn release(&self, mut up: Upstream, peer: &PooledPeer) {
         up.respect_keepalive();
         if let Some(stream) = up.reuse().await {
-            self.pool.put(pool_key(peer), stream, peer.idle_timeout());
+            self.pool.put(peer.key, stream, peer.idle_timeout());
         }
     }
 
@@ -161,13 +161,7 @@ impl Express {
         let mut ctx = self.core.new_ctx();
         let client = s.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let ok = self.proxy(&mut s, &mut ctx, client).await;
-        let status = match s.response_written() {
-            Some(r) if ctx.local_status == 0 || ctx.response_started => r.status.as_u16(),
-            _ => match ctx.local_status {
-                0 => 499,
-                code => code,
-            },
-        };
+        let status = ctx.final_status(s.response_written().map(|r| r.status.as_u16()));
         self.core.log(&mut ctx, s.req_header(), client, status, (0, s.body_bytes_sent()));
         if !ok {
             s.shutdown().await;
@@ -180,26 +174,18 @@ impl Express {
 
     /// Route, pick, forward, retry. False: the connection must close.
     async fn proxy(&self, s: &mut ServerSession, ctx: &mut Ctx, client: Option<std::net::IpAddr>) -> bool {
-        let table = self.core.snapshot.load();
-        let req = s.req_header();
-        ctx.request_id = self.core.ids.for_request(req);
-        let route = table.router.find(headers::request_host(req), req.uri.path(), false);
-        let Some(ri) = route else {
-            ctx.table = Some(table);
-            return self.respond(s, ctx, ProxyFailure::NoRoute).await;
-        };
-        let ci = table.routes[ri].cluster;
-        ctx.route = Some(ri as u32);
-        ctx.cluster = Some(ci);
-        ctx.table = Some(table);
+        if let Some(failure) = self.core.route(s.req_header(), false, ctx) {
+            return self.respond(s, ctx, failure).await;
+        }
         loop {
             let Some(cluster) = ctx.cluster() else { return false };
+            // Not empty (checked by `route`); with everything tried, `pick`
+            // reuses one.
             let Some(i) = cluster.pick(s.req_header(), &ctx.tried) else {
-                let failure = if ctx.tried.is_empty() { ProxyFailure::NoBackends } else { ProxyFailure::BadGateway };
-                return self.respond(s, ctx, failure).await;
+                return self.respond(s, ctx, ProxyFailure::BadGateway).await;
             };
             let backend = &cluster.backends[i as usize];
-            let peer = PooledPeer(backend.peer.clone());
+            let peer = PooledPeer::new(backend.peer.clone());
             ctx.inflight = Some(InFlight::new(&backend.state));
             ctx.tried.push(i);
             ctx.backend = Some(i);
@@ -209,7 +195,7 @@ impl Express {
                 Err(e) => {
                     ctx.record_outcome(outcome_of(&e));
                     ctx.inflight = None;
-                    if ctx.budget_left() && ctx.cluster().is_some_and(|c| c.has_untried(&ctx.tried)) {
+                    if ctx.may_retry_connect() {
                         continue;
                     }
                     return self.respond(s, ctx, ProxyFailure::classify(&e)).await;
@@ -220,8 +206,9 @@ impl Express {
                 Ok(Attempt::Failed(e)) => {
                     ctx.record_outcome(outcome_of(&e));
                     ctx.inflight = None;
-                    let target = reused || ctx.cluster().is_some_and(|c| c.has_untried(&ctx.tried));
-                    if target && ctx.budget_left() {
+                    // Every method the express path takes is idempotent and
+                    // has no body, so it is always safe to send again.
+                    if ctx.may_retry_sent(reused) {
                         continue;
                     }
                     return self.respond(s, ctx, ProxyFailure::classify(&e)).await;
@@ -241,8 +228,8 @@ impl Express {
         peer: &PooledPeer,
         client: Option<std::net::IpAddr>,
     ) -> std::result::Result<Attempt, ()> {
-        up.read_timeout = peer.0.options.read_timeout;
-        up.write_timeout = peer.0.options.write_timeout;
+        up.read_timeout = peer.peer.options.read_timeout;
+        up.write_timeout = peer.peer.options.write_timeout;
         let req = match upstream_request(s.req_header(), client, &ctx.request_id) {
             Ok(r) => r,
             Err(e) => return Ok(Attempt::Failed(e)),
@@ -326,19 +313,6 @@ impl Express {
     }
 }
 
-/// Where an idle connection to `peer` is filed: per backend and per worker
-/// thread. Each worker thread runs its own runtime, and a socket stays
-/// registered with the runtime that opened it; a connection taken by another
-/// thread would have its readiness delivered across threads (a wake-up
-/// through the other runtime's driver per event).
-fn pool_key(peer: &PooledPeer) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    peer.reuse_hash().hash(&mut h);
-    std::thread::current().id().hash(&mut h);
-    h.finish()
-}
-
 /// A backend's `HttpPeer` as the express path's connection pool sees it.
 ///
 /// On every reuse of a pooled connection Pingora checks that the socket's
@@ -346,42 +320,61 @@ fn pool_key(peer: &PooledPeer) -> u64 {
 /// system call per request). The pool owns its idle connections and files
 /// them under this peer's `reuse_hash`, so a pooled socket cannot belong to
 /// another address; this peer skips that check and delegates the rest.
+///
+/// `key` is where its idle connections are filed in the pool: per backend
+/// (`reuse_hash`) and per worker thread. Each worker thread runs its own
+/// runtime, and a socket stays registered with the runtime that opened it; a
+/// connection taken by another thread would have its readiness delivered
+/// across threads (a wake-up through the other runtime's driver per event).
 #[derive(Clone)]
-pub struct PooledPeer(pub HttpPeer);
+pub struct PooledPeer {
+    peer: HttpPeer,
+    key: u64,
+}
+
+impl PooledPeer {
+    fn new(peer: HttpPeer) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        peer.reuse_hash().hash(&mut h);
+        std::thread::current().id().hash(&mut h);
+        PooledPeer { key: h.finish(), peer }
+    }
+}
 
 impl std::fmt::Display for PooledPeer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
+        self.peer.fmt(f)
     }
 }
 
 impl Peer for PooledPeer {
     fn address(&self) -> &pingora::protocols::l4::socket::SocketAddr {
-        self.0.address()
+        self.peer.address()
     }
     fn tls(&self) -> bool {
-        self.0.tls()
+        self.peer.tls()
     }
     fn sni(&self) -> &str {
-        self.0.sni()
+        self.peer.sni()
     }
     fn reuse_hash(&self) -> u64 {
-        self.0.reuse_hash()
+        self.peer.reuse_hash()
     }
     fn get_proxy(&self) -> Option<&pingora::upstreams::peer::Proxy> {
-        self.0.get_proxy()
+        self.peer.get_proxy()
     }
     fn get_peer_options(&self) -> Option<&pingora::upstreams::peer::PeerOptions> {
-        self.0.get_peer_options()
+        self.peer.get_peer_options()
     }
     fn get_mut_peer_options(&mut self) -> Option<&mut pingora::upstreams::peer::PeerOptions> {
-        self.0.get_mut_peer_options()
+        self.peer.get_mut_peer_options()
     }
     fn get_client_cert_key(&self) -> Option<&Arc<pingora::utils::tls::CertKey>> {
-        self.0.get_client_cert_key()
+        self.peer.get_client_cert_key()
     }
     fn get_tracer(&self) -> Option<pingora::upstreams::peer::Tracer> {
-        self.0.get_tracer()
+        self.peer.get_tracer()
     }
     fn matches_fd<V: std::os::fd::AsRawFd>(&self, _fd: V) -> bool {
         true

@@ -72,6 +72,30 @@ impl Core {
         }
     }
 
+    /// Load the table, give the request its id, and find its route and
+    /// cluster (recorded in `ctx`). Some: the failure to answer instead (no
+    /// route: 404; a cluster without backends: 503), with `ctx.local_status`
+    /// set.
+    fn route(&self, req: &RequestHeader, absolute: bool, ctx: &mut Ctx) -> Option<ProxyFailure> {
+        let table = self.snapshot.load();
+        ctx.request_id = self.ids.for_request(req);
+        let route = table.router.find(headers::request_host(req), req.uri.path(), absolute);
+        let failure = match route {
+            None => Some(ProxyFailure::NoRoute),
+            Some(ri) => {
+                let ci = table.routes[ri].cluster;
+                ctx.route = Some(ri as u32);
+                ctx.cluster = Some(ci);
+                table.clusters[ci as usize].active.is_empty().then_some(ProxyFailure::NoBackends)
+            }
+        };
+        ctx.table = Some(table);
+        if let Some(f) = failure {
+            ctx.local_status = f.status();
+        }
+        failure
+    }
+
     /// Metrics and the access log line for a finished request.
     fn log(&self, ctx: &mut Ctx, req: &RequestHeader, client: Option<std::net::IpAddr>, status: u16, bytes: (usize, usize)) {
         ctx.inflight = None;
@@ -197,6 +221,31 @@ impl Ctx {
     fn budget_left(&self) -> bool {
         self.cluster().is_some_and(|c| (self.tried.len() as u32) <= c.spec.retries)
     }
+
+    /// After a failure to connect: retry on a backend not tried yet.
+    fn may_retry_connect(&self) -> bool {
+        self.budget_left() && self.cluster().is_some_and(|c| c.has_untried(&self.tried))
+    }
+
+    /// After a failure once connected, before any response byte, of a request
+    /// that is safe to send again: retry if another backend is left or the
+    /// connection was a reused (possibly stale) one.
+    fn may_retry_sent(&self, reused: bool) -> bool {
+        let target = reused || self.cluster().is_some_and(|c| c.has_untried(&self.tried));
+        !self.response_started && target && self.budget_left()
+    }
+
+    /// The status to log: the response sent (unless it was cut short after
+    /// a failure this proxy answered itself), else the status of this
+    /// proxy's own answer, else 499 (the client went away first).
+    fn final_status(&self, written: Option<u16>) -> u16 {
+        written
+            .filter(|_| self.local_status == 0 || self.response_started)
+            .unwrap_or(match self.local_status {
+                0 => 499,
+                s => s,
+            })
+    }
 }
 
 /// The short plain-text response for a failure this proxy decides.
@@ -252,29 +301,15 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let table = self.core.snapshot.load();
         let req = session.req_header();
-        ctx.request_id = self.core.ids.for_request(req);
         let absolute = !session.is_http2() && headers::is_absolute_form(req);
-        let host = headers::request_host(req);
-        let route = table.router.find(host, req.uri.path(), absolute);
-        let Some(ri) = route else {
-            ctx.table = Some(table);
-            ctx.local_status = 404;
-            respond(session, ProxyFailure::NoRoute, &ctx.request_id).await?;
-            return Ok(true);
-        };
-        let ci = table.routes[ri].cluster;
-        ctx.route = Some(ri as u32);
-        ctx.cluster = Some(ci);
-        let empty = table.clusters[ci as usize].active.is_empty();
-        ctx.table = Some(table);
-        if empty {
-            ctx.local_status = 503;
-            respond(session, ProxyFailure::NoBackends, &ctx.request_id).await?;
-            return Ok(true);
+        match self.core.route(req, absolute, ctx) {
+            Some(failure) => {
+                respond(session, failure, &ctx.request_id).await?;
+                Ok(true)
+            }
+            None => Ok(false),
         }
-        Ok(false)
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -332,7 +367,7 @@ impl ProxyHttp for Proxy {
     fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
         ctx.record_outcome(outcome_of(&e));
         ctx.inflight = None;
-        let retry = ctx.budget_left() && ctx.cluster().is_some_and(|c| c.has_untried(&ctx.tried));
+        let retry = ctx.may_retry_connect();
         e.set_retry(retry);
         e
     }
@@ -349,14 +384,10 @@ impl ProxyHttp for Proxy {
         if *e.esource() == ErrorSource::Upstream && !ctx.response_started {
             ctx.record_outcome(outcome_of(&e));
         }
-        // Retry only if nothing of the response has been seen, the method is
-        // idempotent and its body (if any) is still buffered, and either another
-        // backend is left or the failure was on a reused (possibly stale) connection.
-        let safe = !ctx.response_started
-            && session.req_header().method.is_idempotent()
-            && !session.as_ref().retry_buffer_truncated();
-        let target = client_reused || ctx.cluster().is_some_and(|c| c.has_untried(&ctx.tried));
-        let retry = safe && target && ctx.budget_left() && *e.esource() == ErrorSource::Upstream;
+        // Safe to send again: an idempotent method whose body (if any) is
+        // still buffered.
+        let safe = session.req_header().method.is_idempotent() && !session.as_ref().retry_buffer_truncated();
+        let retry = safe && ctx.may_retry_sent(client_reused) && *e.esource() == ErrorSource::Upstream;
         if retry {
             ctx.inflight = None;
         }
@@ -404,14 +435,7 @@ impl ProxyHttp for Proxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
-            .filter(|_| ctx.local_status == 0 || ctx.response_started)
-            .unwrap_or(match ctx.local_status {
-                0 => 499, // client went away before any response
-                s => s,
-            });
+        let status = ctx.final_status(session.response_written().map(|r| r.status.as_u16()));
         let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let bytes = (session.body_bytes_read(), session.body_bytes_sent());
         self.core.log(ctx, session.req_header(), client, status, bytes);
