@@ -384,7 +384,7 @@ fn express_and_general_paths_answer_alike() {
     );
     let express = Proxy::builder(&body).server("express = true").start();
     let general = Proxy::builder(&body).server("express = false").start();
-    let cookie = "c".repeat(3000); // a head longer than the 512-byte read-ahead
+    let cookie = "c".repeat(3000); // a head longer than the 2 KiB read-ahead
     let requests = [
         "GET /p?q=1 HTTP/1.1\r\nHost: www.example.com\r\nX-Forwarded-For: 203.0.113.7\r\nX-Request-Id: id-1\r\nConnection: close\r\n\r\n".to_string(),
         format!("GET /long HTTP/1.1\r\nHost: www.example.com\r\nCookie: s={cookie}\r\nX-Request-Id: id-2\r\nConnection: close\r\n\r\n"),
@@ -474,5 +474,68 @@ fn dead_keepalive_connections_cost_no_client_error() {
         }
         let served = sample(&parse_metrics(&p.metrics()), "switchyard_requests_express_total", &[]);
         assert_eq!(served, Some(20.0), "{what}");
+    }
+}
+
+/// Read one response with a `Content-Length` body from `s` (the connection
+/// stays open); None if the connection closed or stalled first.
+fn read_one_response(s: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
+                .unwrap_or(0);
+            if body.len() >= len {
+                return Some(text);
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A 404 (no route) or 503 (no backends) that Switchyard answers itself
+/// keeps the client's keep-alive connection open on both paths; a 502 after
+/// failed attempts closes it on both (as Pingora does after a proxy failure).
+#[test]
+fn local_answers_keep_the_connection_alike_on_both_paths() {
+    use std::io::Write;
+    let up = Upstream::start("ka");
+    let dead = dead_addr();
+    let body = format!(
+        "[[routes]]\nhosts = [\"www.example.com\"]\ncluster = \"web\"\n\
+         [[routes]]\nhosts = [\"empty.example.com\"]\ncluster = \"empty\"\n\
+         [[routes]]\nhosts = [\"dead.example.com\"]\ncluster = \"dead\"\n{}{}\
+         [clusters.empty]\nfile = {{ catalog = \"catalog.json\" }}\n",
+        static_cluster("web", &[up.addr], ""),
+        static_cluster("dead", &[dead], "retries = 0"),
+    );
+    let cases = [("nothing.example.com", 404, true), ("empty.example.com", 503, true), ("dead.example.com", 502, false)];
+    for express in [true, false] {
+        let p = Proxy::builder(&body)
+            .server(&format!("express = {express}"))
+            .file("catalog.json", "{\"empty\": []}")
+            .start();
+        for (host, code, stays_open) in cases {
+            let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+            s.write_all(format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).unwrap();
+            let first = read_one_response(&mut s).unwrap_or_default();
+            assert!(first.starts_with(&format!("HTTP/1.1 {code} ")), "express={express} {host}: {first}");
+            let keep = first.to_ascii_lowercase().contains("connection: keep-alive");
+            assert_eq!(keep, stays_open, "express={express} {host}: {first}");
+            if stays_open {
+                s.write_all(b"GET /y HTTP/1.1\r\nHost: www.example.com\r\n\r\n").unwrap();
+                let second = read_one_response(&mut s).unwrap_or_default();
+                assert!(second.starts_with("HTTP/1.1 200 "), "express={express} {host}: second request on the connection: {second}");
+            }
+        }
     }
 }

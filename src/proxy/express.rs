@@ -294,22 +294,23 @@ impl Express {
         Ok(Attempt::Done)
     }
 
-    /// A failure response this proxy decides; as in `HttpProxy`, the
-    /// connection closes after it.
+    /// A failure response this proxy decides. As in `HttpProxy`: after
+    /// failed attempts at backends (502, 504) the connection closes; a
+    /// request answered without trying any (404, 503) keeps it. False: the
+    /// connection must close.
     async fn respond(&self, s: &mut ServerSession, ctx: &mut Ctx, failure: ProxyFailure) -> bool {
         ctx.local_status = failure.status();
         let Ok((h, body)) = failure_response(failure, &ctx.request_id) else { return false };
-        s.set_keepalive(None);
+        let keep = matches!(failure, ProxyFailure::NoRoute | ProxyFailure::NoBackends);
+        if !keep {
+            s.set_keepalive(None);
+        }
         let head = s.req_header().method == Method::HEAD;
         if s.write_response_header(Box::new(h)).await.is_err() {
             return false;
         }
-        if !head {
-            let _ = s.write_response_body(body, true).await;
-        } else {
-            let _ = s.finish_body().await;
-        }
-        false
+        let done = if head { s.finish_body().await } else { s.write_response_body(body, true).await };
+        keep && done.is_ok()
     }
 }
 
