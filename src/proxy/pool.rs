@@ -64,13 +64,12 @@ impl Pool {
     pub fn take(&self, key: u64) -> Option<Stream> {
         let now = Instant::now();
         loop {
-            let idle = {
+            let mut idle = {
                 let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
                 let idle = inner.by_key.get_mut(&key)?.pop()?;
                 inner.count -= 1;
                 idle
             };
-            let mut idle = idle;
             if !idle.expired(now) && still_idle(&mut idle.stream) {
                 return Some(idle.stream);
             }
