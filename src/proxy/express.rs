@@ -1,12 +1,14 @@
 //! The express path: plain HTTP/1.1 requests without a body, proxied by a
-//! short loop over Pingora's HTTP/1 sessions and its upstream connection pool.
+//! short loop of our own over the client connection, an upstream connection
+//! from our own pool, and the HTTP/1.1 codec in [`super::h1`].
 //!
 //! Pingora's `HttpProxy` runs every request through its general machinery:
 //! a ~14 KB boxed future per request, two tasks joined over two channels
 //! (request body and response body), a boxed future per `ProxyHttp` hook and
-//! several copies of the headers. For the request most sites see most —
-//! `GET /page HTTP/1.1` with a `Host`, cookies and no body — none of that is
-//! needed. [`eligible`] decides from the request's first bytes, before any
+//! several copies of the headers, each turned into a header map and back
+//! into bytes. For the request most sites see most — `GET /page HTTP/1.1`
+//! with a `Host`, cookies and no body — none of that is needed.
+//! [`RawRequest::parse`] decides from the request's first bytes, before any
 //! session exists, so a request it refuses goes to `HttpProxy` untouched.
 //!
 //! What the express path does is what `Proxy` (the `ProxyHttp` side) does:
@@ -15,87 +17,22 @@
 //! [`Ctx`]. The tests run every scenario through whichever path a request
 //! takes; `tests/proxy.rs` also checks that both paths answer alike.
 
+use super::h1::{self, Framing, Method, RawRequest, ResponseContext};
+use super::pool::Pool;
 use super::{failure_response, headers, outcome_of, Core, Ctx};
 use crate::error::ProxyFailure;
 use crate::metrics::Outcome;
 use crate::routing::InFlight;
-use http::{header, Method, Version};
-use pingora::apps::{HttpPersistentSettings, ReusedHttpStream};
-use super::pool::Pool;
 use pingora::connectors::{ConnectorOptions, TransportConnector};
-use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
-use pingora::protocols::http::v1::client::HttpSession as Upstream;
-use pingora::protocols::http::{HttpTask, ServerSession};
+use pingora::protocols::Stream;
 use pingora::server::configuration::ServerConf;
 use pingora::upstreams::peer::Peer;
 use pingora::ErrorType;
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
-
-/// Most headers a request may have and still take the express path.
-const MAX_HEADERS: usize = 64;
-
-/// Whether `buf` holds a complete request head that the express path serves
-/// exactly as `HttpProxy` would: HTTP/1.1, origin-form target, a method
-/// that is idempotent and carries no body (GET, HEAD, OPTIONS, DELETE), one
-/// `Host`, no body framing (`Content-Length` other than 0,
-/// `Transfer-Encoding`), no `Expect`, no upgrade, and no hop-by-hop header
-/// other than `Connection: keep-alive` or `Connection: close` (everything
-/// `HttpProxy` would sanitise is refused, so there is nothing to sanitise).
-/// None: the head is not complete yet.
-pub fn eligible(buf: &[u8]) -> Option<bool> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
-        Ok(httparse::Status::Complete(_)) => Some(eligible_head(&req)),
-        Ok(httparse::Status::Partial) => None,
-        Err(_) => Some(false),
-    }
-}
-
-fn eligible_head(req: &httparse::Request) -> bool {
-    if req.version != Some(1) || !matches!(req.method, Some("GET" | "HEAD" | "OPTIONS" | "DELETE")) {
-        return false;
-    }
-    // Origin-form, and a target `http::Uri` keeps byte for byte (the
-    // upstream request is written from the parsed URI).
-    let Some(path) = req.path.filter(|p| p.starts_with('/')) else { return false };
-    if !http::uri::PathAndQuery::try_from(path).is_ok_and(|pq| pq.as_str() == path) {
-        return false;
-    }
-    let (mut hosts, mut connections) = (0, 0);
-    for h in req.headers.iter() {
-        let name = h.name.as_bytes();
-        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
-        if is("host") {
-            hosts += 1;
-        } else if is("connection") {
-            connections += 1;
-            let v = h.value.trim_ascii();
-            if !(v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")) {
-                return false;
-            }
-        } else if is("content-length") {
-            if h.value.trim_ascii() != b"0" {
-                return false;
-            }
-        } else if is("transfer-encoding")
-            || is("expect")
-            || is("upgrade")
-            || is("te")
-            || is("trailer")
-            || is("keep-alive")
-            || is("proxy-connection")
-            || is("proxy-authenticate")
-            || is("proxy-authorization")
-            || is("http2-settings")
-        {
-            return false;
-        }
-    }
-    hosts == 1 && connections <= 1
-}
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// How an upstream attempt ended.
 enum Attempt {
@@ -104,6 +41,19 @@ enum Attempt {
     /// Failed before any response byte.
     Failed(Box<Error>),
 }
+
+/// What one request's exchange has told the client so far.
+struct Exchange {
+    /// Whether the client connection stays open after the response.
+    keepalive: bool,
+    /// The final status the backend answered with.
+    status: Option<u16>,
+    /// Response body bytes sent to the client.
+    body_bytes: u64,
+}
+
+/// Room read from a backend at a time.
+const READ_CHUNK: usize = 16 * 1024;
 
 pub struct Express {
     core: Arc<Core>,
@@ -122,67 +72,47 @@ impl Express {
         }
     }
 
-    /// A client session to `peer`: a pooled connection if one is idle, else a
-    /// new one. True: the connection was reused.
-    async fn session(&self, peer: &PooledPeer) -> Result<(Upstream, bool)> {
+    /// A connection to `peer`: a pooled one if one is idle, else a new one.
+    /// True: the connection was reused.
+    async fn connection(&self, peer: &PooledPeer) -> Result<(Stream, bool)> {
         if let Some(stream) = self.pool.take(peer.key) {
-            return Ok((Upstream::new_with_options(stream, peer), true));
+            return Ok((stream, true));
         }
         // Boxed: the connect future (TLS included) is ~8 KB and rarely needed.
         let stream = Box::pin(self.connector.new_stream(peer)).await?;
-        Ok((Upstream::new_with_options(stream, peer), false))
+        Ok((stream, false))
     }
 
-    /// Back to the pool if the exchange left the connection reusable.
-    async fn release(&self, mut up: Upstream, peer: &PooledPeer) {
-        up.respect_keepalive();
-        if let Some(stream) = up.reuse().await {
-            self.pool.put(peer.key, stream, peer.idle_timeout());
-        }
-    }
-
-    /// Serve one request whose head [`eligible`] accepted (already buffered
-    /// in the session's stream). The stream comes back if the connection
-    /// stays open, as from `HttpProxy::process_new_http`.
-    pub async fn serve(&self, mut s: ServerSession) -> Option<ReusedHttpStream> {
-        match s.read_request().await {
-            Ok(true) => {}
-            Ok(false) => return None,
-            Err(e) => {
-                // As HttpProxy: a request it cannot parse gets a 400.
-                if matches!(e.etype(), ErrorType::InvalidHTTPHeader) {
-                    let _ = s.respond_error(400).await;
-                }
-                s.shutdown().await;
-                return None;
-            }
-        }
+    /// Serve one request that [`RawRequest::parse`] accepted, on `client`,
+    /// the client connection. `keepalive`: whether this proxy would keep the
+    /// connection open after the response. True: it stays open.
+    pub async fn serve<C>(&self, client: &mut C, req: &RawRequest, addr: Option<IpAddr>, keepalive: bool) -> bool
+    where
+        C: AsyncWrite + Unpin,
+    {
         self.core.metrics.requests_express.inc();
         let mut ctx = self.core.new_ctx();
-        let client = s.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        let ok = self.proxy(&mut s, &mut ctx, client).await;
-        let status = ctx.final_status(s.response_written().map(|r| r.status.as_u16()));
-        self.core.log(&mut ctx, s.req_header(), client, status, (0, s.body_bytes_sent()));
-        if !ok {
-            s.shutdown().await;
-            return None;
-        }
-        let settings = HttpPersistentSettings::for_session(&s);
-        let reusable = s.finish().await.ok().flatten()?;
-        Some(ReusedHttpStream::from_reusable_stream(reusable, settings))
+        let mut x = Exchange { keepalive, status: None, body_bytes: 0 };
+        let ok = self.proxy(client, req, &mut ctx, addr, &mut x).await;
+        let status = ctx.final_status(x.status);
+        self.core.log(&mut ctx, req, addr, status, (0, x.body_bytes as usize));
+        ok && x.keepalive
     }
 
     /// Route, pick, forward, retry. False: the connection must close.
-    async fn proxy(&self, s: &mut ServerSession, ctx: &mut Ctx, client: Option<std::net::IpAddr>) -> bool {
-        if let Some(failure) = self.core.route(s.req_header(), false, ctx) {
-            return self.respond(s, ctx, failure).await;
+    async fn proxy<C>(&self, client: &mut C, req: &RawRequest, ctx: &mut Ctx, addr: Option<IpAddr>, x: &mut Exchange) -> bool
+    where
+        C: AsyncWrite + Unpin,
+    {
+        if let Some(failure) = self.core.route(req, false, ctx) {
+            return self.respond(client, req, ctx, failure, x).await;
         }
         loop {
             let Some(cluster) = ctx.cluster() else { return false };
             // Not empty (checked by `route`); with everything tried, `pick`
             // reuses one.
-            let Some(i) = cluster.pick(s.req_header(), &ctx.tried) else {
-                return self.respond(s, ctx, ProxyFailure::BadGateway).await;
+            let Some(i) = cluster.pick(req, &ctx.tried) else {
+                return self.respond(client, req, ctx, ProxyFailure::BadGateway, x).await;
             };
             let backend = &cluster.backends[i as usize];
             let peer = PooledPeer::new(backend.peer.clone());
@@ -190,7 +120,7 @@ impl Express {
             ctx.tried.push(i);
             ctx.backend = Some(i);
             ctx.upstream_start = Some(Instant::now());
-            let (up, reused) = match self.session(&peer).await {
+            let (up, reused) = match self.connection(&peer).await {
                 Ok(x) => x,
                 Err(e) => {
                     ctx.record_outcome(outcome_of(&e));
@@ -198,10 +128,10 @@ impl Express {
                     if ctx.may_retry_connect() {
                         continue;
                     }
-                    return self.respond(s, ctx, ProxyFailure::classify(&e)).await;
+                    return self.respond(client, req, ctx, ProxyFailure::classify(&e), x).await;
                 }
             };
-            match self.attempt(s, ctx, up, &peer, client).await {
+            match self.attempt(client, req, ctx, up, &peer, addr, x).await {
                 Ok(Attempt::Done) => return true,
                 Ok(Attempt::Failed(e)) => {
                     ctx.record_outcome(outcome_of(&e));
@@ -211,7 +141,7 @@ impl Express {
                     if ctx.may_retry_sent(reused) {
                         continue;
                     }
-                    return self.respond(s, ctx, ProxyFailure::classify(&e)).await;
+                    return self.respond(client, req, ctx, ProxyFailure::classify(&e), x).await;
                 }
                 // The client went away, or the response broke mid-way.
                 Err(()) => return false,
@@ -220,77 +150,147 @@ impl Express {
     }
 
     /// One request/response exchange with a backend.
-    async fn attempt(
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt<C>(
         &self,
-        s: &mut ServerSession,
+        client: &mut C,
+        req: &RawRequest,
         ctx: &mut Ctx,
-        mut up: Upstream,
+        mut up: Stream,
         peer: &PooledPeer,
-        client: Option<std::net::IpAddr>,
-    ) -> std::result::Result<Attempt, ()> {
-        up.read_timeout = peer.peer.options.read_timeout;
-        up.write_timeout = peer.peer.options.write_timeout;
-        let req = match upstream_request(s.req_header(), client, &ctx.request_id) {
-            Ok(r) => r,
-            Err(e) => return Ok(Attempt::Failed(e)),
-        };
-        if let Err(e) = up.write_request_header(req).await {
+        addr: Option<IpAddr>,
+        x: &mut Exchange,
+    ) -> std::result::Result<Attempt, ()>
+    where
+        C: AsyncWrite + Unpin,
+    {
+        let (read_timeout, write_timeout) = (peer.peer.options.read_timeout, peer.peer.options.write_timeout);
+        let mut out = Vec::with_capacity(1024);
+        req.write_upstream(&mut out, headers::forwarding(req, addr, &ctx.request_id));
+        if let Err(e) = send(&mut up, &out, write_timeout).await {
             return Ok(Attempt::Failed(e));
         }
-        let head = s.req_header().method == Method::HEAD;
-        loop {
-            let task = match up.read_response_task().await {
-                Ok(t) => t,
-                Err(e) if !ctx.response_started => return Ok(Attempt::Failed(e)),
-                Err(_) => return Err(()),
-            };
-            match task {
-                HttpTask::Header(mut h, end) => {
-                    if h.status == 101 {
-                        // Nothing was asked to upgrade.
-                        let e = Error::explain(ErrorType::InvalidHTTPHeader, "unexpected 101 from backend");
+        out.clear();
+
+        // The response head; 1xx heads go to the client as they come.
+        let date = pingora::protocols::http::date::get_cached_date();
+        let cx = ResponseContext {
+            head_request: req.method_kind() == Method::Head,
+            keepalive: x.keepalive,
+            request_id: &ctx.request_id,
+            date: &date,
+        };
+        let mut buf = Vec::with_capacity(READ_CHUNK);
+        let mut start = 0;
+        let head = loop {
+            match h1::parse_response(&buf[start..], &cx, &mut out) {
+                Ok(Some(h)) if h.informational => {
+                    start += h.len;
+                    send(client, &out, None).await.map_err(|_| ())?;
+                    out.clear();
+                }
+                Ok(Some(h)) => break h,
+                Ok(None) => match receive(&mut up, &mut buf, read_timeout).await {
+                    Ok(0) => {
+                        let e = Error::explain(ErrorType::ConnectionClosed, "backend closed before a response");
                         return Ok(Attempt::Failed(e));
                     }
-                    if h.status.is_informational() {
-                        // As HttpProxy: the response filter (request id) runs on 1xx too.
-                        response_headers(&mut h, head, end, &ctx.request_id).map_err(|_| ())?;
-                        if s.write_response_header(h).await.is_err() {
-                            return Err(());
-                        }
-                        continue;
+                    Ok(_) => {}
+                    Err(e) => return Ok(Attempt::Failed(e)),
+                },
+                Err(e) => return Ok(Attempt::Failed(e)),
+            }
+        };
+        ctx.response_started = true;
+        ctx.record_outcome(Outcome::Ok);
+        x.status = Some(head.status);
+        x.keepalive = head.client_keepalive;
+        start += head.len;
+
+        // The body, framed for the client; the first write carries the head.
+        let mut reusable = head.reusable;
+        match head.framing {
+            Framing::Empty => {
+                reusable &= buf.len() == start;
+                send(client, &out, None).await.map_err(|_| ())?;
+            }
+            Framing::Length(len) => {
+                let mut left = len;
+                let mut data = &buf[start..];
+                loop {
+                    let n = data.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    reusable &= n == data.len();
+                    out.extend_from_slice(&data[..n]);
+                    left -= n as u64;
+                    x.body_bytes += n as u64;
+                    send(client, &out, None).await.map_err(|_| ())?;
+                    out.clear();
+                    if left == 0 {
+                        break;
                     }
-                    if !ctx.response_started {
-                        ctx.response_started = true;
-                        ctx.record_outcome(Outcome::Ok);
+                    buf.clear();
+                    match receive(&mut up, &mut buf, read_timeout).await {
+                        Ok(n) if n > 0 => data = &buf[..],
+                        _ => return Err(()),
                     }
-                    response_headers(&mut h, head, end, &ctx.request_id).map_err(|_| ())?;
-                    if s.write_response_header(h).await.is_err() {
-                        return Err(());
+                }
+            }
+            Framing::Chunked => {
+                let mut chunked = h1::Chunked::default();
+                loop {
+                    let (used, data) = chunked.feed(&buf[start..], &mut out).map_err(|_| ())?;
+                    start += used;
+                    x.body_bytes += data;
+                    if chunked.done() {
+                        reusable &= buf.len() == start;
+                        send(client, &out, None).await.map_err(|_| ())?;
+                        break;
                     }
+                    if !out.is_empty() {
+                        send(client, &out, None).await.map_err(|_| ())?;
+                        out.clear();
+                    }
+                    // Keep an incomplete line for the next round.
+                    buf.drain(..start);
+                    start = 0;
+                    match receive(&mut up, &mut buf, read_timeout).await {
+                        Ok(n) if n > 0 => {}
+                        _ => return Err(()),
+                    }
+                }
+            }
+            Framing::Close => {
+                reusable = false;
+                let mut data = &buf[start..];
+                loop {
+                    x.body_bytes += data.len() as u64;
+                    if head.chunk_close_delimited {
+                        h1::put_chunk(&mut out, data);
+                    } else {
+                        out.extend_from_slice(data);
+                    }
+                    buf.clear();
+                    let end = match receive(&mut up, &mut buf, read_timeout).await {
+                        Ok(0) => true,
+                        Ok(_) => false,
+                        Err(_) => return Err(()),
+                    };
+                    if end && head.chunk_close_delimited {
+                        out.extend_from_slice(h1::LAST_CHUNK);
+                    }
+                    send(client, &out, None).await.map_err(|_| ())?;
+                    out.clear();
                     if end {
                         break;
                     }
+                    data = &buf[..];
                 }
-                HttpTask::Body(data, end) => {
-                    let data = data.unwrap_or_default();
-                    if s.write_response_body(data, end).await.is_err() {
-                        return Err(());
-                    }
-                    if end {
-                        break;
-                    }
-                }
-                HttpTask::Done => break,
-                HttpTask::Failed(e) if !ctx.response_started => return Ok(Attempt::Failed(e)),
-                HttpTask::Failed(_) | HttpTask::UpgradedBody(..) => return Err(()),
-                HttpTask::Trailer(_) => {}
             }
         }
-        if s.finish_body().await.is_err() {
-            return Err(());
-        }
         ctx.inflight = None;
-        self.release(up, peer).await;
+        if reusable {
+            self.pool.put(peer.key, up, peer.idle_timeout());
+        }
         Ok(Attempt::Done)
     }
 
@@ -298,20 +298,70 @@ impl Express {
     /// failed attempts at backends (502, 504) the connection closes; a
     /// request answered without trying any (404, 503) keeps it. False: the
     /// connection must close.
-    async fn respond(&self, s: &mut ServerSession, ctx: &mut Ctx, failure: ProxyFailure) -> bool {
+    async fn respond<C>(&self, client: &mut C, req: &RawRequest, ctx: &mut Ctx, failure: ProxyFailure, x: &mut Exchange) -> bool
+    where
+        C: AsyncWrite + Unpin,
+    {
         ctx.local_status = failure.status();
         let Ok((h, body)) = failure_response(failure, &ctx.request_id) else { return false };
-        let keep = matches!(failure, ProxyFailure::NoRoute | ProxyFailure::NoBackends);
-        if !keep {
-            s.set_keepalive(None);
+        x.keepalive &= matches!(failure, ProxyFailure::NoRoute | ProxyFailure::NoBackends);
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(h.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(h.status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        h.header_to_h1_wire(&mut out);
+        let date = pingora::protocols::http::date::get_cached_date();
+        for (name, value) in [
+            ("Date", date.as_bytes()),
+            ("Connection", if x.keepalive { &b"keep-alive"[..] } else { b"close" }),
+        ] {
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
         }
-        let head = s.req_header().method == Method::HEAD;
-        if s.write_response_header(Box::new(h)).await.is_err() {
-            return false;
+        out.extend_from_slice(b"\r\n");
+        if req.method_kind() != Method::Head {
+            out.extend_from_slice(&body);
+            x.body_bytes += body.len() as u64;
         }
-        let done = if head { s.finish_body().await } else { s.write_response_body(body, true).await };
-        keep && done.is_ok()
+        send(client, &out, None).await.is_ok()
     }
+}
+
+/// Write all of `data` and flush, within `timeout` if one is set.
+async fn send<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8], timeout: Option<Duration>) -> Result<()> {
+    let write = async {
+        w.write_all(data).await?;
+        w.flush().await
+    };
+    let done = match timeout {
+        Some(t) => pingora::prelude::timeout(t, write)
+            .await
+            .map_err(|_| Error::explain(ErrorType::WriteTimedout, "writing to backend"))?,
+        None => write.await,
+    };
+    done.or_err(ErrorType::WriteError, "writing")
+}
+
+/// Read what has arrived from the backend onto the end of `buf`, within
+/// `timeout` if one is set. 0: the backend closed the connection.
+async fn receive(up: &mut Stream, buf: &mut Vec<u8>, timeout: Option<Duration>) -> Result<usize> {
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+    if buf.len() > h1::MAX_RESPONSE_HEAD + READ_CHUNK {
+        return Error::e_explain(ErrorType::InvalidHTTPHeader, "backend response head too large");
+    }
+    let read = match timeout {
+        Some(t) => pingora::prelude::timeout(t, up.read_buf(buf))
+            .await
+            .map_err(|_| Error::explain(ErrorType::ReadTimedout, "reading from backend"))?,
+        None => up.read_buf(buf).await,
+    };
+    read.or_err(ErrorType::ReadError, "reading from backend")
 }
 
 /// A backend's `HttpPeer` as the express path's connection pool sees it.
@@ -379,84 +429,5 @@ impl Peer for PooledPeer {
     }
     fn matches_fd<V: std::os::fd::AsRawFd>(&self, _fd: V) -> bool {
         true
-    }
-}
-
-/// The request sent upstream: the client's, as HTTP/1.1, without its
-/// `Connection` header (the only hop-by-hop header [`eligible`] lets
-/// through), with the forwarding headers.
-///
-/// Built on `http`'s own header map, room reserved up front: Pingora's
-/// `RequestHeader` methods turn each name into a case-preserving copy and back
-/// and grow two maps per header, which cost more than the rest of this path.
-/// Header names therefore go upstream in lower case (HTTP/1.1 names are
-/// case-insensitive); the target is the client's, byte for byte ([`eligible`]
-/// accepts only targets `http::Uri` keeps unchanged).
-fn upstream_request(
-    down: &RequestHeader,
-    client: Option<std::net::IpAddr>,
-    request_id: &http::HeaderValue,
-) -> Result<Box<RequestHeader>> {
-    let mut parts = down.as_owned_parts();
-    parts.version = Version::HTTP_11;
-    parts.headers.remove(header::CONNECTION);
-    parts.headers.reserve(4);
-    for (name, value) in headers::forwarding(down, client, request_id) {
-        parts.headers.insert(name, value);
-    }
-    Ok(Box::new(RequestHeader::from(parts)))
-}
-
-/// What `HttpProxy` does to a final response header on its way to an
-/// HTTP/1.1 client: a body without framing becomes chunked (so the client
-/// connection can stay open), and the request id is added if the backend
-/// did not set one.
-fn response_headers(h: &mut ResponseHeader, head: bool, end: bool, request_id: &http::HeaderValue) -> Result<()> {
-    let no_body = head || matches!(h.status.as_u16(), 204 | 304);
-    if !no_body
-        && !h.status.is_informational()
-        && !end
-        && h.headers.get(header::TRANSFER_ENCODING).is_none()
-        && h.headers.get(header::CONTENT_LENGTH).is_none()
-    {
-        h.set_version(Version::HTTP_11);
-        h.insert_header(header::TRANSFER_ENCODING, "chunked")?;
-    }
-    if !request_id.is_empty() && !h.headers.contains_key("x-request-id") {
-        h.insert_header("x-request-id", request_id.clone())?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::eligible;
-
-    #[test]
-    fn eligibility() {
-        let ok = |s: &str| eligible(s.as_bytes()) == Some(true);
-        assert!(ok("GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
-        assert!(ok("HEAD /x?y=1 HTTP/1.1\r\nhost: a\r\nConnection: keep-alive\r\nCookie: c=1\r\n\r\n"));
-        assert!(ok("DELETE /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"));
-        // incomplete head, other versions, bodies, upgrades, absolute form
-        assert_eq!(eligible(b"GET / HTTP/1.1\r\nHost: a\r\n"), None);
-        assert!(!ok("GET / HTTP/1.0\r\nHost: a\r\n\r\n"));
-        assert!(!ok("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"));
-        assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"));
-        assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"));
-        assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"));
-        assert!(!ok("GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n"));
-        assert!(!ok("GET * HTTP/1.1\r\nHost: a\r\n\r\n"));
-        assert_ne!(eligible(b"GET /a\xffb HTTP/1.1\r\nHost: a\r\n\r\n"), Some(true), "a target http::Uri would not keep");
-        // Host missing or twice; nominated hop-by-hop headers; other hop-by-hop headers
-        assert!(!ok("GET / HTTP/1.1\r\n\r\n"));
-        assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"));
-        assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, x-secret\r\n\r\n"));
-        assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nConnection: close\r\n\r\n"));
-        assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nKeep-Alive: timeout=5\r\n\r\n"));
-        assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nTE: trailers\r\n\r\n"));
-        assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nProxy-Authorization: x\r\n\r\n"));
-        assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n\r\n"));
-        assert!(!ok("garbage\r\n\r\n"));
     }
 }

@@ -2,6 +2,7 @@
 //! `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-Request-Id` — so a Django app
 //! behind the proxy sees the real client and scheme — and origin-form targets.
 
+use crate::routing::RequestView;
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use http::{HeaderName, HeaderValue};
@@ -15,14 +16,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub fn is_absolute_form(req: &RequestHeader) -> bool {
     let raw = req.raw_path();
     !raw.is_empty() && raw[0] != b'/' && raw != b"*"
-}
-
-/// The host a request is for: the h2 authority, else `Host`.
-pub fn request_host(req: &RequestHeader) -> Option<&[u8]> {
-    if let Some(a) = req.uri.authority() {
-        return Some(a.as_str().as_bytes());
-    }
-    req.headers.get(http::header::HOST).map(|v| v.as_bytes())
 }
 
 /// Generates request ids: a random per-process prefix and a counter, so ids
@@ -48,10 +41,10 @@ impl RequestIds {
 
     /// Keep a sane incoming `X-Request-Id`, else make one. A `HeaderValue`
     /// is shared (not copied) by the upstream request, the response and the log.
-    pub fn for_request(&self, req: &RequestHeader) -> HeaderValue {
-        if let Some(v) = req.headers.get("x-request-id") {
-            if is_sane_id(v.as_bytes()) {
-                return v.clone();
+    pub fn for_request<R: RequestView + ?Sized>(&self, req: &R) -> HeaderValue {
+        if let Some(v) = req.header("x-request-id") {
+            if is_sane_id(v) {
+                return HeaderValue::from_bytes(v).expect("a sane id is a valid header value");
             }
         }
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -86,19 +79,16 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// without a client address), `X-Forwarded-Proto`, `X-Forwarded-Host` (if
 /// the request named a host) and `X-Request-Id`. Each replaces any the
 /// client sent.
-pub fn forwarding(
-    req: &RequestHeader,
+pub fn forwarding<R: RequestView + ?Sized>(
+    req: &R,
     client: Option<IpAddr>,
     request_id: &HeaderValue,
 ) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
-    let original_host = match req.uri.authority() {
-        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None => req.headers.get(http::header::HOST).cloned(),
-    };
+    let original_host = req.host().and_then(|h| HeaderValue::from_bytes(h).ok());
     let xff = client.and_then(|ip| {
         let mut xff = String::new();
-        for v in req.headers.get_all(X_FORWARDED_FOR) {
-            if let Ok(s) = v.to_str() {
+        for v in req.header_all("x-forwarded-for") {
+            if let Ok(s) = std::str::from_utf8(v) {
                 let s = s.trim();
                 if !s.is_empty() {
                     xff.push_str(s);

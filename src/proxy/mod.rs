@@ -7,13 +7,14 @@
 //! 502 (backends failed), 504 (backend timed out).
 
 mod express;
+mod h1;
 mod headers;
 mod pool;
 
 use crate::accesslog::{AccessLog, AccessRecord};
 use crate::error::{upstream_error, ProxyFailure};
 use crate::metrics::{Metrics, Outcome};
-use crate::routing::{InFlight, RoutingTable};
+use crate::routing::{InFlight, RequestView, RoutingTable};
 use crate::snapshot::Snapshot;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -21,7 +22,7 @@ use pingora::apps::ServerApp;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::Stream;
-use pingora::apps::HttpPersistentSettings;
+use pingora::protocols::GetSocketDigest;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::{FailToProxy, HttpProxy, ProxyHttp, Session};
 use pingora::server::ShutdownWatch;
@@ -76,10 +77,10 @@ impl Core {
     /// cluster (recorded in `ctx`). Some: the failure to answer instead (no
     /// route: 404; a cluster without backends: 503), with `ctx.local_status`
     /// set.
-    fn route(&self, req: &RequestHeader, absolute: bool, ctx: &mut Ctx) -> Option<ProxyFailure> {
+    fn route<R: RequestView + ?Sized>(&self, req: &R, absolute: bool, ctx: &mut Ctx) -> Option<ProxyFailure> {
         let table = self.snapshot.load();
         ctx.request_id = self.ids.for_request(req);
-        let route = table.router.find(headers::request_host(req), req.uri.path(), absolute);
+        let route = table.router.find(req.host(), req.path(), absolute);
         let failure = match route {
             None => Some(ProxyFailure::NoRoute),
             Some(ri) => {
@@ -97,7 +98,7 @@ impl Core {
     }
 
     /// Metrics and the access log line for a finished request.
-    fn log(&self, ctx: &mut Ctx, req: &RequestHeader, client: Option<std::net::IpAddr>, status: u16, bytes: (usize, usize)) {
+    fn log<R: RequestView + ?Sized>(&self, ctx: &mut Ctx, req: &R, client: Option<std::net::IpAddr>, status: u16, bytes: (usize, usize)) {
         ctx.inflight = None;
         let elapsed = ctx.start.elapsed();
         let table = ctx.table.as_deref();
@@ -116,15 +117,16 @@ impl Core {
         if !self.access_log.enabled() {
             return;
         }
-        let host = headers::request_host(req)
+        let host = req
+            .host()
             .map(|h| String::from_utf8_lossy(h).into_owned())
             .unwrap_or_default();
         let record = AccessRecord {
             time: SystemTime::now() - elapsed,
             client,
-            method: req.method.as_str().to_string(),
+            method: req.method().to_string(),
             host,
-            path: req.uri.path().to_string(),
+            path: req.path().to_string(),
             status,
             route: route.map(|r| r.name.clone()),
             cluster: ctx.cluster().map(|c| c.name.clone()),
@@ -482,51 +484,57 @@ impl ProxyApp {
     /// its per-request future, ~14 KB, alive while waiting).
     async fn serve_h1(&self, mut tcp: Box<L4Stream>, shutdown: &ShutdownWatch, mut ahead: Ahead) {
         use pingora::apps::HttpServerApp;
-        let limit = self.inner.server_options().and_then(|o| o.keepalive_request_limit);
-        let mut settings = None;
+        use tokio::io::AsyncWriteExt;
+        // Requests this connection may still serve after the current one
+        // (None: no limit), as Pingora counts them.
+        let mut remaining = self.inner.server_options().and_then(|o| o.keepalive_request_limit);
+        let express = self.express.as_ref();
+        let client = tcp
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
         loop {
-            if ahead == Ahead::Wait {
-                ahead = next_request(&mut tcp, shutdown).await;
+            if matches!(ahead, Ahead::Wait) {
+                ahead = next_request(&mut tcp, shutdown, express.is_some()).await;
             }
-            if ahead == Ahead::Closed {
-                return;
+            match std::mem::replace(&mut ahead, Ahead::Wait) {
+                Ahead::Closed | Ahead::Wait => return,
+                Ahead::Express(req) => {
+                    let Some(express) = express else { return };
+                    let keepalive = !*shutdown.borrow() && remaining != Some(0) && !req.close;
+                    // Boxed per request so that an idle connection's future
+                    // stays small.
+                    if !Box::pin(express.serve(&mut *tcp, &req, client, keepalive)).await {
+                        let _ = tcp.shutdown().await;
+                        return;
+                    }
+                }
+                Ahead::Proxy => {
+                    let mut session = ServerSession::new_http1(tcp);
+                    session.set_keepalive_reuses_remaining(remaining);
+                    // As Pingora does: no keep-alive once shutting down, else 60 s idle.
+                    if *shutdown.borrow() {
+                        session.set_keepalive(None);
+                    } else {
+                        session.set_keepalive(Some(KEEPALIVE_SECS));
+                    }
+                    let Some(reused) = self.inner.process_new_http(session, shutdown).await else { return };
+                    let (stream, _) = reused.consume();
+                    let Ok(next) = stream.into_any().downcast::<L4Stream>() else { return };
+                    tcp = next;
+                }
             }
-            let express = self.express.as_ref().filter(|_| ahead == Ahead::Express);
-            ahead = Ahead::Wait;
-            let mut session = ServerSession::new_http1(tcp);
-            match settings.take() {
-                Some(s) => HttpPersistentSettings::apply_to_session(s, &mut session),
-                None => session.set_keepalive_reuses_remaining(limit),
-            }
-            // As Pingora does: no keep-alive once shutting down, else 60 s idle.
-            if *shutdown.borrow() {
-                session.set_keepalive(None);
-            } else if session.get_keepalive().is_none() {
-                session.set_keepalive(Some(KEEPALIVE_SECS));
-            }
-            let reused = if let Some(express) = express {
-                // Boxed per request (~6 KB) so that an idle connection's
-                // future stays small.
-                Box::pin(express.serve(session)).await
-            } else {
-                self.inner.process_new_http(session, shutdown).await
-            };
-            let Some(reused) = reused else { return };
-            let (stream, next_settings) = reused.consume();
-            settings = next_settings;
-            let Ok(next) = stream.into_any().downcast::<L4Stream>() else { return };
-            tcp = next;
+            remaining = remaining.map(|r| r.saturating_sub(1));
         }
     }
 }
 
 /// What the bytes read ahead of a request say.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Debug)]
 enum Ahead {
     /// Nothing read yet: wait for the next request.
     Wait,
-    /// A request the express path serves (its head is put back).
-    Express,
+    /// A request the express path serves (its head, taken off the stream).
+    Express(Box<h1::RawRequest>),
     /// Anything else, for Pingora's `HttpProxy` (bytes put back).
     Proxy,
     /// The connection closed, failed, idled out or the server is stopping.
@@ -537,25 +545,29 @@ enum Ahead {
 /// `HttpProxy`). Read only when a head overflows [`READ_AHEAD`].
 const EXPRESS_HEAD_MAX: usize = 8 * 1024;
 
-/// Put back what was read ahead and say which path serves it. A head that
-/// fills the read-ahead buffer is read on (into a heap buffer, up to
-/// [`EXPRESS_HEAD_MAX`]) until it is complete.
-async fn classify(tcp: &mut L4Stream, buf: &[u8]) -> Ahead {
+/// Say which path serves the request whose first bytes are `buf`: the
+/// express path (if `express`) takes the head off the stream, anything else
+/// is put back for `HttpProxy`. A head that fills the read-ahead buffer is
+/// read on (into a heap buffer, up to [`EXPRESS_HEAD_MAX`]) until it is
+/// complete.
+async fn classify(tcp: &mut L4Stream, buf: &[u8], express: bool) -> Ahead {
+    use h1::{RawRequest, Verdict};
     use tokio::io::AsyncReadExt;
-    match express::eligible(buf) {
-        Some(e) => {
-            tcp.rewind(buf);
-            return if e { Ahead::Express } else { Ahead::Proxy };
-        }
-        None if buf.len() < READ_AHEAD => {
+    if !express {
+        tcp.rewind(buf);
+        return Ahead::Proxy;
+    }
+    match RawRequest::parse(buf) {
+        Verdict::Express(r) => return Ahead::Express(r),
+        Verdict::Partial if buf.len() >= READ_AHEAD => {}
+        Verdict::Partial | Verdict::Refused => {
             tcp.rewind(buf);
             return Ahead::Proxy;
         }
-        None => {}
     }
     let mut head = Vec::with_capacity(EXPRESS_HEAD_MAX);
     head.extend_from_slice(buf);
-    let verdict = loop {
+    loop {
         let n = head.len();
         head.resize(EXPRESS_HEAD_MAX, 0);
         let read = tcp.read(&mut head[n..]).await;
@@ -563,18 +575,19 @@ async fn classify(tcp: &mut L4Stream, buf: &[u8]) -> Ahead {
             Ok(k) if k > 0 => head.truncate(n + k),
             _ => {
                 head.truncate(n);
-                break if n == 0 { Ahead::Closed } else { Ahead::Proxy };
+                tcp.rewind(&head);
+                return if n == 0 { Ahead::Closed } else { Ahead::Proxy };
             }
         }
-        match express::eligible(&head) {
-            Some(true) => break Ahead::Express,
-            Some(false) => break Ahead::Proxy,
-            None if head.len() >= EXPRESS_HEAD_MAX => break Ahead::Proxy,
-            None => {}
+        match RawRequest::parse(&head) {
+            Verdict::Express(r) => return Ahead::Express(r),
+            Verdict::Partial if head.len() < EXPRESS_HEAD_MAX => {}
+            Verdict::Partial | Verdict::Refused => {
+                tcp.rewind(&head);
+                return Ahead::Proxy;
+            }
         }
-    };
-    tcp.rewind(&head);
-    verdict
+    }
 }
 
 type L4Stream = pingora::protocols::l4::stream::Stream;
@@ -592,7 +605,7 @@ const READ_AHEAD: usize = 2048;
 /// Wait for the next request's first bytes on an idle keep-alive connection
 /// (reading what has arrived, up to [`READ_AHEAD`], and putting it back), the
 /// idle timeout, or shutdown. False: close the connection.
-async fn next_request(tcp: &mut L4Stream, shutdown: &ShutdownWatch) -> Ahead {
+async fn next_request(tcp: &mut L4Stream, shutdown: &ShutdownWatch, express: bool) -> Ahead {
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; READ_AHEAD];
     let mut sd = shutdown.clone();
@@ -607,7 +620,7 @@ async fn next_request(tcp: &mut L4Stream, shutdown: &ShutdownWatch) -> Ahead {
         _ = tokio::time::sleep(std::time::Duration::from_secs(KEEPALIVE_SECS)) => return Ahead::Closed,
         _ = sd.changed() => return Ahead::Closed,
     };
-    classify(tcp, &buf[..n]).await
+    classify(tcp, &buf[..n], express).await
 }
 
 /// The HTTP/2 connection preface.
@@ -616,7 +629,7 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Read the first bytes until they either differ from the HTTP/2 preface
 /// (HTTP/1: then classified as by [`next_request`]) or complete it (HTTP/2),
 /// then put them back. None: HTTP/2.
-async fn sniff_h2(stream: &mut L4Stream) -> Option<Ahead> {
+async fn sniff_h2(stream: &mut L4Stream, express: bool) -> Option<Ahead> {
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; READ_AHEAD];
     let mut n = 0;
@@ -627,7 +640,7 @@ async fn sniff_h2(stream: &mut L4Stream) -> Option<Ahead> {
         }
         let m = n.min(H2_PREFACE.len());
         if buf[..m] != H2_PREFACE[..m] {
-            return Some(classify(stream, &buf[..n]).await);
+            return Some(classify(stream, &buf[..n], express).await);
         }
         if n >= H2_PREFACE.len() {
             stream.rewind(&buf[..n]);
@@ -646,7 +659,7 @@ impl ServerApp for ProxyApp {
         }
         let Ok(mut tcp) = stream.into_any().downcast::<L4Stream>() else { return None };
         let ahead = if self.h2c {
-            match sniff_h2(&mut tcp).await {
+            match sniff_h2(&mut tcp, self.express.is_some()).await {
                 Some(ahead) => ahead,
                 // HTTP/2: Pingora reads the preface again (from the rewound bytes).
                 None => return ServerApp::process_new(&self.inner, tcp, shutdown).await,

@@ -7,6 +7,7 @@
 //! the [`StateRegistry`] by identity, so a swap does not reset it.
 
 pub mod matcher;
+pub mod request;
 pub mod select;
 
 use crate::config::{ClusterSpec, Config, DiscoverySpec};
@@ -22,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 pub use matcher::Router;
+pub use request::RequestView;
 
 /// Per-backend state that survives table swaps.
 #[derive(Default)]
@@ -186,7 +188,7 @@ impl Cluster {
         }
     }
 
-    pub fn pick(&self, req: &pingora::http::RequestHeader, tried: &[u32]) -> Option<u32> {
+    pub fn pick<R: RequestView + ?Sized>(&self, req: &R, tried: &[u32]) -> Option<u32> {
         select::pick(&self.selector, &self.backends, &self.active, &self.state, req, tried)
     }
 

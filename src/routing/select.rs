@@ -3,9 +3,8 @@
 //! of backends already tried by this request and avoids them, so a retry goes
 //! to a different backend whenever one exists.
 
-use super::{Backend, ClusterState};
+use super::{Backend, ClusterState, RequestView};
 use crate::config::{HashKey, Selection};
-use pingora::http::RequestHeader;
 use pingora_ketama::{Bucket, Continuum};
 use std::sync::atomic::Ordering;
 
@@ -94,12 +93,12 @@ fn gcd(a: i64, b: i64) -> i64 {
 
 /// Pick a backend index for a request, avoiding `tried` where possible.
 /// Returns None only when `active` is empty.
-pub fn pick(
+pub fn pick<R: RequestView + ?Sized>(
     selector: &Selector,
     backends: &[Backend],
     active: &[u32],
     state: &ClusterState,
-    req: &RequestHeader,
+    req: &R,
     tried: &[u32],
 ) -> Option<u32> {
     let n = active.len();
@@ -157,11 +156,11 @@ pub fn pick(
 }
 
 /// The consistent-hash key of a request: a header value or a cookie value.
-fn hash_key<'a>(req: &'a RequestHeader, key: &HashKey) -> Option<&'a [u8]> {
+fn hash_key<'a, R: RequestView + ?Sized>(req: &'a R, key: &HashKey) -> Option<&'a [u8]> {
     match key {
-        HashKey::Header(name) => req.headers.get(name).map(|v| v.as_bytes()).filter(|v| !v.is_empty()),
-        HashKey::Cookie(name) => req.headers.get_all(http::header::COOKIE).iter().find_map(|v| {
-            v.as_bytes().split(|&b| b == b';').find_map(|pair| {
+        HashKey::Header(name) => req.header(name.as_str()).filter(|v| !v.is_empty()),
+        HashKey::Cookie(name) => req.header_all("cookie").find_map(|v| {
+            v.split(|&b| b == b';').find_map(|pair| {
                 let pair = pair.trim_ascii();
                 let eq = pair.iter().position(|&b| b == b'=')?;
                 (pair[..eq] == *name.as_bytes() && eq + 1 < pair.len()).then(|| &pair[eq + 1..])
@@ -173,6 +172,7 @@ fn hash_key<'a>(req: &'a RequestHeader, key: &HashKey) -> Option<&'a [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pingora::http::RequestHeader;
     use crate::routing::BackendState;
     use std::sync::Arc;
 
