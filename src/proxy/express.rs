@@ -19,7 +19,8 @@
 
 use super::h1::{self, Framing, Method, RawRequest, ResponseContext};
 use super::pool::Pool;
-use super::{failure_response, headers, outcome_of, Core, Ctx};
+use super::headers::{self, ClientAddr};
+use super::{failure_response, outcome_of, Core, Ctx};
 use crate::error::ProxyFailure;
 use crate::metrics::Outcome;
 use crate::routing::InFlight;
@@ -27,9 +28,8 @@ use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::prelude::*;
 use pingora::protocols::Stream;
 use pingora::server::configuration::ServerConf;
-use pingora::upstreams::peer::Peer;
+use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::ErrorType;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -74,19 +74,19 @@ impl Express {
 
     /// A connection to `peer`: a pooled one if one is idle, else a new one.
     /// True: the connection was reused.
-    async fn connection(&self, peer: &PooledPeer) -> Result<(Stream, bool)> {
+    async fn connection(&self, peer: &PooledPeer<'_>) -> Result<(Stream, bool)> {
         if let Some(stream) = self.pool.take(peer.key) {
             return Ok((stream, true));
         }
         // Boxed: the connect future (TLS included) is ~8 KB and rarely needed.
-        let stream = Box::pin(self.connector.new_stream(peer)).await?;
+        let stream = Box::pin(self.connector.new_stream(peer.peer)).await?;
         Ok((stream, false))
     }
 
     /// Serve one request that [`RawRequest::parse`] accepted, on `client`,
     /// the client connection. `keepalive`: whether this proxy would keep the
     /// connection open after the response. True: it stays open.
-    pub async fn serve<C>(&self, client: &mut C, req: &RawRequest, addr: Option<IpAddr>, keepalive: bool) -> bool
+    pub async fn serve<C>(&self, client: &mut C, req: &RawRequest, addr: Option<&ClientAddr>, keepalive: bool) -> bool
     where
         C: AsyncWrite + Unpin,
     {
@@ -95,12 +95,12 @@ impl Express {
         let mut x = Exchange { keepalive, status: None, body_bytes: 0 };
         let ok = self.proxy(client, req, &mut ctx, addr, &mut x).await;
         let status = ctx.final_status(x.status);
-        self.core.log(&mut ctx, req, addr, status, (0, x.body_bytes as usize));
+        self.core.log(&mut ctx, req, addr.map(|a| a.ip), status, (0, x.body_bytes as usize));
         ok && x.keepalive
     }
 
     /// Route, pick, forward, retry. False: the connection must close.
-    async fn proxy<C>(&self, client: &mut C, req: &RawRequest, ctx: &mut Ctx, addr: Option<IpAddr>, x: &mut Exchange) -> bool
+    async fn proxy<C>(&self, client: &mut C, req: &RawRequest, ctx: &mut Ctx, addr: Option<&ClientAddr>, x: &mut Exchange) -> bool
     where
         C: AsyncWrite + Unpin,
     {
@@ -108,14 +108,15 @@ impl Express {
             return self.respond(client, req, ctx, failure, x).await;
         }
         loop {
-            let Some(cluster) = ctx.cluster() else { return false };
+            let (Some(table), Some(ci)) = (ctx.table.clone(), ctx.cluster) else { return false };
+            let cluster = &table.clusters[ci as usize];
             // Not empty (checked by `route`); with everything tried, `pick`
             // reuses one.
             let Some(i) = cluster.pick(req, &ctx.tried) else {
                 return self.respond(client, req, ctx, ProxyFailure::BadGateway, x).await;
             };
             let backend = &cluster.backends[i as usize];
-            let peer = PooledPeer::new(backend.peer.clone());
+            let peer = PooledPeer::new(backend);
             ctx.inflight = Some(InFlight::new(&backend.state));
             ctx.tried.push(i);
             ctx.backend = Some(i);
@@ -157,8 +158,8 @@ impl Express {
         req: &RawRequest,
         ctx: &mut Ctx,
         mut up: Stream,
-        peer: &PooledPeer,
-        addr: Option<IpAddr>,
+        peer: &PooledPeer<'_>,
+        addr: Option<&ClientAddr>,
         x: &mut Exchange,
     ) -> std::result::Result<Attempt, ()>
     where
@@ -289,7 +290,7 @@ impl Express {
         }
         ctx.inflight = None;
         if reusable {
-            self.pool.put(peer.key, up, peer.idle_timeout());
+            self.pool.put(peer.key, up, peer.peer.idle_timeout());
         }
         Ok(Attempt::Done)
     }
@@ -331,17 +332,34 @@ impl Express {
     }
 }
 
-/// Write all of `data` and flush, within `timeout` if one is set.
+/// Write all of `data` and flush, within `timeout` if one is set. The
+/// timer is only set if the socket does not take everything at once (a
+/// request head almost always fits its send buffer).
 async fn send<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8], timeout: Option<Duration>) -> Result<()> {
+    let mut sent = 0;
+    if timeout.is_some() {
+        // One attempt without a timer.
+        let tried = std::future::poll_fn(|cx| match std::pin::Pin::new(&mut *w).poll_write(cx, data) {
+            std::task::Poll::Ready(r) => std::task::Poll::Ready(Some(r)),
+            std::task::Poll::Pending => std::task::Poll::Ready(None),
+        })
+        .await;
+        match tried {
+            Some(Ok(n)) => sent = n,
+            Some(Err(e)) => return Err(e).or_err(ErrorType::WriteError, "writing"),
+            None => {}
+        }
+    }
+    let rest = &data[sent..];
     let write = async {
-        w.write_all(data).await?;
+        w.write_all(rest).await?;
         w.flush().await
     };
     let done = match timeout {
-        Some(t) => pingora::prelude::timeout(t, write)
+        Some(t) if !rest.is_empty() => pingora::prelude::timeout(t, write)
             .await
             .map_err(|_| Error::explain(ErrorType::WriteTimedout, "writing to backend"))?,
-        None => write.await,
+        _ => write.await,
     };
     done.or_err(ErrorType::WriteError, "writing")
 }
@@ -364,70 +382,35 @@ async fn receive(up: &mut Stream, buf: &mut Vec<u8>, timeout: Option<Duration>) 
     read.or_err(ErrorType::ReadError, "reading from backend")
 }
 
-/// A backend's `HttpPeer` as the express path's connection pool sees it.
+/// A backend as the express path's connection pool sees it: its `HttpPeer`
+/// (to connect) and `key`, where its idle connections are filed in the pool:
+/// per backend (`reuse_hash`) and per worker thread. Each worker thread runs
+/// its own runtime, and a socket stays registered with the runtime that
+/// opened it; a connection taken by another thread would have its readiness
+/// delivered across threads (a wake-up through the other runtime's driver
+/// per event).
 ///
-/// On every reuse of a pooled connection Pingora checks that the socket's
+/// Pingora checks on every reuse of a pooled connection that the socket's
 /// peer address is still the backend's (`Peer::matches_fd`, a `getpeername`
-/// system call per request). The pool owns its idle connections and files
-/// them under this peer's `reuse_hash`, so a pooled socket cannot belong to
-/// another address; this peer skips that check and delegates the rest.
-///
-/// `key` is where its idle connections are filed in the pool: per backend
-/// (`reuse_hash`) and per worker thread. Each worker thread runs its own
-/// runtime, and a socket stays registered with the runtime that opened it; a
-/// connection taken by another thread would have its readiness delivered
-/// across threads (a wake-up through the other runtime's driver per event).
+/// system call per request). This pool owns its idle connections and files
+/// them under the backend's `reuse_hash`, so a pooled socket cannot belong to
+/// another address, and no such check is made.
 #[derive(Clone)]
-pub struct PooledPeer {
-    peer: HttpPeer,
+pub struct PooledPeer<'a> {
+    peer: &'a HttpPeer,
     key: u64,
 }
 
-impl PooledPeer {
-    fn new(peer: HttpPeer) -> Self {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        peer.reuse_hash().hash(&mut h);
-        std::thread::current().id().hash(&mut h);
-        PooledPeer { key: h.finish(), peer }
-    }
+thread_local! {
+    /// This worker thread's part of the pool keys.
+    static THREAD_KEY: u64 = rand::random();
 }
 
-impl std::fmt::Display for PooledPeer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.peer.fmt(f)
-    }
-}
-
-impl Peer for PooledPeer {
-    fn address(&self) -> &pingora::protocols::l4::socket::SocketAddr {
-        self.peer.address()
-    }
-    fn tls(&self) -> bool {
-        self.peer.tls()
-    }
-    fn sni(&self) -> &str {
-        self.peer.sni()
-    }
-    fn reuse_hash(&self) -> u64 {
-        self.peer.reuse_hash()
-    }
-    fn get_proxy(&self) -> Option<&pingora::upstreams::peer::Proxy> {
-        self.peer.get_proxy()
-    }
-    fn get_peer_options(&self) -> Option<&pingora::upstreams::peer::PeerOptions> {
-        self.peer.get_peer_options()
-    }
-    fn get_mut_peer_options(&mut self) -> Option<&mut pingora::upstreams::peer::PeerOptions> {
-        self.peer.get_mut_peer_options()
-    }
-    fn get_client_cert_key(&self) -> Option<&Arc<pingora::utils::tls::CertKey>> {
-        self.peer.get_client_cert_key()
-    }
-    fn get_tracer(&self) -> Option<pingora::upstreams::peer::Tracer> {
-        self.peer.get_tracer()
-    }
-    fn matches_fd<V: std::os::fd::AsRawFd>(&self, _fd: V) -> bool {
-        true
+impl<'a> PooledPeer<'a> {
+    fn new(backend: &'a crate::routing::Backend) -> Self {
+        PooledPeer {
+            key: backend.reuse_hash ^ THREAD_KEY.with(|k| *k),
+            peer: &backend.peer,
+        }
     }
 }

@@ -21,11 +21,13 @@
 //!   extensions and trailers are dropped, as `HttpProxy` drops them);
 //! * responses to HEAD, 204 and 304 have no body whatever their headers say.
 
+use super::headers::FwdValue;
 use crate::routing::RequestView;
 use http::{HeaderName, HeaderValue};
 use pingora::prelude::*;
 use pingora::ErrorType;
 use std::io::Write;
+use std::mem::MaybeUninit;
 
 /// Most headers a request may have and still take the express path.
 const MAX_REQUEST_HEADERS: usize = 64;
@@ -96,9 +98,9 @@ impl RawRequest {
     /// refused, so there is nothing to sanitise). Bytes after the head (a
     /// pipelined request) also send it to `HttpProxy`.
     pub fn parse(buf: &[u8]) -> Verdict {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(buf) {
+        let mut headers = [const { MaybeUninit::uninit() }; MAX_REQUEST_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut headers) {
             Ok(httparse::Status::Complete(n)) if n == buf.len() && n <= u16::MAX as usize => {}
             Ok(httparse::Status::Partial) => return Verdict::Partial,
             _ => return Verdict::Refused,
@@ -192,8 +194,8 @@ impl RawRequest {
     /// without `Connection` (the only hop-by-hop header [`RawRequest::parse`]
     /// lets through) and without any header that `forwarding` replaces, then
     /// the `forwarding` headers.
-    pub fn write_upstream(&self, out: &mut Vec<u8>, forwarding: impl Iterator<Item = (HeaderName, HeaderValue)>) {
-        let mut fwd: [Option<(HeaderName, HeaderValue)>; 4] = Default::default();
+    pub fn write_upstream<'a>(&self, out: &mut Vec<u8>, forwarding: impl Iterator<Item = (HeaderName, FwdValue<'a>)>) {
+        let mut fwd: [Option<(HeaderName, FwdValue)>; 4] = [None, None, None, None];
         for (slot, h) in fwd.iter_mut().zip(forwarding) {
             *slot = Some(h);
         }
@@ -293,18 +295,21 @@ fn bad(context: &'static str) -> Box<Error> {
 /// Parse the upstream response head at the start of `buf` and append its
 /// client version to `out`. None: the head is not complete yet.
 pub fn parse_response(buf: &[u8], cx: &ResponseContext, out: &mut Vec<u8>) -> Result<Option<ResponseHead>> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
+    let mut headers = [const { MaybeUninit::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
     let mut config = httparse::ParserConfig::default();
     config.allow_spaces_after_header_name_in_responses(true);
     config.allow_obsolete_multiline_headers_in_responses(true);
-    let len = match config.parse_response(&mut resp, buf) {
+    let len = match config.parse_response_with_uninit_headers(&mut resp, buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => return Err(bad("backend response head too large")),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(bad("invalid backend response head")),
     };
     let status = resp.code.unwrap_or(0);
+    if !(100..1000).contains(&status) {
+        return Err(bad("invalid status code from backend"));
+    }
     let version = resp.version.unwrap_or(1);
     if status == 101 {
         // Nothing was asked to upgrade.
@@ -376,7 +381,7 @@ pub fn parse_response(buf: &[u8], cx: &ResponseContext, out: &mut Vec<u8>) -> Re
     // The status line: the backend's version (HTTP/1.1 when the body is
     // re-framed as chunked), code and reason phrase.
     out.extend_from_slice(if version == 0 && !chunk_close_delimited { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
-    let _ = write!(out, "{status:03} ");
+    out.extend_from_slice(&[b'0' + (status / 100) as u8, b'0' + (status / 10 % 10) as u8, b'0' + (status % 10) as u8, b' ']);
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     // Headers in the backend's order; this proxy's `Date` and `Connection`
@@ -583,8 +588,8 @@ mod tests {
         assert_eq!(r.header_all("cookie").collect::<Vec<_>>(), vec![&b"a=1"[..], &b"b=2"[..]]);
         assert!(r.close);
         let fwd = [
-            (HeaderName::from_static("x-forwarded-for"), HeaderValue::from_static("1.2.3.4, 10.0.0.1")),
-            (HeaderName::from_static("x-request-id"), HeaderValue::from_static("rid")),
+            (HeaderName::from_static("x-forwarded-for"), FwdValue::Raw(b"1.2.3.4, 10.0.0.1")),
+            (HeaderName::from_static("x-request-id"), FwdValue::Raw(b"rid")),
         ];
         let mut out = Vec::new();
         r.write_upstream(&mut out, fwd.into_iter());

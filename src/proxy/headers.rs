@@ -6,7 +6,6 @@ use crate::routing::RequestView;
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use http::{HeaderName, HeaderValue};
-use std::fmt::Write;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -74,36 +73,82 @@ pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-p
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// A client's address as `X-Forwarded-For` carries it, formatted once (per
+/// connection on the express path).
+#[derive(Clone, Debug)]
+pub struct ClientAddr {
+    pub ip: IpAddr,
+    text: HeaderValue,
+}
+
+impl ClientAddr {
+    pub fn new(ip: IpAddr) -> Self {
+        let text = HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header value");
+        ClientAddr { ip, text }
+    }
+}
+
+/// A forwarding header's value: borrowed from the request or the
+/// connection where it can be, made only for a client-sent list.
+pub enum FwdValue<'a> {
+    Raw(&'a [u8]),
+    Value(&'a HeaderValue),
+    Owned(HeaderValue),
+}
+
+impl FwdValue<'_> {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            FwdValue::Raw(b) => b,
+            FwdValue::Value(v) => v.as_bytes(),
+            FwdValue::Owned(v) => v.as_bytes(),
+        }
+    }
+
+    pub fn into_value(self) -> Option<HeaderValue> {
+        match self {
+            FwdValue::Raw(b) => HeaderValue::from_bytes(b).ok(),
+            FwdValue::Value(v) => Some(v.clone()),
+            FwdValue::Owned(v) => Some(v),
+        }
+    }
+}
+
+/// Visible ASCII, spaces and tabs (what `HeaderValue::to_str` accepts).
+fn is_text(v: &[u8]) -> bool {
+    v.iter().all(|&b| b == b'\t' || (b' '..0x7f).contains(&b))
+}
+
 /// The forwarding headers for the request going upstream, in order:
 /// `X-Forwarded-For` (the client's list with the client appended; none
 /// without a client address), `X-Forwarded-Proto`, `X-Forwarded-Host` (if
 /// the request named a host) and `X-Request-Id`. Each replaces any the
 /// client sent.
-pub fn forwarding<R: RequestView + ?Sized>(
-    req: &R,
-    client: Option<IpAddr>,
-    request_id: &HeaderValue,
-) -> impl Iterator<Item = (HeaderName, HeaderValue)> {
-    let original_host = req.host().and_then(|h| HeaderValue::from_bytes(h).ok());
-    let xff = client.and_then(|ip| {
-        let mut xff = String::new();
+pub fn forwarding<'a, R: RequestView + ?Sized>(
+    req: &'a R,
+    client: Option<&'a ClientAddr>,
+    request_id: &'a HeaderValue,
+) -> impl Iterator<Item = (HeaderName, FwdValue<'a>)> {
+    let xff = client.and_then(|c| {
+        let mut list = Vec::new();
         for v in req.header_all("x-forwarded-for") {
-            if let Ok(s) = std::str::from_utf8(v) {
-                let s = s.trim();
-                if !s.is_empty() {
-                    xff.push_str(s);
-                    xff.push_str(", ");
-                }
+            let v = v.trim_ascii();
+            if !v.is_empty() && is_text(v) {
+                list.extend_from_slice(v);
+                list.extend_from_slice(b", ");
             }
         }
-        let _ = write!(xff, "{ip}");
-        HeaderValue::try_from(xff).ok()
+        if list.is_empty() {
+            return Some(FwdValue::Value(&c.text));
+        }
+        list.extend_from_slice(c.text.as_bytes());
+        HeaderValue::from_bytes(&list).ok().map(FwdValue::Owned)
     });
     [
         xff.map(|v| (X_FORWARDED_FOR, v)),
-        Some((X_FORWARDED_PROTO, HeaderValue::from_static("http"))),
-        original_host.map(|h| (X_FORWARDED_HOST, h)),
-        Some((X_REQUEST_ID, request_id.clone())),
+        Some((X_FORWARDED_PROTO, FwdValue::Raw(b"http"))),
+        req.host().map(|h| (X_FORWARDED_HOST, FwdValue::Raw(h))),
+        Some((X_REQUEST_ID, FwdValue::Value(request_id))),
     ]
     .into_iter()
     .flatten()
@@ -114,7 +159,7 @@ pub fn forwarding<R: RequestView + ?Sized>(
 pub fn forwarded(
     req: &RequestHeader,
     is_h2: bool,
-    client: Option<IpAddr>,
+    client: Option<&ClientAddr>,
     up: &mut RequestHeader,
     request_id: &HeaderValue,
 ) -> Result<()> {
@@ -131,7 +176,9 @@ pub fn forwarded(
         up.set_uri(uri);
     }
     for (name, value) in forwarding(req, client, request_id) {
-        up.insert_header(name, value)?;
+        if let Some(value) = value.into_value() {
+            up.insert_header(name, value)?;
+        }
     }
     Ok(())
 }

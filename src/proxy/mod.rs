@@ -336,9 +336,9 @@ impl ProxyHttp for Proxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| headers::ClientAddr::new(a.ip()));
         let req = session.req_header();
-        headers::forwarded(req, session.is_http2(), client, upstream_request, &ctx.request_id)
+        headers::forwarded(req, session.is_http2(), client.as_ref(), upstream_request, &ctx.request_id)
     }
 
     async fn upstream_response_filter(
@@ -491,7 +491,7 @@ impl ProxyApp {
         let express = self.express.as_ref();
         let client = tcp
             .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| headers::ClientAddr::new(a.ip())));
         loop {
             if matches!(ahead, Ahead::Wait) {
                 ahead = next_request(&mut tcp, shutdown, express.is_some()).await;
@@ -503,7 +503,7 @@ impl ProxyApp {
                     let keepalive = !*shutdown.borrow() && remaining != Some(0) && !req.close;
                     // Boxed per request so that an idle connection's future
                     // stays small.
-                    if !Box::pin(express.serve(&mut *tcp, &req, client, keepalive)).await {
+                    if !Box::pin(express.serve(&mut *tcp, &req, client.as_ref(), keepalive)).await {
                         let _ = tcp.shutdown().await;
                         return;
                     }

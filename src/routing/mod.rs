@@ -112,17 +112,22 @@ pub struct Backend {
     pub endpoint: Endpoint,
     /// Built once per table; cloned per request.
     pub peer: HttpPeer,
+    /// `peer.reuse_hash()`, computed once: which pooled connections can
+    /// serve this backend.
+    pub reuse_hash: u64,
     pub state: Arc<BackendState>,
 }
 
 impl Backend {
     #[cfg(test)]
     pub fn for_test(addr: SocketAddr, weight: u32) -> Backend {
+        let peer = HttpPeer::new(addr, false, String::new());
         Backend {
             addr,
             weight,
             endpoint: Endpoint { weight, ..Endpoint::new(addr) },
-            peer: HttpPeer::new(addr, false, String::new()),
+            reuse_hash: pingora::upstreams::peer::Peer::reuse_hash(&peer),
+            peer,
             state: Arc::new(BackendState::default()),
         }
     }
@@ -158,12 +163,16 @@ impl Cluster {
         let mut backends: Vec<Backend> = set
             .iter()
             .flat_map(|s| s.iter())
-            .map(|ep| Backend {
-                addr: ep.addr,
-                weight: ep.weight,
-                peer: make_peer(ep.addr, spec),
-                state: states.backend(name, ep.addr),
-                endpoint: ep.clone(),
+            .map(|ep| {
+                let peer = make_peer(ep.addr, spec);
+                Backend {
+                    addr: ep.addr,
+                    weight: ep.weight,
+                    reuse_hash: pingora::upstreams::peer::Peer::reuse_hash(&peer),
+                    peer,
+                    state: states.backend(name, ep.addr),
+                    endpoint: ep.clone(),
+                }
             })
             .collect();
         backends.sort_by(|a, b| a.addr.cmp(&b.addr));
