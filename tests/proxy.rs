@@ -428,8 +428,25 @@ fn express_and_general_paths_answer_alike() {
 /// not be reused is not).
 #[test]
 fn express_and_general_paths_frame_responses_alike() {
-    let cases: [(&str, &'static [u8], bool); 7] = [
+    // Bodies larger than one read from the backend, with a length and chunked.
+    let big: String = (0..300_000).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let big_length: &'static [u8] =
+        Box::leak(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{big}", big.len()).into_bytes().into_boxed_slice());
+    let mut chunked = String::from("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for piece in big.as_bytes().chunks(7_777) {
+        chunked.push_str(&format!("{:x}\r\n{}\r\n", piece.len(), std::str::from_utf8(piece).unwrap()));
+    }
+    chunked.push_str("0\r\n\r\n");
+    let big_chunked: &'static [u8] = Box::leak(chunked.into_bytes().into_boxed_slice());
+    let cases: Vec<(&str, &'static [u8], bool)> = vec![
         ("chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", false),
+        ("chunk extensions and trailers", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;name=v\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n", false),
+        ("large, with a length", big_length, false),
+        ("large, chunked", big_chunked, false),
+        ("a coding other than chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nnot-really-gzip", true),
+        ("an invalid response", b"HTTP/1.1 2x0 OK\r\nContent-Length: 1\r\n\r\nx", true),
+        ("duplicate lengths that disagree", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc", true),
+        ("backend Date and Connection replaced", b"HTTP/1.1 200 OK\r\nDate: Mon, 01 Jan 2001 00:00:00 GMT\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nd", false),
         ("close-delimited", b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nclose-delimited body", true),
         ("204", b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n", false),
         ("304", b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\n\r\n", false),
@@ -446,8 +463,11 @@ fn express_and_general_paths_frame_responses_alike() {
         for round in 0..2 {
             let e = parse_raw_response(&raw_exchange(express.addr, req, Duration::from_secs(5)));
             let g = parse_raw_response(&raw_exchange(general.addr, req, Duration::from_secs(5)));
-            assert!(e.0.starts_with("HTTP/1."), "{what}: {e:?}");
-            assert_eq!(e, g, "{what} (round {round}): express vs general");
+            assert!(e.0.starts_with("HTTP/1."), "{what}: {:?}", e.0);
+            if what.starts_with("large") {
+                assert!(e.2 == big, "{what}: the whole body ({} bytes of {})", e.2.len(), big.len());
+            }
+            assert!(e == g, "{what} (round {round}): express vs general:\n{:?}\n{:?}\nbodies {} / {} bytes", (&e.0, &e.1), (&g.0, &g.1), e.2.len(), g.2.len());
         }
         let served = |p: &Proxy| sample(&parse_metrics(&p.metrics()), "switchyard_requests_express_total", &[]);
         assert_eq!(served(&express), Some(2.0), "{what}: the express proxy served both");
