@@ -77,13 +77,14 @@ pub struct RawRequest {
     pub close: bool,
 }
 
-/// What the first bytes of a connection's next request say.
+/// What the first bytes of a connection's next request say (the bytes
+/// come back unless the express path takes them).
 #[derive(Debug)]
 pub enum Verdict {
     /// The head is not complete yet.
-    Partial,
+    Partial(Vec<u8>),
     /// Not for the express path (see [`RawRequest::parse`]).
-    Refused,
+    Refused(Vec<u8>),
     Express(Box<RawRequest>),
 }
 
@@ -97,20 +98,21 @@ impl RawRequest {
     /// or `Connection: close` (everything `HttpProxy` would sanitise is
     /// refused, so there is nothing to sanitise). Bytes after the head (a
     /// pipelined request) also send it to `HttpProxy`.
-    pub fn parse(buf: &[u8]) -> Verdict {
+    pub fn parse(buf: Vec<u8>) -> Verdict {
         let mut headers = [const { MaybeUninit::uninit() }; MAX_REQUEST_HEADERS];
         let mut req = httparse::Request::new(&mut []);
-        match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, buf, &mut headers) {
-            Ok(httparse::Status::Complete(n)) if n == buf.len() && n <= u16::MAX as usize => {}
-            Ok(httparse::Status::Partial) => return Verdict::Partial,
-            _ => return Verdict::Refused,
-        }
-        match Self::eligible(buf, &req) {
-            Some(r) => Verdict::Express(Box::new(r)),
-            None => Verdict::Refused,
+        let layout = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, &buf, &mut headers) {
+            Ok(httparse::Status::Complete(n)) if n == buf.len() && n <= u16::MAX as usize => Self::eligible(&buf, &req),
+            Ok(httparse::Status::Partial) => return Verdict::Partial(buf),
+            _ => None,
+        };
+        match layout {
+            Some(layout) => Verdict::Express(Box::new(RawRequest { buf, ..layout })),
+            None => Verdict::Refused(buf),
         }
     }
 
+    /// The positions of the parts of an eligible head (`buf` left empty).
     fn eligible(buf: &[u8], req: &httparse::Request) -> Option<RawRequest> {
         let method = match req.method? {
             "GET" => Method::Get,
@@ -167,7 +169,7 @@ impl RawRequest {
             spans.push((span(name), span(h.value)));
         }
         (hosts == 1 && connections <= 1).then(|| RawRequest {
-            buf: buf.to_vec(),
+            buf: Vec::new(),
             method,
             target,
             path_end,
@@ -542,7 +544,7 @@ mod tests {
     use super::*;
 
     fn request(s: &str) -> Option<Box<RawRequest>> {
-        match RawRequest::parse(s.as_bytes()) {
+        match RawRequest::parse(s.as_bytes().to_vec()) {
             Verdict::Express(r) => Some(r),
             _ => None,
         }
@@ -555,7 +557,7 @@ mod tests {
         assert!(ok("HEAD /x?y=1 HTTP/1.1\r\nhost: a\r\nConnection: keep-alive\r\nCookie: c=1\r\n\r\n"));
         assert!(ok("DELETE /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"));
         // incomplete head, other versions, bodies, upgrades, absolute form, pipelining
-        assert!(matches!(RawRequest::parse(b"GET / HTTP/1.1\r\nHost: a\r\n"), Verdict::Partial));
+        assert!(matches!(RawRequest::parse(b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec()), Verdict::Partial(_)));
         assert!(!ok("GET / HTTP/1.0\r\nHost: a\r\n\r\n"));
         assert!(!ok("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"));
         assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n"));
@@ -565,7 +567,7 @@ mod tests {
         assert!(!ok("GET * HTTP/1.1\r\nHost: a\r\n\r\n"));
         assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"));
         assert!(
-            !matches!(RawRequest::parse(b"GET /a\xffb HTTP/1.1\r\nHost: a\r\n\r\n"), Verdict::Express(_)),
+            !matches!(RawRequest::parse(b"GET /a\xffb HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()), Verdict::Express(_)),
             "a target http::Uri would not keep"
         );
         // Host missing or twice; nominated hop-by-hop headers; other hop-by-hop headers
@@ -712,7 +714,7 @@ mod tests {
             /// without panicking.
             #[test]
             fn any_bytes_are_handled(bytes in proptest::collection::vec(any::<u8>(), 0..600), split in 1usize..64) {
-                let _ = RawRequest::parse(&bytes);
+                let _ = RawRequest::parse(bytes.clone());
                 let (rid, date) = (HeaderValue::from_static("rid"), HeaderValue::from_static("d"));
                 let mut framed = b"HTTP/1.1 200 OK\r\n".to_vec();
                 framed.extend_from_slice(&bytes);

@@ -550,23 +550,21 @@ const EXPRESS_HEAD_MAX: usize = 8 * 1024;
 /// is put back for `HttpProxy`. A head that fills the read-ahead buffer is
 /// read on (into a heap buffer, up to [`EXPRESS_HEAD_MAX`]) until it is
 /// complete.
-async fn classify(tcp: &mut L4Stream, buf: &[u8], express: bool) -> Ahead {
+async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool) -> Ahead {
     use h1::{RawRequest, Verdict};
     use tokio::io::AsyncReadExt;
     if !express {
-        tcp.rewind(buf);
+        tcp.rewind(&buf);
         return Ahead::Proxy;
     }
-    match RawRequest::parse(buf) {
+    let mut head = match RawRequest::parse(buf) {
         Verdict::Express(r) => return Ahead::Express(r),
-        Verdict::Partial if buf.len() >= READ_AHEAD => {}
-        Verdict::Partial | Verdict::Refused => {
-            tcp.rewind(buf);
+        Verdict::Partial(b) if b.len() >= READ_AHEAD => b,
+        Verdict::Partial(b) | Verdict::Refused(b) => {
+            tcp.rewind(&b);
             return Ahead::Proxy;
         }
-    }
-    let mut head = Vec::with_capacity(EXPRESS_HEAD_MAX);
-    head.extend_from_slice(buf);
+    };
     loop {
         let n = head.len();
         head.resize(EXPRESS_HEAD_MAX, 0);
@@ -579,14 +577,14 @@ async fn classify(tcp: &mut L4Stream, buf: &[u8], express: bool) -> Ahead {
                 return if n == 0 { Ahead::Closed } else { Ahead::Proxy };
             }
         }
-        match RawRequest::parse(&head) {
+        head = match RawRequest::parse(head) {
             Verdict::Express(r) => return Ahead::Express(r),
-            Verdict::Partial if head.len() < EXPRESS_HEAD_MAX => {}
-            Verdict::Partial | Verdict::Refused => {
-                tcp.rewind(&head);
+            Verdict::Partial(h) if h.len() < EXPRESS_HEAD_MAX => h,
+            Verdict::Partial(h) | Verdict::Refused(h) => {
+                tcp.rewind(&h);
                 return Ahead::Proxy;
             }
-        }
+        };
     }
 }
 
@@ -595,32 +593,47 @@ type L4Stream = pingora::protocols::l4::stream::Stream;
 /// Idle time allowed between requests on a keep-alive connection (Pingora's default).
 const KEEPALIVE_SECS: u64 = 60;
 
-/// Bytes read ahead while waiting for a request; they are put back for the
-/// parser. Sized for a browser's request head with cookies (typically 0.5–1.5
-/// KB): a longer head costs one more `read` before the express path can
-/// decide (at 512 bytes, a 1 KB head cost 9 % more CPU per request); the
-/// buffer is part of every idle connection's state (+1.5 KB against 512).
+/// Most bytes read ahead while waiting for a request. Sized for a browser's
+/// request head with cookies (typically 0.5–1.5 KB): a longer head costs
+/// one more `read` before the express path can decide (at 512 bytes, a 1 KB
+/// head cost 9 % more CPU per request). The buffer exists only while a read
+/// is polled ([`read_ahead`]), so idle connections do not hold it.
 const READ_AHEAD: usize = 2048;
 
+/// Read what has arrived (up to `room` bytes, at most [`READ_AHEAD`]) into a
+/// buffer sized to it. The stack buffer lives only during each poll, so a
+/// connection waiting here holds no buffer at all. None: closed or failed.
+fn read_ahead(tcp: &mut L4Stream, room: usize) -> impl std::future::Future<Output = Option<Vec<u8>>> + '_ {
+    use std::mem::MaybeUninit;
+    use std::task::Poll;
+    std::future::poll_fn(move |cx| {
+        let mut buf = [MaybeUninit::<u8>::uninit(); READ_AHEAD];
+        let mut rb = tokio::io::ReadBuf::uninit(&mut buf[..room.min(READ_AHEAD)]);
+        match tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut *tcp), cx, &mut rb) {
+            Poll::Ready(Ok(())) if !rb.filled().is_empty() => Poll::Ready(Some(rb.filled().to_vec())),
+            Poll::Ready(_) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+}
+
 /// Wait for the next request's first bytes on an idle keep-alive connection
-/// (reading what has arrived, up to [`READ_AHEAD`], and putting it back), the
-/// idle timeout, or shutdown. False: close the connection.
+/// (reading what has arrived, up to [`READ_AHEAD`]), the idle timeout, or
+/// shutdown, and classify them.
 async fn next_request(tcp: &mut L4Stream, shutdown: &ShutdownWatch, express: bool) -> Ahead {
-    use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; READ_AHEAD];
     let mut sd = shutdown.clone();
     if *sd.borrow() {
         return Ahead::Closed;
     }
-    let n = tokio::select! {
-        r = tcp.read(&mut buf) => match r {
-            Ok(n) if n > 0 => n,
-            _ => return Ahead::Closed,
+    let first = tokio::select! {
+        r = read_ahead(tcp, READ_AHEAD) => match r {
+            Some(b) => b,
+            None => return Ahead::Closed,
         },
         _ = tokio::time::sleep(std::time::Duration::from_secs(KEEPALIVE_SECS)) => return Ahead::Closed,
         _ = sd.changed() => return Ahead::Closed,
     };
-    classify(tcp, &buf[..n], express).await
+    classify(tcp, first, express).await
 }
 
 /// The HTTP/2 connection preface.
@@ -630,20 +643,19 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// (HTTP/1: then classified as by [`next_request`]) or complete it (HTTP/2),
 /// then put them back. None: HTTP/2.
 async fn sniff_h2(stream: &mut L4Stream, express: bool) -> Option<Ahead> {
-    use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; READ_AHEAD];
-    let mut n = 0;
+    let mut got: Vec<u8> = Vec::new();
     loop {
-        match stream.read(&mut buf[n..]).await {
-            Ok(0) | Err(_) => return Some(Ahead::Closed),
-            Ok(k) => n += k,
+        match read_ahead(stream, READ_AHEAD - got.len()).await {
+            Some(more) if got.is_empty() => got = more,
+            Some(more) => got.extend_from_slice(&more),
+            None => return Some(Ahead::Closed),
         }
-        let m = n.min(H2_PREFACE.len());
-        if buf[..m] != H2_PREFACE[..m] {
-            return Some(classify(stream, &buf[..n], express).await);
+        let m = got.len().min(H2_PREFACE.len());
+        if got[..m] != H2_PREFACE[..m] {
+            return Some(classify(stream, got, express).await);
         }
-        if n >= H2_PREFACE.len() {
-            stream.rewind(&buf[..n]);
+        if got.len() >= H2_PREFACE.len() {
+            stream.rewind(&got);
             return None;
         }
     }

@@ -39,8 +39,26 @@ impl Idle {
 
 #[derive(Default)]
 struct Inner {
-    by_key: HashMap<u64, Vec<Idle>>,
+    by_key: HashMap<u64, Vec<Idle>, std::hash::BuildHasherDefault<KeyHasher>>,
     count: usize,
+}
+
+/// Pool keys are hashes already (`PooledPeer`): used as they are.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ b as u64;
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
 }
 
 pub struct Pool {
