@@ -132,8 +132,8 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
         opts.h2c = h2c;
         app.server_options = Some(opts);
         app.handle_init_modules();
-        let express = config.server.express.then(|| (core, &*server.configuration));
-        let app = ProxyApp::new(app, express, metrics.downstream_connections.clone());
+        let express = config.server.express.then_some(core);
+        let app = ProxyApp::new(app, &server.configuration, express, metrics.downstream_connections.clone());
         let names: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
         let mut svc = Service::new(format!("proxy {}", names.join(" ")), app);
         for l in &listeners {

@@ -559,3 +559,33 @@ fn local_answers_keep_the_connection_alike_on_both_paths() {
         }
     }
 }
+
+/// With two worker threads, each connection's socket is moved to the
+/// reactor of the runtime that serves it. Connections spread over both
+/// threads keep working on both paths (express GETs, a POST through
+/// `HttpProxy`) and keep the client's address for `X-Forwarded-For`.
+#[test]
+fn two_worker_threads_serve_both_paths_with_the_client_address() {
+    use std::io::Write;
+    let up = Upstream::start("two");
+    let p = Proxy::builder(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")))
+        .threads(2)
+        .start();
+    for c in 0..16 {
+        let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+        for i in 0..5 {
+            s.write_all(format!("GET /c{c}/{i} HTTP/1.1\r\nHost: t.example.com\r\n\r\n").as_bytes()).unwrap();
+            let r = read_one_response(&mut s).unwrap_or_default();
+            assert!(r.starts_with("HTTP/1.1 200 ") && r.ends_with("two"), "connection {c}, GET {i}: {r}");
+            let (target, h) = up.last_request().unwrap();
+            assert_eq!((target.as_str(), h["x-forwarded-for"].to_str().unwrap()), (format!("/c{c}/{i}").as_str(), "127.0.0.1"));
+        }
+        s.write_all(format!("POST /c{c}/post HTTP/1.1\r\nHost: t.example.com\r\nContent-Length: 2\r\n\r\nhi").as_bytes()).unwrap();
+        let r = read_one_response(&mut s).unwrap_or_default();
+        assert!(r.starts_with("HTTP/1.1 200 "), "connection {c}, POST: {r}");
+        let (target, h) = up.last_request().unwrap();
+        assert_eq!((target.as_str(), h["x-forwarded-for"].to_str().unwrap()), (format!("/c{c}/post").as_str(), "127.0.0.1"));
+    }
+    let served = sample(&parse_metrics(&p.metrics()), "switchyard_requests_express_total", &[]);
+    assert_eq!(served, Some(80.0), "the GETs took the express path, the POSTs did not");
+}

@@ -459,20 +459,25 @@ pub struct ProxyApp {
     express: Option<express::Express>,
     gauge: prometheus::IntGauge,
     h2c: bool,
+    /// More than one worker thread: see [`rehome`].
+    rehome: bool,
 }
 
 impl ProxyApp {
-    /// `express`: the express path's shared state and upstream connector
-    /// settings, or None to send every request through `inner`.
+    /// `express`: the express path's shared state, or None to send every
+    /// request through `inner`. `conf`: worker threads and upstream
+    /// connector settings.
     pub fn new(
         inner: HttpProxy<Proxy>,
-        express: Option<(Arc<Core>, &pingora::server::configuration::ServerConf)>,
+        conf: &pingora::server::configuration::ServerConf,
+        express: Option<Arc<Core>>,
         gauge: prometheus::IntGauge,
     ) -> Self {
         let h2c = inner.server_options.as_ref().is_some_and(|o| o.h2c);
         ProxyApp {
             inner: Arc::new(inner),
-            express: express.map(|(core, conf)| express::Express::new(core, conf)),
+            express: express.map(|core| express::Express::new(core, conf)),
+            rehome: conf.threads > 1,
             gauge,
             h2c,
         }
@@ -661,6 +666,33 @@ async fn sniff_h2(stream: &mut L4Stream, express: bool) -> Option<Ahead> {
     }
 }
 
+/// Move a connection's socket to the reactor of the runtime serving it.
+///
+/// With more than one worker thread, Pingora accepts on one runtime and runs
+/// each connection's task on another, chosen at random, while the socket
+/// stays registered with the accepting runtime's reactor: every readiness
+/// event then reaches the task through a cross-thread wake-up (an `eventfd`
+/// write and a second thread woken, most requests on most connections). A
+/// duplicate descriptor is registered with the current runtime and the
+/// original closed (which removes its registration). Per connection: `dup`,
+/// two `epoll_ctl` and `close`. Done before anything is read, so no buffered
+/// bytes are left behind. Unchanged if any step fails.
+fn rehome(tcp: Box<L4Stream>) -> Box<L4Stream> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: the descriptor is owned by `tcp`, which outlives this borrow
+    // (the duplicate is made before `tcp` is dropped).
+    let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
+    let Ok(dup) = fd.try_clone_to_owned() else { return tcp };
+    let Ok(moved) = tokio::net::TcpStream::from_std(std::net::TcpStream::from(dup)) else { return tcp };
+    let peer = tcp.get_socket_digest().and_then(|d| d.peer_addr().cloned());
+    drop(tcp);
+    let mut stream = L4Stream::from(moved);
+    let digest = pingora::protocols::SocketDigest::from_raw_fd(stream.as_raw_fd());
+    let _ = digest.peer_addr.set(peer);
+    stream.set_socket_digest(digest);
+    Box::new(stream)
+}
+
 #[async_trait]
 impl ServerApp for ProxyApp {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
@@ -670,6 +702,9 @@ impl ServerApp for ProxyApp {
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
         let Ok(mut tcp) = stream.into_any().downcast::<L4Stream>() else { return None };
+        if self.rehome {
+            tcp = rehome(tcp);
+        }
         let ahead = if self.h2c {
             match sniff_h2(&mut tcp, self.express.is_some()).await {
                 Some(ahead) => ahead,

@@ -303,6 +303,7 @@ pub struct Proxy {
 }
 
 pub struct ProxyBuilder {
+    threads: u32,
     server: String,
     body: String,
     files: Vec<(String, String)>,
@@ -310,6 +311,12 @@ pub struct ProxyBuilder {
 }
 
 impl ProxyBuilder {
+    /// Worker threads (default 1).
+    pub fn threads(mut self, n: u32) -> Self {
+        self.threads = n;
+        self
+    }
+
     /// Extra lines for the `[server]` section.
     pub fn server(mut self, lines: &str) -> Self {
         self.server.push_str(lines);
@@ -338,7 +345,8 @@ impl ProxyBuilder {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let config = format!(
-                "[server]\nthreads = 1\n{server}\n[admin]\nlisten = \"{admin}\"\n\n{log}\n\n[[listeners]]\naddress = \"{addr}\"\n\n{body}\n",
+                "[server]\nthreads = {threads}\n{server}\n[admin]\nlisten = \"{admin}\"\n\n{log}\n\n[[listeners]]\naddress = \"{addr}\"\n\n{body}\n",
+                threads = self.threads,
                 server = self.server,
                 log = self.access_log,
                 body = self.body
@@ -389,6 +397,7 @@ impl Proxy {
     /// `body` holds the `[[routes]]` and `[clusters.*]` sections.
     pub fn builder(body: &str) -> ProxyBuilder {
         ProxyBuilder {
+            threads: 1,
             server: String::new(),
             body: body.to_string(),
             files: Vec::new(),
