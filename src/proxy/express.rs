@@ -187,6 +187,9 @@ impl Express {
             match h1::parse_response(&buf[start..], &cx, &mut out) {
                 Ok(Some(h)) if h.informational => {
                     start += h.len;
+                    // Something has reached the client: as in HttpProxy,
+                    // no other backend is tried after this.
+                    ctx.response_started = true;
                     send(client, &out, None).await.map_err(|_| ())?;
                     out.clear();
                 }
@@ -261,6 +264,8 @@ impl Express {
                 }
             }
             Framing::Close => {
+                // Each piece goes to the client as it arrives (the body may
+                // be a stream); the end is the backend closing.
                 reusable = false;
                 let mut data = &buf[start..];
                 loop {
@@ -270,21 +275,19 @@ impl Express {
                     } else {
                         out.extend_from_slice(data);
                     }
+                    if !out.is_empty() {
+                        send(client, &out, None).await.map_err(|_| ())?;
+                        out.clear();
+                    }
                     buf.clear();
-                    let end = match receive(&mut up, &mut buf, read_timeout).await {
-                        Ok(0) => true,
-                        Ok(_) => false,
+                    match receive(&mut up, &mut buf, read_timeout).await {
+                        Ok(0) => break,
+                        Ok(_) => data = &buf[..],
                         Err(_) => return Err(()),
-                    };
-                    if end && head.chunk_close_delimited {
-                        out.extend_from_slice(h1::LAST_CHUNK);
                     }
-                    send(client, &out, None).await.map_err(|_| ())?;
-                    out.clear();
-                    if end {
-                        break;
-                    }
-                    data = &buf[..];
+                }
+                if head.chunk_close_delimited {
+                    send(client, h1::LAST_CHUNK, None).await.map_err(|_| ())?;
                 }
             }
         }

@@ -140,6 +140,10 @@ impl RawRequest {
             let name = h.name.as_bytes();
             let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
             if is("host") {
+                // Userinfo in Host is refused by HttpProxy (400); leave it to it.
+                if h.value.contains(&b'@') {
+                    return None;
+                }
                 hosts += 1;
                 host = span(h.value);
             } else if is("connection") {
@@ -402,6 +406,10 @@ pub fn parse_response(buf: &[u8], cx: &ResponseContext, out: &mut Vec<u8>) -> Re
                 put_header(out, name, connection);
                 connection_done = true;
             }
+        } else if te && name.eq_ignore_ascii_case(b"content-length") {
+            // With Transfer-Encoding the length is void; passing it on would
+            // let whoever trusts it read the body differently (as HttpProxy,
+            // which drops it).
         } else if h.value.iter().any(|&b| b == b'\r' || b == b'\n') {
             // An obsolete line folding: unfolded to spaces.
             let value: Vec<u8> = h.value.iter().map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }).collect();
@@ -483,6 +491,11 @@ impl Chunked {
             let rest = &input[at..];
             match self.state {
                 ChunkState::Done => break,
+                // A size line must start with a digit (httparse takes an
+                // empty line for the last chunk).
+                ChunkState::Size if rest.first().is_some_and(|b| !b.is_ascii_hexdigit()) => {
+                    return Err(bad("invalid chunk size from backend"));
+                }
                 ChunkState::Size => match httparse::parse_chunk_size(rest) {
                     Ok(httparse::Status::Complete((n, 0))) => {
                         at += n;
@@ -573,6 +586,7 @@ mod tests {
         // Host missing or twice; nominated hop-by-hop headers; other hop-by-hop headers
         assert!(!ok("GET / HTTP/1.1\r\n\r\n"));
         assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"));
+        assert!(!ok("GET / HTTP/1.1\r\nHost: user@a\r\n\r\n"), "userinfo in Host: HttpProxy refuses it");
         assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, x-secret\r\n\r\n"));
         assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nConnection: close\r\n\r\n"));
         assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nKeep-Alive: timeout=5\r\n\r\n"));
@@ -630,9 +644,10 @@ mod tests {
         assert!(out.starts_with("HTTP/1.0 200 OK\r\n"));
         let (h, _) = respond("HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: Keep-Alive\r\n\r\n", false, true).unwrap();
         assert!(h.reusable);
-        // chunked wins over Content-Length, but such a connection is not reused
-        let (h, _) = respond("HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false, true).unwrap();
+        // chunked wins over Content-Length, which is not passed on; such a connection is not reused
+        let (h, out) = respond("HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", false, true).unwrap();
         assert_eq!((h.framing, h.reusable), (Framing::Chunked, false));
+        assert!(!out.to_ascii_lowercase().contains("content-length"), "{out}");
         // a non-chunked coding ends with the connection, on both sides
         let (h, out) = respond("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false, true).unwrap();
         assert_eq!((h.framing, h.chunk_close_delimited, h.client_keepalive), (Framing::Close, false, false));
@@ -696,7 +711,7 @@ mod tests {
         let (out, left, done) = dechunk(b"3\r\nabc\r\n", 4).unwrap();
         assert!(!done && left.is_empty());
         assert_eq!(out, b"1\r\na\r\n2\r\nbc\r\n", "data is passed on as it arrives");
-        for bad in [&b"zz\r\n"[..], b"3\r\nabcX\r\n", b"fffffffffffffffffffff\r\n"] {
+        for bad in [&b"zz\r\n"[..], b"3\r\nabcX\r\n", b"fffffffffffffffffffff\r\n", b"3\r\nabc\r\n\r\n3\r\ndef\r\n0\r\n\r\n", b";x\r\n"] {
             assert!(dechunk(bad, 64).is_err(), "{}", String::from_utf8_lossy(bad));
         }
         assert!(dechunk(&[b'1'; 5000], 5000).is_err(), "an endless size line is refused");
