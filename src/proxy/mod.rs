@@ -477,7 +477,7 @@ impl ProxyApp {
         ProxyApp {
             inner: Arc::new(inner),
             express: express.map(|core| express::Express::new(core, conf)),
-            rehome: conf.threads > 1,
+            rehome: conf.threads > 1 && !conf.work_stealing,
             gauge,
             h2c,
         }
@@ -573,9 +573,9 @@ async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool) -> Ahead {
     loop {
         let n = head.len();
         head.resize(EXPRESS_HEAD_MAX, 0);
-        let read = tcp.read(&mut head[n..]).await;
+        let read = tokio::time::timeout(HEAD_TIMEOUT, tcp.read(&mut head[n..])).await;
         match read {
-            Ok(k) if k > 0 => head.truncate(n + k),
+            Ok(Ok(k)) if k > 0 => head.truncate(n + k),
             _ => {
                 head.truncate(n);
                 tcp.rewind(&head);
@@ -597,6 +597,10 @@ type L4Stream = pingora::protocols::l4::stream::Stream;
 
 /// Idle time allowed between requests on a keep-alive connection (Pingora's default).
 const KEEPALIVE_SECS: u64 = 60;
+
+/// Time allowed for the rest of a request head, and for a new connection's
+/// first bytes on an h2c listener, once this proxy reads them itself.
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(KEEPALIVE_SECS);
 
 /// Most bytes read ahead while waiting for a request. Sized for a browser's
 /// request head with cookies (typically 0.5–1.5 KB): a longer head costs
@@ -650,10 +654,10 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 async fn sniff_h2(stream: &mut L4Stream, express: bool) -> Option<Ahead> {
     let mut got: Vec<u8> = Vec::new();
     loop {
-        match read_ahead(stream, READ_AHEAD - got.len()).await {
-            Some(more) if got.is_empty() => got = more,
-            Some(more) => got.extend_from_slice(&more),
-            None => return Some(Ahead::Closed),
+        match tokio::time::timeout(HEAD_TIMEOUT, read_ahead(stream, READ_AHEAD - got.len())).await {
+            Ok(Some(more)) if got.is_empty() => got = more,
+            Ok(Some(more)) => got.extend_from_slice(&more),
+            Ok(None) | Err(_) => return Some(Ahead::Closed),
         }
         let m = got.len().min(H2_PREFACE.len());
         if got[..m] != H2_PREFACE[..m] {
@@ -676,7 +680,10 @@ async fn sniff_h2(stream: &mut L4Stream, express: bool) -> Option<Ahead> {
 /// duplicate descriptor is registered with the current runtime and the
 /// original closed (which removes its registration). Per connection: `dup`,
 /// two `epoll_ctl` and `close`. Done before anything is read, so no buffered
-/// bytes are left behind. Unchanged if any step fails.
+/// bytes are left behind. Unchanged if any step fails. The new stream has no
+/// read or write buffer: a listener's `read_buffer` does not apply, and on
+/// the general path a response head and body go out in separate writes.
+/// Not done with `work_stealing` (one reactor for all threads).
 fn rehome(tcp: Box<L4Stream>) -> Box<L4Stream> {
     use std::os::fd::{AsRawFd, BorrowedFd};
     // SAFETY: the descriptor is owned by `tcp`, which outlives this borrow
