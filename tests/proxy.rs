@@ -446,6 +446,7 @@ fn express_and_general_paths_frame_responses_alike() {
         ("a coding other than chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nnot-really-gzip", true),
         ("an invalid response", b"HTTP/1.1 2x0 OK\r\nContent-Length: 1\r\n\r\nx", true),
         ("duplicate lengths that disagree", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc", true),
+        ("a length next to chunked", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", true),
         ("backend Date and Connection replaced", b"HTTP/1.1 200 OK\r\nDate: Mon, 01 Jan 2001 00:00:00 GMT\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\nd", false),
         ("close-delimited", b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nclose-delimited body", true),
         ("204", b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n", false),
@@ -588,4 +589,48 @@ fn two_worker_threads_serve_both_paths_with_the_client_address() {
     }
     let served = sample(&parse_metrics(&p.metrics()), "switchyard_requests_express_total", &[]);
     assert_eq!(served, Some(80.0), "the GETs took the express path, the POSTs did not");
+}
+
+/// A body without framing is a stream: each piece reaches the client as the
+/// backend sends it, not when the next one comes or the backend closes.
+#[test]
+fn close_delimited_bodies_reach_the_client_as_they_come() {
+    use std::io::{Read, Write};
+    use std::sync::mpsc;
+    for express in [true, false] {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (release, released) = mpsc::channel::<()>();
+        let backend = std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = c.read(&mut buf);
+            c.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst").unwrap();
+            // Hold the rest back until the test has seen the first piece (at most 10 s).
+            let _ = released.recv_timeout(Duration::from_secs(10));
+            let _ = c.write_all(b"second");
+        });
+        let body = format!("[[routes]]\ncluster = \"raw\"\n{}", static_cluster("raw", &[addr], "retries = 0"));
+        let p = Proxy::builder(&body).server(&format!("express = {express}")).start();
+        let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /stream HTTP/1.1\r\nHost: s.example.com\r\nConnection: close\r\n\r\n").unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("first") {
+            match s.read(&mut buf) {
+                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        let before = String::from_utf8_lossy(&got).into_owned();
+        assert!(before.contains("first") && !before.contains("second"), "express={express}: the first piece, alone: {before:?}");
+        release.send(()).unwrap();
+        backend.join().unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        got.extend_from_slice(&rest);
+        let (status, _, body) = parse_raw_response(&String::from_utf8_lossy(&got));
+        assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "firstsecond"), "express={express}");
+    }
 }
