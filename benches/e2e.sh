@@ -257,10 +257,17 @@ want_consul_double() {
 
 # newest_consul_double: the newest consul_double bench executable cargo built.
 newest_consul_double() {
-    local dir=${CARGO_TARGET_DIR:-$REPO/target}
+    local dir=${CARGO_TARGET_DIR:-$REPO/target} f
     [[ $dir == /* ]] || dir="$REPO/$dir"
-    find "$dir/release/deps" -maxdepth 1 -type f -executable -name 'consul_double-*' \
-        -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -n 1 | cut -d' ' -f2-
+    # Newest first; `cargo test` leaves test-harness builds of the same name,
+    # so take the first that is the double itself (it names --port-file).
+    while read -r f; do
+        if timeout 5 "$f" --help 2>&1 | grep -q -- '--port-file'; then
+            echo "$f"
+            return 0
+        fi
+    done < <(find "$dir/release/deps" -maxdepth 1 -type f -executable -name 'consul_double-*' \
+        -printf '%T@ %p\n' 2>/dev/null | sort -rn | cut -d' ' -f2-)
 }
 
 # build_consul_double: builds (if needed) the Consul double and copies it into
