@@ -704,24 +704,40 @@ fn rehome(tcp: Box<L4Stream>) -> Box<L4Stream> {
 impl ServerApp for ProxyApp {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         self.gauge.inc();
-        let _guard = RequestGauge(self.gauge.clone());
+        let guard = RequestGauge(self.gauge.clone());
         if stream.get_ssl_digest().is_some() {
+            let _guard = guard;
             return ServerApp::process_new(&self.inner, stream, shutdown).await;
         }
         let Ok(mut tcp) = stream.into_any().downcast::<L4Stream>() else { return None };
         if self.rehome {
             tcp = rehome(tcp);
         }
-        let ahead = if self.h2c {
-            match sniff_h2(&mut tcp, self.express.is_some()).await {
-                Some(ahead) => ahead,
-                // HTTP/2: Pingora reads the preface again (from the rewound bytes).
-                None => return ServerApp::process_new(&self.inner, tcp, shutdown).await,
-            }
-        } else {
-            Ahead::Wait
-        };
-        self.serve_h1(tcp, shutdown, ahead).await;
+        // A plain TCP connection is served by a task of its own, on this
+        // runtime, and Pingora's per-connection task ends here: that task is
+        // sized for a TLS handshake (~9 KB) and would otherwise be held for
+        // as long as the connection stays open, idle or not.
+        let app = self.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let ahead = if app.h2c {
+                match sniff_h2(&mut tcp, app.express.is_some()).await {
+                    Some(ahead) => ahead,
+                    // HTTP/2: Pingora reads the preface again (from the rewound bytes).
+                    None => {
+                        let mut next = ServerApp::process_new(&app.inner, tcp, &shutdown).await;
+                        while let Some(stream) = next {
+                            next = ServerApp::process_new(&app.inner, stream, &shutdown).await;
+                        }
+                        return;
+                    }
+                }
+            } else {
+                Ahead::Wait
+            };
+            app.serve_h1(tcp, &shutdown, ahead).await;
+        });
         None
     }
 
