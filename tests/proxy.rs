@@ -634,3 +634,48 @@ fn close_delimited_bodies_reach_the_client_as_they_come() {
         assert_eq!((status.as_str(), body.as_str()), ("HTTP/1.1 200 OK", "firstsecond"), "express={express}");
     }
 }
+
+/// On SIGTERM, idle keep-alive connections are closed at once (each now has
+/// a task of its own, which must still follow the shutdown signal), while a
+/// request in flight is still being answered and keeps the process up.
+#[test]
+fn sigterm_closes_idle_keepalive_connections_at_once() {
+    use std::io::{Read, Write};
+    let fast = Upstream::start("fast");
+    let slow = Upstream::start("slow");
+    slow.set_delay(Duration::from_millis(1500));
+    let mut p = Proxy::builder(&format!(
+        "[[routes]]\nhosts = [\"slow.example.com\"]\ncluster = \"slow\"\n[[routes]]\ncluster = \"fast\"\n{}{}",
+        static_cluster("fast", &[fast.addr], ""),
+        static_cluster("slow", &[slow.addr], "")
+    ))
+    .server("drain_timeout = \"5s\"")
+    .start();
+    let mut idle: Vec<std::net::TcpStream> = (0..5)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+            s.write_all(b"GET /ka HTTP/1.1\r\nHost: fast.example.com\r\n\r\n").unwrap();
+            let r = read_one_response(&mut s).unwrap_or_default();
+            assert!(r.starts_with("HTTP/1.1 200 ") && r.to_ascii_lowercase().contains("connection: keep-alive"), "connection {i}: {r}");
+            s
+        })
+        .collect();
+    let url = p.url("/slow");
+    let inflight = std::thread::spawn(move || {
+        let c = reqwest::blocking::Client::builder().no_proxy().build().unwrap();
+        let r = c.get(url).header("host", "slow.example.com").send().unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    });
+    assert!(wait_until(Duration::from_secs(3), || slow.hits() == 1));
+    let t0 = Instant::now();
+    p.signal(libc::SIGTERM);
+    for (i, s) in idle.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(s.read(&mut b), Ok(0)), "idle connection {i} closed on shutdown");
+    }
+    let closed_after = t0.elapsed();
+    assert!(closed_after < Duration::from_millis(1000), "idle connections closed after {closed_after:?}, before the request in flight ended");
+    assert_eq!(inflight.join().unwrap(), (200, "slow".to_string()), "the request in flight is answered");
+    assert_eq!(p.wait_exit(Duration::from_secs(7)), Some(0), "stderr:\n{}", p.stderr());
+}
