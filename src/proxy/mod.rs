@@ -489,7 +489,6 @@ impl ProxyApp {
     /// its per-request future, ~14 KB, alive while waiting).
     async fn serve_h1(&self, mut tcp: Box<L4Stream>, shutdown: &ShutdownWatch, mut ahead: Ahead) {
         use pingora::apps::HttpServerApp;
-        use tokio::io::AsyncWriteExt;
         // Requests this connection may still serve after the current one
         // (None: no limit), as Pingora counts them.
         let mut remaining = self.inner.server_options().and_then(|o| o.keepalive_request_limit);
@@ -509,7 +508,11 @@ impl ProxyApp {
                     // Boxed per request so that an idle connection's future
                     // stays small.
                     if !Box::pin(express.serve(&mut *tcp, &req, client.as_ref(), keepalive)).await {
-                        let _ = tcp.shutdown().await;
+                        // Dropping the stream closes it: the response is
+                        // written and flushed, and nothing unread is left
+                        // (the express path takes no pipelined bytes), so
+                        // `close` sends a FIN; a `shutdown` first would only
+                        // cost a system call.
                         return;
                     }
                 }
