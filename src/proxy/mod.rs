@@ -509,10 +509,12 @@ impl ProxyApp {
                     // stays small.
                     if !Box::pin(express.serve(&mut *tcp, &req, client.as_ref(), keepalive)).await {
                         // Dropping the stream closes it: the response is
-                        // written and flushed, and nothing unread is left
-                        // (the express path takes no pipelined bytes), so
-                        // `close` sends a FIN; a `shutdown` first would only
-                        // cost a system call.
+                        // written and flushed, so `close` sends a FIN. If
+                        // the client has sent more since (a pipelined next
+                        // request while this proxy closes), the kernel
+                        // resets the connection instead, with or without a
+                        // `shutdown` first (as on Pingora's path), so that
+                        // call is not made.
                         return;
                     }
                 }
@@ -728,11 +730,10 @@ impl ServerApp for ProxyApp {
                 match sniff_h2(&mut tcp, app.express.is_some()).await {
                     Some(ahead) => ahead,
                     // HTTP/2: Pingora reads the preface again (from the rewound bytes).
+                    // HTTP/2: Pingora serves the whole connection (its
+                    // HTTP/2 handling never hands a stream back).
                     None => {
-                        let mut next = ServerApp::process_new(&app.inner, tcp, &shutdown).await;
-                        while let Some(stream) = next {
-                            next = ServerApp::process_new(&app.inner, stream, &shutdown).await;
-                        }
+                        let _ = ServerApp::process_new(&app.inner, tcp, &shutdown).await;
                         return;
                     }
                 }
