@@ -310,22 +310,11 @@ impl Express {
         let Ok((h, body)) = failure_response(failure, &ctx.request_id) else { return false };
         x.keepalive &= matches!(failure, ProxyFailure::NoRoute | ProxyFailure::NoBackends);
         let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(h.status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(h.status.canonical_reason().unwrap_or("").as_bytes());
-        out.extend_from_slice(b"\r\n");
+        let reason = h.status.canonical_reason().unwrap_or("");
+        h1::put_status_line(&mut out, false, h.status.as_u16(), reason.as_bytes());
         h.header_to_h1_wire(&mut out);
-        let date = pingora::protocols::http::date::get_cached_date();
-        for (name, value) in [
-            ("Date", date.as_bytes()),
-            ("Connection", if x.keepalive { &b"keep-alive"[..] } else { b"close" }),
-        ] {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
-        }
+        h1::put_header(&mut out, b"Date", pingora::protocols::http::date::get_cached_date().as_bytes());
+        h1::put_header(&mut out, b"Connection", h1::connection_value(x.keepalive));
         out.extend_from_slice(b"\r\n");
         if req.method_kind() != Method::Head {
             out.extend_from_slice(&body);

@@ -248,7 +248,24 @@ impl RequestView for RawRequest {
     }
 }
 
-fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// A status line; `status` is 100–999 (checked where it is parsed).
+pub fn put_status_line(out: &mut Vec<u8>, http10: bool, status: u16, reason: &[u8]) {
+    out.extend_from_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+    out.extend_from_slice(&[b'0' + (status / 100) as u8, b'0' + (status / 10 % 10) as u8, b'0' + (status % 10) as u8, b' ']);
+    out.extend_from_slice(reason);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The `Connection` value this proxy sends to a client.
+pub fn connection_value(keepalive: bool) -> &'static [u8] {
+    if keepalive {
+        b"keep-alive"
+    } else {
+        b"close"
+    }
+}
+
+pub fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -386,13 +403,10 @@ pub fn parse_response(buf: &[u8], cx: &ResponseContext, out: &mut Vec<u8>) -> Re
 
     // The status line: the backend's version (HTTP/1.1 when the body is
     // re-framed as chunked), code and reason phrase.
-    out.extend_from_slice(if version == 0 && !chunk_close_delimited { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
-    out.extend_from_slice(&[b'0' + (status / 100) as u8, b'0' + (status / 10 % 10) as u8, b'0' + (status % 10) as u8, b' ']);
-    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    put_status_line(out, version == 0 && !chunk_close_delimited, status, resp.reason.unwrap_or("").as_bytes());
     // Headers in the backend's order; this proxy's `Date` and `Connection`
     // take the place of the backend's (as a header map's insert would).
-    let connection: &[u8] = if client_keepalive { b"keep-alive" } else { b"close" };
+    let connection = connection_value(client_keepalive);
     let (mut date_done, mut connection_done) = (informational, informational);
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();

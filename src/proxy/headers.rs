@@ -86,6 +86,11 @@ impl ClientAddr {
         let text = HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header value");
         ClientAddr { ip, text }
     }
+
+    /// The client of a connection, from its peer address (None for a Unix socket).
+    pub fn of_peer(peer: Option<&pingora::protocols::l4::socket::SocketAddr>) -> Option<Self> {
+        peer.and_then(|a| a.as_inet()).map(|a| ClientAddr::new(a.ip()))
+    }
 }
 
 /// A forwarding header's value: borrowed from the request or the

@@ -336,7 +336,7 @@ impl ProxyHttp for Proxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| headers::ClientAddr::new(a.ip()));
+        let client = headers::ClientAddr::of_peer(session.client_addr());
         let req = session.req_header();
         headers::forwarded(req, session.is_http2(), client.as_ref(), upstream_request, &ctx.request_id)
     }
@@ -493,9 +493,7 @@ impl ProxyApp {
         // (None: no limit), as Pingora counts them.
         let mut remaining = self.inner.server_options().and_then(|o| o.keepalive_request_limit);
         let express = self.express.as_ref();
-        let client = tcp
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| headers::ClientAddr::new(a.ip())));
+        let client = tcp.get_socket_digest().and_then(|d| headers::ClientAddr::of_peer(d.peer_addr()));
         loop {
             if matches!(ahead, Ahead::Wait) {
                 ahead = next_request(&mut tcp, shutdown, express.is_some()).await;
