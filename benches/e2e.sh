@@ -776,6 +776,8 @@ med() { awk -F'\t' -v s="$1" -v l="$2" -v c="$3" '$1 == s && $2 == l { print $c 
 medf() { awk -v v="$(med "$1" "$2" "$3")" -v f="$4" 'BEGIN { if (v == "nan") print v; else printf f, v }'; }
 total() { awk -F'\t' -v s="$1" -v l="$2" -v c="$3" '$1 == s && $2 == l { t += $c } END { print t + 0 }' "$RESULTS"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 == 0) print "n/a"; else printf "%.2fx", a / b }'; }
+# mb KB: kilobytes as megabytes, one decimal.
+mb() { awk -v v="$1" 'BEGIN { printf "%.1f", v / 1024 }'; }
 
 emit() { printf '%s\n' "$@" | tee -a "$TABLES"; }
 
@@ -1008,16 +1010,16 @@ scenario_swaps() {
 
 # conns: RSS holding CONNS idle keep-alive client connections.
 scenario_conns() {
-    local sc=conns p name maxconn=$((CONNS + 256)) rss0 rss1 ready held failed secs i per
-    local -A before=() after=()
+    local sc=conns p name maxconn=$((CONNS + 256)) rss0 rss1 rss5 ready held failed secs i per
+    local -A before=() after=() settled=()
     log "== scenario conns: RSS with $CONNS idle keep-alive connections"
     if ((CONNS + 300 > NOFILE)); then
         warn "fd limit $NOFILE is too low for $CONNS connections; results will show failures"
     fi
     pin_upstreams "$LOAD_CPU"
     emit "" "### RSS holding $CONNS idle keep-alive client connections (1 worker each)" "" \
-        "| proxy | held | RSS after warm-up MB | RSS holding MB | KB per connection | seconds to open |" \
-        "|---|---:|---:|---:|---:|---:|"
+        "| proxy | held | RSS after warm-up MB | RSS holding, 1 s MB | RSS holding, 5 s MB | KB per connection (5 s) | seconds to open |" \
+        "|---|---:|---:|---:|---:|---:|---:|"
     for p in $(selected_proxies); do
         name="conns-$p"
         start_proxy "$p" "$name" 1 "$PROXY_CPU" "$maxconn"
@@ -1032,12 +1034,17 @@ scenario_conns() {
         done
         held=0 failed=0 secs=0
         [[ -e $ready ]] && read -r held failed secs <"$ready"
+        # Read 1 s after the last connection opened, and again 4 s later:
+        # Switchyard parks connections idle for 1 s (park_idle_after) and
+        # returns the freed memory within the following second.
         sleep 1
         rss1=$(rss_kb "$name")
+        sleep 4
+        rss5=$(rss_kb "$name")
         stop_pid "${PID_OF[$name-client]}" TERM
-        before[$p]=$rss0 after[$p]=$rss1
-        per=$(awk -v a="$rss0" -v b="$rss1" -v n="$held" 'BEGIN { printf "%.1f", n ? (b - a) / n : 0 }')
-        emit "| $p | $held | $(awk -v v="$rss0" 'BEGIN { printf "%.1f", v / 1024 }') | $(awk -v v="$rss1" 'BEGIN { printf "%.1f", v / 1024 }') | $per | $secs |"
+        before[$p]=$rss0 after[$p]=$rss1 settled[$p]=$rss5
+        per=$(awk -v a="$rss0" -v b="$rss5" -v n="$held" 'BEGIN { printf "%.1f", n ? (b - a) / n : 0 }')
+        emit "| $p | $held | $(mb "$rss0") | $(mb "$rss1") | $(mb "$rss5") | $per | $secs |"
         ((held == CONNS)) || fail "conns: $p held $held of $CONNS connections ($failed failed; see $name-client.log)"
         alive "${PID_OF[$name]}" || fail "conns: $name died"
         stop "$name"
@@ -1045,7 +1052,7 @@ scenario_conns() {
     if want "$PROXIES" switchyard; then
         for p in nginx haproxy; do
             want "$PROXIES" "$p" || continue
-            emit "- switchyard/$p RSS holding: $(ratio "${after[switchyard]}" "${after[$p]}")"
+            emit "- switchyard/$p RSS holding, 1 s: $(ratio "${after[switchyard]}" "${after[$p]}"); 5 s: $(ratio "${settled[switchyard]}" "${settled[$p]}")"
         done
     fi
 }

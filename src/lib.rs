@@ -20,6 +20,7 @@
 
 pub mod accesslog;
 pub mod admin;
+pub mod alloc;
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub discovery_updates: IntCounterVec,
     pub discovery_last_success: prometheus::GaugeVec,
     pub downstream_connections: IntGauge,
+    pub downstream_connections_parked: IntGauge,
     pub requests_in_flight: IntGauge,
     pub requests_express: IntCounter,
     pub access_log_dropped: IntCounter,
@@ -102,6 +103,11 @@ impl Metrics {
         let downstream_connections = IntGauge::with_opts(opts(
             "downstream_connections",
             "Client connections currently open.",
+        ))
+        .expect("valid metric");
+        let downstream_connections_parked = IntGauge::with_opts(opts(
+            "downstream_connections_parked",
+            "Open client connections parked: idle for server.park_idle_after, held as a bare socket until the client sends again (counted in switchyard_downstream_connections too).",
         ))
         .expect("valid metric");
         let requests_in_flight = IntGauge::with_opts(opts(
@@ -177,6 +183,7 @@ impl Metrics {
             Box::new(discovery_updates.clone()),
             Box::new(discovery_last_success.clone()),
             Box::new(downstream_connections.clone()),
+            Box::new(downstream_connections_parked.clone()),
             Box::new(requests_in_flight.clone()),
             Box::new(requests_express.clone()),
             Box::new(access_log_dropped.clone()),
@@ -195,6 +202,7 @@ impl Metrics {
             discovery_updates,
             discovery_last_success,
             downstream_connections,
+            downstream_connections_parked,
             requests_in_flight,
             requests_express,
             access_log_dropped,

@@ -46,6 +46,7 @@ fn metrics_parse_and_match_the_traffic_sent() {
         "switchyard_routing_generation",
         "switchyard_routing_swaps_total",
         "switchyard_downstream_connections",
+        "switchyard_downstream_connections_parked",
     ] {
         assert!(text.contains(&format!("# HELP {name} ")), "no help for {name}");
         assert!(text.contains(&format!("# TYPE {name} ")), "no type for {name}");

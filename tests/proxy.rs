@@ -679,3 +679,91 @@ fn sigterm_closes_idle_keepalive_connections_at_once() {
     assert_eq!(inflight.join().unwrap(), (200, "slow".to_string()), "the request in flight is answered");
     assert_eq!(p.wait_exit(Duration::from_secs(7)), Some(0), "stderr:\n{}", p.stderr());
 }
+
+/// Idle client connections are parked after `park_idle_after` (no task,
+/// a bare socket) and served again when their client sends, on both paths
+/// and with two worker threads: the client address survives the move
+/// (X-Forwarded-For), a connection parks again after each request, a client
+/// that hangs up while parked is closed and uncounted, and a new connection
+/// on an h2c listener parked before its first bytes can still speak HTTP/1
+/// or HTTP/2.
+#[test]
+fn idle_connections_are_parked_and_served_again() {
+    use std::io::{Read, Write};
+    let up = Upstream::start("parked");
+    for express in [true, false] {
+        let p = Proxy::builder(&format!("[[routes]]\ncluster = \"c\"\n{}", static_cluster("c", &[up.addr], "")))
+            .server(&format!("express = {express}\npark_idle_after = \"100ms\""))
+            .threads(2)
+            .start();
+        let gauge = |name: &str| sample(&parse_metrics(&p.metrics()), name, &[]).unwrap_or(-1.0);
+        let parked = || gauge("switchyard_downstream_connections_parked");
+        let request = |s: &mut std::net::TcpStream, what: &str| {
+            s.write_all(b"GET /p HTTP/1.1\r\nHost: parked.example.com\r\n\r\n").unwrap();
+            let r = read_one_response(s).unwrap_or_default();
+            assert!(r.starts_with("HTTP/1.1 200 ") && r.ends_with("parked"), "express {express}, {what}: {r:?}");
+            let (_, headers) = up.last_request().unwrap();
+            assert_eq!(headers.get("x-forwarded-for").map(|v| v.to_str().unwrap()), Some("127.0.0.1"), "express {express}, {what}");
+        };
+        let mut conns: Vec<std::net::TcpStream> = (0..3).map(|_| std::net::TcpStream::connect(p.addr).unwrap()).collect();
+        for (i, s) in conns.iter_mut().enumerate() {
+            request(s, &format!("connection {i}, first request"));
+        }
+        assert!(wait_until(Duration::from_secs(5), || parked() == 3.0), "express {express}: parked {}", parked());
+        for round in 0..2 {
+            for (i, s) in conns.iter_mut().enumerate() {
+                request(s, &format!("connection {i}, after parking (round {round})"));
+            }
+            assert!(wait_until(Duration::from_secs(5), || parked() == 3.0), "express {express}: parked again {}", parked());
+        }
+        assert_eq!(gauge("switchyard_downstream_connections"), 3.0, "express {express}");
+        drop(conns.pop());
+        assert!(
+            wait_until(Duration::from_secs(5), || parked() == 2.0 && gauge("switchyard_downstream_connections") == 2.0),
+            "express {express}: a hang-up while parked is closed: parked {}, open {}",
+            parked(),
+            gauge("switchyard_downstream_connections")
+        );
+        // New connections, nothing sent: parked before their first bytes.
+        let mut h1 = std::net::TcpStream::connect(p.addr).unwrap();
+        let mut h2 = std::net::TcpStream::connect(p.addr).unwrap();
+        assert!(wait_until(Duration::from_secs(5), || parked() == 4.0), "express {express}: new connections parked {}", parked());
+        request(&mut h1, "a new connection's first request after parking");
+        // HTTP/2 prior knowledge: the preface and an empty SETTINGS frame;
+        // the server's preface is a SETTINGS frame (type 4) of its own.
+        h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").unwrap();
+        h2.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut frame = [0u8; 9];
+        h2.read_exact(&mut frame).unwrap();
+        assert_eq!(frame[3], 4, "express {express}: HTTP/2 after parking answers with SETTINGS: {frame:?}");
+    }
+}
+
+/// On SIGTERM, parked connections are closed at once, as idle ones are.
+#[test]
+fn sigterm_closes_parked_connections_at_once() {
+    use std::io::{Read, Write};
+    let up = Upstream::start("up");
+    let mut p = Proxy::builder(&format!("[[routes]]\ncluster = \"c\"\n{}", static_cluster("c", &[up.addr], "")))
+        .server("park_idle_after = \"50ms\"\ndrain_timeout = \"5s\"")
+        .start();
+    let mut conns: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            assert!(read_one_response(&mut s).unwrap_or_default().starts_with("HTTP/1.1 200 "));
+            s
+        })
+        .collect();
+    let parked = || sample(&parse_metrics(&p.metrics()), "switchyard_downstream_connections_parked", &[]);
+    assert!(wait_until(Duration::from_secs(5), || parked() == Some(4.0)), "parked {:?}", parked());
+    let t0 = Instant::now();
+    p.signal(libc::SIGTERM);
+    for (i, s) in conns.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(s.read(&mut b), Ok(0)), "parked connection {i} closed on shutdown");
+    }
+    assert!(t0.elapsed() < Duration::from_millis(1000), "parked connections closed after {:?}", t0.elapsed());
+    assert_eq!(p.wait_exit(Duration::from_secs(7)), Some(0), "stderr:\n{}", p.stderr());
+}

@@ -25,6 +25,9 @@ pub struct ServerSection {
     pub upstream_keepalive_pool: Option<usize>,
     /// Serve plain bodiless HTTP/1.1 requests on the express path.
     pub express: Option<bool>,
+    /// Idle time after which a client connection is parked (held as a bare
+    /// socket, no task), or `off`.
+    pub park_idle_after: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

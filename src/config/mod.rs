@@ -83,6 +83,8 @@ pub struct ServerSettings {
     pub upgrade_sock: String,
     pub upstream_keepalive_pool: usize,
     pub express: bool,
+    /// None: never park.
+    pub park_idle_after: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -124,6 +126,14 @@ pub struct Listener {
 /// Default per-connection read buffer (Pingora's own default is 64 KiB, which
 /// dominates memory per idle keep-alive connection).
 pub const DEFAULT_READ_BUFFER: usize = 0;
+
+/// Idle time allowed between requests on a client keep-alive connection
+/// (Pingora's default), and for a new connection's first bytes.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+
+/// Default `server.park_idle_after`: long enough that a connection in
+/// active use is never parked, short enough that idle ones soon are.
+pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// A host pattern of a route.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -187,6 +187,28 @@ impl Validator<'_> {
         }
     }
 
+    /// `server.park_idle_after`: `off`, or a duration up to the keep-alive
+    /// idle timeout (after which there is nothing left to park).
+    fn park_idle_after(&mut self, value: Option<String>) -> Option<Duration> {
+        const PATH: &str = "server.park_idle_after";
+        let default = Some(DEFAULT_PARK_IDLE_AFTER);
+        match value.as_deref() {
+            None => default,
+            Some("off") => None,
+            Some(v) => {
+                let d = self.duration(PATH, value.as_ref(), DEFAULT_PARK_IDLE_AFTER);
+                if d > KEEPALIVE_IDLE {
+                    self.err(
+                        PATH,
+                        format!("invalid duration {v:?}: must be at most {}s, the keep-alive idle timeout (or \"off\")", KEEPALIVE_IDLE.as_secs()),
+                    );
+                    return default;
+                }
+                Some(d)
+            }
+        }
+    }
+
     fn duration(&mut self, path: &str, value: Option<&String>, default: Duration) -> Duration {
         let Some(value) = value else { return default };
         match humantime::parse_duration(value) {
@@ -262,6 +284,7 @@ impl Validator<'_> {
             upgrade_sock,
             upstream_keepalive_pool,
             express,
+            park_idle_after,
         } = s;
         let default_threads = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -285,6 +308,7 @@ impl Validator<'_> {
             threads,
             work_stealing: work_stealing.unwrap_or(false),
             express: express.unwrap_or(true),
+            park_idle_after: self.park_idle_after(park_idle_after),
             drain_timeout: self.duration(
                 "server.drain_timeout",
                 drain_timeout.as_ref(),
@@ -818,6 +842,21 @@ static = ["127.0.0.1:8001"]
         assert_eq!(c.clusters["web"].retries, 2);
         assert_eq!(c.server.pid_file, "/tmp/switchyard-8080.pid");
         assert!(c.listeners[0].h2c);
+    }
+
+    #[test]
+    fn park_idle_after_is_a_duration_up_to_the_keepalive_timeout_or_off() {
+        let with = |v: &str| MINIMAL.replace("[[listeners]]", &format!("[server]\npark_idle_after = {v:?}\n[[listeners]]"));
+        assert_eq!(parse(MINIMAL, Path::new("/etc/sy")).unwrap().server.park_idle_after, Some(DEFAULT_PARK_IDLE_AFTER));
+        let c = parse(&with("250ms"), Path::new("/etc/sy")).unwrap();
+        assert_eq!(c.server.park_idle_after, Some(Duration::from_millis(250)));
+        assert_eq!(parse(&with("off"), Path::new("/etc/sy")).unwrap().server.park_idle_after, None);
+        let e = errs(&with("2m"));
+        assert!(e.iter().any(|e| e.contains("server.park_idle_after") && e.contains("\"2m\"") && e.contains("at most 60s")), "{e:?}");
+        let e = errs(&with("never"));
+        assert!(e.iter().any(|e| e.contains("server.park_idle_after") && e.contains("invalid duration \"never\"")), "{e:?}");
+        let e = errs(&with("0s"));
+        assert!(e.iter().any(|e| e.contains("server.park_idle_after") && e.contains("greater than zero")), "{e:?}");
     }
 
     #[test]

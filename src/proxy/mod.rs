@@ -9,6 +9,7 @@
 mod express;
 mod h1;
 mod headers;
+mod park;
 mod pool;
 
 use crate::accesslog::{AccessLog, AccessRecord};
@@ -18,7 +19,7 @@ use crate::routing::{InFlight, RequestView, RoutingTable};
 use crate::snapshot::Snapshot;
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::protocols::Stream;
@@ -461,45 +462,130 @@ pub struct ProxyApp {
     h2c: bool,
     /// More than one worker thread: see [`rehome`].
     rehome: bool,
+    /// Idle time after which a plain-TCP client connection is parked (see
+    /// [`park`]); None: never.
+    park_after: Option<std::time::Duration>,
+    /// `switchyard_downstream_connections_parked`.
+    parked: prometheus::IntGauge,
 }
 
 impl ProxyApp {
     /// `express`: the express path's shared state, or None to send every
     /// request through `inner`. `conf`: worker threads and upstream
-    /// connector settings.
+    /// connector settings. `park_after`: idle time after which a client
+    /// connection is parked (None: never).
     pub fn new(
         inner: HttpProxy<Proxy>,
         conf: &pingora::server::configuration::ServerConf,
         express: Option<Arc<Core>>,
-        gauge: prometheus::IntGauge,
+        metrics: &Metrics,
+        park_after: Option<std::time::Duration>,
     ) -> Self {
         let h2c = inner.server_options.as_ref().is_some_and(|o| o.h2c);
         ProxyApp {
             inner: Arc::new(inner),
             express: express.map(|core| express::Express::new(core, conf)),
             rehome: conf.threads > 1 && !conf.work_stealing,
-            gauge,
+            gauge: metrics.downstream_connections.clone(),
+            parked: metrics.downstream_connections_parked.clone(),
+            park_after,
             h2c,
         }
+    }
+
+    /// Serve a plain TCP connection: HTTP/2 (on an h2c listener, a new
+    /// connection that starts with its preface) through Pingora, HTTP/1
+    /// in [`serve_h1`](Self::serve_h1).
+    async fn serve(self: Arc<Self>, mut tcp: Box<L4Stream>, shutdown: ShutdownWatch, guard: RequestGauge, at: park::Resume) {
+        let ahead = if at.fresh && self.h2c {
+            let park_after = self.park_after(&tcp);
+            match sniff_h2(&mut tcp, self.express.is_some(), &shutdown, park_after).await {
+                Some(ahead) => ahead,
+                // HTTP/2: Pingora reads the preface again (from the rewound
+                // bytes) and serves the whole connection (its HTTP/2
+                // handling never hands a stream back).
+                None => {
+                    let _guard = guard;
+                    let _ = ServerApp::process_new(&self.inner, tcp, &shutdown).await;
+                    return;
+                }
+            }
+        } else {
+            Ahead::Wait
+        };
+        self.serve_h1(tcp, &shutdown, ahead, guard, at).await;
+    }
+
+    /// After how long idle `tcp` is to be parked: None if parking is off or
+    /// its peer is not an internet address.
+    fn park_after(&self, tcp: &L4Stream) -> Option<std::time::Duration> {
+        let after = self.park_after?;
+        tcp.get_socket_digest()?.peer_addr()?.as_inet()?;
+        Some(after)
+    }
+
+    /// Park an idle connection (see [`park`]). Err: it could not be, and
+    /// is handed back.
+    fn park(
+        self: &Arc<Self>,
+        tcp: Box<L4Stream>,
+        shutdown: &ShutdownWatch,
+        guard: RequestGauge,
+        at: park::Resume,
+        deadline: tokio::time::Instant,
+    ) -> std::result::Result<(), (Box<L4Stream>, RequestGauge)> {
+        match park::Parker::of(self, shutdown) {
+            Some(parker) => parker.park(tcp, at, deadline, guard, &self.parked),
+            None => Err((tcp, guard)),
+        }
+    }
+
+    /// Serve a parked connection again, in a task of its own on this thread.
+    fn resume(self: &Arc<Self>, tcp: std::net::TcpStream, at: park::Resume, guard: RequestGauge, shutdown: &ShutdownWatch) {
+        use std::os::fd::AsRawFd;
+        // Dropping the socket on failure closes the connection.
+        let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else { return };
+        let mut stream = L4Stream::from(tcp);
+        // The peer address is looked up again when first asked for.
+        stream.set_socket_digest(pingora::protocols::SocketDigest::from_raw_fd(stream.as_raw_fd()));
+        tokio::spawn(self.clone().serve(Box::new(stream), shutdown.clone(), guard, at));
     }
 
     /// Serve an HTTP/1 connection until it closes. Between requests the
     /// connection waits in [`next_request`], a small future, so an idle
     /// keep-alive connection holds no proxy state (Pingora's own loop keeps
     /// its per-request future, ~14 KB, alive while waiting).
-    async fn serve_h1(&self, mut tcp: Box<L4Stream>, shutdown: &ShutdownWatch, mut ahead: Ahead) {
-        use pingora::apps::HttpServerApp;
-        // Requests this connection may still serve after the current one
-        // (None: no limit), as Pingora counts them.
-        let mut remaining = self.inner.server_options().and_then(|o| o.keepalive_request_limit);
+    /// `at`: requests this connection may still serve, and whether it is
+    /// new. `guard` counts it as open.
+    async fn serve_h1(
+        self: &Arc<Self>,
+        mut tcp: Box<L4Stream>,
+        shutdown: &ShutdownWatch,
+        mut ahead: Ahead,
+        mut guard: RequestGauge,
+        mut at: park::Resume,
+    ) {
         let express = self.express.as_ref();
         let client = tcp.get_socket_digest().and_then(|d| headers::ClientAddr::of_peer(d.peer_addr()));
+        let mut may_park = client.is_some();
         loop {
             if matches!(ahead, Ahead::Wait) {
-                ahead = next_request(&mut tcp, shutdown, express.is_some()).await;
+                let park_after = if may_park { self.park_after(&tcp) } else { None };
+                ahead = next_request(&mut tcp, shutdown, express.is_some(), park_after).await;
             }
+            // Requests this connection may still serve after the current
+            // one (None: no limit), as Pingora counts them.
+            let remaining = at.remaining;
             match std::mem::replace(&mut ahead, Ahead::Wait) {
                 Ahead::Closed | Ahead::Wait => return,
+                Ahead::Park(deadline) => match self.park(tcp, shutdown, guard, at, deadline) {
+                    Ok(()) => return,
+                    Err((t, g)) => {
+                        // Not parked: wait on here, as before parking existed.
+                        (tcp, guard, may_park) = (t, g, false);
+                        continue;
+                    }
+                },
                 Ahead::Express(req) => {
                     let Some(express) = express else { return };
                     let keepalive = !*shutdown.borrow() && remaining != Some(0) && !req.close;
@@ -531,7 +617,10 @@ impl ProxyApp {
                     tcp = next;
                 }
             }
-            remaining = remaining.map(|r| r.saturating_sub(1));
+            at = park::Resume {
+                remaining: remaining.map(|r| r.saturating_sub(1)),
+                fresh: false,
+            };
         }
     }
 }
@@ -547,6 +636,9 @@ enum Ahead {
     Proxy,
     /// The connection closed, failed, idled out or the server is stopping.
     Closed,
+    /// Idle for `park_idle_after`: park it, to close at this deadline if
+    /// nothing arrives.
+    Park(tokio::time::Instant),
 }
 
 /// Largest request head the express path looks at (longer ones go to
@@ -598,8 +690,8 @@ async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool) -> Ahead {
 
 type L4Stream = pingora::protocols::l4::stream::Stream;
 
-/// Idle time allowed between requests on a keep-alive connection (Pingora's default).
-const KEEPALIVE_SECS: u64 = 60;
+/// Idle time allowed between requests on a keep-alive connection.
+const KEEPALIVE_SECS: u64 = crate::config::KEEPALIVE_IDLE.as_secs();
 
 /// Time allowed for the rest of a request head, and for a new connection's
 /// first bytes on an h2c listener, once this proxy reads them itself.
@@ -629,23 +721,47 @@ fn read_ahead(tcp: &mut L4Stream, room: usize) -> impl std::future::Future<Outpu
     })
 }
 
-/// Wait for the next request's first bytes on an idle keep-alive connection
-/// (reading what has arrived, up to [`READ_AHEAD`]), the idle timeout, or
-/// shutdown, and classify them.
-async fn next_request(tcp: &mut L4Stream, shutdown: &ShutdownWatch, express: bool) -> Ahead {
+/// A connection's first bytes after a wait, or why there are none.
+enum First {
+    Bytes(Vec<u8>),
+    /// Closed, failed, idled out or the server is stopping.
+    Closed,
+    /// Idle for `park_after`: park it, with this deadline.
+    Park(tokio::time::Instant),
+}
+
+/// Wait for bytes on an idle connection (reading what has arrived, up to
+/// `room` bytes), until the idle timeout, `park_after` (if it comes first)
+/// or shutdown.
+async fn first_bytes(tcp: &mut L4Stream, room: usize, shutdown: &ShutdownWatch, park_after: Option<std::time::Duration>) -> First {
     let mut sd = shutdown.clone();
     if *sd.borrow() {
-        return Ahead::Closed;
+        return First::Closed;
     }
-    let first = tokio::select! {
-        r = read_ahead(tcp, READ_AHEAD) => match r {
-            Some(b) => b,
-            None => return Ahead::Closed,
+    let now = tokio::time::Instant::now();
+    let deadline = now + std::time::Duration::from_secs(KEEPALIVE_SECS);
+    let park_at = park_after.map(|d| now + d).filter(|&t| t < deadline);
+    tokio::select! {
+        r = read_ahead(tcp, room) => match r {
+            Some(b) => First::Bytes(b),
+            None => First::Closed,
         },
-        _ = tokio::time::sleep(std::time::Duration::from_secs(KEEPALIVE_SECS)) => return Ahead::Closed,
-        _ = sd.changed() => return Ahead::Closed,
-    };
-    classify(tcp, first, express).await
+        _ = tokio::time::sleep_until(park_at.unwrap_or(deadline)) => match park_at {
+            Some(_) => First::Park(deadline),
+            None => First::Closed,
+        },
+        _ = sd.changed() => First::Closed,
+    }
+}
+
+/// Wait for the next request's first bytes on an idle keep-alive connection
+/// (as [`first_bytes`]) and classify them.
+async fn next_request(tcp: &mut L4Stream, shutdown: &ShutdownWatch, express: bool, park_after: Option<std::time::Duration>) -> Ahead {
+    match first_bytes(tcp, READ_AHEAD, shutdown, park_after).await {
+        First::Bytes(b) => classify(tcp, b, express).await,
+        First::Closed => Ahead::Closed,
+        First::Park(deadline) => Ahead::Park(deadline),
+    }
 }
 
 /// The HTTP/2 connection preface.
@@ -653,15 +769,15 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Read the first bytes until they either differ from the HTTP/2 preface
 /// (HTTP/1: then classified as by [`next_request`]) or complete it (HTTP/2),
-/// then put them back. None: HTTP/2.
-async fn sniff_h2(stream: &mut L4Stream, express: bool) -> Option<Ahead> {
-    let mut got: Vec<u8> = Vec::new();
+/// then put them back. None: HTTP/2. The wait for the first bytes is as
+/// [`first_bytes`], parking after `park_after`.
+async fn sniff_h2(stream: &mut L4Stream, express: bool, shutdown: &ShutdownWatch, park_after: Option<std::time::Duration>) -> Option<Ahead> {
+    let mut got = match first_bytes(stream, READ_AHEAD, shutdown, park_after).await {
+        First::Bytes(b) => b,
+        First::Closed => return Some(Ahead::Closed),
+        First::Park(deadline) => return Some(Ahead::Park(deadline)),
+    };
     loop {
-        match tokio::time::timeout(HEAD_TIMEOUT, read_ahead(stream, READ_AHEAD - got.len())).await {
-            Ok(Some(more)) if got.is_empty() => got = more,
-            Ok(Some(more)) => got.extend_from_slice(&more),
-            Ok(None) | Err(_) => return Some(Ahead::Closed),
-        }
         let m = got.len().min(H2_PREFACE.len());
         if got[..m] != H2_PREFACE[..m] {
             return Some(classify(stream, got, express).await);
@@ -669,6 +785,10 @@ async fn sniff_h2(stream: &mut L4Stream, express: bool) -> Option<Ahead> {
         if got.len() >= H2_PREFACE.len() {
             stream.rewind(&got);
             return None;
+        }
+        match tokio::time::timeout(HEAD_TIMEOUT, read_ahead(stream, READ_AHEAD - got.len())).await {
+            Ok(Some(more)) => got.extend_from_slice(&more),
+            Ok(None) | Err(_) => return Some(Ahead::Closed),
         }
     }
 }
@@ -720,26 +840,11 @@ impl ServerApp for ProxyApp {
         // runtime, and Pingora's per-connection task ends here: that task is
         // sized for a TLS handshake (~9 KB) and would otherwise be held for
         // as long as the connection stays open, idle or not.
-        let app = self.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            let ahead = if app.h2c {
-                match sniff_h2(&mut tcp, app.express.is_some()).await {
-                    Some(ahead) => ahead,
-                    // HTTP/2: Pingora reads the preface again (from the rewound bytes).
-                    // HTTP/2: Pingora serves the whole connection (its
-                    // HTTP/2 handling never hands a stream back).
-                    None => {
-                        let _ = ServerApp::process_new(&app.inner, tcp, &shutdown).await;
-                        return;
-                    }
-                }
-            } else {
-                Ahead::Wait
-            };
-            app.serve_h1(tcp, &shutdown, ahead).await;
-        });
+        let at = park::Resume {
+            remaining: self.inner.server_options().and_then(|o| o.keepalive_request_limit),
+            fresh: true,
+        };
+        tokio::spawn(self.clone().serve(tcp, shutdown.clone(), guard, at));
         None
     }
 
