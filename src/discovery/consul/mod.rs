@@ -346,8 +346,11 @@ impl ConsulSource {
         self.view.send_if_modified(|v| Arc::make_mut(v).services.remove(q).is_some());
     }
 
-    fn save_state(&self) {
-        let Some(path) = &self.settings.state_file else { return };
+    /// Write the state file: the snapshot is taken here, the write (with its
+    /// `fsync`, which can take seconds on a busy disk) runs on the blocking
+    /// pool, so the watches and the reconciler on this thread go on meanwhile.
+    async fn save_state(&self) {
+        let Some(path) = self.settings.state_file.clone() else { return };
         let view = self.view.borrow().clone();
         let services: Vec<StateEntry> = view
             .services
@@ -364,16 +367,22 @@ impl ConsulSource {
             services,
             auto_tags: self.auto_tags.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         };
-        let result = (|| -> std::io::Result<()> {
+        let shown = path.display().to_string();
+        let write = move || -> std::io::Result<std::path::PathBuf> {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
             let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
             serde_json::to_writer(&mut tmp, &state)?;
             tmp.as_file().sync_all()?;
-            tmp.persist(path).map_err(|e| e.error)?;
-            Ok(())
-        })();
-        if let Err(e) = result {
-            tracing::warn!(path = %path.display(), error = %e, "cannot write the consul state file");
+            tmp.persist(&path).map_err(|e| e.error)?;
+            Ok(path)
+        };
+        let started = std::time::Instant::now();
+        match tokio::task::spawn_blocking(write).await {
+            Ok(Ok(path)) => {
+                tracing::debug!(path = %path.display(), seconds = started.elapsed().as_secs_f64(), "consul state file written")
+            }
+            Ok(Err(e)) => tracing::warn!(path = %shown, error = %e, "cannot write the consul state file"),
+            Err(e) => tracing::warn!(path = %shown, error = %e, "the consul state file writer failed"),
         }
     }
 
@@ -489,7 +498,7 @@ impl BackgroundService for ConsulSource {
                     if self.settings.state_file.is_some() {
                         // At most one write per second; the tick picks up the rest.
                         if last_save.elapsed() >= Duration::from_secs(1) {
-                            self.save_state();
+                            self.save_state().await;
                             last_save = tokio::time::Instant::now();
                         } else {
                             self.persist.notify_one();
