@@ -33,6 +33,7 @@ pub struct Metrics {
     pub discovery_last_success: prometheus::GaugeVec,
     pub downstream_connections: IntGauge,
     pub downstream_connections_parked: IntGauge,
+    pub downstream_parks: IntCounter,
     pub requests_in_flight: IntGauge,
     pub requests_express: IntCounter,
     pub access_log_dropped: IntCounter,
@@ -110,6 +111,11 @@ impl Metrics {
             "Open client connections parked: idle for server.park_idle_after, held as a bare socket until the client sends again (counted in switchyard_downstream_connections too).",
         ))
         .expect("valid metric");
+        let downstream_parks = IntCounter::with_opts(opts(
+            "downstream_parks_total",
+            "Times an idle client connection was parked (each wakes at most once: its rate is the rate of parked connections served again or closed).",
+        ))
+        .expect("valid metric");
         let requests_in_flight = IntGauge::with_opts(opts(
             "requests_in_flight",
             "Requests currently being handled.",
@@ -184,6 +190,7 @@ impl Metrics {
             Box::new(discovery_last_success.clone()),
             Box::new(downstream_connections.clone()),
             Box::new(downstream_connections_parked.clone()),
+            Box::new(downstream_parks.clone()),
             Box::new(requests_in_flight.clone()),
             Box::new(requests_express.clone()),
             Box::new(access_log_dropped.clone()),
@@ -203,6 +210,7 @@ impl Metrics {
             discovery_last_success,
             downstream_connections,
             downstream_connections_parked,
+            downstream_parks,
             requests_in_flight,
             requests_express,
             access_log_dropped,

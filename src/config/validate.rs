@@ -187,8 +187,9 @@ impl Validator<'_> {
         }
     }
 
-    /// `server.park_idle_after`: `off`, or a duration up to the keep-alive
-    /// idle timeout (after which there is nothing left to park).
+    /// `server.park_idle_after`: `off`, or a duration shorter than the
+    /// keep-alive idle timeout (at which an idle connection is closed, not
+    /// parked).
     fn park_idle_after(&mut self, value: Option<String>) -> Option<Duration> {
         const PATH: &str = "server.park_idle_after";
         let default = Some(DEFAULT_PARK_IDLE_AFTER);
@@ -197,10 +198,10 @@ impl Validator<'_> {
             Some("off") => None,
             Some(v) => {
                 let d = self.duration(PATH, value.as_ref(), DEFAULT_PARK_IDLE_AFTER);
-                if d > KEEPALIVE_IDLE {
+                if d >= KEEPALIVE_IDLE {
                     self.err(
                         PATH,
-                        format!("invalid duration {v:?}: must be at most {}s, the keep-alive idle timeout (or \"off\")", KEEPALIVE_IDLE.as_secs()),
+                        format!("invalid duration {v:?}: must be less than {}s, the keep-alive idle timeout (or \"off\")", KEEPALIVE_IDLE.as_secs()),
                     );
                     return default;
                 }
@@ -845,14 +846,14 @@ static = ["127.0.0.1:8001"]
     }
 
     #[test]
-    fn park_idle_after_is_a_duration_up_to_the_keepalive_timeout_or_off() {
+    fn park_idle_after_is_a_duration_below_the_keepalive_timeout_or_off() {
         let with = |v: &str| MINIMAL.replace("[[listeners]]", &format!("[server]\npark_idle_after = {v:?}\n[[listeners]]"));
         assert_eq!(parse(MINIMAL, Path::new("/etc/sy")).unwrap().server.park_idle_after, Some(DEFAULT_PARK_IDLE_AFTER));
         let c = parse(&with("250ms"), Path::new("/etc/sy")).unwrap();
         assert_eq!(c.server.park_idle_after, Some(Duration::from_millis(250)));
         assert_eq!(parse(&with("off"), Path::new("/etc/sy")).unwrap().server.park_idle_after, None);
-        let e = errs(&with("2m"));
-        assert!(e.iter().any(|e| e.contains("server.park_idle_after") && e.contains("\"2m\"") && e.contains("at most 60s")), "{e:?}");
+        let e = errs(&with("60s"));
+        assert!(e.iter().any(|e| e.contains("server.park_idle_after") && e.contains("\"60s\"") && e.contains("less than 60s")), "{e:?}");
         let e = errs(&with("never"));
         assert!(e.iter().any(|e| e.contains("server.park_idle_after") && e.contains("invalid duration \"never\"")), "{e:?}");
         let e = errs(&with("0s"));

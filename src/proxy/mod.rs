@@ -467,6 +467,8 @@ pub struct ProxyApp {
     park_after: Option<std::time::Duration>,
     /// `switchyard_downstream_connections_parked`.
     parked: prometheus::IntGauge,
+    /// `switchyard_downstream_parks_total`.
+    parks: prometheus::IntCounter,
 }
 
 impl ProxyApp {
@@ -488,101 +490,57 @@ impl ProxyApp {
             rehome: conf.threads > 1 && !conf.work_stealing,
             gauge: metrics.downstream_connections.clone(),
             parked: metrics.downstream_connections_parked.clone(),
+            parks: metrics.downstream_parks.clone(),
             park_after,
             h2c,
         }
     }
 
-    /// Serve a plain TCP connection: HTTP/2 (on an h2c listener, a new
-    /// connection that starts with its preface) through Pingora, HTTP/1
-    /// in [`serve_h1`](Self::serve_h1).
-    async fn serve(self: Arc<Self>, mut tcp: Box<L4Stream>, shutdown: ShutdownWatch, guard: RequestGauge, at: park::Resume) {
-        let ahead = if at.fresh && self.h2c {
-            let park_after = self.park_after(&tcp);
-            match sniff_h2(&mut tcp, self.express.is_some(), &shutdown, park_after).await {
-                Some(ahead) => ahead,
-                // HTTP/2: Pingora reads the preface again (from the rewound
-                // bytes) and serves the whole connection (its HTTP/2
-                // handling never hands a stream back).
-                None => {
-                    let _guard = guard;
-                    let _ = ServerApp::process_new(&self.inner, tcp, &shutdown).await;
-                    return;
-                }
-            }
-        } else {
-            Ahead::Wait
-        };
-        self.serve_h1(tcp, &shutdown, ahead, guard, at).await;
-    }
-
-    /// After how long idle `tcp` is to be parked: None if parking is off or
-    /// its peer is not an internet address.
-    fn park_after(&self, tcp: &L4Stream) -> Option<std::time::Duration> {
-        let after = self.park_after?;
-        tcp.get_socket_digest()?.peer_addr()?.as_inet()?;
-        Some(after)
-    }
-
-    /// Park an idle connection (see [`park`]). Err: it could not be, and
-    /// is handed back.
-    fn park(
-        self: &Arc<Self>,
-        tcp: Box<L4Stream>,
-        shutdown: &ShutdownWatch,
-        guard: RequestGauge,
-        at: park::Resume,
-        deadline: tokio::time::Instant,
-    ) -> std::result::Result<(), (Box<L4Stream>, RequestGauge)> {
-        match park::Parker::of(self, shutdown) {
-            Some(parker) => parker.park(tcp, at, deadline, guard, &self.parked),
-            None => Err((tcp, guard)),
-        }
-    }
-
-    /// Serve a parked connection again, in a task of its own on this thread.
-    fn resume(self: &Arc<Self>, tcp: std::net::TcpStream, at: park::Resume, guard: RequestGauge, shutdown: &ShutdownWatch) {
-        use std::os::fd::AsRawFd;
-        // Dropping the socket on failure closes the connection.
-        let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else { return };
-        let mut stream = L4Stream::from(tcp);
-        // The peer address is looked up again when first asked for.
-        stream.set_socket_digest(pingora::protocols::SocketDigest::from_raw_fd(stream.as_raw_fd()));
-        tokio::spawn(self.clone().serve(Box::new(stream), shutdown.clone(), guard, at));
-    }
-
-    /// Serve an HTTP/1 connection until it closes. Between requests the
-    /// connection waits in [`next_request`], a small future, so an idle
-    /// keep-alive connection holds no proxy state (Pingora's own loop keeps
-    /// its per-request future, ~14 KB, alive while waiting).
-    /// `at`: requests this connection may still serve, and whether it is
-    /// new. `guard` counts it as open.
-    async fn serve_h1(
-        self: &Arc<Self>,
-        mut tcp: Box<L4Stream>,
-        shutdown: &ShutdownWatch,
-        mut ahead: Ahead,
-        mut guard: RequestGauge,
-        mut at: park::Resume,
-    ) {
+    /// Serve a plain TCP connection until it closes: HTTP/1 here, HTTP/2 (a
+    /// new connection on an h2c listener that starts with the preface)
+    /// through Pingora. Between requests the connection waits in
+    /// [`next_request`], a small future, so an idle keep-alive connection
+    /// holds no proxy state (Pingora's own loop keeps its per-request
+    /// future, ~14 KB, alive while waiting); after `park_idle_after` it is
+    /// parked. `at`: requests it may still serve, and whether it is new.
+    /// `guard` counts it as open.
+    async fn serve(self: Arc<Self>, mut tcp: Box<L4Stream>, shutdown: ShutdownWatch, mut guard: RequestGauge, mut at: park::Resume) {
+        let shutdown = &shutdown;
         let express = self.express.as_ref();
-        let client = tcp.get_socket_digest().and_then(|d| headers::ClientAddr::of_peer(d.peer_addr()));
-        let mut may_park = client.is_some();
+        let peer = tcp.get_socket_digest().and_then(|d| d.peer_addr()?.as_inet().copied());
+        let client = peer.map(|a| headers::ClientAddr::new(a.ip()));
+        // Only connections from an internet address are parked.
+        let park_after = if peer.is_some() { self.park_after } else { None };
+        let mut wait = Wait { park_after, until: None };
         loop {
-            if matches!(ahead, Ahead::Wait) {
-                let park_after = if may_park { self.park_after(&tcp) } else { None };
-                ahead = next_request(&mut tcp, shutdown, express.is_some(), park_after).await;
-            }
+            let ahead = if at.fresh && self.h2c {
+                match sniff_h2(&mut tcp, express.is_some(), shutdown, wait).await {
+                    Some(ahead) => ahead,
+                    // HTTP/2: Pingora reads the preface again (from the
+                    // rewound bytes) and serves the whole connection (its
+                    // HTTP/2 handling never hands a stream back).
+                    None => {
+                        let _guard = guard;
+                        let _ = ServerApp::process_new(&self.inner, tcp, shutdown).await;
+                        return;
+                    }
+                }
+            } else {
+                next_request(&mut tcp, shutdown, express.is_some(), wait).await
+            };
+            wait = Wait { park_after, until: None };
             // Requests this connection may still serve after the current
             // one (None: no limit), as Pingora counts them.
             let remaining = at.remaining;
-            match std::mem::replace(&mut ahead, Ahead::Wait) {
-                Ahead::Closed | Ahead::Wait => return,
-                Ahead::Park(deadline) => match self.park(tcp, shutdown, guard, at, deadline) {
+            match ahead {
+                Ahead::Closed => return,
+                Ahead::Park(deadline) => match self.park(tcp, shutdown, guard, at, deadline, peer) {
                     Ok(()) => return,
                     Err((t, g)) => {
-                        // Not parked: wait on here, as before parking existed.
-                        (tcp, guard, may_park) = (t, g, false);
+                        // Not parked: wait on here until the same deadline,
+                        // as before parking existed.
+                        (tcp, guard) = (t, g);
+                        wait = Wait { park_after: None, until: Some(deadline) };
                         continue;
                     }
                 },
@@ -623,13 +581,39 @@ impl ProxyApp {
             };
         }
     }
+
+    /// Park an idle connection (see [`park`]). Err: it could not be, and
+    /// is handed back.
+    fn park(
+        self: &Arc<Self>,
+        tcp: Box<L4Stream>,
+        shutdown: &ShutdownWatch,
+        guard: RequestGauge,
+        at: park::Resume,
+        deadline: tokio::time::Instant,
+        peer: Option<std::net::SocketAddr>,
+    ) -> std::result::Result<(), (Box<L4Stream>, RequestGauge)> {
+        let parker = match park::Parker::of(self, shutdown) {
+            Some(parker) => parker,
+            None => return Err((tcp, guard)),
+        };
+        parker.park(tcp, park::Parked::new(at, deadline, peer, guard, &self.parked))?;
+        self.parks.inc();
+        Ok(())
+    }
+
+    /// Serve a parked connection again, in a task of its own on this thread.
+    fn resume(self: &Arc<Self>, tcp: std::net::TcpStream, at: park::Resume, guard: RequestGauge, peer: Option<std::net::SocketAddr>, shutdown: &ShutdownWatch) {
+        // Dropping the socket on failure closes the connection.
+        let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else { return };
+        let stream = adopt(tcp, peer.map(pingora::protocols::l4::socket::SocketAddr::Inet));
+        tokio::spawn(self.clone().serve(stream, shutdown.clone(), guard, at));
+    }
 }
 
 /// What the bytes read ahead of a request say.
 #[derive(Debug)]
 enum Ahead {
-    /// Nothing read yet: wait for the next request.
-    Wait,
     /// A request the express path serves (its head, taken off the stream).
     Express(Box<h1::RawRequest>),
     /// Anything else, for Pingora's `HttpProxy` (bytes put back).
@@ -730,17 +714,26 @@ enum First {
     Park(tokio::time::Instant),
 }
 
+/// How an idle connection waits for bytes.
+#[derive(Debug, Clone, Copy)]
+struct Wait {
+    /// Parked after this long (None: never).
+    park_after: Option<std::time::Duration>,
+    /// Closed at this time (None: the idle timeout from now).
+    until: Option<tokio::time::Instant>,
+}
+
 /// Wait for bytes on an idle connection (reading what has arrived, up to
-/// `room` bytes), until the idle timeout, `park_after` (if it comes first)
-/// or shutdown.
-async fn first_bytes(tcp: &mut L4Stream, room: usize, shutdown: &ShutdownWatch, park_after: Option<std::time::Duration>) -> First {
+/// `room` bytes), until it times out, is to be parked, or the server shuts
+/// down.
+async fn first_bytes(tcp: &mut L4Stream, room: usize, shutdown: &ShutdownWatch, wait: Wait) -> First {
     let mut sd = shutdown.clone();
     if *sd.borrow() {
         return First::Closed;
     }
     let now = tokio::time::Instant::now();
-    let deadline = now + std::time::Duration::from_secs(KEEPALIVE_SECS);
-    let park_at = park_after.map(|d| now + d).filter(|&t| t < deadline);
+    let deadline = wait.until.unwrap_or(now + std::time::Duration::from_secs(KEEPALIVE_SECS));
+    let park_at = wait.park_after.map(|d| now + d).filter(|&t| t < deadline);
     tokio::select! {
         r = read_ahead(tcp, room) => match r {
             Some(b) => First::Bytes(b),
@@ -756,8 +749,8 @@ async fn first_bytes(tcp: &mut L4Stream, room: usize, shutdown: &ShutdownWatch, 
 
 /// Wait for the next request's first bytes on an idle keep-alive connection
 /// (as [`first_bytes`]) and classify them.
-async fn next_request(tcp: &mut L4Stream, shutdown: &ShutdownWatch, express: bool, park_after: Option<std::time::Duration>) -> Ahead {
-    match first_bytes(tcp, READ_AHEAD, shutdown, park_after).await {
+async fn next_request(tcp: &mut L4Stream, shutdown: &ShutdownWatch, express: bool, wait: Wait) -> Ahead {
+    match first_bytes(tcp, READ_AHEAD, shutdown, wait).await {
         First::Bytes(b) => classify(tcp, b, express).await,
         First::Closed => Ahead::Closed,
         First::Park(deadline) => Ahead::Park(deadline),
@@ -770,9 +763,9 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Read the first bytes until they either differ from the HTTP/2 preface
 /// (HTTP/1: then classified as by [`next_request`]) or complete it (HTTP/2),
 /// then put them back. None: HTTP/2. The wait for the first bytes is as
-/// [`first_bytes`], parking after `park_after`.
-async fn sniff_h2(stream: &mut L4Stream, express: bool, shutdown: &ShutdownWatch, park_after: Option<std::time::Duration>) -> Option<Ahead> {
-    let mut got = match first_bytes(stream, READ_AHEAD, shutdown, park_after).await {
+/// [`first_bytes`].
+async fn sniff_h2(stream: &mut L4Stream, express: bool, shutdown: &ShutdownWatch, wait: Wait) -> Option<Ahead> {
+    let mut got = match first_bytes(stream, READ_AHEAD, shutdown, wait).await {
         First::Bytes(b) => b,
         First::Closed => return Some(Ahead::Closed),
         First::Park(deadline) => return Some(Ahead::Park(deadline)),
@@ -816,7 +809,15 @@ fn rehome(tcp: Box<L4Stream>) -> Box<L4Stream> {
     let Ok(moved) = tokio::net::TcpStream::from_std(std::net::TcpStream::from(dup)) else { return tcp };
     let peer = tcp.get_socket_digest().and_then(|d| d.peer_addr().cloned());
     drop(tcp);
-    let mut stream = L4Stream::from(moved);
+    adopt(moved, peer)
+}
+
+/// A Pingora stream around `tcp` (registered with this thread's runtime),
+/// whose socket digest knows its peer address without asking the kernel.
+/// It has no read or write buffer (Pingora sets those only on accept).
+fn adopt(tcp: tokio::net::TcpStream, peer: Option<pingora::protocols::l4::socket::SocketAddr>) -> Box<L4Stream> {
+    use std::os::fd::AsRawFd;
+    let mut stream = L4Stream::from(tcp);
     let digest = pingora::protocols::SocketDigest::from_raw_fd(stream.as_raw_fd());
     let _ = digest.peer_addr.set(peer);
     stream.set_socket_digest(digest);

@@ -37,6 +37,11 @@ const SWEEP: Duration = Duration::from_secs(1);
 /// Readiness events taken per `epoll_wait`.
 const BATCH: usize = 256;
 
+/// Connections parked within one sweep interval after which the thread's
+/// allocator is asked to return freed memory (about 1 MB of freed tasks).
+/// Fewer leave it to the allocator, whose next allocations reuse it.
+const COLLECT_AFTER: usize = 256;
+
 /// Where a connection carries on when it wakes.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Resume {
@@ -46,14 +51,39 @@ pub(super) struct Resume {
     pub fresh: bool,
 }
 
-struct Parked {
-    fd: OwnedFd,
+/// A parked connection: its socket, once [`Parker::park`] has it.
+pub(super) struct Parked {
+    fd: Option<OwnedFd>,
     resume: Resume,
     deadline: Instant,
+    /// Its client (so that waking it asks the kernel nothing).
+    peer: Option<std::net::SocketAddr>,
     /// Keeps it counted in `switchyard_downstream_connections`.
     conn: RequestGauge,
     /// And in `switchyard_downstream_connections_parked`.
     _parked: RequestGauge,
+}
+
+impl Parked {
+    /// A connection to park: where it carries on, when it is closed if its
+    /// client sends nothing, its client, and its gauges.
+    pub(super) fn new(
+        resume: Resume,
+        deadline: Instant,
+        peer: Option<std::net::SocketAddr>,
+        conn: RequestGauge,
+        parked: &prometheus::IntGauge,
+    ) -> Parked {
+        parked.inc();
+        Parked {
+            fd: None,
+            resume,
+            deadline,
+            peer,
+            conn,
+            _parked: RequestGauge(parked.clone()),
+        }
+    }
 }
 
 struct Slots {
@@ -109,39 +139,27 @@ impl Parker {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Park `tcp` until its client sends again, `deadline` passes or the
+    /// Park `tcp` until its client sends again, its deadline passes or the
     /// server shuts down. The caller must have found nothing to read (so no
-    /// bytes are buffered in `tcp`). Err: not parked, everything handed back.
-    pub(super) fn park(
-        &self,
-        tcp: Box<L4Stream>,
-        resume: Resume,
-        deadline: Instant,
-        conn: RequestGauge,
-        parked: &prometheus::IntGauge,
-    ) -> Result<(), (Box<L4Stream>, RequestGauge)> {
+    /// bytes are buffered in `tcp`). Err: not parked, the stream and its
+    /// open-connection gauge handed back.
+    pub(super) fn park(&self, tcp: Box<L4Stream>, mut p: Parked) -> Result<(), (Box<L4Stream>, RequestGauge)> {
         // SAFETY: the descriptor is owned by `tcp`, alive for this borrow.
         let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
-        let Ok(fd) = fd.try_clone_to_owned() else { return Err((tcp, conn)) };
+        let Ok(fd) = fd.try_clone_to_owned() else { return Err((tcp, p.conn)) };
         {
             let mut guard = self.slots();
             let slots = &mut *guard;
             if slots.closed {
-                return Err((tcp, conn));
+                return Err((tcp, p.conn));
             }
             let entry = slots.parked.vacant_entry();
             let token = Token(entry.key());
             if self.registry.register(&mut SourceFd(&fd.as_raw_fd()), token, Interest::READABLE).is_err() {
-                return Err((tcp, conn));
+                return Err((tcp, p.conn));
             }
-            parked.inc();
-            entry.insert(Parked {
-                fd,
-                resume,
-                deadline,
-                conn,
-                _parked: RequestGauge(parked.clone()),
-            });
+            p.fd = Some(fd);
+            entry.insert(p);
             slots.newly_parked += 1;
         }
         // Closes the original descriptor, after removing it from the
@@ -162,24 +180,25 @@ impl Parker {
                 ready = epoll.readable_mut() => {
                     let Ok(mut guard) = ready else { break };
                     match guard.get_inner_mut().poll(&mut events, Some(Duration::ZERO)) {
-                        Ok(()) if !events.is_empty() => {}
-                        Err(e) if e.kind() != std::io::ErrorKind::Interrupted => {
-                            tracing::error!(error = %e, "parked connections: epoll_wait failed; closing them");
-                            break;
-                        }
-                        _ => {
+                        Ok(()) if events.is_empty() => {
                             guard.clear_ready();
                             continue;
                         }
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            tracing::error!(error = %e, "parked connections: epoll_wait failed; closing them, and parking no more on this thread");
+                            break;
+                        }
                     }
                     for ev in events.iter() {
-                        if let Some(p) = self.take(ev.token().0) {
-                            let tcp = std::net::TcpStream::from(p.fd);
-                            // A client that hung up is closed here, without
-                            // a task; anything else is served again.
-                            if !matches!(tcp.peek(&mut [0u8; 1]), Ok(0)) {
-                                app.resume(tcp, p.resume, p.conn, &shutdown);
-                            }
+                        let Some(p) = self.take(ev.token().0) else { continue };
+                        let Some(fd) = p.fd else { continue };
+                        let tcp = std::net::TcpStream::from(fd);
+                        // A client that hung up is closed here, without a
+                        // task; anything else is served again.
+                        if !matches!(tcp.peek(&mut [0u8; 1]), Ok(0)) {
+                            app.resume(tcp, p.resume, p.conn, p.peer, &shutdown);
                         }
                     }
                 }
@@ -198,20 +217,25 @@ impl Parker {
         let p = self.slots().parked.try_remove(key)?;
         // Its descriptor lives on: without this, the set would keep
         // reporting its events.
-        let _ = self.registry.deregister(&mut SourceFd(&p.fd.as_raw_fd()));
+        if let Some(fd) = &p.fd {
+            let _ = self.registry.deregister(&mut SourceFd(&fd.as_raw_fd()));
+        }
         Some(p)
     }
 
     /// Close the parked connections whose keep-alive time has run out and,
-    /// if any were parked since the last sweep, hand the memory their tasks
+    /// if many were parked since the last sweep, hand the memory their tasks
     /// held back to the system.
     fn sweep(&self, now: Instant) {
         let mut slots = self.slots();
         // Closing a descriptor takes it out of the set: it is the only one.
         slots.parked.retain(|_, p| p.deadline > now);
+        if slots.parked.len() < slots.parked.capacity() / 4 {
+            slots.parked.shrink_to_fit();
+        }
         let parked = std::mem::take(&mut slots.newly_parked);
         drop(slots);
-        if parked > 0 {
+        if parked >= COLLECT_AFTER {
             crate::alloc::release_free_memory();
         }
     }
@@ -242,7 +266,8 @@ mod tests {
         let (server, _) = listener.accept().await.unwrap();
         gauges.0.inc();
         let conn = RequestGauge(gauges.0.clone());
-        assert!(parker.park(Box::new(L4Stream::from(server)), AT, deadline, conn, &gauges.1).is_ok());
+        let peer = Some(client.local_addr().unwrap());
+        assert!(parker.park(Box::new(L4Stream::from(server)), Parked::new(AT, deadline, peer, conn, &gauges.1)).is_ok());
         client
     }
 
@@ -263,11 +288,12 @@ mod tests {
         assert_eq!((parker.slots().parked.len(), g.0.get(), g.1.get()), (1, 1, 1));
         early.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         assert_eq!(early.read(&mut [0u8; 1]).unwrap(), 0, "the expired connection is closed");
-        late.set_nonblocking(true).unwrap();
+        late.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
         let e = late.read(&mut [0u8; 1]).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "the other one stays open");
         parker.sweep(now + Duration::from_secs(25));
         assert_eq!((parker.slots().parked.len(), g.0.get(), g.1.get()), (0, 0, 0));
+        late.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         assert_eq!(late.read(&mut [0u8; 1]).unwrap(), 0);
     }
 
@@ -281,14 +307,15 @@ mod tests {
         client.write_all(b"G").unwrap();
         poll.poll(&mut events, Some(Duration::from_secs(5))).unwrap();
         let key = events.iter().next().expect("an event for the parked connection").token().0;
-        let Parked { fd, conn, .. } = parker.take(key).expect("parked under its token");
+        let Parked { fd, conn, peer, .. } = parker.take(key).expect("parked under its token");
         assert_eq!((parker.slots().parked.len(), g.1.get(), g.0.get()), (0, 0, 1), "still counted as open");
+        assert_eq!(peer, Some(client.local_addr().unwrap()), "its client is kept");
         // Taken out of the set: more bytes raise no event.
         client.write_all(b"ET").unwrap();
         poll.poll(&mut events, Some(Duration::from_millis(200))).unwrap();
         assert!(events.is_empty(), "{events:?}");
         // The socket itself is untouched: everything sent is there to read.
-        let mut server = std::net::TcpStream::from(fd);
+        let mut server = std::net::TcpStream::from(fd.expect("its socket"));
         server.set_nonblocking(false).unwrap();
         server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut got = [0u8; 3];
