@@ -68,9 +68,9 @@ fn churn_moves_traffic_within_a_second_with_zero_failures() {
             }
         }
         let allowed: HashSet<&str> = live.iter().map(|&i| ups[i].name()).collect();
-        let took = p.wait_for_set(prev, &allowed, Instant::now(), Duration::from_secs(3))
-            .unwrap_or_else(|| panic!("event {e}: no new table within 3 s"));
-        if took >= Duration::from_secs(1) {
+        // What to print when an event is slow: the last health reads, and
+        // the proxy's log (when each table was published).
+        let diagnose = || {
             let tail: Vec<String> = consul
                 .requests()
                 .iter()
@@ -79,7 +79,14 @@ fn churn_moves_traffic_within_a_second_with_zero_failures() {
                 .take(6)
                 .map(|r| format!("{} ?{} recv {:?} ago, answered {:?} ago, {:?}", r.path, r.query, r.received.elapsed(), r.answered.map(|a| a.elapsed()), r.status))
                 .collect();
-            panic!("event {e} took {took:?}; index now {}; recent reads:\n{}", consul.index_of("web"), tail.join("\n"));
+            let log = p.stderr();
+            let log_tail: Vec<&str> = log.lines().rev().take(12).collect::<Vec<_>>().into_iter().rev().collect();
+            format!("index now {}; recent reads:\n{}\nproxy log (last lines):\n{}", consul.index_of("web"), tail.join("\n"), log_tail.join("\n"))
+        };
+        let took = p.wait_for_set(prev, &allowed, Instant::now(), Duration::from_secs(3))
+            .unwrap_or_else(|| panic!("event {e}: no new table within 3 s; {}", diagnose()));
+        if took >= Duration::from_secs(1) {
+            panic!("event {e} took {took:?}; {}", diagnose());
         }
         worst = worst.max(took);
     }
