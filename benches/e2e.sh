@@ -14,7 +14,7 @@
 #                    Accept, Accept-Language, a Cookie padded to size; default 0:
 #                    wrk's minimal head)
 #   --only LIST      scenarios to run, comma separated (default: all):
-#                    pinned, unpinned, features, swaps, conns
+#                    pinned, unpinned, features, swaps, conns, wake
 #                    (swaps = swaps-file + swaps-consul; either may be named alone)
 #   --proxies LIST   proxies in the pinned/unpinned/conns scenarios
 #                    (default: switchyard,nginx,haproxy; also switchyard-general:
@@ -64,6 +64,13 @@
 #             (the first always passes, so the pool is never empty).
 #   conns     RSS of each proxy holding N idle keep-alive client connections
 #             (a small Python client opens them, one request each, and holds them).
+#             Read 1 s and 5 s after the last one opened (Switchyard parks
+#             connections idle for park_idle_after, 1 s).
+#   wake      CPU per request when every request comes after a pause longer
+#             than park_idle_after: 2,000 keep-alive connections (200 in smoke)
+#             each send one request every 1.5 s, so each Switchyard request
+#             wakes a parked connection. Switchyard also runs with parking off
+#             (switchyard-noparking): the difference is what parking costs.
 #
 # Exit status: 0 when every proxy served every run (all 2xx, no connect errors,
 # still alive afterwards, every swap run swapped, every connection held).
@@ -82,8 +89,10 @@ ROUNDS=3
 DURATION=10
 WARMUP=3
 CONNS=10000
+WAKE_CONNS=2000
+WAKE_ROUNDS=6
 HEAD_BYTES=0
-ONLY="pinned,unpinned,features,swaps,conns"
+ONLY="pinned,unpinned,features,swaps,conns,wake"
 PROXIES="switchyard,nginx,haproxy"
 BUILD=1
 KEEP=0
@@ -114,6 +123,7 @@ if ((SMOKE)); then
     ((DURATION_SET)) || DURATION=2
     ((WARMUP_SET)) || WARMUP=1
     ((CONNS_SET)) || CONNS=200
+    WAKE_CONNS=200 WAKE_ROUNDS=2
 fi
 for v in ROUNDS DURATION WARMUP CONNS; do
     [[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 1 ]] || { echo "--${v,,} must be a positive integer" >&2; exit 64; }
@@ -356,6 +366,74 @@ done = function(summary, latency, requests)
     latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
     e.status, e.connect, e.read, e.write, e.timeout))
 end
+EOF
+    cat >"$WORK/wake_conns.py" <<'EOF'
+"""Keep-alive connections that each send one request every PERIOD seconds.
+
+usage: wake_conns.py PORT N PERIOD ROUNDS READY_FILE DONE_FILE
+Opens N connections, sends one request on each and reads the answers (the
+unmeasured round), waits PERIOD, then writes READY_FILE and runs ROUNDS
+measured rounds, each starting PERIOD after the one before: every request
+comes after a pause of about PERIOD on its connection. Writes
+"<requests> <failed> <seconds>" to DONE_FILE at the end.
+"""
+import os, resource, signal, socket, sys, time
+
+port, n, period, rounds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+ready, done = sys.argv[5], sys.argv[6]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft < n + 64:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (n + 64 if hard == resource.RLIM_INFINITY else min(n + 64, hard), hard))
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+REQ = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+def answer(s):
+    """Read one response (Content-Length or chunked body); True if a 200."""
+    buf = b""
+    while True:
+        head, sep, body = buf.partition(b"\r\n\r\n")
+        if sep:
+            lines = head.split(b"\r\n")
+            length = None
+            for line in lines[1:]:
+                k, _, v = line.partition(b":")
+                if k.strip().lower() == b"content-length":
+                    length = int(v.strip())
+            if (length is not None and len(body) >= length) or (length is None and body.endswith(b"0\r\n\r\n")):
+                return b" 200 " in lines[0] + b" "
+        chunk = s.recv(65536)
+        if not chunk:
+            return False
+        buf += chunk
+
+def write_atomic(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(path + ".tmp", path)
+
+socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(n)]
+failed = requests = 0
+
+def one_round():
+    global failed, requests
+    for s in socks:
+        s.sendall(REQ)
+    for s in socks:
+        requests += 1
+        if not answer(s):
+            failed += 1
+
+one_round()
+time.sleep(period)
+write_atomic(ready, "ready\n")
+requests = failed = 0
+t0 = time.monotonic()
+for r in range(rounds):
+    start = time.monotonic()
+    one_round()
+    if r + 1 < rounds:
+        time.sleep(max(0.0, period - (time.monotonic() - start)))
+write_atomic(done, "%d %d %.2f\n" % (requests, failed, time.monotonic() - t0))
 EOF
     cat >"$WORK/hold_conns.py" <<'EOF'
 """Open N keep-alive connections, one GET each, and hold them open.
@@ -657,13 +735,15 @@ enabled = false"
     else
         cluster="static = [\"127.0.0.1:$UP1\", \"127.0.0.1:$UP2\"]"
     fi
-    local express=true
+    local express=true park=1s
     [[ $variant == general ]] && express=false
+    [[ $variant == noparking ]] && park=off
     cat >"$conf" <<EOF
 # Generated by benches/e2e.sh ($variant).
 [server]
 threads = $threads
 express = $express
+park_idle_after = "$park"
 work_stealing = false
 drain_timeout = "1s"
 shutdown_timeout = "1s"
@@ -705,6 +785,7 @@ start_proxy() {
     case $kind in
         switchyard) start_switchyard "$name" "$NEXT_PORT" "$workers" "$cpus" lean ;;
         switchyard-general) start_switchyard "$name" "$NEXT_PORT" "$workers" "$cpus" general ;;
+        switchyard-noparking) start_switchyard "$name" "$NEXT_PORT" "$workers" "$cpus" noparking ;;
         nginx) start_nginx "$name" "$NEXT_PORT" "$workers" "$cpus" "$maxconn" ;;
         haproxy) start_haproxy "$name" "$NEXT_PORT" "$workers" "$cpus" "$maxconn" ;;
         *) die "unknown proxy $kind" ;;
@@ -1057,6 +1138,68 @@ scenario_conns() {
     fi
 }
 
+# wake: CPU per request when each request comes after a pause longer than
+# park_idle_after (every Switchyard request wakes a parked connection).
+scenario_wake() {
+    local sc=wake p name r i ready done_f c0 c1 req failed secs period=1.5 us
+    local -a kinds=()
+    local -A cpus_of=() req_of=()
+    log "== scenario wake: $WAKE_CONNS connections, one request each every ${period}s"
+    pin_upstreams "$LOAD_CPU"
+    for p in $(selected_proxies); do
+        kinds+=("$p")
+        [[ $p == switchyard ]] && kinds+=(switchyard-noparking)
+    done
+    for p in "${kinds[@]}"; do
+        # Twice the clients: nginx counts its upstream connections too, and
+        # each round sends every client's request at once.
+        start_proxy "$p" "$sc-$p" 1 "$PROXY_CPU" "$((2 * WAKE_CONNS + 256))"
+    done
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for p in "${kinds[@]}"; do
+            name="$sc-$p" ready="$WORK/$sc-$p-$r.ready" done_f="$WORK/$sc-$p-$r.done"
+            start_bg "$name-client-$r" "$LOAD_CPU" "$PY" "$WORK/wake_conns.py" "${PORT_OF[$name]}" \
+                "$WAKE_CONNS" "$period" "$WAKE_ROUNDS" "$ready" "$done_f"
+            for ((i = 0; i < 1200; i++)); do   # at most 120 s
+                [[ -e $ready ]] && break
+                alive "${PID_OF[$name-client-$r]}" || break
+                sleep 0.1
+            done
+            c0=$(cpu_ticks "$name")
+            for ((i = 0; i < 1200; i++)); do
+                [[ -e $done_f ]] && break
+                alive "${PID_OF[$name-client-$r]}" || break
+                sleep 0.1
+            done
+            c1=$(cpu_ticks "$name")
+            req=0 failed=0 secs=0
+            [[ -e $done_f ]] && read -r req failed secs <"$done_f"
+            stop_pid "${PID_OF[$name-client-$r]}" TERM
+            ((req > 0 && failed == 0)) || fail "wake: $p round $r: $req requests, $failed failed (see $name-client-$r.log)"
+            alive "${PID_OF[$name]}" || fail "wake: $name died"
+            us=$(awk -v t="$((c1 - c0))" -v n="$req" -v hz="$CLK_TCK" 'BEGIN { printf "%.1f", n ? t * 1e6 / hz / n : 0 }')
+            cpus_of[$p]+="$us "
+            req_of[$p]=$req
+            log "$sc $p round $r: $req requests in ${secs}s, CPU $us µs/request"
+        done
+    done
+    for p in "${kinds[@]}"; do stop "$sc-$p"; done
+    emit "" "### Waking idle connections: $WAKE_CONNS connections, one request each every ${period}s (proxy pinned, 1 worker; medians of $ROUNDS)" "" \
+        "| proxy | requests per run | CPU µs/req | runs |" "|---|---:|---:|---|"
+    local -A med=()
+    for p in "${kinds[@]}"; do
+        med[$p]=$(tr ' ' '\n' <<<"${cpus_of[$p]}" | grep . | sort -g | awk '{ v[NR] = $1 } END { print NR ? v[int((NR + 1) / 2)] : "nan" }')
+        emit "| $p | ${req_of[$p]} | ${med[$p]} | ${cpus_of[$p]% } |"
+    done
+    if want "$PROXIES" switchyard; then
+        emit "- switchyard/switchyard-noparking (parking and waking): $(ratio "${med[switchyard]}" "${med[switchyard-noparking]}")"
+        for p in nginx haproxy; do
+            want "$PROXIES" "$p" && emit "- switchyard/$p: $(ratio "${med[switchyard]}" "${med[$p]}")"
+        done
+    fi
+    return 0
+}
+
 # ------------------------------------------------------------------ main ---
 
 main() {
@@ -1097,6 +1240,7 @@ main() {
         scenario_swaps
     fi
     if want "$ONLY" conns; then scenario_conns; fi
+    if want "$ONLY" wake; then scenario_wake; fi
 
     emit "" "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
