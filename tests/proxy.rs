@@ -635,21 +635,23 @@ fn close_delimited_bodies_reach_the_client_as_they_come() {
     }
 }
 
-/// On SIGTERM, idle keep-alive connections are closed at once (each now has
-/// a task of its own, which must still follow the shutdown signal), while a
-/// request in flight is still being answered and keeps the process up.
-#[test]
-fn sigterm_closes_idle_keepalive_connections_at_once() {
+/// On SIGTERM, idle keep-alive connections are closed at once, while a
+/// request in flight is still being answered and keeps the process up (so
+/// the proxy closed them, not its exit). `parked`: they are parked first and
+/// the parker closes them; else each is in a task of its own, which must
+/// follow the shutdown signal.
+fn sigterm_closes_idle_connections(parked: bool) {
     use std::io::{Read, Write};
     let fast = Upstream::start("fast");
     let slow = Upstream::start("slow");
     slow.set_delay(Duration::from_millis(1500));
+    let park = if parked { "50ms" } else { "off" };
     let mut p = Proxy::builder(&format!(
         "[[routes]]\nhosts = [\"slow.example.com\"]\ncluster = \"slow\"\n[[routes]]\ncluster = \"fast\"\n{}{}",
         static_cluster("fast", &[fast.addr], ""),
         static_cluster("slow", &[slow.addr], "")
     ))
-    .server("drain_timeout = \"5s\"")
+    .server(&format!("drain_timeout = \"5s\"\npark_idle_after = \"{park}\""))
     .start();
     let mut idle: Vec<std::net::TcpStream> = (0..5)
         .map(|i| {
@@ -660,6 +662,10 @@ fn sigterm_closes_idle_keepalive_connections_at_once() {
             s
         })
         .collect();
+    if parked {
+        let parked = || sample(&parse_metrics(&p.metrics()), "switchyard_downstream_connections_parked", &[]);
+        assert!(wait_until(Duration::from_secs(5), || parked() == Some(5.0)), "parked {:?}", parked());
+    }
     let url = p.url("/slow");
     let inflight = std::thread::spawn(move || {
         let c = reqwest::blocking::Client::builder().no_proxy().build().unwrap();
@@ -672,12 +678,22 @@ fn sigterm_closes_idle_keepalive_connections_at_once() {
     for (i, s) in idle.iter_mut().enumerate() {
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         let mut b = [0u8; 1];
-        assert!(matches!(s.read(&mut b), Ok(0)), "idle connection {i} closed on shutdown");
+        assert!(matches!(s.read(&mut b), Ok(0)), "idle connection {i} (parked: {parked}) closed on shutdown");
     }
     let closed_after = t0.elapsed();
-    assert!(closed_after < Duration::from_millis(1000), "idle connections closed after {closed_after:?}, before the request in flight ended");
+    assert!(closed_after < Duration::from_millis(1000), "idle connections (parked: {parked}) closed after {closed_after:?}, before the request in flight ended");
     assert_eq!(inflight.join().unwrap(), (200, "slow".to_string()), "the request in flight is answered");
     assert_eq!(p.wait_exit(Duration::from_secs(7)), Some(0), "stderr:\n{}", p.stderr());
+}
+
+#[test]
+fn sigterm_closes_idle_keepalive_connections_at_once() {
+    sigterm_closes_idle_connections(false);
+}
+
+#[test]
+fn sigterm_closes_parked_connections_at_once() {
+    sigterm_closes_idle_connections(true);
 }
 
 /// Idle client connections are parked after `park_idle_after` (no task,
@@ -737,52 +753,6 @@ fn idle_connections_are_parked_and_served_again() {
         h2.read_exact(&mut frame).unwrap();
         assert_eq!(frame[3], 4, "express {express}: HTTP/2 after parking answers with SETTINGS: {frame:?}");
     }
-}
-
-/// On SIGTERM, parked connections are closed at once, while a request in
-/// flight still gets its answer (so the process has not exited yet: the
-/// parker itself closed them).
-#[test]
-fn sigterm_closes_parked_connections_at_once() {
-    use std::io::{Read, Write};
-    let fast = Upstream::start("fast");
-    let slow = Upstream::start("slow");
-    slow.set_delay(Duration::from_millis(1500));
-    let mut p = Proxy::builder(&format!(
-        "[[routes]]\nhosts = [\"slow.example.com\"]\ncluster = \"slow\"\n[[routes]]\ncluster = \"fast\"\n{}{}",
-        static_cluster("fast", &[fast.addr], ""),
-        static_cluster("slow", &[slow.addr], "")
-    ))
-    .server("park_idle_after = \"50ms\"\ndrain_timeout = \"5s\"")
-    .start();
-    let mut conns: Vec<std::net::TcpStream> = (0..4)
-        .map(|_| {
-            let mut s = std::net::TcpStream::connect(p.addr).unwrap();
-            s.write_all(b"GET / HTTP/1.1\r\nHost: fast.example.com\r\n\r\n").unwrap();
-            assert!(read_one_response(&mut s).unwrap_or_default().starts_with("HTTP/1.1 200 "));
-            s
-        })
-        .collect();
-    let parked = || sample(&parse_metrics(&p.metrics()), "switchyard_downstream_connections_parked", &[]);
-    assert!(wait_until(Duration::from_secs(5), || parked() == Some(4.0)), "parked {:?}", parked());
-    let url = p.url("/slow");
-    let inflight = std::thread::spawn(move || {
-        let c = reqwest::blocking::Client::builder().no_proxy().build().unwrap();
-        let r = c.get(url).header("host", "slow.example.com").send().unwrap();
-        (r.status().as_u16(), r.text().unwrap())
-    });
-    assert!(wait_until(Duration::from_secs(3), || slow.hits() == 1));
-    let t0 = Instant::now();
-    p.signal(libc::SIGTERM);
-    for (i, s) in conns.iter_mut().enumerate() {
-        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let mut b = [0u8; 1];
-        assert!(matches!(s.read(&mut b), Ok(0)), "parked connection {i} closed on shutdown");
-    }
-    let closed_after = t0.elapsed();
-    assert!(closed_after < Duration::from_millis(1000), "parked connections closed after {closed_after:?}, before the request in flight ended");
-    assert_eq!(inflight.join().unwrap(), (200, "slow".to_string()), "the request in flight is answered");
-    assert_eq!(p.wait_exit(Duration::from_secs(7)), Some(0), "stderr:\n{}", p.stderr());
 }
 
 /// Requests that arrive just before, at and just after the moment their
