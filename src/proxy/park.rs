@@ -38,8 +38,10 @@ const SWEEP: Duration = Duration::from_secs(1);
 const BATCH: usize = 256;
 
 /// Connections parked within one sweep interval after which the thread's
-/// allocator is asked to return freed memory (about 1 MB of freed tasks).
-/// Fewer leave it to the allocator, whose next allocations reuse it.
+/// allocator is asked to return freed memory (about 1 MB of freed tasks),
+/// unless many were woken as well: connections that come and go keep
+/// reusing that memory, and returning it would only cost page faults when
+/// their tasks are allocated again.
 const COLLECT_AFTER: usize = 256;
 
 /// Where a connection carries on when it wakes.
@@ -92,6 +94,8 @@ struct Slots {
     closed: bool,
     /// Connections parked since the last sweep.
     newly_parked: usize,
+    /// Connections woken since the last sweep.
+    woken: usize,
 }
 
 /// One worker thread's parked connections, for one [`ProxyApp`].
@@ -126,6 +130,7 @@ impl Parker {
                     parked: Slab::new(),
                     closed: false,
                     newly_parked: 0,
+                    woken: 0,
                 }),
             });
             tokio::spawn(parker.clone().run(events, app.clone(), shutdown.clone()));
@@ -214,7 +219,12 @@ impl Parker {
 
     /// Take a woken connection out of the set.
     fn take(&self, key: usize) -> Option<Parked> {
-        let p = self.slots().parked.try_remove(key)?;
+        let p = {
+            let mut slots = self.slots();
+            let p = slots.parked.try_remove(key)?;
+            slots.woken += 1;
+            p
+        };
         // Its descriptor lives on: without this, the set would keep
         // reporting its events.
         if let Some(fd) = &p.fd {
@@ -234,8 +244,9 @@ impl Parker {
             slots.parked.shrink_to_fit();
         }
         let parked = std::mem::take(&mut slots.newly_parked);
+        let woken = std::mem::take(&mut slots.woken);
         drop(slots);
-        if parked >= COLLECT_AFTER {
+        if parked >= COLLECT_AFTER && woken < parked / 4 {
             crate::alloc::release_free_memory();
         }
     }
@@ -249,7 +260,7 @@ mod tests {
     fn parker() -> (Poll, Parker) {
         let poll = Poll::new().unwrap();
         let registry = poll.registry().try_clone().unwrap();
-        let slots = Mutex::new(Slots { parked: Slab::new(), closed: false, newly_parked: 0 });
+        let slots = Mutex::new(Slots { parked: Slab::new(), closed: false, newly_parked: 0, woken: 0 });
         (poll, Parker { registry, slots })
     }
 
