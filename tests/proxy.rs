@@ -698,7 +698,8 @@ fn sigterm_closes_parked_connections_at_once() {
 
 /// Idle client connections are parked after `park_idle_after` (no task,
 /// a bare socket) and served again when their client sends, on both paths
-/// and with two worker threads: the client address survives the move
+/// and with two worker threads (one runtime each, and one work-stealing
+/// runtime): the client address survives the move
 /// (X-Forwarded-For), a connection parks again after each request, a client
 /// that hangs up while parked is closed and uncounted, and a new connection
 /// on an h2c listener parked before its first bytes can still speak HTTP/1
@@ -707,11 +708,12 @@ fn sigterm_closes_parked_connections_at_once() {
 fn idle_connections_are_parked_and_served_again() {
     use std::io::{Read, Write};
     let up = Upstream::start("parked");
-    for express in [true, false] {
+    for (express, stealing) in [(true, false), (false, false), (true, true)] {
         let p = Proxy::builder(&format!("[[routes]]\ncluster = \"c\"\n{}", static_cluster("c", &[up.addr], "")))
-            .server(&format!("express = {express}\npark_idle_after = \"100ms\""))
+            .server(&format!("express = {express}\nwork_stealing = {stealing}\npark_idle_after = \"100ms\""))
             .threads(2)
             .start();
+        let express = format!("{express} (work stealing: {stealing})");
         let gauge = |name: &str| sample(&parse_metrics(&p.metrics()), name, &[]).unwrap_or(-1.0);
         let parked = || gauge("switchyard_downstream_connections_parked");
         let request = |s: &mut std::net::TcpStream, what: &str| {
