@@ -633,8 +633,9 @@ const EXPRESS_HEAD_MAX: usize = 8 * 1024;
 /// express path (if `express`) takes the head off the stream, anything else
 /// is put back for `HttpProxy`. A head that fills the read-ahead buffer is
 /// read on (into a heap buffer, up to [`EXPRESS_HEAD_MAX`]) until it is
-/// complete.
-async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool) -> Ahead {
+/// complete, or until `until` (None: [`HEAD_TIMEOUT`] from now; then it
+/// goes to `HttpProxy`, which answers it or times it out).
+async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool, until: Option<tokio::time::Instant>) -> Ahead {
     use h1::{RawRequest, Verdict};
     use tokio::io::AsyncReadExt;
     if !express {
@@ -649,10 +650,13 @@ async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool) -> Ahead {
             return Ahead::Proxy;
         }
     };
+    // Only a head longer than the read-ahead gets here: the clock is read
+    // off the common path.
+    let until = until.unwrap_or_else(|| tokio::time::Instant::now() + HEAD_TIMEOUT);
     loop {
         let n = head.len();
         head.resize(EXPRESS_HEAD_MAX, 0);
-        let read = tokio::time::timeout(HEAD_TIMEOUT, tcp.read(&mut head[n..])).await;
+        let read = tokio::time::timeout_at(until, tcp.read(&mut head[n..])).await;
         match read {
             Ok(Ok(k)) if k > 0 => head.truncate(n + k),
             _ => {
@@ -677,8 +681,9 @@ type L4Stream = pingora::protocols::l4::stream::Stream;
 /// Idle time allowed between requests on a keep-alive connection.
 const KEEPALIVE_SECS: u64 = crate::config::KEEPALIVE_IDLE.as_secs();
 
-/// Time allowed for the rest of a request head, and for a new connection's
-/// first bytes on an h2c listener, once this proxy reads them itself.
+/// Time allowed for the rest of a request head (all of it, from its first
+/// bytes), including a new connection's first bytes on an h2c listener,
+/// once this proxy reads them itself.
 const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(KEEPALIVE_SECS);
 
 /// Most bytes read ahead while waiting for a request. Sized for a browser's
@@ -751,7 +756,7 @@ async fn first_bytes(tcp: &mut L4Stream, room: usize, shutdown: &ShutdownWatch, 
 /// (as [`first_bytes`]) and classify them.
 async fn next_request(tcp: &mut L4Stream, shutdown: &ShutdownWatch, express: bool, wait: Wait) -> Ahead {
     match first_bytes(tcp, READ_AHEAD, shutdown, wait).await {
-        First::Bytes(b) => classify(tcp, b, express).await,
+        First::Bytes(b) => classify(tcp, b, express, None).await,
         First::Closed => Ahead::Closed,
         First::Park(deadline) => Ahead::Park(deadline),
     }
@@ -770,16 +775,17 @@ async fn sniff_h2(stream: &mut L4Stream, express: bool, shutdown: &ShutdownWatch
         First::Closed => return Some(Ahead::Closed),
         First::Park(deadline) => return Some(Ahead::Park(deadline)),
     };
+    let until = tokio::time::Instant::now() + HEAD_TIMEOUT;
     loop {
         let m = got.len().min(H2_PREFACE.len());
         if got[..m] != H2_PREFACE[..m] {
-            return Some(classify(stream, got, express).await);
+            return Some(classify(stream, got, express, Some(until)).await);
         }
         if got.len() >= H2_PREFACE.len() {
             stream.rewind(&got);
             return None;
         }
-        match tokio::time::timeout(HEAD_TIMEOUT, read_ahead(stream, READ_AHEAD - got.len())).await {
+        match tokio::time::timeout_at(until, read_ahead(stream, READ_AHEAD - got.len())).await {
             Ok(Some(more)) => got.extend_from_slice(&more),
             Ok(None) | Err(_) => return Some(Ahead::Closed),
         }
