@@ -1188,7 +1188,7 @@ scenario_wake() {
         "| proxy | requests per run | CPU µs/req | runs |" "|---|---:|---:|---|"
     local -A med=()
     for p in "${kinds[@]}"; do
-        med[$p]=$(tr ' ' '\n' <<<"${cpus_of[$p]}" | grep . | sort -g | awk '{ v[NR] = $1 } END { print NR ? v[int((NR + 1) / 2)] : "nan" }')
+        med[$p]=$(tr ' ' '\n' <<<"${cpus_of[$p]}" | grep . | median)
         emit "| $p | ${req_of[$p]} | ${med[$p]} | ${cpus_of[$p]% } |"
     done
     if want "$PROXIES" switchyard; then

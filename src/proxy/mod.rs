@@ -593,11 +593,9 @@ impl ProxyApp {
         deadline: tokio::time::Instant,
         peer: Option<std::net::SocketAddr>,
     ) -> std::result::Result<(), (Box<L4Stream>, RequestGauge)> {
-        let parker = match park::Parker::of(self, shutdown) {
-            Some(parker) => parker,
-            None => return Err((tcp, guard)),
-        };
-        parker.park(tcp, park::Parked::new(at, deadline, peer, guard, &self.parked))?;
+        let Some(parker) = park::Parker::of(self, shutdown) else { return Err((tcp, guard)) };
+        let Ok(fd) = dup_socket(&tcp) else { return Err((tcp, guard)) };
+        parker.park(tcp, park::Parked::new(fd, at, deadline, peer, guard, &self.parked))?;
         self.parks.inc();
         Ok(())
     }
@@ -684,7 +682,7 @@ const KEEPALIVE_SECS: u64 = crate::config::KEEPALIVE_IDLE.as_secs();
 /// Time allowed for the rest of a request head (all of it, from its first
 /// bytes), including a new connection's first bytes on an h2c listener,
 /// once this proxy reads them itself.
-const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(KEEPALIVE_SECS);
+const HEAD_TIMEOUT: std::time::Duration = crate::config::KEEPALIVE_IDLE;
 
 /// Most bytes read ahead while waiting for a request. Sized for a browser's
 /// request head with cookies (typically 0.5–1.5 KB): a longer head costs
@@ -737,7 +735,7 @@ async fn first_bytes(tcp: &mut L4Stream, room: usize, shutdown: &ShutdownWatch, 
         return First::Closed;
     }
     let now = tokio::time::Instant::now();
-    let deadline = wait.until.unwrap_or(now + std::time::Duration::from_secs(KEEPALIVE_SECS));
+    let deadline = wait.until.unwrap_or(now + crate::config::KEEPALIVE_IDLE);
     let park_at = wait.park_after.map(|d| now + d).filter(|&t| t < deadline);
     tokio::select! {
         r = read_ahead(tcp, room) => match r {
@@ -807,15 +805,20 @@ async fn sniff_h2(stream: &mut L4Stream, express: bool, shutdown: &ShutdownWatch
 /// the general path a response head and body go out in separate writes.
 /// Not done with `work_stealing` (one reactor for all threads).
 fn rehome(tcp: Box<L4Stream>) -> Box<L4Stream> {
-    use std::os::fd::{AsRawFd, BorrowedFd};
-    // SAFETY: the descriptor is owned by `tcp`, which outlives this borrow
-    // (the duplicate is made before `tcp` is dropped).
-    let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
-    let Ok(dup) = fd.try_clone_to_owned() else { return tcp };
+    let Ok(dup) = dup_socket(&tcp) else { return tcp };
     let Ok(moved) = tokio::net::TcpStream::from_std(std::net::TcpStream::from(dup)) else { return tcp };
     let peer = tcp.get_socket_digest().and_then(|d| d.peer_addr().cloned());
     drop(tcp);
     adopt(moved, peer)
+}
+
+/// A second descriptor for `tcp`'s socket (Pingora's stream cannot hand
+/// over its own): a move to another reactor, or parking, keeps it and drops
+/// the stream.
+fn dup_socket(tcp: &L4Stream) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    // SAFETY: the descriptor is owned by `tcp`, which outlives this borrow.
+    unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) }.try_clone_to_owned()
 }
 
 /// A Pingora stream around `tcp` (registered with this thread's runtime),

@@ -26,7 +26,7 @@ use mio::{Events, Interest, Poll, Registry, Token};
 use pingora::server::ShutdownWatch;
 use slab::Slab;
 use std::cell::RefCell;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
@@ -54,9 +54,10 @@ pub(super) struct Resume {
     pub fresh: bool,
 }
 
-/// A parked connection: its socket, once [`Parker::park`] has it.
+/// A parked connection: a descriptor of its socket, and what it carries on
+/// with.
 pub(super) struct Parked {
-    fd: Option<OwnedFd>,
+    fd: OwnedFd,
     resume: Resume,
     deadline: Instant,
     /// Its client (so that waking it asks the kernel nothing).
@@ -68,9 +69,11 @@ pub(super) struct Parked {
 }
 
 impl Parked {
-    /// A connection to park: where it carries on, when it is closed if its
-    /// client sends nothing, its client, and its gauges.
+    /// A connection to park: its socket (a duplicate, the stream's own
+    /// descriptor is closed with it), where it carries on, when it is
+    /// closed if its client sends nothing, its client, and its gauges.
     pub(super) fn new(
+        fd: OwnedFd,
         resume: Resume,
         deadline: Instant,
         peer: Option<std::net::SocketAddr>,
@@ -79,7 +82,7 @@ impl Parked {
     ) -> Parked {
         parked.inc();
         Parked {
-            fd: None,
+            fd,
             resume,
             deadline,
             peer,
@@ -145,14 +148,12 @@ impl Parker {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Park `tcp` until its client sends again, its deadline passes or the
-    /// server shuts down. The caller must have found nothing to read (so no
-    /// bytes are buffered in `tcp`). Err: not parked, the stream and its
-    /// open-connection gauge handed back.
-    pub(super) fn park(&self, tcp: Box<L4Stream>, mut p: Parked) -> Result<(), (Box<L4Stream>, RequestGauge)> {
-        // SAFETY: the descriptor is owned by `tcp`, alive for this borrow.
-        let fd = unsafe { BorrowedFd::borrow_raw(tcp.as_raw_fd()) };
-        let Ok(fd) = fd.try_clone_to_owned() else { return Err((tcp, p.conn)) };
+    /// Park `tcp` (its socket as `p.fd`, a duplicate) until its client
+    /// sends again, its deadline passes or the server shuts down. The caller
+    /// must have found nothing to read (so no bytes are buffered in `tcp`).
+    /// Err: not parked, the stream and its open-connection gauge handed
+    /// back.
+    pub(super) fn park(&self, tcp: Box<L4Stream>, p: Parked) -> Result<(), (Box<L4Stream>, RequestGauge)> {
         {
             let mut guard = self.slots();
             let slots = &mut *guard;
@@ -161,10 +162,9 @@ impl Parker {
             }
             let entry = slots.parked.vacant_entry();
             let token = Token(entry.key());
-            if self.registry.register(&mut SourceFd(&fd.as_raw_fd()), token, Interest::READABLE).is_err() {
+            if self.registry.register(&mut SourceFd(&p.fd.as_raw_fd()), token, Interest::READABLE).is_err() {
                 return Err((tcp, p.conn));
             }
-            p.fd = Some(fd);
             entry.insert(p);
             slots.newly_parked += 1;
         }
@@ -199,8 +199,7 @@ impl Parker {
                     }
                     for ev in events.iter() {
                         let Some(p) = self.take(ev.token().0) else { continue };
-                        let Some(fd) = p.fd else { continue };
-                        let tcp = std::net::TcpStream::from(fd);
+                        let tcp = std::net::TcpStream::from(p.fd);
                         // A client that hung up is closed here, without a
                         // task; anything else is served again.
                         if !matches!(tcp.peek(&mut [0u8; 1]), Ok(0)) {
@@ -228,9 +227,7 @@ impl Parker {
         };
         // Its descriptor lives on: without this, the set would keep
         // reporting its events.
-        if let Some(fd) = &p.fd {
-            let _ = self.registry.deregister(&mut SourceFd(&fd.as_raw_fd()));
-        }
+        let _ = self.registry.deregister(&mut SourceFd(&p.fd.as_raw_fd()));
         Some(p)
     }
 
@@ -279,7 +276,9 @@ mod tests {
         gauges.0.inc();
         let conn = RequestGauge(gauges.0.clone());
         let peer = Some(client.local_addr().unwrap());
-        assert!(parker.park(Box::new(L4Stream::from(server)), Parked::new(AT, deadline, peer, conn, &gauges.1)).is_ok());
+        let server = Box::new(L4Stream::from(server));
+        let fd = super::super::dup_socket(&server).unwrap();
+        assert!(parker.park(server, Parked::new(fd, AT, deadline, peer, conn, &gauges.1)).is_ok());
         client
     }
 
@@ -327,7 +326,7 @@ mod tests {
         poll.poll(&mut events, Some(Duration::from_millis(200))).unwrap();
         assert!(events.is_empty(), "{events:?}");
         // The socket itself is untouched: everything sent is there to read.
-        let mut server = std::net::TcpStream::from(fd.expect("its socket"));
+        let mut server = std::net::TcpStream::from(fd);
         server.set_nonblocking(false).unwrap();
         server.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut got = [0u8; 3];
