@@ -44,6 +44,8 @@ pub struct Metrics {
     pub discovery_staleness: prometheus::GaugeVec,
     pub panic_mode: IntGaugeVec,
     pub consul_tag_errors: IntCounterVec,
+    pub consul_index_rewinds: IntCounter,
+    pub consul_recovery_wakes: IntCounter,
     pub routing_build: Histogram,
 }
 
@@ -166,6 +168,16 @@ impl Metrics {
             &["service"],
         )
         .expect("valid metric");
+        let consul_index_rewinds = IntCounter::with_opts(opts(
+            "consul_index_rewinds_total",
+            "Times Consul's indexes were seen going backwards (a snapshot restore or a rebuilt cluster); each time every watch re-read without blocking.",
+        ))
+        .expect("valid metric");
+        let consul_recovery_wakes = IntCounter::with_opts(opts(
+            "consul_recovery_wakes_total",
+            "Times the agent answered again (GET /v1/status/leader) while watches were backing off, waking them before their backoff ran out.",
+        ))
+        .expect("valid metric");
         let routing_build = Histogram::with_opts(
             HistogramOpts::new("routing_build_seconds", "Time reconcile takes to build and publish one routing table (inputs to swap).")
                 .namespace(PREFIX)
@@ -175,6 +187,8 @@ impl Metrics {
         for c in [
             Box::new(routing_build.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(consul_tag_errors.clone()),
+            Box::new(consul_index_rewinds.clone()),
+            Box::new(consul_recovery_wakes.clone()),
             Box::new(consul_requests.clone()),
             Box::new(consul_watch_errors.clone()),
             Box::new(consul_instances_skipped.clone()),
@@ -221,6 +235,8 @@ impl Metrics {
             discovery_staleness,
             panic_mode,
             consul_tag_errors,
+            consul_index_rewinds,
+            consul_recovery_wakes,
             routing_build,
         }
     }

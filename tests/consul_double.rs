@@ -283,12 +283,13 @@ fn missing_service_answers_with_the_last_extinction_index() {
 }
 
 #[test]
-fn reset_indexes_releases_held_queries_with_a_lower_index() {
+fn reset_indexes_releases_held_queries_with_their_old_answer_and_index() {
     let c = ConsulDouble::start();
     web(&c, 2);
     let i = get(&c, "/v1/health/service/web").index();
+    let si = get(&c, "/v1/catalog/services").index();
     let h1 = spawn_get(&c, &format!("/v1/health/service/web?index={i}&wait=10s"));
-    let h2 = spawn_get(&c, &format!("/v1/catalog/services?index={}&wait=10s", c.services_index()));
+    let h2 = spawn_get(&c, &format!("/v1/catalog/services?index={si}&wait=10s"));
     wait_held(&c, 2);
     let t = Instant::now();
     c.reset_indexes();
@@ -296,16 +297,79 @@ fn reset_indexes_releases_held_queries_with_a_lower_index() {
     let (r2, at2) = h2.join().unwrap();
     assert!(at1.duration_since(t) < Duration::from_millis(500));
     assert!(at2.duration_since(t) < Duration::from_millis(500));
-    assert!(r1.index() < i, "{} !< {i}", r1.index());
-    assert!(r2.index() < i);
-    assert!(r1.index() >= 2 && r2.index() >= 2, "index 1 is Consul's floor, never a restored index");
-    // The only index handed out before the restore was i.
-    assert!(r1.index().max(r2.index()) < i, "below everything handed out before the restore");
-    assert_eq!(r1.ids(), vec!["web-1", "web-2"], "same data, lower index");
+    // Consul's abandon channel: the held query answers what it had computed
+    // before the restore, with the index the client sent.
+    assert_eq!(r1.index(), i, "released early with the index it held on");
+    assert_eq!(r2.index(), si);
+    assert_eq!(r1.ids(), vec!["web-1", "web-2"]);
     assert_eq!(c.held_queries(), 0);
-    let low = r1.index();
+    // Only the next read shows the restore: same data, lower index.
+    let r = get(&c, "/v1/health/service/web");
+    assert!(r.index() < i && r.index() >= 2, "{} vs {i}: index 1 is Consul's floor, never a restored index", r.index());
+    assert_eq!(r.ids(), vec!["web-1", "web-2"], "same data, lower index");
+    let low = r.index();
+    // A read sent after the restore with the old index is not released by
+    // it: it is held like any query above the current index, to the end of
+    // its wait, and then answers the current (lower) index.
+    let t = Instant::now();
+    let h = spawn_get(&c, &format!("/v1/health/service/web?index={i}&wait=1s"));
+    wait_held(&c, 1);
+    let (r, at) = h.join().unwrap();
+    assert!(at.duration_since(t) >= Duration::from_secs(1), "held for its whole wait: {:?}", at.duration_since(t));
+    assert_eq!(r.index(), low);
     c.register(Instance::new("n3", "web-3", "web", "10.0.0.3", 8080));
     assert!(get(&c, "/v1/health/service/web").index() > low);
+}
+
+#[test]
+fn a_held_query_above_the_current_index_waits_until_the_index_passes_it() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    let i = get(&c, "/v1/health/service/web").index();
+    let ahead = i + 3;
+    let h = spawn_get(&c, &format!("/v1/health/service/web?index={ahead}&wait=10s"));
+    wait_held(&c, 1);
+    // Changes that leave the index at or below `ahead` do not release it.
+    let mut n = 0;
+    while c.index_of("web") < ahead {
+        n += 1;
+        assert!(n <= 10, "check output changes do not move the service index");
+        c.set_check_output("n1", "web-1", &format!("output {n}"));
+        std::thread::sleep(Duration::from_millis(20));
+        if c.index_of("web") <= ahead {
+            assert_eq!(c.held_queries(), 1, "released at index {} <= {ahead}", c.index_of("web"));
+        }
+    }
+    // The write that passes it does.
+    if c.index_of("web") == ahead {
+        c.set_check_output("n1", "web-1", "past");
+    }
+    let (r, _) = h.join().unwrap();
+    assert!(r.index() > ahead);
+}
+
+#[test]
+fn wipe_replaces_the_catalog_and_releases_held_queries_like_a_restore() {
+    let c = ConsulDouble::start();
+    web(&c, 2);
+    for n in 0..20 {
+        c.set_check_output("n1", "web-1", &format!("output {n}"));
+    }
+    let i = get(&c, "/v1/health/service/web").index();
+    let h = spawn_get(&c, &format!("/v1/health/service/web?index={i}&wait=10s"));
+    wait_held(&c, 1);
+    let t = Instant::now();
+    c.wipe();
+    let (r, at) = h.join().unwrap();
+    assert!(at.duration_since(t) < Duration::from_millis(500));
+    assert_eq!((r.index(), r.ids()), (i, vec!["web-1".to_string(), "web-2".to_string()]));
+    let r = get(&c, "/v1/health/service/web");
+    assert!(r.index() < i, "a new cluster's indexes start low: {} vs {i}", r.index());
+    assert_eq!(r.body, "[]");
+    c.register(Instance::new("n3", "web-3", "web", "10.0.0.3", 8080));
+    let r = get(&c, "/v1/health/service/web");
+    assert_eq!(r.ids(), vec!["web-3"]);
+    assert!(r.index() < i);
 }
 
 #[test]
@@ -1256,7 +1320,8 @@ fn health_state_acl_faults_and_reset() {
     assert_eq!(r.status, 503);
     c.fault(Fault::None);
 
-    // Snapshot restore: released at once with a lower index, same checks.
+    // Snapshot restore: released at once with the old answer and index;
+    // the next read has a lower index and the same checks.
     let r = get(&c, "/v1/health/state/any");
     let i = r.index();
     let before = check_ids(&r);
@@ -1266,6 +1331,9 @@ fn health_state_acl_faults_and_reset() {
     c.reset_indexes();
     let (r, at) = h.join().unwrap();
     assert!(at.duration_since(t) < Duration::from_millis(500));
+    assert_eq!(r.index(), i);
+    assert_eq!(check_ids(&r), before);
+    let r = get(&c, "/v1/health/state/any");
     assert!(r.index() < i && r.index() >= 2, "{} vs {i}", r.index());
     assert_eq!(check_ids(&r), before);
     assert!(r.entries().iter().all(|c| c["ModifyIndex"].as_u64().unwrap() <= r.index()));

@@ -127,8 +127,12 @@ pub struct ConsulSection {
     pub wait: Option<String>,
     /// Upper bound on concurrent blocking health watches.
     pub max_watches: Option<usize>,
-    /// Token-bucket refill interval of each watch loop (burst 2).
+    /// Minimum spacing between the starts of two reads of one watch after a
+    /// read that returned a change early (default 50ms).
     pub min_interval: Option<String>,
+    /// Pacing of reads that changed nothing (index moved, same set): a token
+    /// bucket with a burst of 2, one token per `noop_interval` (default 1s).
+    pub noop_interval: Option<String>,
     /// Where the last good catalog is kept for restarts during an outage.
     pub state_file: Option<String>,
     /// Staleness (since the last successful sync) that `/readyz` and `/status` flag.

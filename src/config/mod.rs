@@ -43,7 +43,10 @@ pub struct ConsulSettings {
     pub max_stale: Duration,
     pub wait: Duration,
     pub max_watches: usize,
+    /// Spacing between the starts of two reads after a change (see `pace`).
     pub min_interval: Duration,
+    /// Token-bucket interval (burst 2) for reads that changed nothing.
+    pub noop_interval: Duration,
     pub state_file: Option<PathBuf>,
     pub stale_after: Duration,
     pub tls: ConsulTls,

@@ -1,6 +1,7 @@
 //! The Consul double: an in-process fake Consul HTTP agent (CE, one server
 //! agent in datacenter `dc1`, node `consul-double`) that follows
-//! `/work/shared/consul-contract.md`.
+//! the Consul behaviour described in `docs/consul.md` (section numbers in
+//! brackets below refer to that document).
 //!
 //! Why a double and not a mock: the client under test must survive Consul's
 //! real behaviour (long polls that return unchanged, indexes that go
@@ -21,7 +22,11 @@
 //!   query is held until the watched index is > `index`, or until `wait`
 //!   (default 5m, cut to 10m, `0` means default) plus jitter of up to wait/16.
 //!   A timed-out query returns the current (usually unchanged) result.
-//!   `reset_indexes()` (snapshot restore) releases every held query at once.
+//!   A query whose index is above every index in the catalog is held like
+//!   any other. `reset_indexes()` (snapshot restore) and `wipe()` (rebuilt
+//!   cluster) release every query held at that moment, at once, with the
+//!   result and index it had before (Consul's abandon channel); reads sent
+//!   afterwards are not released.
 //!   Activating a fault that answers every request (`Status`, `StatusBody`,
 //!   `Garbage`, `WrongTypes`) also releases held queries, which then answer
 //!   with the fault.
@@ -975,11 +980,28 @@ impl ConsulDouble {
     /// `2..min(X-Consul-Index handed out since the last restore)`, so every
     /// watcher sees its index go backwards (index 1 is never used; if 2 was
     /// already handed out, values collapse to 2). Every held blocking query
-    /// is released at once with the lower index.
+    /// is released at once, answering what it had computed before the
+    /// restore with the index it was holding on (as Consul does); a read
+    /// sent after the restore sees the lower indexes, and one that carries
+    /// an index above them is held until `wait` runs out or the indexes
+    /// climb past it.
     pub fn reset_indexes(&self) {
         self.shared.write(|st| {
             let limit = if st.min_handed == u64::MAX { st.cat.global } else { st.min_handed };
             st.cat.reset_indexes(limit.saturating_sub(1));
+            st.min_handed = u64::MAX;
+            st.abandon += 1;
+        })
+    }
+
+    /// A rebuilt cluster: the catalog is replaced by a fresh, empty one (only
+    /// the agent's own node and the `consul` service, indexes restarting
+    /// low, as on new servers) and every held query is released as on a
+    /// snapshot restore. Agent-API services stay registered on the agent
+    /// but are not in the new catalog until registered again.
+    pub fn wipe(&self) {
+        self.shared.write(|st| {
+            st.cat = Catalog::new();
             st.min_handed = u64::MAX;
             st.abandon += 1;
         })
@@ -2036,8 +2058,15 @@ where
             _ = tokio::time::sleep_until(deadline) => return cur,
         }
         let st = sh.lock();
+        if st.abandon != abandon0 {
+            // Consul's blockingquery: when the state store is abandoned
+            // (snapshot restore) a held query returns at once with the
+            // result it had computed before the restore, index unchanged.
+            // The client only learns of the restore from its next read.
+            return cur;
+        }
         cur = compute(&st);
-        if st.abandon != abandon0 || answers_now(&st.fault) {
+        if answers_now(&st.fault) {
             return cur;
         }
     }

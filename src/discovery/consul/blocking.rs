@@ -1,19 +1,22 @@
 //! The datacenter-wide blocking reads (`/v1/catalog/services` for tag routes,
-//! `/v1/health/state/any` for the check signal) share one loop: token
-//! bucket, index rules, `stale`/`dc`/`index`/`wait` parameters, the hung-read
+//! `/v1/health/state/any` for the check signal) share one loop: pacing
+//! (see [`super::pace`]), index rules, `stale`/`dc`/`index`/`wait` parameters, the hung-read
 //! timeout, and backoff with a reset index after any error. Only what is done
 //! with an answer differs, which the [`Handler`] supplies.
 
 use super::client::{ClientError, ConsulClient};
-use super::watch::{backoff, read_timeout, IndexTracker, Observed, TokenBucket};
+use super::pace::{back_off, early, pause, Outcome, Pacer, Woke};
+use super::watch::{agent_down, backoff, read_timeout, IndexTracker, Observed};
 use crate::metrics::Metrics;
 use crate::status::StatusBoard;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub trait Handler: Send {
-    /// A changed answer. `Err` counts as a bad body: backoff, index reset.
-    fn answer(&mut self, body: &[u8]) -> Result<(), String>;
+    /// An answer with a new index. `Ok(true)`: what the handler keeps
+    /// changed; `Ok(false)`: the same as before (paced as a no-op). `Err`
+    /// counts as a bad body: backoff, index reset.
+    fn answer(&mut self, body: &[u8]) -> Result<bool, String>;
     /// A blocking read is about to be held after a good answer (`true`), or
     /// the loop lost contact (`false`).
     fn holding(&mut self, _on: bool) {}
@@ -42,17 +45,19 @@ pub async fn run(
     let settings = client.settings().clone();
     status.register_source(ep.source, "consul", ep.path);
     let mut tracker = IndexTracker::default();
-    let mut bucket = TokenBucket::new(2, settings.min_interval);
+    let mut pacer = Pacer::new(settings.min_interval, settings.noop_interval);
+    let mut restores = client.restores.subscribe();
     let mut failures = 0u32;
     let mut answered = false;
+    let mut probe = false;
     let wait_ms = format!("{}ms", settings.wait.as_millis().max(1));
     loop {
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = bucket.acquire() => {}
+        if restores.take() {
+            tracker.reset();
+            probe = false;
         }
         let index = tracker.request_index().to_string();
-        let blocking = tracker.request_index() > 0;
+        let blocking = tracker.request_index() > 0 && !probe;
         let mut params: Vec<(&str, Option<&str>)> = Vec::new();
         if settings.stale {
             params.push(("stale", None));
@@ -66,42 +71,80 @@ pub async fn run(
         }
         handler.holding(blocking && failures == 0 && answered);
         let timeout = if blocking { read_timeout(settings.wait) } else { Duration::from_secs(12) };
+        pacer.start();
+        let started = tokio::time::Instant::now();
         let result = tokio::select! {
             _ = shutdown.changed() => return,
+            _ = restores.changed() => {
+                handler.holding(false);
+                tracker.reset();
+                probe = false;
+                continue;
+            }
             r = tokio::time::timeout(timeout, client.request(reqwest::Method::GET, ep.label, ep.path, &params, None, timeout)) => {
                 r.unwrap_or(Err(ClientError::Timeout))
             }
         };
+        let elapsed = started.elapsed();
+        probe = false;
         let err = match result {
-            Ok(resp) if tracker.observe(resp.index) == Observed::Unchanged => {
-                failures = 0;
-                status.source_ok(ep.source, SystemTime::now());
-                continue;
-            }
-            Ok(resp) => match handler.answer(&resp.body) {
-                Ok(()) => {
-                    failures = 0;
-                    answered = true;
-                    status.source_ok(ep.source, SystemTime::now());
-                    metrics.discovery_update(ep.source, "ok");
-                    continue;
+            Ok(resp) => {
+                let observed = tracker.observe(resp.index, blocking);
+                if observed == Observed::WentBackwards {
+                    metrics.consul_watch_errors.with_label_values(&[ep.source, "index_reset"]).inc();
+                    restores.report(&client.restores, ep.source);
                 }
-                Err(e) => ("bad_body", e),
-            },
-            Err(e) => (e.kind(), e.to_string()),
+                let outcome = match observed {
+                    Observed::Unchanged if !blocking => Ok(Outcome::ProbeUnchanged),
+                    Observed::Unchanged if early(blocking, elapsed, settings.wait) => Ok(Outcome::EarlyUnchanged),
+                    Observed::Unchanged => Ok(Outcome::HeldUnchanged),
+                    _ => handler.answer(&resp.body).map(|changed| match observed {
+                        Observed::Fresh | Observed::WentBackwards => Outcome::Fresh,
+                        _ if changed => Outcome::Changed,
+                        _ => Outcome::Noop,
+                    }),
+                };
+                match outcome {
+                    Ok(outcome) => {
+                        failures = 0;
+                        status.source_ok(ep.source, SystemTime::now());
+                        if !matches!(observed, Observed::Unchanged) {
+                            answered = true;
+                            metrics.discovery_update(ep.source, "ok");
+                        }
+                        let next = pacer.next(outcome, blocking);
+                        probe = next.probe && tracker.request_index() > 0;
+                        match pause(next.delay, &mut restores, &mut shutdown).await {
+                            Woke::Shutdown => return,
+                            Woke::Rewind => {
+                                tracker.reset();
+                                probe = false;
+                            }
+                            Woke::Timer => {}
+                        }
+                        continue;
+                    }
+                    Err(e) => (ClientError::Body(String::new()), "bad_body", e),
+                }
+            }
+            Err(e) => {
+                let kind = e.kind();
+                let msg = e.to_string();
+                (e, kind, msg)
+            }
         };
+        let (e, kind, msg) = err;
         handler.holding(false);
         handler.failed();
         answered = false;
         tracker.reset();
         failures += 1;
-        metrics.consul_watch_errors.with_label_values(&[ep.source, err.0]).inc();
+        metrics.consul_watch_errors.with_label_values(&[ep.source, kind]).inc();
         metrics.discovery_update(ep.source, "error");
-        status.source_error(ep.source, format!("{}: {}", err.0, err.1));
-        tracing::warn!(source = ep.source, kind = err.0, error = %err.1, "{}", ep.consequence);
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = tokio::time::sleep(backoff(failures)) => {}
+        status.source_error(ep.source, format!("{kind}: {msg}"));
+        tracing::warn!(source = ep.source, kind, error = %msg, "{}", ep.consequence);
+        if !back_off(&client, backoff(failures), agent_down(&e), &mut restores, &mut shutdown).await {
+            return;
         }
     }
 }

@@ -35,17 +35,16 @@ pub fn parse_services(body: &[u8]) -> Result<BTreeMap<String, Vec<String>>, Stri
 struct Catalog(watch::Sender<Option<BTreeMap<String, Vec<String>>>>);
 
 impl blocking::Handler for Catalog {
-    fn answer(&mut self, body: &[u8]) -> Result<(), String> {
+    fn answer(&mut self, body: &[u8]) -> Result<bool, String> {
         let services = parse_services(body)?;
-        self.0.send_if_modified(|cur| {
+        Ok(self.0.send_if_modified(|cur| {
             if cur.as_ref() == Some(&services) {
                 false
             } else {
                 *cur = Some(services);
                 true
             }
-        });
-        Ok(())
+        }))
     }
 }
 

@@ -68,6 +68,10 @@ pub struct ConsulClient {
     token: RwLock<Option<String>>,
     settings: ConsulSettings,
     metrics: Arc<Metrics>,
+    /// "The indexes went backwards": every watch of this client re-reads.
+    pub restores: super::pace::Restores,
+    /// Watches backing off, woken when the agent answers again.
+    pub recovery: super::pace::Recovery,
 }
 
 fn load_pem_certs(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, String> {
@@ -143,6 +147,8 @@ impl ConsulClient {
             current: AtomicUsize::new(0),
             token: RwLock::new(settings.token.clone()),
             settings: settings.clone(),
+            restores: super::pace::Restores::new(metrics.clone()),
+            recovery: super::pace::Recovery::default(),
             metrics,
         })
     }

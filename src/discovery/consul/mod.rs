@@ -15,6 +15,7 @@ pub mod blocking;
 pub mod catalog;
 pub mod client;
 pub mod health;
+pub mod pace;
 pub mod register;
 pub mod signal;
 pub mod tags;
@@ -154,7 +155,13 @@ impl WatchShared {
         *self.last_sync.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn publish(&self, snap: ServiceSnapshot) {
+    /// Label of the watch's query, as in metrics and logs.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Publish a set; returns whether it differed from the one in force.
+    pub fn publish(&self, snap: ServiceSnapshot) -> bool {
         let q = &self.query;
         let changed = self.view.send_if_modified(|v| match v.services.get(q) {
             Some(c) if c.instances == snap.instances && !c.from_state_file => false,
@@ -167,6 +174,7 @@ impl WatchShared {
         if changed {
             self.persist.notify_one();
         }
+        changed
     }
 
     pub fn error(&self, kind: &str, msg: &str) {
@@ -183,7 +191,8 @@ impl WatchShared {
 
     pub fn index_reset(&self) {
         self.metrics.consul_watch_errors.with_label_values(&[&self.label, "index_reset"]).inc();
-        tracing::info!(service = %self.label, "consul index went backwards; re-reading without blocking");
+        // Logged once for all watches at INFO by `pace::Restores`.
+        tracing::debug!(service = %self.label, "consul index went backwards");
     }
 }
 
@@ -482,6 +491,7 @@ impl BackgroundService for ConsulSource {
             .settings
             .auto_routes
             .then(|| tokio::spawn(catalog::run(self.client.clone(), self.metrics.clone(), self.status.clone(), cat_tx, shutdown.clone())));
+        let prober = tokio::spawn(pace::run_prober(self.client.clone(), self.metrics.clone(), shutdown.clone()));
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let started = SystemTime::now();
         let mut last_save = tokio::time::Instant::now() - Duration::from_secs(10);
@@ -529,6 +539,7 @@ impl BackgroundService for ConsulSource {
         if let Some(t) = catalog_task {
             t.abort();
         }
+        prober.abort();
         if let Some(t) = self.signal_task.lock().unwrap_or_else(|e| e.into_inner()).take() {
             t.abort();
         }

@@ -106,7 +106,7 @@ struct Signal {
 }
 
 impl blocking::Handler for Signal {
-    fn answer(&mut self, body: &[u8]) -> Result<(), String> {
+    fn answer(&mut self, body: &[u8]) -> Result<bool, String> {
         let fp = fingerprints(body)?;
         let map = self.pokes.lock().unwrap_or_else(|e| e.into_inner());
         let services = match &self.last {
@@ -121,7 +121,7 @@ impl blocking::Handler for Signal {
         }
         drop(map);
         self.last = Some(fp);
-        Ok(())
+        Ok(!services.is_empty())
     }
 
     fn holding(&mut self, on: bool) {

@@ -1,18 +1,21 @@
 //! One blocking watch on `/v1/health/service/<name>`, following the rules in
-//! the Consul contract (section 3.3 and 9):
+//! the rules in `docs/consul.md` (sections 3.3 and 9):
 //!
 //! * long-poll with the last good `X-Consul-Index` and an explicit `wait`;
 //!   the request timeout is `wait × 17/16` plus slack (Consul adds up to
 //!   wait/16 of jitter) — this timeout is also the watchdog for hung watches;
-//! * index went backwards → reset to 0 (one non-blocking read);
+//! * index went backwards → reset to 0 (one non-blocking read), and tell
+//!   every other watch (the indexes rewind together);
 //!   index 0, missing or unparsable → treat as a reset, never block below 1;
 //! * unchanged index → no-op; changed index but same normalised set → no-op;
-//! * a token bucket (burst 2) paces the loop instead of sleeps;
+//! * pacing and the probes that keep a stale index from being held are in
+//!   [`super::pace`];
 //! * errors back off exponentially with full jitter and reset the index;
 //! * a failed read never publishes anything: the last good set stays.
 
 use super::client::{ClientError, ConsulClient};
 use super::health::parse_health;
+use super::pace::{back_off, early, pause, Outcome, Pacer, Woke};
 use super::{ServiceSnapshot, WatchShared};
 use crate::config::ConsulQuery;
 use std::sync::Arc;
@@ -56,7 +59,11 @@ impl IndexTracker {
         self.index = 0;
     }
 
-    pub fn observe(&mut self, header: Option<u64>) -> Observed {
+    /// Apply a response's index. `blocking`: the read carried our index. A
+    /// non-blocking read (a probe) that answers a lower index answered with
+    /// the current state, so that index is adopted; a blocking one that
+    /// does is re-read without blocking first.
+    pub fn observe(&mut self, header: Option<u64>, blocking: bool) -> Observed {
         match header {
             None | Some(0) => {
                 // Never echo 0: block on 1, which is always safe.
@@ -68,7 +75,7 @@ impl IndexTracker {
                 Observed::Fresh
             }
             Some(n) if n < self.index => {
-                self.index = 0;
+                self.index = if blocking { 0 } else { n };
                 Observed::WentBackwards
             }
             Some(n) if n == self.index => Observed::Unchanged,
@@ -76,42 +83,6 @@ impl IndexTracker {
                 self.index = n;
                 Observed::Advanced
             }
-        }
-    }
-}
-
-/// Token bucket on tokio time (so paused-time tests can drive it).
-#[derive(Debug)]
-pub struct TokenBucket {
-    capacity: f64,
-    tokens: f64,
-    refill: Duration,
-    last: Instant,
-}
-
-impl TokenBucket {
-    pub fn new(capacity: u32, refill: Duration) -> Self {
-        TokenBucket {
-            capacity: capacity as f64,
-            tokens: capacity as f64,
-            refill,
-            last: Instant::now(),
-        }
-    }
-
-    /// Take one token, waiting for it if the bucket is empty.
-    pub async fn acquire(&mut self) {
-        loop {
-            let now = Instant::now();
-            let gained = now.duration_since(self.last).as_secs_f64() / self.refill.as_secs_f64().max(1e-9);
-            self.tokens = (self.tokens + gained).min(self.capacity);
-            self.last = now;
-            if self.tokens >= 1.0 {
-                self.tokens -= 1.0;
-                return;
-            }
-            let missing = (1.0 - self.tokens) * self.refill.as_secs_f64();
-            tokio::time::sleep(Duration::from_secs_f64(missing)).await;
         }
     }
 }
@@ -175,32 +146,46 @@ pub async fn run(
 ) {
     let settings = client.settings().clone();
     let mut tracker = IndexTracker::default();
-    let mut bucket = TokenBucket::new(2, settings.min_interval);
+    let mut pacer = Pacer::new(settings.min_interval, settings.noop_interval);
+    let mut restores = client.restores.subscribe();
     let mut failures: u32 = 0;
     let mut use_stale = settings.stale;
+    // Read without an index, keeping the tracked one to compare (see `pace`).
+    let mut probe = false;
     let path = format!("/v1/health/service/{}", encode_segment(&query.service));
     let wait_ms = format!("{}ms", settings.wait.as_millis().max(1));
     loop {
         if *shutdown.borrow() {
             return;
         }
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            _ = bucket.acquire() => {}
+        if restores.take() {
+            tracker.reset();
+            probe = false;
         }
-        let blocking = mode.is_blocking() && tracker.request_index() > 0;
+        let blocking = mode.is_blocking() && tracker.request_index() > 0 && !probe;
         let index = tracker.request_index().to_string();
         let params = query_params(&query, settings.datacenter.as_deref(), use_stale, &index, &wait_ms, blocking);
         let timeout = if blocking { read_timeout(settings.wait) } else { Duration::from_secs(10) + READ_SLACK };
+        pacer.start();
         let started = Instant::now();
         // Only a blocking read that follows a good read proves freshness while held.
         shared.set_holding(blocking && failures == 0);
         let result = tokio::select! {
             _ = shutdown.changed() => return,
+            _ = restores.changed() => {
+                // Another watch saw the indexes rewind: this read may be held
+                // on an index Consul no longer has.
+                shared.set_holding(false);
+                tracker.reset();
+                probe = false;
+                continue;
+            }
             r = tokio::time::timeout(timeout, client.request(reqwest::Method::GET, "health_service", &path, &params, None, timeout)) => {
                 r.unwrap_or(Err(ClientError::Timeout))
             }
         };
+        let elapsed = started.elapsed();
+        probe = false;
         match result {
             Ok(resp) => {
                 failures = 0;
@@ -212,52 +197,80 @@ pub async fn run(
                     continue;
                 }
                 use_stale = settings.stale;
-                let observed = tracker.observe(resp.index);
+                let observed = tracker.observe(resp.index, blocking);
                 shared.synced(SystemTime::now());
                 if observed == Observed::WentBackwards {
                     shared.index_reset();
+                    restores.report(&client.restores, shared.label());
                 }
-                if observed == Observed::Unchanged {
-                    continue;
-                }
-                match parse_health(&resp.body) {
-                    Ok(parsed) if parsed.instances.is_empty() && !parsed.skipped.is_empty() => {
-                        // Every entry was invalid: that is a bad answer, not an
-                        // empty service. Never let it empty the pool.
-                        for (reason, detail) in &parsed.skipped {
-                            shared.skipped(reason, detail);
+                let outcome = match observed {
+                    Observed::Unchanged if !blocking => Some(Outcome::ProbeUnchanged),
+                    Observed::Unchanged if early(blocking, elapsed, settings.wait) => Some(Outcome::EarlyUnchanged),
+                    Observed::Unchanged => Some(Outcome::HeldUnchanged),
+                    _ => None,
+                };
+                let outcome = match outcome {
+                    Some(o) => o,
+                    None => match parse_health(&resp.body) {
+                        Ok(parsed) if parsed.instances.is_empty() && !parsed.skipped.is_empty() => {
+                            // Every entry was invalid: that is a bad answer, not an
+                            // empty service. Never let it empty the pool.
+                            for (reason, detail) in &parsed.skipped {
+                                shared.skipped(reason, detail);
+                            }
+                            tracker.reset();
+                            failures += 1;
+                            shared.error("bad_body", &format!("all {} instances in the answer were invalid", parsed.skipped.len()));
+                            if !back_off(&client, backoff(failures), false, &mut restores, &mut shutdown).await {
+                                return;
+                            }
+                            continue;
                         }
-                        tracker.reset();
-                        failures += 1;
-                        shared.error("bad_body", &format!("all {} instances in the answer were invalid", parsed.skipped.len()));
-                        sleep_or_shutdown(backoff(failures), &mut shutdown).await;
-                    }
-                    Ok(parsed) => {
-                        for (reason, detail) in &parsed.skipped {
-                            shared.skipped(reason, detail);
+                        Ok(parsed) => {
+                            for (reason, detail) in &parsed.skipped {
+                                shared.skipped(reason, detail);
+                            }
+                            let changed = shared.publish(ServiceSnapshot {
+                                instances: Arc::new(parsed.instances),
+                                synced_at: SystemTime::now(),
+                                from_state_file: false,
+                            });
+                            match observed {
+                                Observed::Fresh | Observed::WentBackwards if mode.is_blocking() => Outcome::Fresh,
+                                _ if changed => Outcome::Changed,
+                                _ => Outcome::Noop,
+                            }
                         }
-                        shared.publish(ServiceSnapshot {
-                            instances: Arc::new(parsed.instances),
-                            synced_at: SystemTime::now(),
-                            from_state_file: false,
-                        });
-                    }
-                    Err(e) => {
-                        // A garbage body is an error like any other: keep the last good set.
+                        Err(e) => {
+                            // A garbage body is an error like any other: keep the last good set.
+                            tracker.reset();
+                            failures += 1;
+                            shared.error("bad_body", &e);
+                            if !back_off(&client, backoff(failures), false, &mut restores, &mut shutdown).await {
+                                return;
+                            }
+                            continue;
+                        }
+                    },
+                };
+                let next = pacer.next(outcome, blocking);
+                probe = next.probe && tracker.request_index() > 0;
+                match pause(next.delay, &mut restores, &mut shutdown).await {
+                    Woke::Shutdown => return,
+                    Woke::Rewind => {
                         tracker.reset();
-                        failures += 1;
-                        shared.error("bad_body", &e);
-                        sleep_or_shutdown(backoff(failures), &mut shutdown).await;
+                        probe = false;
                     }
+                    Woke::Timer => {}
                 }
                 if let Mode::Triggered { poke, resync } = &mode {
-                    let _ = started;
                     tokio::select! {
                         _ = shutdown.changed() => return,
                         _ = poke.notified() => {}
                         _ = tokio::time::sleep(*resync) => {}
                     }
                     tracker.reset();
+                    probe = false;
                 }
             }
             Err(e) => {
@@ -268,16 +281,22 @@ pub async fn run(
                     client.reload_token();
                 }
                 shared.error(e.kind(), &e.to_string());
-                sleep_or_shutdown(backoff(failures), &mut shutdown).await;
+                if !back_off(&client, backoff(failures), agent_down(&e), &mut restores, &mut shutdown).await {
+                    return;
+                }
             }
         }
     }
 }
 
-async fn sleep_or_shutdown(d: Duration, shutdown: &mut tokio::sync::watch::Receiver<bool>) {
-    tokio::select! {
-        _ = shutdown.changed() => {}
-        _ = tokio::time::sleep(d) => {}
+/// Errors after which the recovery prober may end a backoff early: the agent
+/// (or its servers) could not answer at all. A 403, 429 or bad body is an
+/// answer, and waits its full backoff.
+pub fn agent_down(e: &ClientError) -> bool {
+    match e {
+        ClientError::Connect(_) | ClientError::Timeout => true,
+        ClientError::Http { status, .. } => *status >= 500,
+        ClientError::Body(_) => false,
     }
 }
 
@@ -302,18 +321,23 @@ mod tests {
     fn index_rules() {
         let mut t = IndexTracker::default();
         assert_eq!(t.request_index(), 0, "first read is non-blocking");
-        assert_eq!(t.observe(Some(10)), Observed::Fresh);
+        assert_eq!(t.observe(Some(10), false), Observed::Fresh);
         assert_eq!(t.request_index(), 10);
-        assert_eq!(t.observe(Some(10)), Observed::Unchanged);
-        assert_eq!(t.observe(Some(12)), Observed::Advanced);
-        assert_eq!(t.observe(Some(5)), Observed::WentBackwards);
+        assert_eq!(t.observe(Some(10), true), Observed::Unchanged);
+        assert_eq!(t.observe(Some(12), true), Observed::Advanced);
+        assert_eq!(t.observe(Some(5), true), Observed::WentBackwards);
         assert_eq!(t.request_index(), 0, "reset: one non-blocking read");
-        assert_eq!(t.observe(Some(5)), Observed::Fresh);
-        assert_eq!(t.observe(Some(0)), Observed::Invalid);
+        assert_eq!(t.observe(Some(5), false), Observed::Fresh);
+        assert_eq!(t.observe(Some(0), true), Observed::Invalid);
         assert_eq!(t.request_index(), 1, "never block below 1");
-        assert_eq!(t.observe(None), Observed::Invalid);
+        assert_eq!(t.observe(None, true), Observed::Invalid);
         assert_eq!(t.request_index(), 1);
-        assert_eq!(t.observe(Some(7)), Observed::Advanced);
+        assert_eq!(t.observe(Some(7), true), Observed::Advanced);
+        // A probe (no index sent) that finds a lower index has the current
+        // state: adopt it and block on it next.
+        assert_eq!(t.observe(Some(3), false), Observed::WentBackwards);
+        assert_eq!(t.request_index(), 3);
+        assert_eq!(t.observe(Some(3), false), Observed::Unchanged);
     }
 
     #[test]
@@ -330,28 +354,6 @@ mod tests {
     fn read_timeout_exceeds_jittered_wait() {
         let w = Duration::from_secs(300);
         assert!(read_timeout(w) > w * 17 / 16);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn token_bucket_allows_a_burst_of_two_then_paces() {
-        let mut b = TokenBucket::new(2, Duration::from_secs(1));
-        let t0 = Instant::now();
-        b.acquire().await;
-        b.acquire().await;
-        assert_eq!(t0.elapsed(), Duration::ZERO, "burst of two is immediate");
-        b.acquire().await;
-        let e = t0.elapsed();
-        assert!(e >= Duration::from_millis(999) && e <= Duration::from_millis(1001), "{e:?}");
-        b.acquire().await;
-        assert!(t0.elapsed() >= Duration::from_millis(1999));
-        // After a quiet period the burst is available again (but not more).
-        tokio::time::advance(Duration::from_secs(10)).await;
-        let t1 = Instant::now();
-        b.acquire().await;
-        b.acquire().await;
-        assert_eq!(t1.elapsed(), Duration::ZERO);
-        b.acquire().await;
-        assert!(t1.elapsed() >= Duration::from_millis(999));
     }
 
     #[test]
