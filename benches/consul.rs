@@ -3,6 +3,10 @@
 //!
 //! * propagation: from the Consul write to the first proxied request that
 //!   reaches the new backend, p50/p99 over N changes;
+//! * sustained churn: one service changing without pause (register, fail,
+//!   pass, deregister; each next event 50-150 ms after the previous one shows
+//!   in traffic): write -> first request at a new backend / last request at
+//!   a removed one, p50/p99, and Consul reads per second meanwhile;
 //! * scale: 1,000 routed services × 10 instances: time to ready, RSS, idle
 //!   CPU over a quiet window, and the reconcile time of one service's change.
 //!
@@ -62,7 +66,7 @@ fn propagation(changes: usize) {
     };
     reg(0, "web-0");
     let p = Proxy::start(&format!(
-        "[consul]\naddresses = [\"{}\"]\nmin_interval = \"250ms\"\n[consul.register]\nenabled = false\n\
+        "[consul]\naddresses = [\"{}\"]\n[consul.register]\nenabled = false\n\
          [[routes]]\ncluster = \"web\"\n[clusters.web]\nconsul = {{ service = \"web\" }}\n",
         consul.addr
     ));
@@ -88,7 +92,7 @@ fn propagation(changes: usize) {
         consul.deregister("node", &format!("web-{}", c - 1));
         assert!(wait_until(Duration::from_secs(10), || (0..4).all(|_| p.fetch("/").1 == ups[next].name())));
         current = next;
-        // Changes 300 ms apart: the token bucket (burst 2, one per 250 ms) never delays one.
+        // Isolated changes, 300 ms apart (sustained churn is measured below).
         std::thread::sleep(Duration::from_millis(300));
     }
     lat.sort();
@@ -100,6 +104,106 @@ fn propagation(changes: usize) {
         pct(&lat, 0.99).as_secs_f64() * 1e3,
         lat.last().unwrap().as_secs_f64() * 1e3,
         mean.as_secs_f64() * 1e3
+    );
+}
+
+/// Probe until `gone` has not answered for 100 consecutive requests; returns
+/// when its last answer arrived (None: it never answered after t0).
+fn last_answer_from(p: &Proxy, gone: &str, t0: Instant) -> Duration {
+    let mut last = Duration::ZERO;
+    let mut quiet = 0;
+    let deadline = t0 + Duration::from_secs(10);
+    while quiet < 100 {
+        let (code, body) = p.fetch("/");
+        assert_eq!(code, 200, "a request failed during churn");
+        if body == gone {
+            last = t0.elapsed();
+            quiet = 0;
+        } else {
+            quiet += 1;
+        }
+        assert!(Instant::now() < deadline, "{gone} still answered 10 s after its removal");
+    }
+    last
+}
+
+fn sustained_churn(events: usize) {
+    let consul = ConsulDouble::start();
+    let ups: Vec<Upstream> = (0..4).map(|i| Upstream::start(&format!("u{i}"))).collect();
+    let reg = |i: usize| {
+        let a = ups[i].addr;
+        consul.register(Instance::new(&format!("node-{i}"), &format!("u{i}"), "web", &a.ip().to_string(), a.port()));
+    };
+    reg(0);
+    reg(1);
+    // Default pacing and wait: what a user gets.
+    let p = Proxy::start(&format!(
+        "[consul]\naddresses = [\"{}\"]\n[consul.register]\nenabled = false\n\
+         [[routes]]\ncluster = \"web\"\n[clusters.web]\nconsul = {{ service = \"web\" }}\n",
+        consul.addr
+    ));
+    assert!(wait_until(Duration::from_secs(10), || p.fetch("/").0 == 200));
+    let reads = || consul.requests().iter().filter(|r| r.path == "/v1/health/service/web").count();
+    let reads0 = reads();
+    let started = Instant::now();
+    let (mut live, mut down): (Vec<usize>, Vec<usize>) = (vec![0, 1], vec![]);
+    let mut lat = Vec::with_capacity(events);
+    for e in 0..events {
+        let t0 = Instant::now();
+        let took = match e % 4 {
+            0 => {
+                let i = (0..4).find(|i| !live.contains(i) && !down.contains(i)).unwrap();
+                reg(i);
+                live.push(i);
+                loop {
+                    let (code, body) = p.fetch("/");
+                    assert_eq!(code, 200);
+                    if body == ups[i].name() {
+                        break t0.elapsed();
+                    }
+                    assert!(t0.elapsed() < Duration::from_secs(10), "event {e}: never propagated");
+                }
+            }
+            1 => {
+                let i = live.remove(0);
+                consul.set_health(&format!("node-{i}"), &format!("u{i}"), "critical");
+                down.push(i);
+                last_answer_from(&p, ups[i].name(), t0)
+            }
+            2 => {
+                let i = down.remove(0);
+                consul.set_health(&format!("node-{i}"), &format!("u{i}"), "passing");
+                live.push(i);
+                loop {
+                    let (code, body) = p.fetch("/");
+                    assert_eq!(code, 200);
+                    if body == ups[i].name() {
+                        break t0.elapsed();
+                    }
+                    assert!(t0.elapsed() < Duration::from_secs(10), "event {e}: never propagated");
+                }
+            }
+            _ => {
+                let i = live.remove(0);
+                consul.deregister(&format!("node-{i}"), &format!("u{i}"));
+                last_answer_from(&p, ups[i].name(), t0)
+            }
+        };
+        lat.push(took);
+        std::thread::sleep(Duration::from_millis(50 + (e as u64 * 37) % 101));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let n = reads() - reads0;
+    lat.sort();
+    println!(
+        "sustained churn: {} events in {secs:.1} s: write -> traffic p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
+         {n} Consul reads ({:.1}/s, {:.2} per event)",
+        lat.len(),
+        pct(&lat, 0.5).as_secs_f64() * 1e3,
+        pct(&lat, 0.99).as_secs_f64() * 1e3,
+        lat.last().unwrap().as_secs_f64() * 1e3,
+        n as f64 / secs,
+        n as f64 / events as f64
     );
 }
 
@@ -130,9 +234,11 @@ fn scale(services: usize, per: usize, idle_window: Duration) {
     // Let the first burst of reads settle.
     std::thread::sleep(Duration::from_secs(3));
     let cpu0 = cpu_seconds(pid);
+    let req0 = consul.requests().len();
     let w0 = Instant::now();
     std::thread::sleep(idle_window);
     let idle_cpu = (cpu_seconds(pid) - cpu0) / w0.elapsed().as_secs_f64() * 100.0;
+    let idle_reads = (consul.requests().len() - req0) as f64 / w0.elapsed().as_secs_f64();
     let rss = rss_mib(pid);
     // One service's change: reconcile time from the build histogram.
     let (sum0, n0) = histogram(&p, "switchyard_routing_build_seconds");
@@ -142,7 +248,7 @@ fn scale(services: usize, per: usize, idle_window: Duration) {
     let publish_ms = (sum1 - sum0) / (n1 - n0) * 1e3;
     println!(
         "scale: {services} services x {per} instances: registered in {:.1} s; ready {:.2} s after start; RSS {rss:.1} MiB; \
-         idle CPU {idle_cpu:.2} % of a core over {:.0} s; one change rebuilt+published in {publish_ms:.2} ms; max agent connections {}",
+         idle CPU {idle_cpu:.2} % of a core and {idle_reads:.1} Consul requests/s over {:.0} s; one change rebuilt+published in {publish_ms:.2} ms; max agent connections {}",
         reg_took.as_secs_f64(),
         ready_took.as_secs_f64(),
         idle_window.as_secs_f64(),
@@ -154,9 +260,11 @@ fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     if quick() {
         propagation(5);
+        sustained_churn(8);
         scale(50, 10, Duration::from_secs(2));
     } else {
         propagation(120);
+        sustained_churn(100);
         scale(1000, 10, Duration::from_secs(30));
     }
 }

@@ -530,3 +530,222 @@ fn staleness_counts_only_real_loss_of_contact() {
     assert!(wait_until(Duration::from_secs(3), || staleness(&p).unwrap_or(0.0) >= 1.0));
     assert_eq!(readyz(&p)["ready"], true, "stale is reported, not a reason to be unready");
 }
+
+// ------------------------------------------------ freshness: churn and restores
+
+/// The default pacing and the default `wait`: nothing tuned for the test.
+fn default_config(consul: &ConsulDouble) -> String {
+    format!(
+        "[consul]\naddresses = [\"{}\"]\n\
+         [[routes]]\ncluster = \"web\"\n\
+         [clusters.web]\nconsul = {{ service = \"web\" }}\nconnect_timeout = \"500ms\"\n",
+        consul.addr
+    )
+}
+
+fn rewinds(p: &Proxy) -> f64 {
+    sample(&parse_metrics(&p.metrics()), "switchyard_consul_index_rewinds_total", &[]).unwrap_or(0.0)
+}
+
+fn health_reads(consul: &ConsulDouble) -> Vec<support::consul::Recorded> {
+    consul.requests().into_iter().filter(|r| r.path == "/v1/health/service/web").collect()
+}
+
+/// Poll the routing generation every millisecond (the 10 ms of `wait_until`
+/// would be a tenth of the budget being measured).
+fn time_to_new_table(p: &Proxy, prev: u64, since: Instant, limit: Duration) -> Option<Duration> {
+    while since.elapsed() < limit {
+        if p.generation() > prev {
+            return Some(since.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
+#[test]
+fn sustained_churn_on_one_service_follows_every_change_within_100ms() {
+    let consul = ConsulDouble::start();
+    let ups: Vec<Upstream> = (0..4).map(|i| Upstream::start(&format!("u{i}"))).collect();
+    reg(&consul, &ups[0], "u0");
+    reg(&consul, &ups[1], "u1");
+    let p = Proxy::start(&default_config(&consul));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/").0 == 200));
+    let loads: Vec<Load> = (0..2).map(|_| Load::start(p.url("/"), 1_000_000, Duration::from_secs(120))).collect();
+    let reads_before = health_reads(&consul).len();
+    let started = Instant::now();
+    let mut live: Vec<usize> = vec![0, 1];
+    let mut down: Vec<usize> = Vec::new();
+    let mut took = Vec::new();
+    let events = 100;
+    for e in 0..events {
+        let prev = p.generation();
+        let t0 = Instant::now();
+        // Register, fail, pass, deregister: each a real change of the set.
+        match e % 4 {
+            0 => {
+                let i = (0..4).find(|i| !live.contains(i) && !down.contains(i)).unwrap();
+                reg(&consul, &ups[i], &format!("u{i}"));
+                live.push(i);
+            }
+            1 => {
+                let i = live.remove(0);
+                consul.set_health(&format!("node-u{i}"), &format!("u{i}"), "critical");
+                down.push(i);
+            }
+            2 => {
+                let i = down.remove(0);
+                consul.set_health(&format!("node-u{i}"), &format!("u{i}"), "passing");
+                live.push(i);
+            }
+            _ => {
+                let i = live.remove(0);
+                consul.deregister(&format!("node-u{i}"), &format!("u{i}"));
+            }
+        }
+        let t = time_to_new_table(&p, prev, t0, Duration::from_secs(3)).unwrap_or_else(|| panic!("event {e}: no new table within 3 s"));
+        took.push(t);
+        // The new table carries the traffic: every request lands on the live set.
+        let allowed: HashSet<&str> = live.iter().map(|&i| ups[i].name()).collect();
+        for _ in 0..4 {
+            let (code, body) = p.fetch("/");
+            assert_eq!(code, 200);
+            assert!(allowed.contains(body.as_str()), "event {e}: {body} answered; allowed {allowed:?}");
+        }
+        // The next event 50-150 ms after this one shows, as in a rolling deploy.
+        std::thread::sleep(Duration::from_millis(50 + (e as u64 * 37) % 101));
+    }
+    let elapsed = started.elapsed();
+    let reads = health_reads(&consul).len() - reads_before;
+    let reports: Vec<LoadReport> = loads.into_iter().map(|l| l.finish()).collect();
+    let failed: u64 = reports.iter().map(|r| r.failed).sum();
+    let ok: u64 = reports.iter().map(|r| r.ok).sum();
+    took.sort();
+    let pct = |q: f64| took[((q * events as f64).ceil() as usize).clamp(1, events) - 1];
+    eprintln!(
+        "{events} events in {elapsed:?}: change -> table p50 {:?}, p99 {:?}, max {:?}; {reads} health reads ({:.1}/s, {:.2} per event); {ok} ok, {failed} failed",
+        pct(0.5),
+        pct(0.99),
+        took[events - 1],
+        reads as f64 / elapsed.as_secs_f64(),
+        reads as f64 / events as f64
+    );
+    assert_eq!(failed, 0, "{reports:?}");
+    assert!(ok > 1000, "the load ran: {ok}");
+    assert!(pct(0.99) < Duration::from_millis(100), "p99 {:?}; all: {took:?}", pct(0.99));
+    // Consul's load stays bounded: a blocking read per change plus at most
+    // one probe per change (and one for the first read).
+    assert!(reads <= 2 * events + 4, "{reads} reads for {events} changes");
+}
+
+/// Raise the service index with output-only changes (as check output churn
+/// does), then wait until the watch is held on the current index.
+fn raise_index_and_hold(consul: &ConsulDouble, to: u64) {
+    let mut n = 0;
+    while consul.index_of("web") < to {
+        n += 1;
+        assert!(n < 500, "output changes do not move the index");
+        consul.set_check_output("node-a", "a", &format!("HTTP GET: 200 OK ({n})"));
+    }
+    let cur = consul.index_of("web").to_string();
+    assert!(
+        wait_until(Duration::from_secs(10), || health_reads(consul)
+            .iter()
+            .any(|r| r.answered.is_none() && r.param("index").as_deref() == Some(cur.as_str()))),
+        "the watch never blocked on index {cur}"
+    );
+}
+
+/// After a rewind, a new instance carries traffic within 2 s.
+fn new_instance_gets_traffic_within_2s(consul: &ConsulDouble, p: &Proxy, b: &Upstream) -> Duration {
+    let load = Load::start(p.url("/"), 1_000_000, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    reg(consul, b, "b");
+    let seen = wait_until(Duration::from_secs(2), || b.hits() > 0);
+    let took = t0.elapsed();
+    let report = load.finish();
+    let reads: Vec<String> = health_reads(consul).iter().rev().take(6).map(|r| format!("?{} answered {:?}", r.query, r.answered.map(|a| a.elapsed()))).collect();
+    assert!(seen, "the instance registered after the rewind got no traffic within 2 s; index now {}; last reads (newest first): {reads:#?}", consul.index_of("web"));
+    assert_eq!(report.failed, 0, "{report:?}");
+    took
+}
+
+#[test]
+fn a_restore_while_the_watch_is_blocked_is_seen_at_once() {
+    let consul = ConsulDouble::start();
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    reg(&consul, &a, "a");
+    let p = Proxy::start(&default_config(&consul));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "a".into())));
+    raise_index_and_hold(&consul, 60);
+    consul.reset_indexes();
+    let took = new_instance_gets_traffic_within_2s(&consul, &p, &b);
+    eprintln!("restore while blocked: new instance served {took:?} after its registration");
+    // One log line and one count for the whole process.
+    assert!(wait_until(Duration::from_secs(2), || rewinds(&p) == 1.0), "rewinds {}", rewinds(&p));
+    assert_eq!(p.stderr().matches("Consul indexes went backwards").count(), 1, "{}", p.stderr());
+}
+
+#[test]
+fn a_restore_while_the_watch_is_paced_is_seen_at_once() {
+    let consul = ConsulDouble::start();
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    reg(&consul, &a, "a");
+    let p = Proxy::start(&default_config(&consul));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "a".into())));
+    // Output-only churn empties the no-op bucket: the watch now pauses about
+    // a second between reads. Restore while no read is in flight.
+    let mut paused_at = None;
+    for n in 0..400 {
+        consul.set_check_output("node-a", "a", &format!("HTTP GET: 200 OK ({n})"));
+        std::thread::sleep(Duration::from_millis(10));
+        let reads = health_reads(&consul);
+        if n > 20 && reads.iter().all(|r| r.answered.is_some()) {
+            consul.reset_indexes();
+            paused_at = Some(reads.last().unwrap().seq);
+            break;
+        }
+    }
+    let last_before = paused_at.expect("the watch never paused under index-only churn");
+    assert!(consul.index_of("web") < 60, "restored");
+    new_instance_gets_traffic_within_2s(&consul, &p, &b);
+    // The read after the pause was a probe (no index): it cannot be held on
+    // the pre-restore index.
+    let after: Vec<_> = health_reads(&consul).into_iter().filter(|r| r.seq > last_before).collect();
+    assert!(!after.is_empty() && !after[0].has_param("index"), "first read after the pause: {:?}", after.first().map(|r| &r.query));
+}
+
+#[test]
+fn a_restore_while_the_watch_backs_off_is_seen_when_consul_answers_again() {
+    let consul = ConsulDouble::start();
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    reg(&consul, &a, "a");
+    let p = Proxy::start(&default_config(&consul));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "a".into())));
+    raise_index_and_hold(&consul, 60);
+    // 500s until the fifth failure in a row: the watch now backs off for
+    // 4-8 s, longer than the 2.5 s this test allows from here.
+    consul.fault(Fault::Status(500));
+    assert!(wait_until(Duration::from_secs(15), || watch_errors(&p, "server_error") >= 5.0));
+    consul.reset_indexes();
+    consul.fault(Fault::None);
+    let took = new_instance_gets_traffic_within_2s(&consul, &p, &b);
+    eprintln!("restore while backing off: new instance served {took:?} after its registration");
+    let m = parse_metrics(&p.metrics());
+    assert!(sample(&m, "switchyard_consul_recovery_wakes_total", &[]).unwrap_or(0.0) >= 1.0, "the prober woke the watch");
+}
+
+#[test]
+fn a_wiped_and_re_registered_catalog_is_seen_at_once() {
+    let consul = ConsulDouble::start();
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    reg(&consul, &a, "a");
+    let p = Proxy::start(&default_config(&consul));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "a".into())));
+    raise_index_and_hold(&consul, 60);
+    consul.wipe();
+    reg(&consul, &a, "a");
+    new_instance_gets_traffic_within_2s(&consul, &p, &b);
+    assert!(wait_until(Duration::from_secs(2), || rewinds(&p) == 1.0), "rewinds {}", rewinds(&p));
+}
