@@ -238,7 +238,14 @@ fn scale(services: usize, per: usize, idle_window: Duration) {
     let w0 = Instant::now();
     std::thread::sleep(idle_window);
     let idle_cpu = (cpu_seconds(pid) - cpu0) / w0.elapsed().as_secs_f64() * 100.0;
-    let idle_reads = (consul.requests().len() - req0) as f64 / w0.elapsed().as_secs_f64();
+    let idle_reqs: Vec<_> = consul.requests().into_iter().skip(req0).collect();
+    let idle_reads = idle_reqs.len() as f64 / w0.elapsed().as_secs_f64();
+    let mut by_kind = std::collections::BTreeMap::<String, usize>::new();
+    for r in &idle_reqs {
+        let kind = if r.path.starts_with("/v1/health/service/") { "/v1/health/service/*".to_string() } else { r.path.clone() };
+        *by_kind.entry(format!("{kind}{}", if r.has_param("index") { " (blocking)" } else { "" })).or_default() += 1;
+    }
+    println!("scale: Consul requests in the idle window by endpoint: {by_kind:?}");
     let rss = rss_mib(pid);
     // One service's change: reconcile time from the build histogram.
     let (sum0, n0) = histogram(&p, "switchyard_routing_build_seconds");
