@@ -127,15 +127,22 @@ fn last_answer_from(p: &Proxy, gone: &str, t0: Instant) -> Duration {
     last
 }
 
+/// Probe until `name` answers; returns when it did.
+fn first_answer_from(p: &Proxy, name: &str, t0: Instant) -> Duration {
+    loop {
+        let (code, body) = p.fetch("/");
+        assert_eq!(code, 200, "a request failed during churn");
+        if body == name {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{name} never answered");
+    }
+}
+
 fn sustained_churn(events: usize) {
     let consul = ConsulDouble::start();
     let ups: Vec<Upstream> = (0..4).map(|i| Upstream::start(&format!("u{i}"))).collect();
-    let reg = |i: usize| {
-        let a = ups[i].addr;
-        consul.register(Instance::new(&format!("node-{i}"), &format!("u{i}"), "web", &a.ip().to_string(), a.port()));
-    };
-    reg(0);
-    reg(1);
+    let mut churn = Churn::start(&consul, &ups, vec![0, 1]);
     // Default pacing and wait: what a user gets.
     let p = Proxy::start(&format!(
         "[consul]\naddresses = [\"{}\"]\n[consul.register]\nenabled = false\n\
@@ -146,50 +153,11 @@ fn sustained_churn(events: usize) {
     let reads = || consul.requests().iter().filter(|r| r.path == "/v1/health/service/web").count();
     let reads0 = reads();
     let started = Instant::now();
-    let (mut live, mut down): (Vec<usize>, Vec<usize>) = (vec![0, 1], vec![]);
     let mut lat = Vec::with_capacity(events);
     for e in 0..events {
         let t0 = Instant::now();
-        let took = match e % 4 {
-            0 => {
-                let i = (0..4).find(|i| !live.contains(i) && !down.contains(i)).unwrap();
-                reg(i);
-                live.push(i);
-                loop {
-                    let (code, body) = p.fetch("/");
-                    assert_eq!(code, 200);
-                    if body == ups[i].name() {
-                        break t0.elapsed();
-                    }
-                    assert!(t0.elapsed() < Duration::from_secs(10), "event {e}: never propagated");
-                }
-            }
-            1 => {
-                let i = live.remove(0);
-                consul.set_health(&format!("node-{i}"), &format!("u{i}"), "critical");
-                down.push(i);
-                last_answer_from(&p, ups[i].name(), t0)
-            }
-            2 => {
-                let i = down.remove(0);
-                consul.set_health(&format!("node-{i}"), &format!("u{i}"), "passing");
-                live.push(i);
-                loop {
-                    let (code, body) = p.fetch("/");
-                    assert_eq!(code, 200);
-                    if body == ups[i].name() {
-                        break t0.elapsed();
-                    }
-                    assert!(t0.elapsed() < Duration::from_secs(10), "event {e}: never propagated");
-                }
-            }
-            _ => {
-                let i = live.remove(0);
-                consul.deregister(&format!("node-{i}"), &format!("u{i}"));
-                last_answer_from(&p, ups[i].name(), t0)
-            }
-        };
-        lat.push(took);
+        let (i, joined) = churn.step(e, &consul, &ups);
+        lat.push(if joined { first_answer_from(&p, ups[i].name(), t0) } else { last_answer_from(&p, ups[i].name(), t0) });
         std::thread::sleep(Duration::from_millis(50 + (e as u64 * 37) % 101));
     }
     let secs = started.elapsed().as_secs_f64();

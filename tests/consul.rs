@@ -34,40 +34,16 @@ fn watch_errors(p: &Proxy, kind: &str) -> f64 {
 fn churn_moves_traffic_within_a_second_with_zero_failures() {
     let consul = ConsulDouble::start();
     let ups: Vec<Upstream> = (0..4).map(|i| Upstream::start(&format!("u{i}"))).collect();
-    reg(&consul, &ups[0], "u0");
-    reg(&consul, &ups[1], "u1");
+    let mut churn = Churn::start(&consul, &ups, vec![0, 1]);
     let p = Proxy::start(&config(&consul, "", ""));
     assert!(wait_until(Duration::from_secs(5), || p.fetch("/").0 == 200));
     let loads: Vec<Load> = (0..2).map(|_| Load::start(p.url("/"), 500_000, Duration::from_secs(90))).collect();
-    // The live set, and 60 events cycling through register, health flips and deregister.
-    let mut live: Vec<usize> = vec![0, 1];
-    let mut down: Vec<usize> = Vec::new();
+    // 60 events cycling through register, health flips and deregister.
     let mut worst = Duration::ZERO;
     for e in 0..60 {
         let prev = p.generation();
-        // A cycle of four kinds of event; at least two instances stay live.
-        match e % 4 {
-            0 => {
-                let i = (0..4).find(|i| !live.contains(i) && !down.contains(i)).unwrap();
-                reg(&consul, &ups[i], &format!("u{i}"));
-                live.push(i);
-            }
-            1 => {
-                let i = live.remove(0);
-                consul.set_health(&format!("node-u{i}"), &format!("u{i}"), "critical");
-                down.push(i);
-            }
-            2 => {
-                let i = down.remove(0);
-                consul.set_health(&format!("node-u{i}"), &format!("u{i}"), "passing");
-                live.push(i);
-            }
-            _ => {
-                let i = live.remove(0);
-                consul.deregister(&format!("node-u{i}"), &format!("u{i}"));
-            }
-        }
-        let allowed: HashSet<&str> = live.iter().map(|&i| ups[i].name()).collect();
+        churn.step(e, &consul, &ups);
+        let allowed = churn.allowed(&ups);
         // What to print when an event is slow: the last health reads, and
         // the proxy's log (when each table was published).
         let diagnose = || {
@@ -567,46 +543,23 @@ fn time_to_new_table(p: &Proxy, prev: u64, since: Instant, limit: Duration) -> O
 fn sustained_churn_on_one_service_follows_every_change_within_100ms() {
     let consul = ConsulDouble::start();
     let ups: Vec<Upstream> = (0..4).map(|i| Upstream::start(&format!("u{i}"))).collect();
-    reg(&consul, &ups[0], "u0");
-    reg(&consul, &ups[1], "u1");
+    let mut churn = Churn::start(&consul, &ups, vec![0, 1]);
     let p = Proxy::start(&default_config(&consul));
     assert!(wait_until(Duration::from_secs(5), || p.fetch("/").0 == 200));
     let loads: Vec<Load> = (0..2).map(|_| Load::start(p.url("/"), 1_000_000, Duration::from_secs(120))).collect();
     let reads_before = health_reads(&consul).len();
     let started = Instant::now();
-    let mut live: Vec<usize> = vec![0, 1];
-    let mut down: Vec<usize> = Vec::new();
     let mut took = Vec::new();
     let events = 100;
     for e in 0..events {
         let prev = p.generation();
         let t0 = Instant::now();
         // Register, fail, pass, deregister: each a real change of the set.
-        match e % 4 {
-            0 => {
-                let i = (0..4).find(|i| !live.contains(i) && !down.contains(i)).unwrap();
-                reg(&consul, &ups[i], &format!("u{i}"));
-                live.push(i);
-            }
-            1 => {
-                let i = live.remove(0);
-                consul.set_health(&format!("node-u{i}"), &format!("u{i}"), "critical");
-                down.push(i);
-            }
-            2 => {
-                let i = down.remove(0);
-                consul.set_health(&format!("node-u{i}"), &format!("u{i}"), "passing");
-                live.push(i);
-            }
-            _ => {
-                let i = live.remove(0);
-                consul.deregister(&format!("node-u{i}"), &format!("u{i}"));
-            }
-        }
+        churn.step(e, &consul, &ups);
         let t = time_to_new_table(&p, prev, t0, Duration::from_secs(3)).unwrap_or_else(|| panic!("event {e}: no new table within 3 s"));
         took.push(t);
         // The new table carries the traffic: every request lands on the live set.
-        let allowed: HashSet<&str> = live.iter().map(|&i| ups[i].name()).collect();
+        let allowed = churn.allowed(&ups);
         for _ in 0..4 {
             let (code, body) = p.fetch("/");
             assert_eq!(code, 200);

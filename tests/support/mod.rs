@@ -818,3 +818,64 @@ pub fn parse_raw_response(raw: &str) -> (String, Vec<(String, String)>, String) 
     };
     (status, headers, body)
 }
+
+// ---------------------------------------------------------------- churn
+
+/// The churn cycle shared by the Consul churn tests and bench: register a
+/// spare instance, fail a live one, pass a failed one, deregister a live one.
+/// Instance `i` is `ups[i]`, registered in service `web` as ID `u{i}` on node
+/// `node-u{i}`; at least two instances stay live with four upstreams.
+pub struct Churn {
+    pub live: Vec<usize>,
+    pub down: Vec<usize>,
+}
+
+impl Churn {
+    /// Register `ups[i]` for each `i` in `live`.
+    pub fn start(consul: &consul::ConsulDouble, ups: &[Upstream], live: Vec<usize>) -> Churn {
+        for &i in &live {
+            Churn::register(consul, ups, i);
+        }
+        Churn { live, down: Vec::new() }
+    }
+
+    pub fn register(consul: &consul::ConsulDouble, ups: &[Upstream], i: usize) {
+        let a = ups[i].addr;
+        consul.register(consul::Instance::new(&format!("node-u{i}"), &format!("u{i}"), "web", &a.ip().to_string(), a.port()));
+    }
+
+    /// Make event `e` of the cycle; returns the instance it moved and whether
+    /// that instance now takes traffic (true) or no longer does (false).
+    pub fn step(&mut self, e: usize, consul: &consul::ConsulDouble, ups: &[Upstream]) -> (usize, bool) {
+        match e % 4 {
+            0 => {
+                let i = (0..ups.len()).find(|i| !self.live.contains(i) && !self.down.contains(i)).expect("a spare instance");
+                Churn::register(consul, ups, i);
+                self.live.push(i);
+                (i, true)
+            }
+            1 => {
+                let i = self.live.remove(0);
+                consul.set_health(&format!("node-u{i}"), &format!("u{i}"), "critical");
+                self.down.push(i);
+                (i, false)
+            }
+            2 => {
+                let i = self.down.remove(0);
+                consul.set_health(&format!("node-u{i}"), &format!("u{i}"), "passing");
+                self.live.push(i);
+                (i, true)
+            }
+            _ => {
+                let i = self.live.remove(0);
+                consul.deregister(&format!("node-u{i}"), &format!("u{i}"));
+                (i, false)
+            }
+        }
+    }
+
+    /// Names of the instances that should take traffic now.
+    pub fn allowed<'a>(&self, ups: &'a [Upstream]) -> std::collections::HashSet<&'a str> {
+        self.live.iter().map(|&i| ups[i].name()).collect()
+    }
+}

@@ -5,7 +5,7 @@
 //! with an answer differs, which the [`Handler`] supplies.
 
 use super::client::{ClientError, ConsulClient};
-use super::pace::{back_off, early, pause, Outcome, Pacer, Woke};
+use super::pace::{after_read, back_off, early, Outcome, Pacer};
 use super::watch::{agent_down, backoff, read_timeout, IndexTracker, Observed};
 use crate::metrics::Metrics;
 use crate::status::StatusBoard;
@@ -112,15 +112,9 @@ pub async fn run(
                             answered = true;
                             metrics.discovery_update(ep.source, "ok");
                         }
-                        let next = pacer.next(outcome, blocking);
-                        probe = next.probe && tracker.request_index() > 0;
-                        match pause(next.delay, &mut restores, &mut shutdown).await {
-                            Woke::Shutdown => return,
-                            Woke::Rewind => {
-                                tracker.reset();
-                                probe = false;
-                            }
-                            Woke::Timer => {}
+                        match after_read(&mut pacer, &mut tracker, outcome, blocking, &mut restores, &mut shutdown).await {
+                            Some(p) => probe = p,
+                            None => return,
                         }
                         continue;
                     }

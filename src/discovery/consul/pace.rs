@@ -30,6 +30,7 @@
 //! (each after a random 0–250 ms, so a thousand of them do not arrive at once).
 
 use super::client::ConsulClient;
+use super::watch::IndexTracker;
 use crate::metrics::Metrics;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -249,6 +250,28 @@ pub async fn pause(d: Duration, restores: &mut RestoreRx, shutdown: &mut watch::
         _ = shutdown.changed() => Woke::Shutdown,
         _ = restores.changed() => Woke::Rewind,
         _ = tokio::time::sleep(d) => Woke::Timer,
+    }
+}
+
+/// After a good read: pause as the pacer says (a rewind broadcast ends the
+/// pause and resets the index). Returns whether the next read is a probe,
+/// or None on shutdown.
+pub async fn after_read(
+    pacer: &mut Pacer,
+    tracker: &mut IndexTracker,
+    outcome: Outcome,
+    blocking: bool,
+    restores: &mut RestoreRx,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<bool> {
+    let next = pacer.next(outcome, blocking);
+    match pause(next.delay, restores, shutdown).await {
+        Woke::Shutdown => None,
+        Woke::Rewind => {
+            tracker.reset();
+            Some(false)
+        }
+        Woke::Timer => Some(next.probe && tracker.request_index() > 0),
     }
 }
 

@@ -15,7 +15,7 @@
 
 use super::client::{ClientError, ConsulClient};
 use super::health::parse_health;
-use super::pace::{back_off, early, pause, Outcome, Pacer, Woke};
+use super::pace::{after_read, back_off, early, Outcome, Pacer};
 use super::{ServiceSnapshot, WatchShared};
 use crate::config::ConsulQuery;
 use std::sync::Arc;
@@ -253,15 +253,9 @@ pub async fn run(
                         }
                     },
                 };
-                let next = pacer.next(outcome, blocking);
-                probe = next.probe && tracker.request_index() > 0;
-                match pause(next.delay, &mut restores, &mut shutdown).await {
-                    Woke::Shutdown => return,
-                    Woke::Rewind => {
-                        tracker.reset();
-                        probe = false;
-                    }
-                    Woke::Timer => {}
+                match after_read(&mut pacer, &mut tracker, outcome, blocking, &mut restores, &mut shutdown).await {
+                    Some(p) => probe = p,
+                    None => return,
                 }
                 if let Mode::Triggered { poke, resync } = &mode {
                     tokio::select! {
