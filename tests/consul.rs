@@ -624,13 +624,20 @@ fn new_instance_gets_traffic_within_2s(consul: &ConsulDouble, p: &Proxy, b: &Ups
     took
 }
 
-#[test]
-fn a_restore_while_the_watch_is_blocked_is_seen_at_once() {
+/// Consul with instance `a`, a proxy with default settings serving it, and a
+/// spare upstream `b`.
+fn serving_a() -> (ConsulDouble, Upstream, Upstream, Proxy) {
     let consul = ConsulDouble::start();
     let (a, b) = (Upstream::start("a"), Upstream::start("b"));
     reg(&consul, &a, "a");
     let p = Proxy::start(&default_config(&consul));
     assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "a".into())));
+    (consul, a, b, p)
+}
+
+#[test]
+fn a_restore_while_the_watch_is_blocked_is_seen_at_once() {
+    let (consul, _a, b, p) = serving_a();
     raise_index_and_hold(&consul, 60);
     consul.reset_indexes();
     let took = new_instance_gets_traffic_within_2s(&consul, &p, &b);
@@ -642,11 +649,7 @@ fn a_restore_while_the_watch_is_blocked_is_seen_at_once() {
 
 #[test]
 fn a_restore_while_the_watch_is_paced_is_seen_at_once() {
-    let consul = ConsulDouble::start();
-    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
-    reg(&consul, &a, "a");
-    let p = Proxy::start(&default_config(&consul));
-    assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "a".into())));
+    let (consul, _a, b, p) = serving_a();
     // Output-only churn empties the no-op bucket: the watch now pauses about
     // a second between reads. Restore while no read is in flight.
     let mut paused_at = None;
@@ -671,11 +674,7 @@ fn a_restore_while_the_watch_is_paced_is_seen_at_once() {
 
 #[test]
 fn a_restore_while_the_watch_backs_off_is_seen_when_consul_answers_again() {
-    let consul = ConsulDouble::start();
-    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
-    reg(&consul, &a, "a");
-    let p = Proxy::start(&default_config(&consul));
-    assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "a".into())));
+    let (consul, _a, b, p) = serving_a();
     raise_index_and_hold(&consul, 60);
     // 500s until the fifth failure in a row: the watch now backs off for
     // 4-8 s, longer than the 2.5 s this test allows from here.
@@ -691,11 +690,7 @@ fn a_restore_while_the_watch_backs_off_is_seen_when_consul_answers_again() {
 
 #[test]
 fn a_wiped_and_re_registered_catalog_is_seen_at_once() {
-    let consul = ConsulDouble::start();
-    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
-    reg(&consul, &a, "a");
-    let p = Proxy::start(&default_config(&consul));
-    assert!(wait_until(Duration::from_secs(5), || p.fetch("/") == (200, "a".into())));
+    let (consul, a, b, p) = serving_a();
     raise_index_and_hold(&consul, 60);
     consul.wipe();
     reg(&consul, &a, "a");
