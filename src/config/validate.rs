@@ -572,6 +572,11 @@ impl Validator<'_> {
         let wait = self.duration("consul.wait", wait.as_ref(), Duration::from_secs(300));
         if wait > Duration::from_secs(600) {
             self.err("consul.wait", format!("invalid duration {wait:?}: Consul caps blocking waits at 10m"));
+        } else if wait < Duration::from_secs(1) {
+            self.err(
+                "consul.wait",
+                format!("invalid duration {wait:?}: must be at least 1s (a shorter wait turns every watch into a polling loop against the agent)"),
+            );
         }
         let max_watches = max_watches.unwrap_or(64);
         if !(6..=190).contains(&max_watches) {
@@ -961,6 +966,8 @@ static = ["127.0.0.1:1"]
             .to_string();
         assert!(e.contains("consul.addresses[0]: unsupported agent address"), "{e}");
         assert!(e.contains("consul.wait: invalid duration"), "{e}");
+        let e = parse_with_env(&format!("{text}\n[consul]\nwait = \"5ms\"\n"), Path::new("/"), &|_| None).unwrap_err().to_string();
+        assert!(e.contains("consul.wait: invalid duration 5ms: must be at least 1s"), "{e}");
     }
 
     #[test]
