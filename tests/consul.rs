@@ -161,8 +161,9 @@ fn index_going_backwards_recovers_with_one_non_blocking_read() {
     let held_seq = held().unwrap().seq;
     consul.reset_indexes();
     assert!(wait_until(Duration::from_secs(5), || watch_errors(&p, "index_reset") >= 1.0));
-    // The held read came back with a lower index. The first read after it
-    // carries no index (non-blocking); the next one blocks on the new index.
+    // The held read came back early with its old index (as Consul answers on
+    // a restore). The first read after it carries no index (a probe that
+    // finds the lower index); the next one blocks on the new index.
     let after = || -> Vec<support::consul::Recorded> { health().into_iter().filter(|r| r.seq > held_seq).collect() };
     assert!(wait_until(Duration::from_secs(5), || after().len() >= 2), "{:?}", after());
     let after = after();
