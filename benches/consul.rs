@@ -108,7 +108,7 @@ fn propagation(changes: usize) {
 }
 
 /// Probe until `gone` has not answered for 100 consecutive requests; returns
-/// when its last answer arrived (None: it never answered after t0).
+/// when its last answer arrived (zero if it never answered after t0).
 fn last_answer_from(p: &Proxy, gone: &str, t0: Instant) -> Duration {
     let mut last = Duration::ZERO;
     let mut quiet = 0;

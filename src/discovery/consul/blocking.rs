@@ -5,7 +5,7 @@
 //! with an answer differs, which the [`Handler`] supplies.
 
 use super::client::{ClientError, ConsulClient};
-use super::pace::{after_read, back_off, early, Outcome, Pacer};
+use super::pace::{after_read, back_off, Outcome, Pacer};
 use super::watch::{agent_down, backoff, read_timeout, IndexTracker, Observed};
 use crate::metrics::Metrics;
 use crate::status::StatusBoard;
@@ -45,7 +45,7 @@ pub async fn run(
     let settings = client.settings().clone();
     status.register_source(ep.source, "consul", ep.path);
     let mut tracker = IndexTracker::default();
-    let mut pacer = Pacer::new(settings.min_interval, settings.noop_interval);
+    let mut pacer = Pacer::new(settings.min_interval, settings.noop_interval, settings.wait);
     let mut restores = client.restores.subscribe();
     let mut failures = 0u32;
     let mut answered = false;
@@ -72,7 +72,6 @@ pub async fn run(
         handler.holding(blocking && failures == 0 && answered);
         let timeout = if blocking { read_timeout(settings.wait) } else { Duration::from_secs(12) };
         pacer.start();
-        let started = tokio::time::Instant::now();
         let result = tokio::select! {
             _ = shutdown.changed() => return,
             _ = restores.changed() => {
@@ -85,9 +84,8 @@ pub async fn run(
                 r.unwrap_or(Err(ClientError::Timeout))
             }
         };
-        let elapsed = started.elapsed();
         probe = false;
-        let err = match result {
+        let (kind, msg, may_wake) = match result {
             Ok(resp) => {
                 let observed = tracker.observe(resp.index, blocking);
                 if observed == Observed::WentBackwards {
@@ -95,9 +93,7 @@ pub async fn run(
                     restores.report(&client.restores, ep.source);
                 }
                 let outcome = match observed {
-                    Observed::Unchanged if !blocking => Ok(Outcome::ProbeUnchanged),
-                    Observed::Unchanged if early(blocking, elapsed, settings.wait) => Ok(Outcome::EarlyUnchanged),
-                    Observed::Unchanged => Ok(Outcome::HeldUnchanged),
+                    Observed::Unchanged => Ok(pacer.unchanged(blocking)),
                     _ => handler.answer(&resp.body).map(|changed| match observed {
                         Observed::Fresh | Observed::WentBackwards => Outcome::Fresh,
                         _ if changed => Outcome::Changed,
@@ -118,16 +114,12 @@ pub async fn run(
                         }
                         continue;
                     }
-                    Err(e) => (ClientError::Body(String::new()), "bad_body", e),
+                    // An answer, not an unreachable agent: full backoff.
+                    Err(e) => ("bad_body", e, false),
                 }
             }
-            Err(e) => {
-                let kind = e.kind();
-                let msg = e.to_string();
-                (e, kind, msg)
-            }
+            Err(e) => (e.kind(), e.to_string(), agent_down(&e)),
         };
-        let (e, kind, msg) = err;
         handler.holding(false);
         handler.failed();
         answered = false;
@@ -137,7 +129,7 @@ pub async fn run(
         metrics.discovery_update(ep.source, "error");
         status.source_error(ep.source, format!("{kind}: {msg}"));
         tracing::warn!(source = ep.source, kind, error = %msg, "{}", ep.consequence);
-        if !back_off(&client, backoff(failures), agent_down(&e), &mut restores, &mut shutdown).await {
+        if !back_off(&client, backoff(failures), may_wake, &mut restores, &mut shutdown).await {
             return;
         }
     }

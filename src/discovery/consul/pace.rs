@@ -112,14 +112,17 @@ pub struct Next {
 pub struct Pacer {
     min_interval: Duration,
     noop: TokenBucket,
+    /// The `wait` sent with blocking reads: one that returns sooner is early.
+    wait: Duration,
     started: Instant,
 }
 
 impl Pacer {
-    pub fn new(min_interval: Duration, noop_interval: Duration) -> Pacer {
+    pub fn new(min_interval: Duration, noop_interval: Duration, wait: Duration) -> Pacer {
         Pacer {
             min_interval,
             noop: TokenBucket::new(2, noop_interval),
+            wait,
             started: Instant::now(),
         }
     }
@@ -127,6 +130,19 @@ impl Pacer {
     /// A read is being sent now.
     pub fn start(&mut self) {
         self.started = Instant::now();
+    }
+
+    /// The outcome of a read (started at the last [`Pacer::start`]) that
+    /// answered the index we hold: a probe confirmed it, or a blocking read
+    /// was held to the end of `wait`, or came back before it.
+    pub fn unchanged(&self, blocking: bool) -> Outcome {
+        if !blocking {
+            Outcome::ProbeUnchanged
+        } else if self.started.elapsed() < self.wait {
+            Outcome::EarlyUnchanged
+        } else {
+            Outcome::HeldUnchanged
+        }
     }
 
     /// The pause (and the kind of read) after a good read that started at the
@@ -275,11 +291,6 @@ pub async fn after_read(
     }
 }
 
-/// A blocking read that returned before `wait` ran out.
-pub fn early(blocking: bool, elapsed: Duration, wait: Duration) -> bool {
-    blocking && elapsed < wait
-}
-
 /// Watches waiting out a backoff, and the prober that wakes them.
 pub struct Recovery {
     waiting: AtomicUsize,
@@ -423,10 +434,11 @@ mod tests {
 
     const MIN: Duration = Duration::from_millis(50);
     const NOOP: Duration = Duration::from_secs(1);
+    const WAIT: Duration = Duration::from_secs(300);
 
     #[tokio::test(start_paused = true)]
     async fn changes_are_spaced_by_min_interval_from_the_start_of_the_read() {
-        let mut p = Pacer::new(MIN, NOOP);
+        let mut p = Pacer::new(MIN, NOOP, WAIT);
         // A blocking read that returned a change after 10 ms: 40 ms more, then a probe.
         p.start();
         tokio::time::advance(Duration::from_millis(10)).await;
@@ -447,7 +459,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_non_blocking_read_slows_the_loop() {
-        let mut p = Pacer::new(MIN, NOOP);
+        let mut p = Pacer::new(MIN, NOOP, WAIT);
         p.start();
         tokio::time::advance(Duration::from_millis(300)).await;
         assert_eq!(p.next(Outcome::Changed, false).delay, Duration::from_millis(300));
@@ -460,7 +472,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn index_only_churn_is_paced_by_the_noop_bucket() {
-        let mut p = Pacer::new(MIN, NOOP);
+        let mut p = Pacer::new(MIN, NOOP, WAIT);
         let mut delays = Vec::new();
         for _ in 0..5 {
             p.start();
@@ -478,13 +490,16 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_early_unchanged_return_is_followed_by_a_probe() {
-        let mut p = Pacer::new(MIN, NOOP);
+        let mut p = Pacer::new(MIN, NOOP, WAIT);
         p.start();
         tokio::time::advance(Duration::from_millis(3)).await;
+        assert_eq!(p.unchanged(true), Outcome::EarlyUnchanged);
+        assert_eq!(p.unchanged(false), Outcome::ProbeUnchanged, "a probe has no wait");
         assert_eq!(p.next(Outcome::EarlyUnchanged, true), Next { delay: Duration::ZERO, probe: true });
         // Held to the end of wait: block again at once.
         p.start();
-        tokio::time::advance(Duration::from_secs(300)).await;
+        tokio::time::advance(WAIT).await;
+        assert_eq!(p.unchanged(true), Outcome::HeldUnchanged);
         assert_eq!(p.next(Outcome::HeldUnchanged, true), Next { delay: Duration::ZERO, probe: false });
         // A Consul that keeps returning early unchanged is held to the bucket
         // (after its burst of two).

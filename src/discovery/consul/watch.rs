@@ -15,12 +15,11 @@
 
 use super::client::{ClientError, ConsulClient};
 use super::health::parse_health;
-use super::pace::{after_read, back_off, early, Outcome, Pacer};
+use super::pace::{after_read, back_off, Outcome, Pacer};
 use super::{ServiceSnapshot, WatchShared};
 use crate::config::ConsulQuery;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::time::Instant;
 
 /// Extra time on top of `wait × 17/16` before a blocking read counts as hung.
 pub const READ_SLACK: Duration = Duration::from_secs(2);
@@ -146,7 +145,7 @@ pub async fn run(
 ) {
     let settings = client.settings().clone();
     let mut tracker = IndexTracker::default();
-    let mut pacer = Pacer::new(settings.min_interval, settings.noop_interval);
+    let mut pacer = Pacer::new(settings.min_interval, settings.noop_interval, settings.wait);
     let mut restores = client.restores.subscribe();
     let mut failures: u32 = 0;
     let mut use_stale = settings.stale;
@@ -167,7 +166,6 @@ pub async fn run(
         let params = query_params(&query, settings.datacenter.as_deref(), use_stale, &index, &wait_ms, blocking);
         let timeout = if blocking { read_timeout(settings.wait) } else { Duration::from_secs(10) + READ_SLACK };
         pacer.start();
-        let started = Instant::now();
         // Only a blocking read that follows a good read proves freshness while held.
         shared.set_holding(blocking && failures == 0);
         let result = tokio::select! {
@@ -184,7 +182,6 @@ pub async fn run(
                 r.unwrap_or(Err(ClientError::Timeout))
             }
         };
-        let elapsed = started.elapsed();
         probe = false;
         match result {
             Ok(resp) => {
@@ -204,14 +201,8 @@ pub async fn run(
                     restores.report(&client.restores, shared.label());
                 }
                 let outcome = match observed {
-                    Observed::Unchanged if !blocking => Some(Outcome::ProbeUnchanged),
-                    Observed::Unchanged if early(blocking, elapsed, settings.wait) => Some(Outcome::EarlyUnchanged),
-                    Observed::Unchanged => Some(Outcome::HeldUnchanged),
-                    _ => None,
-                };
-                let outcome = match outcome {
-                    Some(o) => o,
-                    None => match parse_health(&resp.body) {
+                    Observed::Unchanged => pacer.unchanged(blocking),
+                    _ => match parse_health(&resp.body) {
                         Ok(parsed) if parsed.instances.is_empty() && !parsed.skipped.is_empty() => {
                             // Every entry was invalid: that is a bad answer, not an
                             // empty service. Never let it empty the pool.
