@@ -3,7 +3,7 @@
 //! result), `/metrics` (Prometheus text format), `/status` (JSON: generation,
 //! routes, clusters and backends, sources and their last errors).
 
-use crate::config::{Config, HostPattern};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
 use crate::status::{unix, StatusBoard};
@@ -20,6 +20,7 @@ pub struct Admin {
     pub snapshot: Arc<Snapshot>,
     pub metrics: Arc<Metrics>,
     pub status: Arc<StatusBoard>,
+    pub ha: Arc<crate::ha::Ha>,
 }
 
 fn reply(code: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -101,14 +102,7 @@ impl Admin {
             .iter()
             .map(|r| &r.spec)
             .map(|r| {
-                let hosts: Vec<String> = r
-                    .hosts
-                    .iter()
-                    .map(|h| match h {
-                        HostPattern::Exact(h) => h.clone(),
-                        HostPattern::Suffix(s) => format!("*{s}"),
-                    })
-                    .collect();
+                let hosts: Vec<String> = r.hosts.iter().map(|h| h.to_string()).collect();
                 json!({ "name": r.name, "hosts": hosts, "path_prefix": r.path_prefix, "cluster": r.cluster })
             })
             .collect();
@@ -125,7 +119,7 @@ impl Admin {
                         json!({
                             "address": b.addr.to_string(),
                             "weight": b.weight,
-                            "state": if b.weight > 0 { "active" } else { "drained" },
+                            "state": b.state_name(),
                             "in_flight": b.state.in_flight.load(Ordering::Relaxed),
                             "tags": b.endpoint.tags,
                             "meta": b.endpoint.meta,
@@ -150,6 +144,7 @@ impl Admin {
             "version": env!("CARGO_PKG_VERSION"),
             "ready": ready,
             "generation": table.generation,
+            "digest": table.digest,
             "built_unix": unix(table.built_at),
             "last_swap_unix": swap.last_swap_unix,
             "swaps": swap.swaps,
@@ -158,8 +153,17 @@ impl Admin {
             "clusters": clusters,
             "sources": self.status.sources(),
             "tag_errors": self.status.tag_errors(),
+            "ha": {
+                "ready": self.ha.verdict(),
+                "status": self.ha.status(),
+            },
         })
     }
+}
+
+/// Whether a query string has `key` as a bare flag or `key=...`.
+fn query_has(query: Option<&str>, key: &str) -> bool {
+    query.is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some(key)))
 }
 
 #[async_trait]
@@ -171,6 +175,15 @@ impl ServeHttp for Admin {
         }
         match req.uri.path() {
             "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
+            "/readyz" if query_has(req.uri.query(), "vrrp") => {
+                let v = self.ha.verdict();
+                let code = if v.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                let table = self.snapshot.load();
+                json_reply(
+                    code,
+                    json!({ "ready": v.ready, "reasons": v.reasons, "generation": table.generation, "digest": table.digest }),
+                )
+            }
             "/readyz" => {
                 let (ready, body) = self.readiness();
                 let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -1,4 +1,4 @@
-//! Command line: `run`, `check`, `demo`.
+//! Command line: `run`, `check`, `demo`, `health`, `status`.
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::net::SocketAddr;
@@ -29,6 +29,11 @@ pub enum Command {
     Run {
         #[arg(short, long, default_value = crate::config::DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// Take the listening sockets over from the instance named in
+        /// `server.pid_file` (it gets SIGQUIT, hands them over, drains and
+        /// exits): a restart or binary upgrade that refuses no connection.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file: print a summary, or every error (exit 64).
     Check {
@@ -44,5 +49,29 @@ pub enum Command {
         /// Directory for the demo's catalog, config and access log (default: a new temp dir).
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// Ask a running instance whether it is ready: exit 0 ready, 1 not ready
+    /// (reasons printed), 2 no answer within the timeout.
+    Health {
+        /// Its admin address (`host:port` or a URL).
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+        /// VRRP readiness (`/readyz?vrrp`): may this node hold a floating address?
+        #[arg(long)]
+        vrrp: bool,
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Show a running instance's table generation and digest; with
+    /// `--compare A B`, whether two nodes serve the same table and where they
+    /// differ (exit 0 same, 1 different, 2 no answer).
+    Status {
+        /// Its admin address (`host:port` or a URL).
+        #[arg(long, default_value = "127.0.0.1:9901", conflicts_with = "compare")]
+        admin: String,
+        #[arg(long, num_args = 2, value_names = ["ADMIN_A", "ADMIN_B"])]
+        compare: Option<Vec<String>>,
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
 }

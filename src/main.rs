@@ -4,7 +4,7 @@
 use clap::Parser;
 use std::process::ExitCode;
 use switchyard::cli::{Cli, Command, LogFormatArg};
-use switchyard::{config, demo, server};
+use switchyard::{config, demo, ops, server};
 
 const EXIT_CONFIG: u8 = 64;
 
@@ -43,14 +43,23 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run { config } => {
+        Command::Health { admin, vrrp, timeout } => ExitCode::from(ops::health(admin, *vrrp, *timeout)),
+        Command::Status { admin, compare, timeout } => {
+            let admins = compare.clone().unwrap_or_else(|| vec![admin.clone()]);
+            ExitCode::from(ops::status(&admins, *timeout))
+        }
+        Command::Run { config, upgrade } => {
             let c = match load(config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             init_logging(&cli);
             tracing::info!(config = %config.display(), version = env!("CARGO_PKG_VERSION"), "starting");
-            match server::run(c, server::Extras::default()) {
+            let extras = server::Extras {
+                upgrade: *upgrade,
+                ..Default::default()
+            };
+            match server::run(c, extras) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("switchyard: {e}");

@@ -47,6 +47,10 @@ pub struct Metrics {
     pub consul_index_rewinds: IntCounter,
     pub consul_recovery_wakes: IntCounter,
     pub routing_build: Histogram,
+    pub routing_table_info: IntGaugeVec,
+    pub ha_ready: IntGauge,
+    pub ha_track_file_writes: IntCounter,
+    pub ha_track_file_errors: IntCounter,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -184,8 +188,32 @@ impl Metrics {
                 .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
         )
         .expect("valid metric");
+        let routing_table_info = IntGaugeVec::new(
+            opts("routing_table_info", "1 for the routing table being served, labelled with the digest of its content (routes, clusters, backends, weights and states; not generations or timestamps). Two nodes fed the same catalog show the same digest."),
+            &["digest"],
+        )
+        .expect("valid metric");
+        let ha_ready = IntGauge::with_opts(opts(
+            "ha_ready",
+            "1 while this node is ready to hold a floating address (GET /readyz?vrrp answers 200), else 0.",
+        ))
+        .expect("valid metric");
+        let ha_track_file_writes = IntCounter::with_opts(opts(
+            "ha_track_file_writes_total",
+            "Times the VRRP readiness was written to ha.track_file (only on a change).",
+        ))
+        .expect("valid metric");
+        let ha_track_file_errors = IntCounter::with_opts(opts(
+            "ha_track_file_errors_total",
+            "Failed writes of ha.track_file. While the last write failed the node reports itself not ready.",
+        ))
+        .expect("valid metric");
         for c in [
             Box::new(routing_build.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(routing_table_info.clone()),
+            Box::new(ha_ready.clone()),
+            Box::new(ha_track_file_writes.clone()),
+            Box::new(ha_track_file_errors.clone()),
             Box::new(consul_tag_errors.clone()),
             Box::new(consul_index_rewinds.clone()),
             Box::new(consul_recovery_wakes.clone()),
@@ -238,6 +266,10 @@ impl Metrics {
             consul_index_rewinds,
             consul_recovery_wakes,
             routing_build,
+            routing_table_info,
+            ha_ready,
+            ha_track_file_writes,
+            ha_track_file_errors,
         }
     }
 

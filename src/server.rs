@@ -6,6 +6,7 @@ use crate::accesslog::AccessLog;
 use crate::admin::Admin;
 use crate::config::{Config, DiscoverySpec};
 use crate::discovery::file::FileSource;
+use crate::ha::{Ha, HaTask};
 use crate::metrics::Metrics;
 use crate::proxy::{Core, Proxy, ProxyApp};
 use crate::discovery::consul::register::{Heartbeat, Registration};
@@ -19,7 +20,7 @@ use pingora::apps::HttpServerOptions;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::proxy::HttpProxy;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use pingora::services::ServiceWithDependents;
@@ -28,10 +29,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Everything `run` needs besides the config: extra services (the demo's
-/// sample upstreams) to host in the same process.
+/// sample upstreams) to host in the same process, and whether to take the
+/// listening sockets over from a running instance.
 #[derive(Default)]
 pub struct Extras {
     pub services: Vec<Box<dyn ServiceWithDependents>>,
+    /// `run --upgrade`: ask the process in `server.pid_file` to hand its
+    /// sockets over (SIGQUIT), and take them.
+    pub upgrade: bool,
 }
 
 fn ceil_secs(d: Duration) -> u64 {
@@ -39,7 +44,7 @@ fn ceil_secs(d: Duration) -> u64 {
 }
 
 /// Build the server. Errors are operator-facing messages.
-pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
+pub fn build(config: Config, extras: Extras) -> Result<(Server, Arc<Ha>), String> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let status = Arc::new(StatusBoard::new());
@@ -59,6 +64,7 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
         .collect();
     let mut tasks: Vec<Arc<dyn BackgroundService + Send + Sync>> = Vec::new();
     let mut inputs = Inputs::default();
+    let mut consul_view = None;
     for path in paths {
         let (src, rx) = FileSource::new(path.clone(), metrics.clone(), status.clone());
         tasks.push(Arc::new(src));
@@ -78,6 +84,7 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
             let (src, rx) = ConsulSource::new(settings, queries, reserved, metrics.clone(), status.clone())
                 .map_err(|e| format!("consul: {e}"))?;
             tasks.push(Arc::new(src));
+            consul_view = Some(rx.clone());
             inputs.consul = Some(rx);
         }
     }
@@ -85,6 +92,9 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
         .map_err(|e| format!("cannot build the first routing table: {e}"))?;
     let snapshot = reconciler.snapshot();
     tasks.push(Arc::new(reconciler));
+    let listen: Vec<_> = config.listeners.iter().map(|l| l.address).collect();
+    let ha = Ha::new(config.ha.clone(), &listen, snapshot.clone(), consul_view, metrics.clone(), extras.upgrade);
+    tasks.push(Arc::new(HaTask(ha.clone())));
     tasks.push(Arc::new(Signals {
         access_log: access_log.clone(),
     }));
@@ -104,6 +114,7 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
         access_log: access_log.clone(),
         timeout: config.server.drain_timeout,
         registration,
+        ha: ha.clone(),
     }));
 
     let mut conf = ServerConf::default();
@@ -115,8 +126,18 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
     conf.pid_file = config.server.pid_file.clone();
     conf.upgrade_sock = config.server.upgrade_sock.clone();
     conf.max_retries = 11;
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = extras.upgrade.then(|| pingora::server::configuration::Opt {
+        upgrade: true,
+        ..Default::default()
+    });
+    if extras.upgrade {
+        ask_to_hand_over(&config.server.pid_file)?;
+    }
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    // Takes the listening sockets over from the old process on upgrade
+    // (Pingora waits a few seconds for them, then exits if none came).
     server.bootstrap();
+    write_pid_file(&config.server.pid_file);
 
     // Pingora's server options are per service: one proxy service per h2c setting.
     for h2c in [true, false] {
@@ -151,6 +172,7 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
         snapshot: snapshot.clone(),
         metrics: metrics.clone(),
         status: status.clone(),
+        ha: ha.clone(),
     };
     let mut admin_svc = Service::new("admin".to_string(), HttpServer::new_app(admin));
     admin_svc.add_tcp(&config.admin.listen.to_string());
@@ -163,7 +185,89 @@ pub fn build(config: Config, extras: Extras) -> Result<Server, String> {
     for s in extras.services {
         server.add_boxed_service(s);
     }
-    Ok(server)
+    Ok((server, ha))
+}
+
+/// `run --upgrade`: send SIGQUIT to the process named in the pid file, so
+/// it sends its listening sockets to `server.upgrade_sock`, where this
+/// process's bootstrap picks them up. Both accept on them for a few seconds;
+/// then the old one drains and exits.
+fn ask_to_hand_over(pid_file: &str) -> Result<(), String> {
+    let text = std::fs::read_to_string(pid_file)
+        .map_err(|e| format!("--upgrade: cannot read server.pid_file {pid_file}: {e}"))?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p > 1)
+        .ok_or_else(|| format!("--upgrade: server.pid_file {pid_file} holds {:?}, not a process id", text.trim()))?;
+    if pid == std::process::id() as i32 {
+        return Err(format!("--upgrade: server.pid_file {pid_file} names this process"));
+    }
+    // SAFETY: kill(2) with a positive pid and a valid signal number has no
+    // memory-safety preconditions.
+    if unsafe { libc::kill(pid, libc::SIGQUIT) } != 0 {
+        return Err(format!(
+            "--upgrade: cannot signal process {pid} from {pid_file}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    tracing::info!(pid, "upgrade: asked the running process to hand its listening sockets over");
+    Ok(())
+}
+
+/// Record this process's id (for `run --upgrade`); a failure is logged only.
+fn write_pid_file(path: &str) {
+    if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
+        tracing::warn!(path, error = %e, "cannot write server.pid_file; `run --upgrade` will not find this process");
+    }
+}
+
+/// Signals, with the hand-off in front of Pingora's graceful shutdown:
+/// * SIGTERM: demote (when `[ha]` is set), wait for the peer to take the
+///   floating addresses, then let Pingora stop accepting and drain;
+/// * SIGQUIT: hand the listening sockets to a new process (`run --upgrade`);
+/// * SIGINT: demote and stop at once.
+struct HaSignals {
+    ha: Arc<Ha>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for HaSignals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut quit), Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::quit()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers; stopping");
+            return ShutdownSignal::FastShutdown;
+        };
+        tokio::select! {
+            _ = quit.recv() => {
+                tracing::info!("SIGQUIT: handing the listening sockets to the new process");
+                self.ha.retire();
+                ShutdownSignal::GracefulUpgrade
+            }
+            _ = term.recv() => {
+                if self.ha.settings().enabled() {
+                    tokio::select! {
+                        _ = self.ha.handoff() => {}
+                        _ = int.recv() => {
+                            tracing::info!("SIGINT during the hand-off: stopping now");
+                            return ShutdownSignal::FastShutdown;
+                        }
+                    }
+                }
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = int.recv() => {
+                self.ha.demote();
+                ShutdownSignal::FastShutdown
+            }
+        }
+    }
 }
 
 /// Runs the control-plane tasks on one runtime thread.
@@ -225,6 +329,7 @@ struct Drain {
     access_log: AccessLog,
     timeout: Duration,
     registration: Option<Arc<Registration>>,
+    ha: Arc<Ha>,
 }
 
 #[async_trait]
@@ -235,7 +340,9 @@ impl BackgroundService for Drain {
         }
         let start = Instant::now();
         let deadline = start + self.timeout;
-        if let Some(r) = &self.registration {
+        // After an upgrade hand-over the new process owns the registration.
+        let registration = self.registration.as_ref().filter(|_| !self.ha.retired());
+        if let Some(r) = registration {
             r.maintenance().await;
         }
         tracing::info!(in_flight = self.metrics.requests_in_flight.get(), timeout = ?self.timeout, "draining");
@@ -253,7 +360,7 @@ impl BackgroundService for Drain {
         } else {
             tracing::info!(took = ?start.elapsed(), "drained; exiting");
         }
-        if let Some(r) = &self.registration {
+        if let Some(r) = registration {
             r.deregister().await;
         }
         self.access_log.flush(Duration::from_secs(2));
@@ -263,6 +370,9 @@ impl BackgroundService for Drain {
 
 /// Build and run until shutdown.
 pub fn run(config: Config, extras: Extras) -> Result<(), String> {
-    let server = build(config, extras)?;
-    server.run_forever();
+    let (server, ha) = build(config, extras)?;
+    server.run(RunArgs {
+        shutdown_signal: Box::new(HaSignals { ha }),
+    });
+    Ok(())
 }

@@ -30,6 +30,27 @@ pub struct ServerSection {
     pub park_idle_after: Option<String>,
 }
 
+/// Running as one node of a keepalived pair.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaSection {
+    /// keepalived `track_file` that Switchyard writes its VRRP readiness into
+    /// (`0` ready, `1` not ready).
+    pub track_file: Option<String>,
+    /// How often readiness is evaluated (and the file rewritten on a change).
+    pub interval: Option<String>,
+    /// The floating addresses this node may hold; on SIGTERM it waits until
+    /// none of them is local any more before it stops accepting.
+    #[serde(default)]
+    pub vips: Vec<String>,
+    /// On SIGTERM, the longest wait for the peer to take the VIPs over (with
+    /// `vips`), or the whole wait (without).
+    pub handoff_timeout: Option<String>,
+    /// A routing table loaded from the Consul state file and older than this
+    /// does not count as servable for VRRP, or `off`.
+    pub max_persisted_age: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
@@ -195,6 +216,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "routes",
     "clusters",
     "consul",
+    "ha",
 ];
 
 /// Named clusters, in name order.

@@ -27,6 +27,38 @@ pub struct Config {
     pub clusters: BTreeMap<String, ClusterSpec>,
     /// Present when a cluster uses Consul (or a `[consul]` section is given).
     pub consul: Option<ConsulSettings>,
+    pub ha: HaSettings,
+}
+
+/// The `[ha]` section: this node's part in a keepalived pair.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HaSettings {
+    /// None: readiness is still evaluated (`/readyz?vrrp`), nothing is written.
+    pub track_file: Option<PathBuf>,
+    pub interval: Duration,
+    pub vips: Vec<std::net::IpAddr>,
+    pub handoff_timeout: Duration,
+    /// None: a persisted table of any age counts.
+    pub max_persisted_age: Option<Duration>,
+}
+
+impl Default for HaSettings {
+    fn default() -> Self {
+        HaSettings {
+            track_file: None,
+            interval: Duration::from_millis(100),
+            vips: Vec::new(),
+            handoff_timeout: Duration::from_secs(2),
+            max_persisted_age: Some(Duration::from_secs(3600)),
+        }
+    }
+}
+
+impl HaSettings {
+    /// Whether this node takes part in a pair (SIGTERM then hands off first).
+    pub fn enabled(&self) -> bool {
+        self.track_file.is_some() || !self.vips.is_empty()
+    }
 }
 
 /// How to reach the Consul agent, after merging the config file with the
@@ -145,6 +177,15 @@ pub enum HostPattern {
     Exact(String),
     /// `*.example.com`, stored as the suffix `.example.com`.
     Suffix(String),
+}
+
+impl std::fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Suffix(s) => write!(f, "*{s}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -67,12 +67,14 @@ pub fn parse_with_env(text: &str, base: &Path, env: &dyn Fn(&str) -> Option<Stri
     let routes: Vec<RouteSection> = v.list(&table, "routes");
     let clusters: BTreeMap<String, ClusterSection> = v.named(&table, "clusters");
     let consul_section: Option<ConsulSection> = v.section(&table, "consul");
+    let ha: HaSection = v.section(&table, "ha").unwrap_or_default();
     let consul_needed = clusters.values().any(|c| c.consul.is_some());
 
     let listeners = v.listeners(listeners);
     let admin = v.admin(admin, &listeners);
     let server = v.server(server, &listeners);
     let access_log = v.access_log(access_log);
+    let ha = v.ha(ha);
     let clusters = v.clusters(clusters);
     // Clusters that failed to deserialise still exist for the routes naming them.
     let cluster_names: Vec<String> = match table.get("clusters") {
@@ -96,6 +98,7 @@ pub fn parse_with_env(text: &str, base: &Path, env: &dyn Fn(&str) -> Option<Stri
             routes,
             clusters,
             consul,
+            ha,
         })
     } else {
         Err(ConfigErrors(v.errors))
@@ -324,6 +327,61 @@ impl Validator<'_> {
             upgrade_sock: upgrade_sock
                 .unwrap_or_else(|| format!("/tmp/switchyard-{port}-upgrade.sock")),
             upstream_keepalive_pool: pool.max(1),
+        }
+    }
+
+    fn ha(&mut self, s: HaSection) -> HaSettings {
+        let HaSection {
+            track_file,
+            interval,
+            vips,
+            handoff_timeout,
+            max_persisted_age,
+        } = s;
+        let d = HaSettings::default();
+        let interval = self.duration("ha.interval", interval.as_ref(), d.interval);
+        if !(Duration::from_millis(10)..=Duration::from_secs(10)).contains(&interval) {
+            self.err("ha.interval", format!("invalid duration {interval:?}: must be between 10ms and 10s"));
+        }
+        let track_file = match track_file.as_deref() {
+            None => None,
+            Some("") => {
+                self.err("ha.track_file", "invalid value \"\": must be a file path");
+                None
+            }
+            Some(p) => {
+                let p = self.base.join(p);
+                if p.parent().is_some_and(|dir| !dir.as_os_str().is_empty() && !dir.is_dir()) {
+                    self.err(
+                        "ha.track_file",
+                        format!("invalid value {:?}: directory {} does not exist", p.display().to_string(), p.parent().map(|d| d.display().to_string()).unwrap_or_default()),
+                    );
+                }
+                Some(p)
+            }
+        };
+        let mut addrs = Vec::new();
+        for (i, vip) in vips.iter().enumerate() {
+            match vip.parse::<std::net::IpAddr>() {
+                Ok(ip) if ip.is_unspecified() || ip.is_loopback() => self.err(
+                    format!("ha.vips[{i}]"),
+                    format!("invalid address {vip:?}: a floating address cannot be unspecified or loopback"),
+                ),
+                Ok(ip) => addrs.push(ip),
+                Err(_) => self.err(format!("ha.vips[{i}]"), format!("invalid IP address {vip:?}")),
+            }
+        }
+        let max_persisted_age = match max_persisted_age.as_deref() {
+            Some("off") => None,
+            None => d.max_persisted_age,
+            v => Some(self.duration("ha.max_persisted_age", v.map(str::to_string).as_ref(), Duration::from_secs(3600))),
+        };
+        HaSettings {
+            track_file,
+            interval,
+            vips: addrs,
+            handoff_timeout: self.duration("ha.handoff_timeout", handoff_timeout.as_ref(), d.handoff_timeout),
+            max_persisted_age,
         }
     }
 

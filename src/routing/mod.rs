@@ -118,7 +118,25 @@ pub struct Backend {
     pub state: Arc<BackendState>,
 }
 
+/// The digest of a normalised table: the first 16 hex digits of the SHA-256
+/// of its compact JSON (keys sorted, as serde_json's map keeps them).
+pub fn digest(normalised: &serde_json::Value) -> String {
+    use sha2::{Digest, Sha256};
+    let bytes = serde_json::to_vec(normalised).unwrap_or_default();
+    let sum = Sha256::digest(&bytes);
+    sum.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
 impl Backend {
+    /// `active` (takes new requests) or `drained` (weight 0).
+    pub fn state_name(&self) -> &'static str {
+        if self.weight > 0 {
+            "active"
+        } else {
+            "drained"
+        }
+    }
+
     #[cfg(test)]
     pub fn for_test(addr: SocketAddr, weight: u32) -> Backend {
         let peer = HttpPeer::new(addr, false, String::new());
@@ -223,6 +241,8 @@ pub struct RoutingTable {
     pub cluster_index: HashMap<String, u32>,
     /// Metrics for requests no route matched.
     pub unrouted: RouteMetrics,
+    /// SHA-256 (first 16 hex digits) of [`RoutingTable::normalised`].
+    pub digest: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -297,7 +317,7 @@ impl RoutingTable {
             Some(p) => p.router.clone(),
             None => Arc::new(Router::new(&config.routes)),
         };
-        Ok(RoutingTable {
+        let mut table = RoutingTable {
             generation,
             built_at: SystemTime::now(),
             router,
@@ -308,7 +328,49 @@ impl RoutingTable {
                 Some(p) => p.unrouted.clone(),
                 None => states.metrics().route_handles("", ""),
             },
-        })
+            digest: String::new(),
+        };
+        table.digest = digest(&table.normalised());
+        Ok(table)
+    }
+
+    /// What the table routes, without anything that differs between two nodes
+    /// fed the same inputs (generation, timestamps, in-flight counts, file
+    /// paths): routes in match order, clusters by name with their selection
+    /// and backends (address, weight, state). `/status` shows the same fields,
+    /// and `switchyard status --compare` diffs them.
+    pub fn normalised(&self) -> serde_json::Value {
+        let routes: Vec<_> = self
+            .routes
+            .iter()
+            .map(|r| {
+                let hosts: Vec<String> = r.spec.hosts.iter().map(|h| h.to_string()).collect();
+                serde_json::json!({
+                    "name": r.spec.name,
+                    "hosts": hosts,
+                    "path_prefix": r.spec.path_prefix,
+                    "cluster": r.spec.cluster,
+                })
+            })
+            .collect();
+        let clusters: Vec<_> = self
+            .clusters
+            .iter()
+            .map(|c| {
+                let backends: Vec<_> = c
+                    .backends
+                    .iter()
+                    .map(|b| serde_json::json!({ "address": b.addr.to_string(), "weight": b.weight, "state": b.state_name() }))
+                    .collect();
+                serde_json::json!({
+                    "name": &*c.name,
+                    "selection": c.selector.name(),
+                    "discovered": c.discovered,
+                    "backends": backends,
+                })
+            })
+            .collect();
+        serde_json::json!({ "routes": routes, "clusters": clusters })
     }
 
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
@@ -324,6 +386,11 @@ impl RoutingTable {
     /// that changed since `prev`).
     pub fn export_gauges(&self, metrics: &Metrics, prev: Option<&RoutingTable>) {
         metrics.routing_generation.set(self.generation as i64);
+        metrics.routing_table_info.reset();
+        metrics
+            .routing_table_info
+            .with_label_values(&[&self.digest])
+            .set(1);
         for c in &self.clusters {
             if prev.and_then(|p| p.cluster(&c.name)).is_some_and(|old| Arc::ptr_eq(old, c)) {
                 continue;

@@ -351,6 +351,8 @@ impl ProxyBuilder {
                 log = self.access_log,
                 body = self.body
             );
+            // `{dir}` in any section stands for the proxy's own directory.
+            let config = config.replace("{dir}", &dir.path().display().to_string());
             let cfg = dir.path().join("switchyard.toml");
             std::fs::write(&cfg, &config).unwrap();
             let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
@@ -431,6 +433,26 @@ impl Proxy {
 
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Start `switchyard run --upgrade` on this proxy's config: it takes the
+    /// sockets over, and this `Proxy` then follows the new process (the old
+    /// one is returned, to wait for its exit).
+    pub fn upgrade(&mut self) -> Child {
+        let stderr = std::fs::OpenOptions::new().append(true).open(self.dir.path().join("stderr.log")).unwrap();
+        let mut cmd = Command::new(bin());
+        for var in CONSUL_ENV {
+            cmd.env_remove(var);
+        }
+        let child = cmd
+            .args(["run", "--config"])
+            .arg(self.dir.path().join("switchyard.toml"))
+            .args(["--upgrade", "--log-level", "info,pingora=info"])
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn switchyard --upgrade");
+        self.child.replace(child).expect("a running proxy")
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -636,16 +658,25 @@ pub struct Load {
 }
 
 impl Load {
+    /// Like [`Load::start`], with a new connection for every request.
+    pub fn start_fresh(url: String, max_requests: u64, max_time: Duration) -> Load {
+        Self::start_with(url, max_requests, max_time, false)
+    }
+
     pub fn start(url: String, max_requests: u64, max_time: Duration) -> Load {
+        Self::start_with(url, max_requests, max_time, true)
+    }
+
+    fn start_with(url: String, max_requests: u64, max_time: Duration, keep_alive: bool) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicU64::new(0));
         let (s, c) = (stop.clone(), count.clone());
         let handle = std::thread::spawn(move || {
-            let client = reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .no_proxy()
-                .build()
-                .unwrap();
+            let mut client = reqwest::blocking::Client::builder().timeout(Duration::from_secs(5)).no_proxy();
+            if !keep_alive {
+                client = client.pool_max_idle_per_host(0);
+            }
+            let client = client.build().unwrap();
             let end = Instant::now() + max_time;
             let mut rep = LoadReport::default();
             while !s.load(Ordering::SeqCst) && Instant::now() < end && rep.ok + rep.failed < max_requests {
