@@ -50,6 +50,16 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Watch the proxy named in `server.pid_file` from outside, and write
+    /// "not ready" to `ha.track_file` the moment it dies (SIGKILL, crash),
+    /// following it across `run --upgrade`. Runs until stopped.
+    Watch {
+        #[arg(short, long, default_value = crate::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// How often the pid file is re-read while the proxy runs.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        poll: std::time::Duration,
+    },
     /// Ask a running instance whether it is ready: exit 0 ready, 1 not ready
     /// (reasons printed), 2 no answer within the timeout.
     Health {

@@ -359,6 +359,95 @@ impl BackgroundService for HaTask {
     }
 }
 
+/// `switchyard watch`: the outside observer of a proxy that can no longer
+/// speak for itself. It follows the process named in `server.pid_file`
+/// through a pidfd (the kernel wakes it the moment that process exits, SIGKILL
+/// included) and then writes `1` to `ha.track_file`, unless the pid file now
+/// names another live process (`run --upgrade` handed over), which it follows
+/// instead. It never writes `0`: only the proxy knows when it is ready.
+///
+/// keepalived's own `track_process` does the same from inside keepalived, but
+/// only when keepalived runs in the host's initial network namespace: the
+/// kernel's process-event connector does not exist in any other, so a
+/// keepalived in a container or a test namespace never hears of the exit.
+pub fn watch(pid_file: &Path, track_file: &Path, poll: Duration) -> std::io::Result<()> {
+    let mut demoted = false;
+    let mut following: Option<i32> = None;
+    // A process seen exiting; it may linger as a zombie until reaped, and a
+    // zombie's pidfd stays readable.
+    let mut exited: Option<i32> = None;
+    loop {
+        let pid = read_pid(pid_file).filter(|p| Some(*p) != exited);
+        match pid.and_then(|p| PidFd::open(p).ok().map(|fd| (p, fd))) {
+            Some((pid, fd)) => {
+                if following != Some(pid) {
+                    tracing::info!(pid, "watching the proxy");
+                    following = Some(pid);
+                    demoted = false;
+                }
+                // Wake on exit, or every `poll` to notice a newer pid file.
+                if fd.wait_exit(poll)? {
+                    tracing::info!(pid, "the proxy exited");
+                    exited = Some(pid);
+                    if read_pid(pid_file).is_some_and(|p| p != pid && PidFd::open(p).is_ok()) {
+                        continue;
+                    }
+                    write_atomic(track_file, "1\n")?;
+                    tracing::warn!(pid, path = %track_file.display(), "proxy gone: wrote 1 (not ready)");
+                    demoted = true;
+                }
+            }
+            None => {
+                if !demoted {
+                    write_atomic(track_file, "1\n")?;
+                    tracing::warn!(pid_file = %pid_file.display(), "no running proxy: wrote 1 (not ready)");
+                    demoted = true;
+                }
+                following = None;
+                std::thread::sleep(poll.min(Duration::from_millis(100)));
+            }
+        }
+    }
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok().filter(|p| *p > 1)
+}
+
+/// A pidfd (Linux 5.3+): readable once the process has exited.
+struct PidFd(std::os::fd::OwnedFd);
+
+impl PidFd {
+    fn open(pid: i32) -> std::io::Result<PidFd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the syscall returned a fresh descriptor that nothing else owns.
+        Ok(PidFd(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
+    /// True once the process has exited; false after `timeout` otherwise.
+    fn wait_exit(&self, timeout: Duration) -> std::io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd, its count, a timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == std::io::ErrorKind::Interrupted { Ok(false) } else { Err(e) };
+        }
+        Ok(n > 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,6 +464,18 @@ mod tests {
         assert!(is_local("127.0.0.1".parse().unwrap()));
         // 198.18.0.0/15 is never configured on this host outside a test namespace.
         assert!(!is_local("198.19.255.254".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_pidfd_wakes_when_its_process_exits() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let fd = PidFd::open(child.id() as i32).unwrap();
+        assert!(!fd.wait_exit(Duration::from_millis(50)).unwrap());
+        child.kill().unwrap();
+        let t = Instant::now();
+        assert!(fd.wait_exit(Duration::from_secs(5)).unwrap());
+        assert!(t.elapsed() < Duration::from_secs(1));
+        let _ = child.wait();
     }
 
     #[test]

@@ -43,6 +43,24 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Watch { config, poll } => {
+            let c = match load(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let Some(track) = c.ha.track_file.clone() else {
+                eprintln!("{}: ha.track_file: `switchyard watch` needs a track file to write", config.display());
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            init_logging(&cli);
+            match switchyard::ha::watch(std::path::Path::new(&c.server.pid_file), &track, *poll) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("switchyard watch: {}: {e}", track.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Health { admin, vrrp, timeout } => ExitCode::from(ops::health(admin, *vrrp, *timeout)),
         Command::Status { admin, compare, timeout } => {
             let admins = compare.clone().unwrap_or_else(|| vec![admin.clone()]);

@@ -766,7 +766,11 @@ pub struct ConsulDouble {
 impl ConsulDouble {
     /// Listen on 127.0.0.1:0 on its own thread and tokio runtime.
     pub fn start() -> ConsulDouble {
-        let listener = StdListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(StdListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// Serve on a listener made elsewhere (e.g. inside a network namespace).
+    pub fn start_on(listener: StdListener) -> ConsulDouble {
         let addr = listener.local_addr().unwrap();
         let (tx, _rx) = tokio::sync::watch::channel(0u64);
         let shared = Arc::new(Shared {

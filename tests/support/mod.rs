@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod consul;
+pub mod netns;
 pub mod tls;
 
 use bytes::Bytes;
@@ -71,7 +72,7 @@ pub struct Upstream {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-async fn serve(req: Request<Incoming>, st: Arc<UpState>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn serve(req: Request<Incoming>, st: Arc<UpState>, peer: SocketAddr) -> Result<Response<Full<Bytes>>, Infallible> {
     st.hits.fetch_add(1, Ordering::SeqCst);
     *st.last.lock().unwrap() = Some((req.uri().to_string(), req.headers().clone()));
     let delay = st.delay_ms.load(Ordering::SeqCst);
@@ -107,6 +108,8 @@ async fn serve(req: Request<Incoming>, st: Arc<UpState>) -> Result<Response<Full
     let _ = req.into_body().collect().await;
     Ok(Response::builder()
         .header("x-upstream", st.name.as_str())
+        // Who connected: which proxy of a pair forwarded this request.
+        .header("x-peer", peer.ip().to_string())
         .header("content-type", "text/plain")
         .body(Full::new(Bytes::from(st.name.clone())))
         .unwrap())
@@ -114,7 +117,11 @@ async fn serve(req: Request<Incoming>, st: Arc<UpState>) -> Result<Response<Full
 
 impl Upstream {
     pub fn start(name: &str) -> Upstream {
-        let std_listener = StdListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(name, StdListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// Serve on a listener made elsewhere (e.g. inside a network namespace).
+    pub fn start_on(name: &str, std_listener: StdListener) -> Upstream {
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let state = Arc::new(UpState {
@@ -131,11 +138,11 @@ impl Upstream {
                     tokio::select! {
                         _ = &mut rx => break,
                         acc = listener.accept() => {
-                            let Ok((stream, _)) = acc else { continue };
+                            let Ok((stream, peer)) = acc else { continue };
                             st.connections.fetch_add(1, Ordering::SeqCst);
                             let st = st.clone();
                             tokio::spawn(async move {
-                                let svc = service_fn(move |req| serve(req, st.clone()));
+                                let svc = service_fn(move |req| serve(req, st.clone(), peer));
                                 let _ = hyper::server::conn::http1::Builder::new()
                                     .serve_connection(TokioIo::new(stream), svc)
                                     .with_upgrades()
