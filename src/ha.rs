@@ -94,11 +94,47 @@ fn probe_target(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Whether `ip` is an address of this host (network namespace): binding to a
-/// non-local address fails with EADDRNOTAVAIL. With `ip_nonlocal_bind` set
-/// every bind succeeds, so the hand-off then waits its whole timeout (docs/ha.md).
-pub fn is_local(ip: IpAddr) -> bool {
-    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+/// Whether this host (network namespace) holds `ip` on an interface other
+/// than loopback: that is where keepalived adds a VIP while it is master. A
+/// copy of the VIP on `lo` (the recipe in docs/ha.md keeps one there, so that
+/// replies to requests accepted just before a move still leave) does not
+/// count.
+pub fn holds(ip: IpAddr) -> bool {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list we free below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return false;
+    }
+    let mut found = false;
+    let mut cur = list;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_flags & (libc::IFF_LOOPBACK as u32) != 0 {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr whose family says its type.
+        let family = i32::from(unsafe { (*ifa.ifa_addr).sa_family });
+        let addr = match family {
+            libc::AF_INET => {
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+            }
+            libc::AF_INET6 => {
+                let sin6 = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in6) };
+                IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr))
+            }
+            _ => continue,
+        };
+        if addr == ip {
+            found = true;
+            break;
+        }
+    }
+    // SAFETY: the list came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    found
 }
 
 /// Replace `path` with `value` atomically (temp file in the same directory, then rename).
@@ -203,7 +239,7 @@ impl Ha {
     pub fn status(&self) -> HaStatus {
         let mut s = self.lock().clone();
         s.handing_off = self.handing_off.load(Ordering::Relaxed);
-        s.vips_local = self.settings.vips.iter().filter(|ip| is_local(**ip)).map(|ip| ip.to_string()).collect();
+        s.vips_local = self.settings.vips.iter().filter(|ip| holds(**ip)).map(|ip| ip.to_string()).collect();
         s
     }
 
@@ -296,15 +332,18 @@ impl Ha {
     }
 
     /// The SIGTERM hand-off: demote, then wait until no floating address is
-    /// local any more (the peer took them) or `ha.handoff_timeout` runs out.
-    /// Without `ha.vips`, wait the whole timeout. Returns how long it took and
+    /// held any more (the peer took them) or `ha.handoff_timeout` runs out,
+    /// then keep accepting for `ha.handoff_linger`: packets from clients
+    /// whose ARP cache still names this node keep arriving for a moment, and
+    /// closing the listener then would refuse them (and reset connections
+    /// waiting in its backlog). Without `ha.vips`, wait the whole timeout. Returns how long it took and
     /// whether the addresses were seen leaving.
     pub async fn handoff(&self) -> (Duration, bool) {
         let start = Instant::now();
         self.demote();
         let timeout = self.settings.handoff_timeout;
         let vips = &self.settings.vips;
-        let held: Vec<_> = vips.iter().filter(|ip| is_local(**ip)).collect();
+        let held: Vec<_> = vips.iter().filter(|ip| holds(**ip)).collect();
         tracing::info!(timeout = ?timeout, holding = ?held, "SIGTERM: demoted; waiting for the peer to take the floating addresses");
         if vips.is_empty() {
             tokio::time::sleep(timeout).await;
@@ -312,9 +351,12 @@ impl Ha {
         }
         let deadline = start + timeout;
         loop {
-            if !vips.iter().any(|ip| is_local(*ip)) {
+            if !vips.iter().any(|ip| holds(*ip)) {
                 let took = start.elapsed();
-                tracing::info!(took = ?took, "no floating address is local any more; draining");
+                let linger = self.settings.handoff_linger;
+                tracing::info!(took = ?took, linger = ?linger, "the peer holds the floating addresses; accepting a little longer for clients that have not heard its ARP yet");
+                tokio::time::sleep(linger).await;
+                tracing::info!("hand-off done; draining");
                 return (took, true);
             }
             if Instant::now() >= deadline {
@@ -460,10 +502,10 @@ mod tests {
     }
 
     #[test]
-    fn loopback_is_local_and_a_benchmark_address_is_not() {
-        assert!(is_local("127.0.0.1".parse().unwrap()));
+    fn loopback_does_not_count_as_holding_and_a_benchmark_address_is_not_held() {
+        assert!(!holds("127.0.0.1".parse().unwrap()), "an address on lo is not a held VIP");
         // 198.18.0.0/15 is never configured on this host outside a test namespace.
-        assert!(!is_local("198.19.255.254".parse().unwrap()));
+        assert!(!holds("198.19.255.254".parse().unwrap()));
     }
 
     #[test]

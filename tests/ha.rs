@@ -147,6 +147,19 @@ fn upgrade_takes_the_sockets_over_with_no_failed_request() {
     assert!(wait_until(Duration::from_secs(5), || track(&p).as_deref() == Some("0")));
     let old_pid = p.pid();
     assert_eq!(std::fs::read_to_string(p.path("switchyard.pid")).unwrap().trim(), old_pid.to_string());
+    // The outside watcher, as deployed beside the proxy.
+    let watch_log = std::fs::File::create(p.path("watch.log")).unwrap();
+    let watcher = Command::new(bin())
+        .args(["watch", "--log-format", "json", "--poll", "100ms", "--config"])
+        .arg(p.path("switchyard.toml"))
+        .stdout(std::process::Stdio::null())
+        .stderr(watch_log)
+        .spawn()
+        .unwrap();
+    let _watcher = KillOnDrop(watcher);
+    let watch_path = p.path("watch.log");
+    let watching = |pid: i32| std::fs::read_to_string(&watch_path).unwrap_or_default().contains(&format!("\"pid\":{pid}"));
+    assert!(wait_until(Duration::from_secs(5), || watching(old_pid)));
     let kept = Load::start(p.url("/"), 1_000_000, Duration::from_secs(40));
     let fresh = Load::start_fresh(p.url("/"), 1_000_000, Duration::from_secs(40));
     assert!(wait_until(Duration::from_secs(5), || kept.count() > 50 && fresh.count() > 50));
@@ -173,9 +186,23 @@ fn upgrade_takes_the_sockets_over_with_no_failed_request() {
     assert_eq!(kept.failed, 0, "kept-alive: {:?}", kept.failures);
     assert_eq!(fresh.failed, 0, "new connections: {:?}", fresh.failures);
     assert!(kept.ok > 100 && fresh.ok > 100, "{} {}", kept.ok, fresh.ok);
-    // The upgrade never demoted the node.
+    // The upgrade never demoted the node, and the watcher follows the new process.
     assert_eq!(track(&p).as_deref(), Some("0"));
     assert_eq!(vrrp(&p).0, 200);
+    assert!(wait_until(Duration::from_secs(5), || watching(new_pid)));
+    // A SIGKILLed proxy cannot say it is gone; the watcher does.
+    p.signal(libc::SIGKILL);
+    assert!(wait_until(Duration::from_secs(2), || track(&p).as_deref() == Some("1")), "{}", std::fs::read_to_string(p.path("watch.log")).unwrap());
+}
+
+/// A child this test started, ended by its PID when the test ends (or panics).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]

@@ -139,11 +139,12 @@ fn has_addr(lab: &Lab, host: &str, addr: u8) -> bool {
     String::from_utf8_lossy(&out.stdout).contains(&format!(" {}/", ip(addr)))
 }
 
+/// Fields drop in order: processes first, then the namespaces they ran in.
 struct Pair {
-    lab: Lab,
     nodes: [Node; 2],
     consul: ConsulDouble,
     _ups: Vec<Upstream>,
+    lab: Lab,
 }
 
 impl Pair {
@@ -318,6 +319,19 @@ fn the_pair_fails_over_hands_off_and_upgrades_without_losing_the_other_vip() {
             return;
         }
     };
+    // Each LB keeps both VIPs on `lo` and answers ARP only for addresses on
+    // the asking interface (docs/ha.md): a reply to a request lb1 accepted
+    // just before VIP-A moved still leaves lb1, since the address stays local.
+    for host in ["lb1", "lb2"] {
+        let ns = lab.ns(host);
+        for (key, value) in [("net.ipv4.conf.all.arp_ignore", "1"), ("net.ipv4.conf.all.arp_announce", "2")] {
+            let out = lab.command(host, "sysctl").args(["-qw", &format!("{key}={value}")]).output().unwrap();
+            assert!(out.status.success(), "sysctl {key} in {ns}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        for vip in [VIP_A, VIP_B] {
+            lab.ip(&["-n", &ns, "addr", "add", &format!("{}/32", ip(vip)), "dev", "lo"]).unwrap();
+        }
+    }
     // Root-owned and not world-writable, so keepalived's script security
     // accepts the notify hook copied into it.
     let base = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();

@@ -46,6 +46,9 @@ pub struct HaSection {
     /// On SIGTERM, the longest wait for the peer to take the VIPs over (with
     /// `vips`), or the whole wait (without).
     pub handoff_timeout: Option<String>,
+    /// After the VIPs left, how long to keep accepting before the drain, for
+    /// packets still sent here by clients that have not heard the peer's ARP.
+    pub handoff_linger: Option<String>,
     /// A routing table loaded from the Consul state file and older than this
     /// does not count as servable for VRRP, or `off`.
     pub max_persisted_age: Option<String>,

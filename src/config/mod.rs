@@ -38,6 +38,7 @@ pub struct HaSettings {
     pub interval: Duration,
     pub vips: Vec<std::net::IpAddr>,
     pub handoff_timeout: Duration,
+    pub handoff_linger: Duration,
     /// None: a persisted table of any age counts.
     pub max_persisted_age: Option<Duration>,
 }
@@ -49,6 +50,7 @@ impl Default for HaSettings {
             interval: Duration::from_millis(100),
             vips: Vec::new(),
             handoff_timeout: Duration::from_secs(2),
+            handoff_linger: Duration::from_secs(1),
             max_persisted_age: Some(Duration::from_secs(3600)),
         }
     }

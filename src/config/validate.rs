@@ -336,6 +336,7 @@ impl Validator<'_> {
             interval,
             vips,
             handoff_timeout,
+            handoff_linger,
             max_persisted_age,
         } = s;
         let d = HaSettings::default();
@@ -381,6 +382,7 @@ impl Validator<'_> {
             interval,
             vips: addrs,
             handoff_timeout: self.duration("ha.handoff_timeout", handoff_timeout.as_ref(), d.handoff_timeout),
+            handoff_linger: self.duration("ha.handoff_linger", handoff_linger.as_ref(), d.handoff_linger),
             max_persisted_age,
         }
     }
