@@ -350,16 +350,10 @@ impl Validator<'_> {
                 self.err("ha.track_file", "invalid value \"\": must be a file path");
                 None
             }
-            Some(p) => {
-                let p = self.base.join(p);
-                if p.parent().is_some_and(|dir| !dir.as_os_str().is_empty() && !dir.is_dir()) {
-                    self.err(
-                        "ha.track_file",
-                        format!("invalid value {:?}: directory {} does not exist", p.display().to_string(), p.parent().map(|d| d.display().to_string()).unwrap_or_default()),
-                    );
-                }
-                Some(p)
-            }
+            // Not checked for existence here (the directory may be created
+            // at boot, after `check` ran): a write that fails is logged,
+            // counted, shown in /status and reported as not ready.
+            Some(p) => Some(self.base.join(p)),
         };
         let mut addrs = Vec::new();
         for (i, vip) in vips.iter().enumerate() {

@@ -511,8 +511,9 @@ impl ProxyApp {
         let client = peer.map(|a| headers::ClientAddr::new(a.ip()));
         // Only connections from an internet address are parked.
         let park_after = if peer.is_some() { self.park_after } else { None };
-        let mut wait = Wait { park_after, until: None };
+        let mut wait = Wait { park_after, until: None, fresh: true };
         loop {
+            wait.fresh = at.fresh;
             let ahead = if at.fresh && self.h2c {
                 match sniff_h2(&mut tcp, express.is_some(), shutdown, wait).await {
                     Some(ahead) => ahead,
@@ -528,7 +529,7 @@ impl ProxyApp {
             } else {
                 next_request(&mut tcp, shutdown, express.is_some(), wait).await
             };
-            wait = Wait { park_after, until: None };
+            wait = Wait { park_after, until: None, fresh: false };
             // Requests this connection may still serve after the current
             // one (None: no limit), as Pingora counts them.
             let remaining = at.remaining;
@@ -540,7 +541,7 @@ impl ProxyApp {
                         // Not parked: wait on here until the same deadline,
                         // as before parking existed.
                         (tcp, guard) = (t, g);
-                        wait = Wait { park_after: None, until: Some(deadline) };
+                        wait = Wait { park_after: None, until: Some(deadline), fresh: at.fresh };
                         continue;
                     }
                 },
@@ -724,6 +725,28 @@ struct Wait {
     park_after: Option<std::time::Duration>,
     /// Closed at this time (None: the idle timeout from now).
     until: Option<tokio::time::Instant>,
+    /// No request has been read from this connection yet.
+    fresh: bool,
+}
+
+/// On shutdown, how long a connection that has not sent its first request
+/// yet still gets for it. Its client has a request on the way (it just
+/// connected); closing it would fail that request. This matters most during
+/// `run --upgrade`, when both processes accept on the same sockets and the
+/// old one stops with connections it has just accepted.
+const FRESH_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The server is stopping: serve bytes that have already arrived (the
+/// response then closes the connection), and give a fresh connection
+/// [`FRESH_GRACE`] for its first request; otherwise close.
+async fn last_bytes(tcp: &mut L4Stream, room: usize, fresh: bool) -> First {
+    let grace = if fresh { FRESH_GRACE } else { std::time::Duration::ZERO };
+    // `timeout` polls the read once before it looks at the clock, so with a
+    // zero grace it still takes bytes that are already there.
+    match tokio::time::timeout(grace, read_ahead(tcp, room)).await {
+        Ok(Some(b)) => First::Bytes(b),
+        _ => First::Closed,
+    }
 }
 
 /// Wait for bytes on an idle connection (reading what has arrived, up to
@@ -732,12 +755,12 @@ struct Wait {
 async fn first_bytes(tcp: &mut L4Stream, room: usize, shutdown: &ShutdownWatch, wait: Wait) -> First {
     let mut sd = shutdown.clone();
     if *sd.borrow() {
-        return First::Closed;
+        return last_bytes(tcp, room, wait.fresh).await;
     }
     let now = tokio::time::Instant::now();
     let deadline = wait.until.unwrap_or(now + crate::config::KEEPALIVE_IDLE);
     let park_at = wait.park_after.map(|d| now + d).filter(|&t| t < deadline);
-    tokio::select! {
+    let first = tokio::select! {
         r = read_ahead(tcp, room) => match r {
             Some(b) => First::Bytes(b),
             None => First::Closed,
@@ -746,8 +769,9 @@ async fn first_bytes(tcp: &mut L4Stream, room: usize, shutdown: &ShutdownWatch, 
             Some(_) => First::Park(deadline),
             None => First::Closed,
         },
-        _ = sd.changed() => First::Closed,
-    }
+        _ = sd.changed() => return last_bytes(tcp, room, wait.fresh).await,
+    };
+    first
 }
 
 /// Wait for the next request's first bytes on an idle keep-alive connection
