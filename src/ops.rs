@@ -107,19 +107,22 @@ pub fn normalised_from_status(status: &Value) -> Value {
     serde_json::json!({ "routes": routes, "clusters": clusters })
 }
 
+/// The objects of the array `v[list]`, keyed by their `id` field.
+fn keyed(v: &Value, list: &str, id: &str) -> BTreeMap<String, Value> {
+    v.get(list)
+        .and_then(Value::as_array)
+        .map(|xs| {
+            xs.iter()
+                .map(|x| (x.get(id).and_then(Value::as_str).unwrap_or("").to_string(), x.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Where two normalised tables differ, one line per difference.
 pub fn diff(a: &Value, b: &Value, names: (&str, &str)) -> Vec<String> {
     let mut out = Vec::new();
-    let by_name = |v: &Value, key: &str| -> BTreeMap<String, Value> {
-        v.get(key)
-            .and_then(Value::as_array)
-            .map(|xs| {
-                xs.iter()
-                    .map(|x| (x.get("name").and_then(Value::as_str).unwrap_or("").to_string(), x.clone()))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
+    let by_name = |v: &Value, key: &str| keyed(v, key, "name");
     let ra: Vec<_> = a.get("routes").and_then(Value::as_array).cloned().unwrap_or_default();
     let rb: Vec<_> = b.get("routes").and_then(Value::as_array).cloned().unwrap_or_default();
     if ra != rb {
@@ -149,17 +152,7 @@ pub fn diff(a: &Value, b: &Value, names: (&str, &str)) -> Vec<String> {
                 out.push(format!("cluster {n:?}: {k} is {} on {}, {} on {}", c[k], names.0, o[k], names.1));
             }
         }
-        let backends = |v: &Value| -> BTreeMap<String, Value> {
-            v.get("backends")
-                .and_then(Value::as_array)
-                .map(|bs| {
-                    bs.iter()
-                        .map(|b| (b.get("address").and_then(Value::as_str).unwrap_or("").to_string(), b.clone()))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let (ba, bb) = (backends(c), backends(o));
+        let (ba, bb) = (keyed(c, "backends", "address"), keyed(o, "backends", "address"));
         for (addr, x) in &ba {
             match bb.get(addr) {
                 None => out.push(format!("cluster {n:?}: backend {addr} only on {}", names.0)),

@@ -350,7 +350,9 @@ impl ProxyBuilder {
         }
         for _attempt in 0..5 {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            // Two free ports, never the same one twice.
+            let admin_port = (0..20).map(|_| free_port()).find(|p| *p != addr.port()).expect("a second free port");
+            let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
             let config = format!(
                 "[server]\nthreads = {threads}\n{server}\n[admin]\nlisten = \"{admin}\"\n\n{log}\n\n[[listeners]]\naddress = \"{addr}\"\n\n{body}\n",
                 threads = self.threads,
