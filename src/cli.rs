@@ -50,6 +50,14 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Start `run --upgrade` in the background, wait until it holds the
+    /// listening sockets, print its PID and exit (systemd's `ExecReload=`).
+    Upgrade {
+        #[arg(short, long, default_value = crate::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Watch the proxy named in `server.pid_file` from outside, and write
     /// "not ready" to `ha.track_file` the moment it dies (SIGKILL, crash),
     /// following it across `run --upgrade`. Runs until stopped.

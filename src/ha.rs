@@ -82,6 +82,8 @@ pub struct Ha {
     wake: Notify,
     started: Instant,
     upgrade: bool,
+    /// READY=1 sent to systemd (once the listeners first accept).
+    notified: AtomicBool,
     status: Mutex<HaStatus>,
 }
 
@@ -173,6 +175,7 @@ impl Ha {
             wake: Notify::new(),
             started: Instant::now(),
             upgrade,
+            notified: AtomicBool::new(false),
             status: Mutex::new(status),
         })
     }
@@ -258,8 +261,12 @@ impl Ha {
                 }
             }
         }
-        self.listeners_ok.store(error.is_none(), Ordering::Relaxed);
+        let ok = error.is_none();
+        self.listeners_ok.store(ok, Ordering::Relaxed);
         self.lock().listener_error = error;
+        if ok && !self.retired() {
+            self.notify_ready();
+        }
     }
 
     /// Write the value for `ready` if it differs from the last one written
@@ -319,6 +326,28 @@ impl Ha {
             self.metrics.ha_ready.set(0);
             self.wake.notify_one();
         }
+    }
+
+    /// Tell systemd (when it started us with `Type=notify`) that the service
+    /// is ready, once: after `run --upgrade` also that this process is now its
+    /// main process. Without `NOTIFY_SOCKET` this does nothing.
+    fn notify_ready(&self) {
+        if self.notified.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        use sd_notify::NotifyState;
+        let mut states = vec![NotifyState::Ready];
+        if self.upgrade {
+            states.insert(0, NotifyState::MainPid(std::process::id()));
+        }
+        if let Err(e) = sd_notify::notify(false, &states) {
+            tracing::warn!(error = %e, "cannot notify systemd (NOTIFY_SOCKET)");
+        }
+    }
+
+    /// SIGTERM or SIGINT: tell systemd the service is stopping.
+    pub fn notify_stopping(&self) {
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     }
 
     /// SIGQUIT: a new process takes the sockets, the track file and the
@@ -449,6 +478,42 @@ pub fn watch(pid_file: &Path, track_file: &Path, poll: Duration) -> std::io::Res
                 std::thread::sleep(poll.min(Duration::from_millis(100)));
             }
         }
+    }
+}
+
+/// `switchyard upgrade`: start `run --upgrade` as a process of its own
+/// session (it outlives this command), wait until it holds the sockets (it
+/// writes its PID to `pid_file`), and return its PID. Under systemd this is
+/// `ExecReload=`: the new process reports itself as the main PID.
+pub fn spawn_upgrade(config: &Path, pid_file: &Path, timeout: Duration) -> Result<i32, String> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["run", "--upgrade", "--config"]).arg(config).stdin(std::process::Stdio::null());
+    // SAFETY: setsid(2) in the child before exec; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start `run --upgrade`: {e}"))?;
+    let pid = child.id() as i32;
+    let end = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(format!("`run --upgrade` (pid {pid}) exited with {st} before it took the sockets over"));
+        }
+        if read_pid(pid_file) == Some(pid) {
+            return Ok(pid);
+        }
+        if Instant::now() >= end {
+            return Err(format!(
+                "`run --upgrade` (pid {pid}) has not taken the sockets over after {}; it keeps trying on its own",
+                humantime::format_duration(timeout)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

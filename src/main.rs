@@ -43,6 +43,22 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Upgrade { config, timeout } => {
+            let c = match load(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match switchyard::ha::spawn_upgrade(config, std::path::Path::new(&c.server.pid_file), *timeout) {
+                Ok(pid) => {
+                    println!("upgraded: pid {pid} holds the sockets");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("switchyard upgrade: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Watch { config, poll } => {
             let c = match load(config) {
                 Ok(c) => c,

@@ -251,6 +251,7 @@ impl ShutdownSignalWatch for HaSignals {
                 ShutdownSignal::GracefulUpgrade
             }
             _ = term.recv() => {
+                self.ha.notify_stopping();
                 if self.ha.settings().enabled() {
                     tokio::select! {
                         _ = self.ha.handoff() => {}
@@ -263,6 +264,7 @@ impl ShutdownSignalWatch for HaSignals {
                 ShutdownSignal::GracefulTerminate
             }
             _ = int.recv() => {
+                self.ha.notify_stopping();
                 self.ha.demote();
                 ShutdownSignal::FastShutdown
             }

@@ -206,6 +206,64 @@ impl Drop for KillOnDrop {
 }
 
 #[test]
+fn systemd_hears_ready_then_the_upgraded_process_as_its_main_pid() {
+    use std::os::unix::net::UnixDatagram;
+    let a = Upstream::start("a");
+    let sockdir = tempfile::tempdir().unwrap();
+    let sock_path = sockdir.path().join("notify");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let recv = || {
+        let mut buf = [0u8; 512];
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut p = Proxy::builder(&file_cluster(""))
+        .env("NOTIFY_SOCKET", sock_path.to_str().unwrap())
+        .server("pid_file = \"{dir}/switchyard.pid\"\nupgrade_sock = \"{dir}/upgrade.sock\"")
+        .file("catalog.json", &catalog_json(&[("web", vec![(a.addr, 1)])]))
+        .start();
+    assert_eq!(recv().trim(), "READY=1");
+    let old_pid = p.pid();
+    let load = Load::start_fresh(p.url("/"), 1_000_000, Duration::from_secs(40));
+    // ExecReload=: `switchyard upgrade` returns once the new process holds the sockets.
+    // The new process inherits the command's stdout and stderr (under systemd:
+    // the journal), so they go to files here, not to pipes this test would
+    // wait on until the new process exits.
+    let append = |name: &str| std::fs::OpenOptions::new().create(true).append(true).open(p.path(name)).unwrap();
+    let status = Command::new(bin())
+        .args(["upgrade", "--config"])
+        .arg(p.path("switchyard.toml"))
+        .env("NOTIFY_SOCKET", &sock_path)
+        .stdout(append("upgrade.out"))
+        .stderr(append("stderr.log"))
+        .status()
+        .unwrap();
+    let stdout = std::fs::read_to_string(p.path("upgrade.out")).unwrap();
+    assert!(status.success(), "{stdout}\n{}", p.stderr());
+    let new_pid: i32 = std::fs::read_to_string(p.path("switchyard.pid")).unwrap().trim().parse().unwrap();
+    // Ended by its PID when the test ends: it is not our child.
+    struct KillPid(i32);
+    impl Drop for KillPid {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let _new = KillPid(new_pid);
+    assert_ne!(new_pid, old_pid);
+    assert!(stdout.contains(&format!("pid {new_pid}")), "{stdout}");
+    assert_eq!(recv().trim(), format!("MAINPID={new_pid}\nREADY=1"));
+    assert_eq!(p.wait_exit(Duration::from_secs(20)), Some(0), "the old process drains and exits");
+    let n = load.count();
+    assert!(wait_until(Duration::from_secs(5), || load.count() > n + 50));
+    let rep = load.finish();
+    assert_eq!(rep.failed, 0, "{:?}", rep.failures);
+    // SIGTERM tells systemd the service is stopping.
+    unsafe { libc::kill(new_pid, libc::SIGTERM) };
+    assert_eq!(recv().trim(), "STOPPING=1");
+}
+
+#[test]
 fn upgrade_without_a_running_instance_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("s.toml");

@@ -310,6 +310,7 @@ pub struct Proxy {
 }
 
 pub struct ProxyBuilder {
+    env: Vec<(String, String)>,
     threads: u32,
     server: String,
     body: String,
@@ -321,6 +322,12 @@ impl ProxyBuilder {
     /// Worker threads (default 1).
     pub fn threads(mut self, n: u32) -> Self {
         self.threads = n;
+        self
+    }
+
+    /// An environment variable for the process.
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
         self
     }
 
@@ -369,6 +376,7 @@ impl ProxyBuilder {
             for var in CONSUL_ENV {
                 cmd.env_remove(var);
             }
+            cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             let child = cmd
                 .args(["run", "--config"])
                 .arg(&cfg)
@@ -408,6 +416,7 @@ impl Proxy {
     /// `body` holds the `[[routes]]` and `[clusters.*]` sections.
     pub fn builder(body: &str) -> ProxyBuilder {
         ProxyBuilder {
+            env: Vec::new(),
             threads: 1,
             server: String::new(),
             body: body.to_string(),
