@@ -1,9 +1,10 @@
 //! The admin API, on its own listener (default `127.0.0.1:9901`):
 //! `/healthz` (alive), `/readyz` (every cluster has had a first discovery
 //! result), `/metrics` (Prometheus text format), `/status` (JSON: generation,
-//! routes, clusters and backends, sources and their last errors).
+//! routes, clusters and backends, sources and their last errors), and
+//! `POST /reload` (re-read the config file, as SIGHUP does).
 
-use crate::config::Config;
+use crate::live::{LiveConfig, Outcome};
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
 use crate::status::{unix, StatusBoard};
@@ -16,7 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 pub struct Admin {
-    pub config: Arc<Config>,
+    pub live: Arc<LiveConfig>,
     pub snapshot: Arc<Snapshot>,
     pub metrics: Arc<Metrics>,
     pub status: Arc<StatusBoard>,
@@ -57,7 +58,8 @@ impl Admin {
 
     /// Consul-backed clusters whose last successful sync is older than the bound.
     fn stale_clusters(&self, table: &crate::routing::RoutingTable) -> Vec<String> {
-        let Some(consul) = &self.config.consul else { return Vec::new() };
+        let config = self.live.active();
+        let Some(consul) = &config.consul else { return Vec::new() };
         let bound = consul.stale_after.as_secs_f64();
         let ages = self.staleness(table);
         table
@@ -153,11 +155,38 @@ impl Admin {
             "clusters": clusters,
             "sources": self.status.sources(),
             "tag_errors": self.status.tag_errors(),
+            "config": self.live.status(),
             "ha": {
                 "ready": self.ha.verdict(),
                 "status": self.ha.status(),
             },
         })
+    }
+}
+
+impl Admin {
+    /// `POST /reload`: re-read the config file; answer once the new config
+    /// serves (or has waited [`crate::live::ACTIVATE_WITHIN`] for its new
+    /// sources). 200 applied or unchanged, 422 refused.
+    async fn reload(&self) -> Response<Vec<u8>> {
+        let live = self.live.clone();
+        let mut outcome = match tokio::task::spawn_blocking(move || live.reload("admin")).await {
+            Ok(o) => o,
+            Err(e) => return json_reply(StatusCode::INTERNAL_SERVER_ERROR, json!({ "result": "error", "errors": [e.to_string()] })),
+        };
+        if let (Some(serial), false) = (outcome.serial, outcome.active) {
+            let bound = crate::live::ACTIVATE_WITHIN + std::time::Duration::from_secs(1);
+            outcome.active = self.live.wait_active(serial, bound).await;
+            // Reconcile may have refused it after all (its table did not build).
+            if let Some(last) = self.live.status().last.filter(|l| l.serial == Some(serial)) {
+                outcome = Outcome { active: outcome.active, ..last };
+            }
+        }
+        let code = if outcome.result == "refused" { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::OK };
+        let generation = self.snapshot.load().generation;
+        let mut v = serde_json::to_value(&outcome).unwrap_or_default();
+        v["generation"] = json!(generation);
+        json_reply(code, v)
     }
 }
 
@@ -170,6 +199,12 @@ fn query_has(query: Option<&str>, key: &str) -> bool {
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
+        if req.uri.path() == "/reload" {
+            if req.method != http::Method::POST {
+                return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"only POST\n".to_vec());
+            }
+            return self.reload().await;
+        }
         if req.method != http::Method::GET && req.method != http::Method::HEAD {
             return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"only GET\n".to_vec());
         }
@@ -198,7 +233,7 @@ impl ServeHttp for Admin {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                b"not found; try /healthz /readyz /metrics /status\n".to_vec(),
+                b"not found; try /healthz /readyz /metrics /status, POST /reload\n".to_vec(),
             ),
         }
     }

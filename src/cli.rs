@@ -68,6 +68,16 @@ pub enum Command {
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         poll: std::time::Duration,
     },
+    /// Make a running instance re-read its config file (as SIGHUP does) and
+    /// print what changed: exit 0 applied or unchanged, 1 refused (every
+    /// error printed), 2 no answer within the timeout.
+    Reload {
+        /// Its admin address (`host:port` or a URL).
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Ask a running instance whether it is ready: exit 0 ready, 1 not ready
     /// (reasons printed), 2 no answer within the timeout.
     Health {

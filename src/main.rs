@@ -77,6 +77,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Reload { admin, timeout } => ExitCode::from(ops::reload(admin, *timeout)),
         Command::Health { admin, vrrp, timeout } => ExitCode::from(ops::health(admin, *vrrp, *timeout)),
         Command::Status { admin, compare, timeout } => {
             let admins = compare.clone().unwrap_or_else(|| vec![admin.clone()]);
@@ -91,6 +92,7 @@ fn main() -> ExitCode {
             tracing::info!(config = %config.display(), version = env!("CARGO_PKG_VERSION"), "starting");
             let extras = server::Extras {
                 upgrade: *upgrade,
+                config_path: Some(config.clone()),
                 ..Default::default()
             };
             match server::run(c, extras) {
@@ -131,7 +133,11 @@ fn main() -> ExitCode {
             };
             init_logging(&cli);
             println!("{}", d.instructions(*listen, *admin));
-            match server::run(c, d.extras()) {
+            let extras = server::Extras {
+                config_path: Some(d.config_path.clone()),
+                ..d.extras()
+            };
+            match server::run(c, extras) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("switchyard: {e}");

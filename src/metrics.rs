@@ -51,6 +51,9 @@ pub struct Metrics {
     pub ha_ready: IntGauge,
     pub ha_track_file_writes: IntCounter,
     pub ha_track_file_errors: IntCounter,
+    pub config_reloads: IntCounterVec,
+    pub config_restart_pending: IntGauge,
+    pub config_last_reload_success: prometheus::Gauge,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -208,8 +211,26 @@ impl Metrics {
             "Failed writes of ha.track_file. While the last write failed the node reports itself not ready.",
         ))
         .expect("valid metric");
+        let config_reloads = IntCounterVec::new(
+            opts("config_reloads_total", "Config file reloads (SIGHUP, POST /reload), by result: applied (a new config serves), unchanged (valid, nothing live changed), refused (invalid; the running config keeps serving)."),
+            &["result"],
+        )
+        .expect("valid metric");
+        let config_restart_pending = IntGauge::with_opts(opts(
+            "config_restart_pending",
+            "Settings in the config file that differ from the running ones and apply only after a restart or `switchyard upgrade` (listed in /status config.needs_restart).",
+        ))
+        .expect("valid metric");
+        let config_last_reload_success = prometheus::Gauge::with_opts(opts(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last config reload that was not refused (0: none since start).",
+        ))
+        .expect("valid metric");
         for c in [
             Box::new(routing_build.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(config_reloads.clone()),
+            Box::new(config_restart_pending.clone()),
+            Box::new(config_last_reload_success.clone()),
             Box::new(routing_table_info.clone()),
             Box::new(ha_ready.clone()),
             Box::new(ha_track_file_writes.clone()),
@@ -270,6 +291,9 @@ impl Metrics {
             ha_ready,
             ha_track_file_writes,
             ha_track_file_errors,
+            config_reloads,
+            config_restart_pending,
+            config_last_reload_success,
         }
     }
 

@@ -44,6 +44,61 @@ fn get_json(url: &str, timeout: Duration) -> Result<(u16, Value), String> {
     })
 }
 
+/// `switchyard reload`: POST /reload, print the outcome. 0 applied or
+/// unchanged, 1 refused, 2 no answer.
+pub fn reload(admin: &str, timeout: Duration) -> u8 {
+    let url = format!("{}/reload", base_url(admin));
+    let answer = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .timeout(timeout)
+                .build()
+                .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+            let resp = client.post(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
+            let code = resp.status().as_u16();
+            let body = resp.bytes().await.map_err(|e| format!("{url}: reading the body: {e}"))?;
+            serde_json::from_slice::<Value>(&body)
+                .map(|v| (code, v))
+                .map_err(|_| format!("{url}: answered {code}: {}", String::from_utf8_lossy(&body).trim()))
+        })
+    });
+    let (code, v) = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("switchyard reload: {e}");
+            return EXIT_UNREACHABLE;
+        }
+    };
+    let list = |key: &str| -> Vec<String> {
+        v.get(key).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect()).unwrap_or_default()
+    };
+    let result = v.get("result").and_then(Value::as_str).unwrap_or("unknown");
+    match result {
+        "applied" | "unchanged" => {
+            let serial = v.get("serial").and_then(Value::as_u64).map(|s| format!(" (reload {s})")).unwrap_or_default();
+            println!("{result}{serial}");
+            for c in list("changes") {
+                println!("  {c}");
+            }
+            if result == "applied" && v.get("active").and_then(Value::as_bool) != Some(true) {
+                println!("  not serving yet: waiting for the first results of its new sources (see /status config)");
+            }
+            for f in list("needs_restart") {
+                println!("  needs a restart or `switchyard upgrade`, ignored: {f}");
+            }
+            EXIT_OK
+        }
+        _ => {
+            println!("refused ({code}); the running config keeps serving");
+            for e in list("errors") {
+                println!("  {e}");
+            }
+            EXIT_NOT_OK
+        }
+    }
+}
+
 /// `switchyard health`: 0 ready, 1 not ready (reasons printed), 2 no answer.
 pub fn health(admin: &str, vrrp: bool, timeout: Duration) -> u8 {
     let url = format!("{}/readyz{}", base_url(admin), if vrrp { "?vrrp" } else { "" });

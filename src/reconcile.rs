@@ -7,9 +7,9 @@
 
 use crate::config::{Config, DiscoverySpec};
 use crate::discovery::consul::{endpoints_for, ConsulView, ViewRx};
-use std::borrow::Cow;
-use crate::discovery::file::Catalog;
+use crate::discovery::file::{Catalog, FileSource};
 use crate::discovery::Discovered;
+use crate::live::{LiveConfig, ACTIVATE_WITHIN};
 use crate::metrics::Metrics;
 use crate::routing::{RoutingTable, StateRegistry};
 use crate::snapshot::Snapshot;
@@ -17,39 +17,54 @@ use crate::status::StatusBoard;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
 
 /// How long reconcile waits after a change for more changes to arrive.
 pub const DEBOUNCE: Duration = Duration::from_millis(10);
 
-/// One file catalog input.
-pub struct FileInput {
-    pub path: PathBuf,
-    pub rx: watch::Receiver<Option<Arc<Catalog>>>,
+/// One file catalog source, started and stopped by reconcile as the config
+/// (reloads included) names catalog files.
+struct FileInput {
+    path: PathBuf,
+    rx: watch::Receiver<Option<Arc<Catalog>>>,
+    src: Arc<FileSource>,
+    /// The source's task and the forwarder of its changes, once started.
+    tasks: Vec<JoinHandle<()>>,
 }
 
-/// Everything reconcile reads.
-#[derive(Default)]
-pub struct Inputs {
-    pub files: Vec<FileInput>,
-    /// The Consul source's whole view (sets and auto routes).
-    pub consul: Option<ViewRx>,
+impl Drop for FileInput {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 /// What a table was built from; an identical set of inputs is not rebuilt.
-#[derive(PartialEq)]
 struct Built {
+    config: Arc<Config>,
     discovered: Discovered,
     auto: Vec<(crate::config::RouteSpec, crate::config::ClusterSpec)>,
 }
 
+impl PartialEq for Built {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.config, &other.config) && self.discovered == other.discovered && self.auto == other.auto
+    }
+}
+
 pub struct Reconciler {
-    config: Arc<Config>,
-    inputs: Inputs,
+    live: Arc<LiveConfig>,
+    consul: Option<ViewRx>,
+    files: Mutex<Vec<FileInput>>,
+    /// Woken by every input: sources, the live config.
+    changed: Arc<Notify>,
     states: Arc<StateRegistry>,
     snapshot: Arc<Snapshot>,
     metrics: Arc<Metrics>,
@@ -65,28 +80,35 @@ pub struct Reconciler {
 type Memo = std::collections::HashMap<String, (Arc<crate::discovery::consul::ServiceSnapshot>, crate::discovery::EndpointSet, bool)>;
 
 impl Reconciler {
-    /// Build the first table from whatever the sources hold right now
-    /// (file sources have already read their files once).
+    /// Build the first table from whatever the sources hold right now (file
+    /// sources read their files once here).
     pub fn new(
-        config: Arc<Config>,
-        inputs: Inputs,
+        live: Arc<LiveConfig>,
+        consul: Option<ViewRx>,
         states: Arc<StateRegistry>,
         metrics: Arc<Metrics>,
         status: Arc<StatusBoard>,
     ) -> Result<Self, crate::routing::BuildError> {
-        let view = inputs.consul.as_ref().map(|rx| rx.borrow().clone());
+        let config = live.active();
+        let mut files = Vec::new();
+        for path in config.catalog_paths() {
+            files.push(open_file(path, &metrics, &status));
+        }
+        let view = consul.as_ref().map(|rx| rx.borrow().clone());
         let eff = effective(&config, view.as_deref());
         let mut memo = Memo::new();
-        let (discovered, panics) = discovered(&eff, &inputs.files, view.as_deref(), &mut memo);
+        let (discovered, panics) = discovered(&eff, &files, view.as_deref(), &mut memo);
         let table = RoutingTable::build(&eff, &discovered, &states, 1)?;
-        let built = Built { discovered, auto: auto_of(view.as_deref()) };
+        let built = Built { config: config.clone(), discovered, auto: auto_of(view.as_deref()) };
         drop(eff);
         table.export_gauges(&metrics, None);
         metrics.routing_swaps.inc();
         status.swapped(1, table.built_at);
         let r = Reconciler {
-            config,
-            inputs,
+            live,
+            consul,
+            files: Mutex::new(files),
+            changed: Arc::new(Notify::new()),
             states,
             snapshot: Arc::new(Snapshot::new(table)),
             metrics,
@@ -96,12 +118,12 @@ impl Reconciler {
             panics: Mutex::new(Default::default()),
             memo: Mutex::new(memo),
         };
-        r.note_panics(panics);
+        r.note_panics(&config, panics);
         Ok(r)
     }
 
     /// Export and log panic-mode transitions.
-    fn note_panics(&self, now: std::collections::BTreeSet<String>) {
+    fn note_panics(&self, config: &Config, now: std::collections::BTreeSet<String>) {
         let mut prev = self.panics.lock().unwrap_or_else(|e| e.into_inner());
         for c in now.difference(&prev) {
             tracing::warn!(cluster = %c, "panic mode on: too few healthy instances, routing over all registered instances");
@@ -112,7 +134,7 @@ impl Reconciler {
         for name in prev.union(&now) {
             self.metrics.panic_mode.with_label_values(&[name]).set(now.contains(name) as i64);
         }
-        for (name, spec) in &self.config.clusters {
+        for (name, spec) in &config.clusters {
             if matches!(spec.discovery, DiscoverySpec::Consul(_)) {
                 self.metrics.panic_mode.with_label_values(&[name]).set(now.contains(name) as i64);
             }
@@ -125,17 +147,77 @@ impl Reconciler {
         self.snapshot.clone()
     }
 
+    /// Start file sources for every catalog the active or the candidate
+    /// config names, and stop those neither names any more.
+    fn sync_files(&self, shutdown: &ShutdownWatch) {
+        let state = self.live.state();
+        let wanted: std::collections::BTreeSet<PathBuf> = state.wanted().flat_map(|c| c.catalog_paths()).collect();
+        let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        files.retain(|f| wanted.contains(&f.path));
+        for path in wanted {
+            if !files.iter().any(|f| f.path == path) {
+                tracing::info!(path = %path.display(), "config reload: new catalog file");
+                files.push(open_file(path, &self.metrics, &self.status));
+            }
+        }
+        for f in files.iter_mut().filter(|f| f.tasks.is_empty()) {
+            let (src, sh) = (f.src.clone(), shutdown.clone());
+            f.tasks.push(tokio::spawn(async move { src.start(sh).await }));
+            let (mut rx, changed) = (f.rx.clone(), self.changed.clone());
+            f.tasks.push(tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    changed.notify_one();
+                }
+            }));
+        }
+    }
+
+    /// The config to build from: the active one, or the candidate of a
+    /// reload once each of its clusters whose source is new has a first
+    /// result (or [`ACTIVATE_WITHIN`] has passed).
+    /// With the candidate comes its serial and the clusters still without a
+    /// result, for [`LiveConfig::promote`] once its table is published.
+    fn pick_config(&self, view: Option<&ConsulView>) -> (Arc<Config>, Option<(u64, Vec<String>)>) {
+        let state = self.live.state();
+        let Some(cand) = &state.candidate else { return (state.active, None) };
+        let missing: Vec<String> = {
+            let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+            cand.config
+                .clusters
+                .iter()
+                .filter(|(name, spec)| state.active.clusters.get(*name).map(|o| &o.discovery) != Some(&spec.discovery))
+                .filter(|(_, spec)| match &spec.discovery {
+                    DiscoverySpec::Static(_) => false,
+                    DiscoverySpec::File { catalog, .. } => {
+                        !files.iter().any(|f| &f.path == catalog && f.rx.borrow().is_some())
+                    }
+                    DiscoverySpec::Consul(q) => !view.is_some_and(|v| v.services.contains_key(q)),
+                })
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        if !missing.is_empty() && cand.since.elapsed() < ACTIVATE_WITHIN {
+            return (state.active, None);
+        }
+        if !missing.is_empty() {
+            tracing::warn!(serial = cand.serial, clusters = ?missing, waited = ?ACTIVATE_WITHIN, "config reload: serving the new config although these clusters have no first discovery result yet");
+        }
+        (cand.config.clone(), Some((cand.serial, missing)))
+    }
+
     /// Rebuild and publish if the inputs changed. Returns the new generation.
     pub fn reconcile(&self) -> Option<u64> {
         let started = std::time::Instant::now();
-        let view = self.inputs.consul.as_ref().map(|rx| rx.borrow().clone());
-        let eff = effective(&self.config, view.as_deref());
+        let view = self.consul.as_ref().map(|rx| rx.borrow().clone());
+        let (config, promotion) = self.pick_config(view.as_deref());
+        let eff = effective(&config, view.as_deref());
         let (discovered, panics) = {
             let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
-            discovered(&eff, &self.inputs.files, view.as_deref(), &mut memo)
+            let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+            discovered(&eff, &files, view.as_deref(), &mut memo)
         };
-        self.note_panics(panics);
-        let built = Built { discovered, auto: auto_of(view.as_deref()) };
+        self.note_panics(&config, panics);
+        let built = Built { config: config.clone(), discovered, auto: auto_of(view.as_deref()) };
         let mut last = self.last_inputs.lock().unwrap_or_else(|e| e.into_inner());
         if last.as_ref() == Some(&built) {
             return None;
@@ -154,12 +236,19 @@ impl Reconciler {
                 let took = started.elapsed();
                 self.metrics.routing_build.observe(took.as_secs_f64());
                 tracing::info!(generation, took_us = took.as_micros() as u64, "routing table published");
+                if let Some((serial, missing)) = promotion {
+                    tracing::info!(serial, generation, "config reload: the new config serves");
+                    self.live.promote(serial, missing);
+                }
                 Some(generation)
             }
             Err(e) => {
                 self.metrics.routing_build_errors.inc();
                 self.status.build_failed(e.to_string());
                 tracing::error!(error = %e, "routing table build failed; previous table keeps serving");
+                if let Some((serial, _)) = promotion {
+                    self.live.abandon(serial, e.to_string());
+                }
                 None
             }
         }
@@ -231,41 +320,51 @@ fn discovered(
     (out, panics)
 }
 
+/// Open a catalog file source (it reads the file once, now).
+fn open_file(path: PathBuf, metrics: &Arc<Metrics>, status: &Arc<StatusBoard>) -> FileInput {
+    let (src, rx) = FileSource::new(path.clone(), metrics.clone(), status.clone());
+    FileInput { path, rx, src: Arc::new(src), tasks: Vec::new() }
+}
+
 #[async_trait]
 impl BackgroundService for Reconciler {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let changed = Arc::new(Notify::new());
         let mut forwarders = Vec::new();
-        for f in &self.inputs.files {
-            let mut rx = f.rx.clone();
-            let changed = changed.clone();
-            forwarders.push(tokio::spawn(async move {
-                while rx.changed().await.is_ok() {
-                    changed.notify_one();
-                }
-            }));
-        }
-        if let Some(rx) = &self.inputs.consul {
+        if let Some(rx) = &self.consul {
             let mut rx = rx.clone();
-            let changed = changed.clone();
+            let changed = self.changed.clone();
             forwarders.push(tokio::spawn(async move {
                 while rx.changed().await.is_ok() {
                     changed.notify_one();
                 }
             }));
         }
+        let mut live = self.live.subscribe();
+        let changed = self.changed.clone();
+        forwarders.push(tokio::spawn(async move {
+            while live.changed().await.is_ok() {
+                changed.notify_one();
+            }
+        }));
+        self.sync_files(&shutdown);
         // Catch anything published between construction and now.
         self.reconcile();
         loop {
+            // A reload waiting for its new sources is looked at again
+            // without an input change, so it times out.
+            let waiting = self.live.state().candidate.is_some();
             tokio::select! {
                 _ = shutdown.changed() => break,
-                _ = changed.notified() => {}
+                _ = self.changed.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)), if waiting => {}
             }
             tokio::time::sleep(DEBOUNCE).await;
+            self.sync_files(&shutdown);
             self.reconcile();
         }
         for f in forwarders {
             f.abort();
         }
+        self.files.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }

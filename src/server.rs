@@ -4,14 +4,14 @@
 
 use crate::accesslog::AccessLog;
 use crate::admin::Admin;
-use crate::config::{Config, DiscoverySpec};
-use crate::discovery::file::FileSource;
+use crate::config::Config;
 use crate::ha::{Ha, HaTask};
 use crate::metrics::Metrics;
 use crate::proxy::{Core, Proxy, ProxyApp};
 use crate::discovery::consul::register::{Heartbeat, Registration};
 use crate::discovery::consul::ConsulSource;
-use crate::reconcile::{FileInput, Inputs, Reconciler};
+use crate::live::LiveConfig;
+use crate::reconcile::Reconciler;
 use crate::routing::StateRegistry;
 use crate::status::StatusBoard;
 use async_trait::async_trait;
@@ -24,7 +24,6 @@ use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, Shut
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use pingora::services::ServiceWithDependents;
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +36,8 @@ pub struct Extras {
     /// `run --upgrade`: ask the process in `server.pid_file` to hand its
     /// sockets over (SIGQUIT), and take them.
     pub upgrade: bool,
+    /// The file the config came from, re-read on SIGHUP and `POST /reload`.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 fn ceil_secs(d: Duration) -> u64 {
@@ -53,42 +54,19 @@ pub fn build(config: Config, extras: Extras) -> Result<(Server, Arc<Ha>), String
     let access_log = AccessLog::start(&config.access_log, metrics.clone())
         .map_err(|e| format!("cannot open access log: {e}"))?;
 
-    // One file source per distinct catalog path; each reads its file once now.
-    let paths: BTreeSet<_> = config
-        .clusters
-        .values()
-        .filter_map(|c| match &c.discovery {
-            DiscoverySpec::File { catalog, .. } => Some(catalog.clone()),
-            _ => None,
-        })
-        .collect();
     let mut tasks: Vec<Arc<dyn BackgroundService + Send + Sync>> = Vec::new();
-    let mut inputs = Inputs::default();
     let mut consul_view = None;
-    for path in paths {
-        let (src, rx) = FileSource::new(path.clone(), metrics.clone(), status.clone());
+    let queries = config.consul_queries();
+    let consul_running = config.consul.as_ref().is_some_and(|s| !queries.is_empty() || s.auto_routes);
+    let live = LiveConfig::new(config.clone(), extras.config_path.clone(), consul_running, metrics.clone());
+    if let Some(settings) = config.consul.as_ref().filter(|_| consul_running) {
+        let reserved = config.clusters.keys().cloned().collect();
+        let (src, rx) = ConsulSource::new(settings, queries, reserved, Some(live.subscribe()), metrics.clone(), status.clone())
+            .map_err(|e| format!("consul: {e}"))?;
         tasks.push(Arc::new(src));
-        inputs.files.push(FileInput { path, rx });
+        consul_view = Some(rx);
     }
-    let queries: BTreeSet<_> = config
-        .clusters
-        .values()
-        .filter_map(|c| match &c.discovery {
-            DiscoverySpec::Consul(q) => Some(q.clone()),
-            _ => None,
-        })
-        .collect();
-    if let Some(settings) = &config.consul {
-        if !queries.is_empty() || settings.auto_routes {
-            let reserved = config.clusters.keys().cloned().collect();
-            let (src, rx) = ConsulSource::new(settings, queries, reserved, metrics.clone(), status.clone())
-                .map_err(|e| format!("consul: {e}"))?;
-            tasks.push(Arc::new(src));
-            consul_view = Some(rx.clone());
-            inputs.consul = Some(rx);
-        }
-    }
-    let reconciler = Reconciler::new(config.clone(), inputs, states, metrics.clone(), status.clone())
+    let reconciler = Reconciler::new(live.clone(), consul_view.clone(), states, metrics.clone(), status.clone())
         .map_err(|e| format!("cannot build the first routing table: {e}"))?;
     let snapshot = reconciler.snapshot();
     tasks.push(Arc::new(reconciler));
@@ -97,6 +75,7 @@ pub fn build(config: Config, extras: Extras) -> Result<(Server, Arc<Ha>), String
     tasks.push(Arc::new(HaTask(ha.clone())));
     tasks.push(Arc::new(Signals {
         access_log: access_log.clone(),
+        live: live.clone(),
     }));
     let registration = match config.consul.as_ref().and_then(|c| c.register.clone().map(|r| (c, r))) {
         Some((c, r)) => {
@@ -168,7 +147,7 @@ pub fn build(config: Config, extras: Extras) -> Result<(Server, Arc<Ha>), String
     }
 
     let admin = Admin {
-        config: config.clone(),
+        live: live.clone(),
         snapshot: snapshot.clone(),
         metrics: metrics.clone(),
         status: status.clone(),
@@ -295,9 +274,10 @@ impl BackgroundService for ControlPlane {
     }
 }
 
-/// SIGHUP reopens the access log file.
+/// SIGHUP reopens the access log file and re-reads the config file.
 struct Signals {
     access_log: AccessLog,
+    live: Arc<LiveConfig>,
 }
 
 #[async_trait]
@@ -315,8 +295,9 @@ impl BackgroundService for Signals {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 Some(()) = hup.recv() => {
-                    tracing::info!("SIGHUP: reopening the access log");
+                    tracing::info!("SIGHUP: reopening the access log and re-reading the config file");
                     self.access_log.reopen();
+                    self.live.reload("SIGHUP");
                 }
             }
         }

@@ -302,6 +302,28 @@ pub struct ClusterSpec {
 }
 
 impl Config {
+    /// The Consul queries of every Consul cluster.
+    pub fn consul_queries(&self) -> std::collections::BTreeSet<ConsulQuery> {
+        self.clusters
+            .values()
+            .filter_map(|c| match &c.discovery {
+                DiscoverySpec::Consul(q) => Some(q.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The catalog files of every file cluster.
+    pub fn catalog_paths(&self) -> std::collections::BTreeSet<PathBuf> {
+        self.clusters
+            .values()
+            .filter_map(|c| match &c.discovery {
+                DiscoverySpec::File { catalog, .. } => Some(catalog.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// A few lines describing the effective config, printed by `check`.
     pub fn summary(&self) -> String {
         let mut out = String::new();

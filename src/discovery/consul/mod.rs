@@ -230,9 +230,16 @@ pub struct ConsulSource {
     status: Arc<StatusBoard>,
     persist: Arc<Notify>,
     view: ViewTx,
-    configured: Vec<ConsulQuery>,
+    /// The queries of the config's Consul clusters (of the running config
+    /// and of a reloaded one that waits for its first results).
+    configured: Mutex<Vec<ConsulQuery>>,
     /// Cluster names from the config file: an auto route may not take them.
-    reserved: BTreeSet<String>,
+    reserved: Mutex<BTreeSet<String>>,
+    /// The live config, followed on reloads.
+    config: Option<crate::live::ConfigRx>,
+    /// The last catalog read for auto routes, re-applied when the reserved
+    /// names change.
+    last_catalog: Mutex<Option<BTreeMap<String, Vec<String>>>>,
     running: Mutex<BTreeMap<ConsulQuery, Running>>,
     /// Triggered watches, by service name, for the check signal to poke.
     pokes: signal::Pokes,
@@ -244,10 +251,12 @@ pub struct ConsulSource {
 
 impl ConsulSource {
     /// Create the source; seed the view from the state file when it has data.
+    /// With `config`, the watched queries follow config reloads.
     pub fn new(
         settings: &ConsulSettings,
         configured: BTreeSet<ConsulQuery>,
         reserved: BTreeSet<String>,
+        config: Option<crate::live::ConfigRx>,
         metrics: Arc<Metrics>,
         status: Arc<StatusBoard>,
     ) -> Result<(ConsulSource, ViewRx), String> {
@@ -295,8 +304,10 @@ impl ConsulSource {
                 status,
                 persist: Arc::new(Notify::new()),
                 view: Arc::new(tx),
-                configured: configured.into_iter().collect(),
-                reserved,
+                configured: Mutex::new(configured.into_iter().collect()),
+                reserved: Mutex::new(reserved),
+                config,
+                last_catalog: Mutex::new(None),
                 running: Mutex::new(BTreeMap::new()),
                 pokes: Default::default(),
                 signal_holding: Default::default(),
@@ -395,14 +406,59 @@ impl ConsulSource {
         }
     }
 
+    /// Run a watch for every configured query and every auto route's, and
+    /// stop the others.
+    fn sync_watches(&self, auto: &BTreeMap<String, (crate::config::RouteSpec, crate::config::ClusterSpec)>, shutdown: &ShutdownWatch) {
+        let wanted: BTreeSet<ConsulQuery> = auto
+            .values()
+            .filter_map(|(_, c)| match &c.discovery {
+                crate::config::DiscoverySpec::Consul(q) => Some(q.clone()),
+                _ => None,
+            })
+            .chain(self.configured.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned())
+            .collect();
+        for q in &wanted {
+            self.ensure_watch(q, shutdown);
+        }
+        let stale: Vec<ConsulQuery> = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter(|q| !wanted.contains(*q))
+            .cloned()
+            .collect();
+        for q in stale {
+            self.drop_watch(&q);
+        }
+    }
+
+    /// A config reload: follow its Consul clusters (and those of the
+    /// running config until it is replaced) and its cluster names.
+    fn apply_config(&self, state: &crate::live::ConfigState, shutdown: &ShutdownWatch) {
+        let configured: BTreeSet<ConsulQuery> = state.wanted().flat_map(|c| c.consul_queries()).collect();
+        let reserved: BTreeSet<String> = state.wanted().flat_map(|c| c.clusters.keys().cloned()).collect();
+        *self.configured.lock().unwrap_or_else(|e| e.into_inner()) = configured.into_iter().collect();
+        *self.reserved.lock().unwrap_or_else(|e| e.into_inner()) = reserved;
+        let catalog = self.last_catalog.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match catalog {
+            Some(cat) => self.apply_catalog(&cat, shutdown),
+            None => {
+                let auto = self.view.borrow().auto.clone();
+                self.sync_watches(&auto, shutdown);
+            }
+        }
+    }
+
     /// Apply a new catalog of service → tags: update auto routes and their watches.
     fn apply_catalog(&self, catalog: &BTreeMap<String, Vec<String>>, shutdown: &ShutdownWatch) {
+        *self.last_catalog.lock().unwrap_or_else(|e| e.into_inner()) = Some(catalog.clone());
         let mut auto = self.view.borrow().auto.clone();
         let mut errors = BTreeMap::new();
         for (service, tags) in catalog {
             match tags::parse(service, tags) {
                 Ok(Some((route, cluster))) => {
-                    if self.reserved.contains(&cluster.name) {
+                    if self.reserved.lock().unwrap_or_else(|e| e.into_inner()).contains(&cluster.name) {
                         errors.insert(service.clone(), format!("auto cluster name {:?} is taken by the config file", cluster.name));
                         continue;
                     }
@@ -434,28 +490,7 @@ impl ConsulSource {
             tracing::warn!(service = %service, error = %e, "bad switchyard tag; the service keeps its last good route");
         }
         self.status.set_tag_errors(errors);
-        let wanted: BTreeSet<ConsulQuery> = auto
-            .values()
-            .filter_map(|(_, c)| match &c.discovery {
-                crate::config::DiscoverySpec::Consul(q) => Some(q.clone()),
-                _ => None,
-            })
-            .chain(self.configured.iter().cloned())
-            .collect();
-        for q in &wanted {
-            self.ensure_watch(q, shutdown);
-        }
-        let stale: Vec<ConsulQuery> = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .filter(|q| !wanted.contains(*q))
-            .cloned()
-            .collect();
-        for q in stale {
-            self.drop_watch(&q);
-        }
+        self.sync_watches(&auto, shutdown);
         self.view.send_if_modified(|v| {
             if v.auto == auto {
                 false
@@ -470,9 +505,11 @@ impl ConsulSource {
 #[async_trait]
 impl BackgroundService for ConsulSource {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        for q in &self.configured {
+        let configured = self.configured.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for q in &configured {
             self.ensure_watch(q, &shutdown);
         }
+        let mut config = self.config.clone();
         let restored: Vec<ConsulQuery> = self
             .view
             .borrow()
@@ -498,6 +535,14 @@ impl BackgroundService for ConsulSource {
         loop {
             tokio::select! {
                 _ = shutdown.changed() => break,
+                Some(state) = async {
+                    match config.as_mut() {
+                        Some(rx) => rx.changed().await.ok().map(|()| rx.borrow_and_update().clone()),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.apply_config(&state, &shutdown);
+                }
                 Ok(()) = cat_rx.changed() => {
                     let cat = cat_rx.borrow_and_update().clone();
                     if let Some(cat) = cat {
