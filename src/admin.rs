@@ -105,7 +105,7 @@ impl Admin {
             .map(|r| &r.spec)
             .map(|r| {
                 let hosts: Vec<String> = r.hosts.iter().map(|h| h.to_string()).collect();
-                json!({ "name": r.name, "hosts": hosts, "path_prefix": r.path_prefix, "cluster": r.cluster })
+                json!({ "name": r.name, "hosts": hosts, "path_prefix": r.path_prefix, "cluster": r.cluster, "maintenance": r.maintenance.is_some() })
             })
             .collect();
         let ages = self.staleness(&table);

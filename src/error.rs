@@ -69,6 +69,8 @@ pub enum ProxyFailure {
     BadGateway,
     /// The backend did not answer within its timeout: 504.
     Timeout,
+    /// The route is in maintenance: 503 with its own body and `Retry-After`.
+    Maintenance,
 }
 
 impl ProxyFailure {
@@ -78,6 +80,7 @@ impl ProxyFailure {
             ProxyFailure::NoBackends => 503,
             ProxyFailure::BadGateway => 502,
             ProxyFailure::Timeout => 504,
+            ProxyFailure::Maintenance => 503,
         }
     }
 
@@ -88,6 +91,7 @@ impl ProxyFailure {
             ProxyFailure::NoBackends => "no backend available for this service\n",
             ProxyFailure::BadGateway => "upstream failed\n",
             ProxyFailure::Timeout => "upstream timed out\n",
+            ProxyFailure::Maintenance => crate::config::MAINTENANCE_BODY,
         }
     }
 

@@ -139,7 +139,7 @@ pub fn normalised_from_status(status: &Value) -> Value {
     let routes: Vec<Value> = status
         .get("routes")
         .and_then(Value::as_array)
-        .map(|rs| rs.iter().map(|r| pick(r, &["name", "hosts", "path_prefix", "cluster"])).collect())
+        .map(|rs| rs.iter().map(|r| pick(r, &["name", "hosts", "path_prefix", "cluster", "maintenance"])).collect())
         .unwrap_or_default();
     let clusters: Vec<Value> = status
         .get("clusters")

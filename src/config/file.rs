@@ -97,6 +97,31 @@ pub struct RouteSection {
     /// Path prefix, matched on segment boundaries. Default `/`.
     pub path_prefix: Option<String>,
     pub cluster: String,
+    /// Answer every request with 503 + `Retry-After` instead of proxying it.
+    pub maintenance: Option<MaintenanceSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceSection {
+    /// Default true: the section's presence turns maintenance on.
+    pub enabled: Option<bool>,
+    /// Response body (plain text). Default: a one-line notice.
+    pub body: Option<String>,
+    /// `Retry-After` in whole seconds, as a duration (default `"60s"`).
+    pub retry_after: Option<String>,
+    /// Client networks (CIDR, or a bare address) whose requests still pass.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceSection {
+    /// Replace the discovered weight (0 – the catalog maximum).
+    pub weight: Option<u32>,
+    /// No new requests; those in flight finish.
+    pub drain: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +232,9 @@ pub struct ClusterSection {
     pub idle_timeout: Option<String>,
     /// Further attempts, each on a different backend, after a failed one.
     pub retries: Option<u32>,
+    /// Per-instance overrides, keyed by Consul service ID or `ip:port`.
+    #[serde(default)]
+    pub instances: BTreeMap<String, InstanceSection>,
 }
 
 /// Top-level sections, deserialised one by one so that an error in one does

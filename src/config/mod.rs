@@ -197,6 +197,40 @@ pub struct RouteSpec {
     pub hosts: Vec<HostPattern>,
     pub path_prefix: String,
     pub cluster: String,
+    /// Some: the route answers 503 (except to `allow`ed clients).
+    pub maintenance: Option<Maintenance>,
+}
+
+/// A route in maintenance: what it answers instead of proxying.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Maintenance {
+    pub body: bytes::Bytes,
+    pub retry_after_secs: u64,
+    /// Client networks whose requests are still proxied.
+    pub allow: Vec<ipnet::IpNet>,
+}
+
+pub const MAINTENANCE_BODY: &str = "this service is down for maintenance; please retry later\n";
+
+impl Maintenance {
+    /// Whether a request from `client` is answered with the maintenance page.
+    pub fn applies_to(&self, client: Option<std::net::IpAddr>) -> bool {
+        !client.is_some_and(|ip| {
+            let ip = match ip {
+                std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip),
+                v4 => v4,
+            };
+            self.allow.iter().any(|n| n.contains(&ip))
+        })
+    }
+}
+
+/// An operator's override for one instance of a cluster.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct InstanceOverride {
+    pub weight: Option<u32>,
+    /// Weight 0: no new requests, in-flight ones finish.
+    pub drain: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -299,6 +333,8 @@ pub struct ClusterSpec {
     pub write_timeout: Duration,
     pub idle_timeout: Duration,
     pub retries: u32,
+    /// Keyed by Consul service ID or `ip:port`.
+    pub instances: BTreeMap<String, InstanceOverride>,
 }
 
 impl Config {

@@ -447,6 +447,7 @@ impl Validator<'_> {
                 write_timeout,
                 idle_timeout,
                 retries,
+                instances,
             } = c;
             let sources = [static_.is_some(), file.is_some(), consul.is_some()].iter().filter(|&&b| b).count();
             let discovery = match (static_, file, consul) {
@@ -531,6 +532,7 @@ impl Validator<'_> {
                 write_timeout: self.duration(&format!("{p}.write_timeout"), write_timeout.as_ref(), Duration::from_secs(30)),
                 idle_timeout: self.duration(&format!("{p}.idle_timeout"), idle_timeout.as_ref(), Duration::from_secs(60)),
                 retries: retries.min(10),
+                instances: self.instances(&p, instances),
             };
             // A cluster with errors stays known, so routes pointing at it report only their own.
             out.insert(name, spec);
@@ -745,6 +747,50 @@ impl Validator<'_> {
         sel
     }
 
+    fn maintenance(&mut self, p: &str, m: MaintenanceSection) -> Option<Maintenance> {
+        let MaintenanceSection { enabled, body, retry_after, allow } = m;
+        let retry = self.duration(&format!("{p}.retry_after"), retry_after.as_ref(), Duration::from_secs(60));
+        if retry_after.is_some() && (retry.subsec_nanos() != 0 || retry > Duration::from_secs(86_400)) {
+            self.err(format!("{p}.retry_after"), format!("invalid value {:?}: whole seconds, at most 1 day", retry_after.unwrap_or_default()));
+        }
+        if let Some(b) = &body {
+            if b.len() > 64 * 1024 {
+                self.err(format!("{p}.body"), format!("invalid value: {} bytes, at most 65536", b.len()));
+            }
+        }
+        let mut nets = Vec::new();
+        for (i, a) in allow.iter().enumerate() {
+            match a.parse::<ipnet::IpNet>().or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+                Ok(n) => nets.push(n.trunc()),
+                Err(_) => self.err(format!("{p}.allow[{i}]"), format!("invalid network {a:?}: expected a CIDR such as \"10.0.0.0/8\" or an address")),
+            }
+        }
+        enabled.unwrap_or(true).then(|| Maintenance {
+            body: bytes::Bytes::from(body.unwrap_or_else(|| MAINTENANCE_BODY.to_string())),
+            retry_after_secs: retry.as_secs(),
+            allow: nets,
+        })
+    }
+
+    fn instances(&mut self, p: &str, sections: BTreeMap<String, InstanceSection>) -> BTreeMap<String, InstanceOverride> {
+        let mut out = BTreeMap::new();
+        for (key, i) in sections {
+            let at = format!("{p}.instances.{key}");
+            if key.is_empty() || key.len() > 256 || key.contains(['/', ' ']) {
+                self.err(&at, format!("invalid instance {key:?}: a Consul service ID or an ip:port address"));
+            }
+            let InstanceSection { weight, drain } = i;
+            if let Some(w) = weight.filter(|w| *w > crate::discovery::file::MAX_WEIGHT) {
+                self.err(format!("{at}.weight"), format!("invalid value {w}: must be between 0 and {}", crate::discovery::file::MAX_WEIGHT));
+            }
+            if weight.is_none() && drain.is_none() {
+                self.err(&at, "set `weight` or `drain`");
+            }
+            out.insert(key, InstanceOverride { weight, drain: drain.unwrap_or(false) });
+        }
+        out
+    }
+
     fn routes(&mut self, sections: Vec<RouteSection>, clusters: &[String]) -> Vec<RouteSpec> {
         let mut out = Vec::new();
         let mut names = HashSet::new();
@@ -756,7 +802,9 @@ impl Validator<'_> {
                 hosts,
                 path_prefix,
                 cluster,
+                maintenance,
             } = r;
+            let maintenance = maintenance.and_then(|m| self.maintenance(&format!("{p}.maintenance"), m));
             let name = name.unwrap_or_else(|| format!("route{i}"));
             if !valid_name(&name) {
                 self.err(format!("{p}.name"), format!("invalid route name {name:?}: use letters, digits, '-', '_' or '.'"));
@@ -811,6 +859,7 @@ impl Validator<'_> {
                 hosts: patterns,
                 path_prefix,
                 cluster,
+                maintenance,
             });
         }
         if out.is_empty() && !self.errors.iter().any(|e| e.path.starts_with("routes")) {
@@ -895,6 +944,34 @@ cluster = "web"
 [clusters.web]
 static = ["127.0.0.1:8001"]
 "#;
+
+    #[test]
+    fn maintenance_and_instance_overrides_are_validated_by_field() {
+        let ok = MINIMAL
+            .replace("cluster = \"web\"\n", "cluster = \"web\"\nmaintenance = { retry_after = \"2m\", allow = [\"10.1.2.3/8\", \"::1\"] }\n")
+            .replace("[clusters.web]\n", "[clusters.web]\ninstances = { \"web-1\" = { drain = true }, \"10.0.0.1:80\" = { weight = 5 } }\n");
+        let c = parse(&ok, Path::new("/etc/sy")).unwrap();
+        let m = c.routes[0].maintenance.as_ref().unwrap();
+        assert_eq!(m.retry_after_secs, 120);
+        assert_eq!(&m.body[..], MAINTENANCE_BODY.as_bytes());
+        assert!(!m.applies_to(Some("10.9.9.9".parse().unwrap())), "inside 10.0.0.0/8");
+        assert!(!m.applies_to(Some("::ffff:10.0.0.1".parse().unwrap())), "v4-mapped");
+        assert!(m.applies_to(Some("192.0.2.1".parse().unwrap())));
+        assert!(m.applies_to(None));
+        assert!(c.clusters["web"].instances["web-1"].drain);
+        assert_eq!(c.clusters["web"].instances["10.0.0.1:80"].weight, Some(5));
+        let off = MINIMAL.replace("cluster = \"web\"\n", "cluster = \"web\"\nmaintenance = { enabled = false }\n");
+        assert!(parse(&off, Path::new("/etc/sy")).unwrap().routes[0].maintenance.is_none());
+
+        let bad = MINIMAL
+            .replace("cluster = \"web\"\n", "cluster = \"web\"\nmaintenance = { retry_after = \"1.5s\", allow = [\"10.0.0.0/33\"] }\n")
+            .replace("[clusters.web]\n", "[clusters.web]\ninstances = { \"a\" = { weight = 70000 }, \"b\" = {} }\n");
+        let e = errs(&bad);
+        assert!(e.iter().any(|e| e.contains("routes[0].maintenance.retry_after") && e.contains("1.5s")), "{e:?}");
+        assert!(e.iter().any(|e| e.contains("routes[0].maintenance.allow[0]") && e.contains("10.0.0.0/33")), "{e:?}");
+        assert!(e.iter().any(|e| e.contains("clusters.web.instances.a.weight") && e.contains("70000")), "{e:?}");
+        assert!(e.iter().any(|e| e.contains("clusters.web.instances.b") && e.contains("`weight` or `drain`")), "{e:?}");
+    }
 
     #[test]
     fn minimal_config_gets_defaults() {

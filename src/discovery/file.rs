@@ -86,6 +86,7 @@ pub fn parse_catalog(text: &[u8]) -> Result<Catalog, String> {
                 weight,
                 tags: inst.tags,
                 meta: inst.meta,
+                id: None,
             });
         }
         out.insert(service, normalise(eps));

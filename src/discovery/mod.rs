@@ -21,6 +21,8 @@ pub struct Endpoint {
     pub weight: u32,
     pub tags: Vec<String>,
     pub meta: BTreeMap<String, String>,
+    /// The Consul service ID, for per-instance overrides.
+    pub id: Option<String>,
 }
 
 impl Endpoint {
@@ -30,7 +32,37 @@ impl Endpoint {
             weight: 1,
             tags: Vec::new(),
             meta: BTreeMap::new(),
+            id: None,
         }
+    }
+}
+
+/// Apply a cluster's per-instance overrides (by Consul service ID, or by
+/// `ip:port`; the ID wins when both name one instance). An override for an
+/// instance that is not in the set does nothing.
+pub fn apply_overrides(set: EndpointSet, overrides: &BTreeMap<String, crate::config::InstanceOverride>) -> EndpointSet {
+    if overrides.is_empty() {
+        return set;
+    }
+    let mut changed = false;
+    let out: Vec<Endpoint> = set
+        .iter()
+        .map(|e| {
+            let o = e.id.as_deref().and_then(|id| overrides.get(id)).or_else(|| overrides.get(&e.addr.to_string()));
+            match o {
+                Some(o) => {
+                    let weight = if o.drain { 0 } else { o.weight.unwrap_or(e.weight) };
+                    changed |= weight != e.weight;
+                    Endpoint { weight, ..e.clone() }
+                }
+                None => e.clone(),
+            }
+        })
+        .collect();
+    if changed {
+        Arc::new(out)
+    } else {
+        set
     }
 }
 

@@ -104,7 +104,7 @@ impl Express {
     where
         C: AsyncWrite + Unpin,
     {
-        if let Some(failure) = self.core.route(req, false, ctx) {
+        if let Some(failure) = self.core.route(req, false, addr.map(|a| a.ip), ctx) {
             return self.respond(client, req, ctx, failure, x).await;
         }
         loop {
@@ -307,8 +307,8 @@ impl Express {
         C: AsyncWrite + Unpin,
     {
         ctx.local_status = failure.status();
-        let Ok((h, body)) = failure_response(failure, &ctx.request_id) else { return false };
-        x.keepalive &= matches!(failure, ProxyFailure::NoRoute | ProxyFailure::NoBackends);
+        let Ok((h, body)) = failure_response(failure, ctx) else { return false };
+        x.keepalive &= matches!(failure, ProxyFailure::NoRoute | ProxyFailure::NoBackends | ProxyFailure::Maintenance);
         let mut out = Vec::with_capacity(256);
         let reason = h.status.canonical_reason().unwrap_or("");
         h1::put_status_line(&mut out, false, h.status.as_u16(), reason.as_bytes());

@@ -78,17 +78,24 @@ impl Core {
     /// cluster (recorded in `ctx`). Some: the failure to answer instead (no
     /// route: 404; a cluster without backends: 503), with `ctx.local_status`
     /// set.
-    fn route<R: RequestView + ?Sized>(&self, req: &R, absolute: bool, ctx: &mut Ctx) -> Option<ProxyFailure> {
+    /// A route in maintenance answers 503 to every client outside its
+    /// `allow` list (503 too).
+    fn route<R: RequestView + ?Sized>(&self, req: &R, absolute: bool, client: Option<std::net::IpAddr>, ctx: &mut Ctx) -> Option<ProxyFailure> {
         let table = self.snapshot.load();
         ctx.request_id = self.ids.for_request(req);
         let route = table.router.find(req.host(), req.path(), absolute);
         let failure = match route {
             None => Some(ProxyFailure::NoRoute),
             Some(ri) => {
-                let ci = table.routes[ri].cluster;
+                let route = &table.routes[ri];
+                let ci = route.cluster;
                 ctx.route = Some(ri as u32);
                 ctx.cluster = Some(ci);
-                table.clusters[ci as usize].active.is_empty().then_some(ProxyFailure::NoBackends)
+                if route.spec.maintenance.as_ref().is_some_and(|m| m.applies_to(client)) {
+                    Some(ProxyFailure::Maintenance)
+                } else {
+                    table.clusters[ci as usize].active.is_empty().then_some(ProxyFailure::NoBackends)
+                }
             }
         };
         ctx.table = Some(table);
@@ -206,6 +213,10 @@ pub struct Ctx {
 }
 
 impl Ctx {
+    fn route_spec(&self) -> Option<&crate::config::RouteSpec> {
+        Some(&self.table.as_ref()?.routes[self.route? as usize].spec)
+    }
+
     fn cluster(&self) -> Option<&crate::routing::Cluster> {
         Some(&self.table.as_ref()?.clusters[self.cluster? as usize])
     }
@@ -252,13 +263,23 @@ impl Ctx {
 }
 
 /// The short plain-text response for a failure this proxy decides.
-fn failure_response(failure: ProxyFailure, request_id: &http::HeaderValue) -> Result<(ResponseHeader, Bytes)> {
-    let body = Bytes::from_static(failure.body().as_bytes());
+fn failure_response(failure: ProxyFailure, ctx: &Ctx) -> Result<(ResponseHeader, Bytes)> {
+    let request_id = &ctx.request_id;
+    let maintenance = match failure {
+        ProxyFailure::Maintenance => ctx.route_spec().and_then(|r| r.maintenance.as_ref()),
+        _ => None,
+    };
+    let body = match maintenance {
+        Some(m) => m.body.clone(),
+        None => Bytes::from_static(failure.body().as_bytes()),
+    };
     let mut h = ResponseHeader::build(failure.status(), Some(4))?;
     h.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")?;
     h.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    if failure == ProxyFailure::NoBackends {
-        h.insert_header(http::header::RETRY_AFTER, RETRY_AFTER_SECS)?;
+    match (failure, maintenance) {
+        (ProxyFailure::NoBackends, _) => h.insert_header(http::header::RETRY_AFTER, RETRY_AFTER_SECS)?,
+        (_, Some(m)) => h.insert_header(http::header::RETRY_AFTER, m.retry_after_secs)?,
+        _ => {}
     }
     if !request_id.is_empty() {
         h.insert_header("x-request-id", request_id.clone())?;
@@ -267,8 +288,8 @@ fn failure_response(failure: ProxyFailure, request_id: &http::HeaderValue) -> Re
 }
 
 /// Write a short plain-text response for a failure this proxy decides.
-async fn respond(session: &mut Session, failure: ProxyFailure, request_id: &http::HeaderValue) -> Result<()> {
-    let (h, body) = failure_response(failure, request_id)?;
+async fn respond(session: &mut Session, failure: ProxyFailure, ctx: &Ctx) -> Result<()> {
+    let (h, body) = failure_response(failure, ctx)?;
     if !session.is_body_empty() {
         // The unread request body would poison the next request on this connection.
         session.set_keepalive(None);
@@ -306,9 +327,10 @@ impl ProxyHttp for Proxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let req = session.req_header();
         let absolute = !session.is_http2() && headers::is_absolute_form(req);
-        match self.core.route(req, absolute, ctx) {
+        let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
+        match self.core.route(req, absolute, client, ctx) {
             Some(failure) => {
-                respond(session, failure, &ctx.request_id).await?;
+                respond(session, failure, ctx).await?;
                 Ok(true)
             }
             None => Ok(false),
@@ -423,7 +445,7 @@ impl ProxyHttp for Proxy {
         session.set_keepalive(None);
         let code = match failure {
             Some(f) if !ctx.response_started => {
-                if respond(session, f, &ctx.request_id).await.is_err() {
+                if respond(session, f, ctx).await.is_err() {
                     0
                 } else {
                     f.status()

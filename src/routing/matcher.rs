@@ -143,6 +143,7 @@ mod tests {
             hosts: hosts.iter().map(|h| host_pattern(h).unwrap()).collect(),
             path_prefix: prefix.into(),
             cluster: String::new(),
+            maintenance: None,
         }
     }
 

@@ -283,6 +283,7 @@ impl RoutingTable {
                 }
                 _ => discovered.get(name).cloned(),
             };
+            let set = set.map(|s| crate::discovery::apply_overrides(s, &spec.instances));
             let reused = prev
                 .and_then(|p| p.cluster(name))
                 .filter(|c| &c.spec == spec && c.discovered == set.is_some() && same_set(c, set.as_ref()));
@@ -350,6 +351,7 @@ impl RoutingTable {
                     "hosts": hosts,
                     "path_prefix": r.spec.path_prefix,
                     "cluster": r.spec.cluster,
+                    "maintenance": r.spec.maintenance.is_some(),
                 })
             })
             .collect();

@@ -84,6 +84,7 @@ pub fn endpoints_for(snap: &ServiceSnapshot, q: &ConsulQuery) -> (Vec<Endpoint>,
                 weight: w,
                 tags: i.tags.clone(),
                 meta: i.meta.clone(),
+                id: Some(i.id.clone()),
             });
         }
     }

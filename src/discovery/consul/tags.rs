@@ -114,6 +114,7 @@ pub fn parse(service: &str, tags: &[String]) -> Result<Option<(RouteSpec, Cluste
         hosts,
         path_prefix: path.unwrap_or_else(|| "/".into()),
         cluster: name.clone(),
+        maintenance: None,
     };
     let cluster = ClusterSpec {
         name,
@@ -130,6 +131,7 @@ pub fn parse(service: &str, tags: &[String]) -> Result<Option<(RouteSpec, Cluste
         write_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(60),
         retries,
+        instances: Default::default(),
     };
     Ok(Some((route, cluster)))
 }
