@@ -324,7 +324,7 @@ pub fn fixed_changes(running: &Config, new: &Config) -> Vec<String> {
     match (&running.consul, &new.consul) {
         (Some(a), Some(b)) => fields!(a, b, "consul", [
             addresses, token, token_file, datacenter, stale, max_stale, wait, max_watches, min_interval,
-            noop_interval, state_file, stale_after, tls, auto_routes, register,
+            noop_interval, state_file, stale_after, tls, auto_routes, register, kv_prefix,
         ]),
         (None, None) => {}
         _ => out.push("consul".to_string()),

@@ -189,6 +189,10 @@ pub struct ConsulSection {
     pub tls: Option<ConsulTlsSection>,
     /// Build routes from `switchyard.*` tags on Consul services (default true).
     pub auto_routes: Option<bool>,
+    /// Take routes, clusters and operator settings from Consul KV (default false).
+    pub kv: Option<bool>,
+    /// The KV prefix watched when `kv` is on (default `switchyard/`).
+    pub kv_prefix: Option<String>,
     pub register: Option<RegisterSection>,
 }
 

@@ -86,6 +86,8 @@ pub struct ConsulSettings {
     pub tls: ConsulTls,
     pub auto_routes: bool,
     pub register: Option<RegisterSettings>,
+    /// The watched KV prefix (ends in `/`), when KV settings are on.
+    pub kv_prefix: Option<String>,
 }
 
 /// How this instance registers itself in Consul.

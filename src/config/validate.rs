@@ -36,18 +36,22 @@ pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
 
 /// [`parse`] with an explicit environment, for tests.
 pub fn parse_with_env(text: &str, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+    validate_table(&parse_toml(text)?, base, env)
+}
+
+/// The TOML document of a config file, before validation.
+pub fn parse_toml(text: &str) -> Result<toml::Table, ConfigErrors> {
+    toml::from_str(text).map_err(|e| {
+        ConfigErrors(vec![ConfigError::new("", format!("not valid TOML: {}", e.to_string().trim_end()))])
+    })
+}
+
+/// Validate a config document: the file's, or the file's merged with the
+/// settings from Consul KV (the same rules for both).
+pub fn validate_table(table: &toml::Table, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
     let mut v = Validator {
         errors: Vec::new(),
         base,
-    };
-    let table: toml::Table = match toml::from_str(text) {
-        Ok(t) => t,
-        Err(e) => {
-            return Err(ConfigErrors(vec![ConfigError::new(
-                "",
-                format!("not valid TOML: {}", e.to_string().trim_end()),
-            )]))
-        }
     };
     for key in table.keys() {
         if !TOP_LEVEL_KEYS.contains(&key.as_str()) {
@@ -69,6 +73,8 @@ pub fn parse_with_env(text: &str, base: &Path, env: &dyn Fn(&str) -> Option<Stri
     let consul_section: Option<ConsulSection> = v.section(&table, "consul");
     let ha: HaSection = v.section(&table, "ha").unwrap_or_default();
     let consul_needed = clusters.values().any(|c| c.consul.is_some());
+    // With KV settings on, routes may all come from Consul.
+    let routes_required = !consul_section.as_ref().is_some_and(|c| c.kv == Some(true));
 
     let listeners = v.listeners(listeners);
     let admin = v.admin(admin, &listeners);
@@ -81,7 +87,7 @@ pub fn parse_with_env(text: &str, base: &Path, env: &dyn Fn(&str) -> Option<Stri
         Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
         _ => Vec::new(),
     };
-    let routes = v.routes(routes, &cluster_names);
+    let routes = v.routes(routes, &cluster_names, routes_required);
     let consul = if consul_needed || consul_section.is_some() {
         let port = listeners.first().map(|l| l.address.port()).unwrap_or(0);
         Some(v.consul(consul_section.unwrap_or_default(), env, port))
@@ -557,7 +563,24 @@ impl Validator<'_> {
             tls,
             auto_routes,
             register,
+            kv,
+            kv_prefix,
         } = s;
+        let kv_prefix = match (kv.unwrap_or(false), kv_prefix) {
+            (false, Some(_)) => {
+                self.err("consul.kv_prefix", "set `kv = true` too, or remove it");
+                None
+            }
+            (false, None) => None,
+            (true, p) => {
+                let p = p.unwrap_or_else(|| "switchyard/".into());
+                let ok = !p.starts_with('/') && p.ends_with('/') && p.len() > 1 && p.bytes().all(|b| b.is_ascii_alphanumeric() || b"_./-".contains(&b));
+                if !ok {
+                    self.err("consul.kv_prefix", format!("invalid value {p:?}: letters, digits, '_', '.', '/', '-', ending in '/', not starting with '/'"));
+                }
+                Some(p)
+            }
+        };
         let env_bool = |k: &str| env(k).map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
         let https_default = env_bool("CONSUL_HTTP_SSL").unwrap_or(false);
         let (raw, from) = match addresses {
@@ -657,6 +680,7 @@ impl Validator<'_> {
             tls,
             auto_routes: auto_routes.unwrap_or(true),
             register: self.register(register.unwrap_or_default(), listen_port),
+            kv_prefix,
         }
     }
 
@@ -791,7 +815,7 @@ impl Validator<'_> {
         out
     }
 
-    fn routes(&mut self, sections: Vec<RouteSection>, clusters: &[String]) -> Vec<RouteSpec> {
+    fn routes(&mut self, sections: Vec<RouteSection>, clusters: &[String], required: bool) -> Vec<RouteSpec> {
         let mut out = Vec::new();
         let mut names = HashSet::new();
         let mut keys: HashSet<(Option<HostPattern>, String)> = HashSet::new();
@@ -862,7 +886,7 @@ impl Validator<'_> {
                 maintenance,
             });
         }
-        if out.is_empty() && !self.errors.iter().any(|e| e.path.starts_with("routes")) {
+        if required && out.is_empty() && !self.errors.iter().any(|e| e.path.starts_with("routes")) {
             self.err("routes", "at least one [[routes]] entry is required");
         }
         out

@@ -29,7 +29,12 @@ pub struct Endpoint {
     pub source: &'static str,
     /// Request-metric label.
     pub label: &'static str,
-    pub path: &'static str,
+    pub path: String,
+    /// Extra query parameters (`recurse` for a KV prefix).
+    pub params: &'static [(&'static str, Option<&'static str>)],
+    /// A 404 is an answer: nothing there yet, with an index to block on
+    /// (a KV prefix with no keys).
+    pub absent_ok: bool,
     /// Log line on failure.
     pub consequence: &'static str,
 }
@@ -43,7 +48,7 @@ pub async fn run(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let settings = client.settings().clone();
-    status.register_source(ep.source, "consul", ep.path);
+    status.register_source(ep.source, "consul", &ep.path);
     let mut tracker = IndexTracker::default();
     let mut pacer = Pacer::new(settings.min_interval, settings.noop_interval, settings.wait);
     let mut restores = client.restores.subscribe();
@@ -58,7 +63,7 @@ pub async fn run(
         }
         let index = tracker.request_index().to_string();
         let blocking = tracker.request_index() > 0 && !probe;
-        let mut params: Vec<(&str, Option<&str>)> = Vec::new();
+        let mut params: Vec<(&str, Option<&str>)> = ep.params.to_vec();
         if settings.stale {
             params.push(("stale", None));
         }
@@ -80,8 +85,15 @@ pub async fn run(
                 probe = false;
                 continue;
             }
-            r = tokio::time::timeout(timeout, client.request(reqwest::Method::GET, ep.label, ep.path, &params, None, timeout)) => {
-                r.unwrap_or(Err(ClientError::Timeout))
+            r = tokio::time::timeout(timeout, client.request(reqwest::Method::GET, ep.label, &ep.path, &params, None, timeout)) => {
+                match r.unwrap_or(Err(ClientError::Timeout)) {
+                    Err(ClientError::Http { status: 404, index: Some(index), .. }) if ep.absent_ok => Ok(super::client::Response {
+                        index: Some(index),
+                        last_contact_ms: None,
+                        body: bytes::Bytes::from_static(b"[]"),
+                    }),
+                    r => r,
+                }
             }
         };
         probe = false;

@@ -58,7 +58,9 @@ pub async fn run(
     let ep = blocking::Endpoint {
         source: SOURCE,
         label: "catalog_services",
-        path: "/v1/catalog/services",
+        path: "/v1/catalog/services".to_string(),
+        params: &[],
+        absent_ok: false,
         consequence: "consul catalog watch failed; auto routes stay as they are",
     };
     blocking::run(ep, client, metrics, status, Catalog(tx), shutdown).await

@@ -19,7 +19,12 @@ pub enum ClientError {
     #[error("request timed out")]
     Timeout,
     #[error("HTTP {status}: {body}")]
-    Http { status: u16, body: String },
+    Http {
+        status: u16,
+        body: String,
+        /// `X-Consul-Index` of the answer (a missing KV key still has one).
+        index: Option<u64>,
+    },
     #[error("bad response body: {0}")]
     Body(String),
 }
@@ -277,7 +282,7 @@ impl ConsulClient {
         }
         if !(200..300).contains(&status) {
             let text = String::from_utf8_lossy(&body[..body.len().min(300)]).trim().to_string();
-            return Err(ClientError::Http { status, body: text });
+            return Err(ClientError::Http { status, body: text, index });
         }
         Ok(Response {
             index,

@@ -15,6 +15,7 @@ pub mod blocking;
 pub mod catalog;
 pub mod client;
 pub mod health;
+pub mod kv;
 pub mod pace;
 pub mod register;
 pub mod signal;

@@ -144,7 +144,9 @@ pub async fn run(
     let ep = blocking::Endpoint {
         source: SOURCE,
         label: "health_state",
-        path: "/v1/health/state/any",
+        path: "/v1/health/state/any".to_string(),
+        params: &[],
+        absent_ok: false,
         consequence: "consul check signal failed; triggered services resync when it returns",
     };
     blocking::run(ep, client, metrics, status, Signal { pokes, holding, last: None }, shutdown).await
