@@ -214,6 +214,8 @@ pub struct Recorded {
     pub query: String,
     /// Header names in lower case, in arrival order.
     pub headers: Vec<(String, String)>,
+    /// The request body as received (empty for a GET).
+    pub body: Bytes,
     pub peer: SocketAddr,
     pub received: Instant,
     /// None while the request is held (or hangs forever).
@@ -1627,6 +1629,7 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Re
         path: raw_path.clone(),
         query: raw_query.clone(),
         headers: headers.clone(),
+        body: body.clone(),
         peer,
         received: Instant::now(),
         answered: None,
