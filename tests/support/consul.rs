@@ -1952,6 +1952,13 @@ struct ReadOpts {
 
 /// `parseEntMeta` (CE) then `parse`: consistency, then wait, then index.
 fn parse_read(ctx: &Ctx) -> Result<ReadOpts, Reply> {
+    parse_ent_meta(ctx)?;
+    parse_query(ctx)
+}
+
+/// `parseEntMeta` on CE: namespaces and partitions other than `default` are
+/// refused.
+fn parse_ent_meta(ctx: &Ctx) -> Result<(), Reply> {
     let q = &ctx.q;
     if ctx.header("x-consul-namespace").is_some_and(|v| !v.is_empty()) {
         return Err(Reply::text(
@@ -1977,6 +1984,12 @@ fn parse_read(ctx: &Ctx) -> Result<ReadOpts, Reply> {
             "Invalid query parameter: \"partition\" - Partitions are a Consul Enterprise feature",
         ));
     }
+    Ok(())
+}
+
+/// `parse`: consistency, then wait, then index.
+fn parse_query(ctx: &Ctx) -> Result<ReadOpts, Reply> {
+    let q = &ctx.q;
     let mut stale = q.has("stale");
     let consistent = q.has("consistent");
     let cached = q.has("cached");
@@ -2111,21 +2124,13 @@ async fn read_endpoint(sh: &Arc<Shared>, ctx: &Ctx, kind: ReadKind) -> Reply {
     }
     // RPC: forward to the datacenter, then resolve the token, then compile
     // the filter, then block.
-    if let Some(dc) = ctx.q.get("dc") {
-        if !dc.is_empty() && dc != DATACENTER {
-            return Reply::text(500, "No path to datacenter");
-        }
-    }
-    let (who, fault, leader_lost) = {
+    let (who, leader_lost) = {
         let st = sh.lock();
-        (resolve(&st, ctx), st.fault.clone(), st.leader_lost_at)
+        match rpc_start(&st, ctx, opts.stale || opts.cached) {
+            Ok(who) => (who, st.leader_lost_at),
+            Err(r) => return r,
+        }
     };
-    if fault == Fault::NoLeader && !opts.stale && !opts.cached {
-        return Reply::text(500, "No cluster leader");
-    }
-    if who == Who::NotFound {
-        return Reply::text(403, "ACL not found");
-    }
     let schema = match kind {
         ReadKind::Health(_) => Schema::Health,
         ReadKind::HealthState(_) => Schema::Check,
@@ -2181,40 +2186,9 @@ async fn read_endpoint(sh: &Arc<Shared>, ctx: &Ctx, kind: ReadKind) -> Reply {
         return r;
     }
     // Response meta (setMeta), set before the passing filter can still fail.
-    let mut h: Vec<(String, String)> = Vec::new();
-    match fault {
-        Fault::IndexZero => h.push(("X-Consul-Index".into(), "0".into())),
-        Fault::IndexMissing => {}
-        _ => {
-            h.push(("X-Consul-Index".into(), idx.max(1).to_string()));
-            let mut st = sh.lock();
-            st.min_handed = st.min_handed.min(idx.max(1));
-        }
-    }
     let is_streaming = streaming && matches!(kind, ReadKind::Health(_)) && (opts.index > 0 || opts.cached);
-    if !is_streaming {
-        let (known, last) = match (fault == Fault::NoLeader, leader_lost) {
-            (true, Some(t)) => ("false", t.elapsed().as_millis().to_string()),
-            _ => ("true", "0".to_string()),
-        };
-        h.push(("X-Consul-Lastcontact".into(), last));
-        h.push(("X-Consul-Knownleader".into(), known.into()));
-    }
-    let consistency = if opts.consistent {
-        "consistent"
-    } else if opts.stale || opts.cached {
-        "stale"
-    } else {
-        "leader"
-    };
-    h.push(("X-Consul-Effective-Consistency".into(), consistency.into()));
-    h.push((
-        "X-Consul-Query-Backend".into(),
-        if is_streaming { "streaming" } else { "blocking-query" }.into(),
-    ));
-    if listing.acl_filtered && who.gets_filtered_header() {
-        h.push(("X-Consul-Results-Filtered-By-Acls".into(), "true".into()));
-    }
+    let filtered = listing.acl_filtered && who.gets_filtered_header();
+    let mut h = query_meta(sh, &fault, leader_lost, idx, &opts, is_streaming, filtered);
     if let Some(hit) = cache_hit {
         h.push(("X-Cache".into(), if hit { "HIT" } else { "MISS" }.into()));
         if hit {
@@ -2238,22 +2212,88 @@ async fn read_endpoint(sh: &Arc<Shared>, ctx: &Ctx, kind: ReadKind) -> Reply {
             value = Value::Array(kept);
         }
     }
-    let mut r = match fault {
-        Fault::Garbage => garbage(&value),
-        Fault::WrongTypes => Reply::json(&wrong_types(&kind, &value), opts.pretty),
-        _ => Reply::json(&value, opts.pretty),
+    mangle(&fault, &kind, &value, opts.pretty).with_headers(h)
+}
+
+/// The server side of an RPC before it runs: forward to the datacenter (500
+/// for an unknown one), to the leader unless the read may be served stale
+/// (500 without a leader), then resolve the token (403 for an unknown one).
+fn rpc_start(st: &State, ctx: &Ctx, allow_stale: bool) -> Result<Who, Reply> {
+    if let Some(dc) = ctx.q.get("dc") {
+        if !dc.is_empty() && dc != DATACENTER {
+            return Err(Reply::text(500, "No path to datacenter"));
+        }
+    }
+    if st.fault == Fault::NoLeader && !allow_stale {
+        return Err(Reply::text(500, "No cluster leader"));
+    }
+    let who = resolve(st, ctx);
+    if who == Who::NotFound {
+        return Err(Reply::text(403, "ACL not found"));
+    }
+    Ok(who)
+}
+
+/// `setMeta` for an indexed read: `X-Consul-Index` (as the index faults
+/// have it), the leader headers (absent on streaming answers), the
+/// effective consistency, the query backend, and the filtered-by-ACLs flag
+/// (`filtered`: entries were hidden from a caller who may be told).
+fn query_meta(
+    sh: &Arc<Shared>,
+    fault: &Fault,
+    leader_lost: Option<Instant>,
+    idx: u64,
+    opts: &ReadOpts,
+    is_streaming: bool,
+    filtered: bool,
+) -> Vec<(String, String)> {
+    let mut h: Vec<(String, String)> = Vec::new();
+    match fault {
+        Fault::IndexZero => h.push(("X-Consul-Index".into(), "0".into())),
+        Fault::IndexMissing => {}
+        _ => {
+            h.push(("X-Consul-Index".into(), idx.max(1).to_string()));
+            let mut st = sh.lock();
+            st.min_handed = st.min_handed.min(idx.max(1));
+        }
+    }
+    if !is_streaming {
+        let (known, last) = match (*fault == Fault::NoLeader, leader_lost) {
+            (true, Some(t)) => ("false", t.elapsed().as_millis().to_string()),
+            _ => ("true", "0".to_string()),
+        };
+        h.push(("X-Consul-Lastcontact".into(), last));
+        h.push(("X-Consul-Knownleader".into(), known.into()));
+    }
+    let consistency = if opts.consistent {
+        "consistent"
+    } else if opts.stale || opts.cached {
+        "stale"
+    } else {
+        "leader"
     };
-    r.headers.extend(h);
-    r
+    h.push(("X-Consul-Effective-Consistency".into(), consistency.into()));
+    h.push((
+        "X-Consul-Query-Backend".into(),
+        if is_streaming { "streaming" } else { "blocking-query" }.into(),
+    ));
+    if filtered {
+        h.push(("X-Consul-Results-Filtered-By-Acls".into(), "true".into()));
+    }
+    h
 }
 
 /// Non-indexed GETs under `Garbage` / `WrongTypes`.
 fn mangle_simple(fault: &Fault, v: Value, kind: ReadKind, ctx: &Ctx) -> Reply {
-    let pretty = ctx.q.has("pretty");
+    mangle(fault, &kind, &v, ctx.q.has("pretty"))
+}
+
+/// A GET's JSON body as the body faults have it.
+fn mangle(fault: &Fault, kind: &ReadKind, v: &Value, pretty: bool) -> Reply {
     match fault {
-        Fault::Garbage => garbage(&v),
-        Fault::WrongTypes => Reply::json(&wrong_types(&kind, &v), pretty),
-        _ => Reply::json(&v, pretty),
+        Fault::Garbage => garbage(v),
+        Fault::WrongTypes => Reply::json(&wrong_types(kind, v), pretty),
+        _ => Reply::json(v, pretty),
     }
 }
 
