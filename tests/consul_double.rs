@@ -1341,3 +1341,621 @@ fn health_state_acl_faults_and_reset() {
     c.set_health("n1", "web-1", "critical");
     assert!(get(&c, "/v1/health/state/any").index() > low);
 }
+
+// ---------------------------------------------------------------- KV [5.5]
+
+fn put_bytes(c: &ConsulDouble, path: &str, body: Vec<u8>) -> Resp {
+    send(http(Duration::from_secs(15)).put(format!("{}{path}", c.url())).body(body))
+}
+
+fn delete(c: &ConsulDouble, path: &str) -> Resp {
+    send(http(Duration::from_secs(15)).delete(format!("{}{path}", c.url())))
+}
+
+/// The only entry of a single-key read.
+fn kv_entry(r: &Resp) -> Value {
+    let e = r.entries();
+    assert_eq!(e.len(), 1, "{}", r.body);
+    e[0].clone()
+}
+
+/// The `Key`s of a `?recurse` read, in answer order.
+fn kv_keys(r: &Resp) -> Vec<String> {
+    r.entries().iter().map(|e| e["Key"].as_str().unwrap().to_string()).collect()
+}
+
+/// `c` stays with `n` held queries for `d` (a bounded negative check).
+fn still_held(c: &ConsulDouble, n: usize, d: Duration) -> bool {
+    !wait_until(d, || c.held_queries() != n)
+}
+
+#[test]
+fn kv_base64_is_go_std_encoding_with_padding() {
+    // RFC 4648 test vectors, and bytes that use '+' and '/'.
+    for (raw, b64) in [
+        ("", ""),
+        ("f", "Zg=="),
+        ("fo", "Zm8="),
+        ("foo", "Zm9v"),
+        ("foob", "Zm9vYg=="),
+        ("fooba", "Zm9vYmE="),
+        ("foobar", "Zm9vYmFy"),
+    ] {
+        assert_eq!(base64_encode(raw.as_bytes()), b64, "{raw:?}");
+    }
+    assert_eq!(base64_encode(&[0xfb, 0xff, 0xbf]), "+/+/");
+}
+
+#[test]
+fn kv_put_get_delete_round_trip_with_indexes() {
+    let c = ConsulDouble::start();
+    let raft = c.raft_index();
+    let r = put(&c, "/v1/kv/app/config", "v1");
+    assert_eq!((r.status, r.body.as_str()), (200, "true"));
+    assert_eq!(r.h("content-type").as_deref(), Some("application/json"));
+    assert_eq!(c.raft_index(), raft + 1, "one Raft write");
+    let r = get(&c, "/v1/kv/app/config");
+    assert_eq!(r.status, 200);
+    let e = kv_entry(&r);
+    assert_eq!(e["Key"], "app/config");
+    assert_eq!(e["Value"], "djE=", "base64 of v1");
+    assert_eq!((e["Flags"].as_u64(), e["LockIndex"].as_u64()), (Some(0), Some(0)));
+    assert!(e.get("Session").is_none(), "no session, no field: {e}");
+    let created = e["CreateIndex"].as_u64().unwrap();
+    assert_eq!(e["ModifyIndex"].as_u64(), Some(created));
+    assert_eq!(created, raft + 1);
+    assert_eq!(r.index(), created, "a key's index is its ModifyIndex");
+    assert_eq!(c.kv_indexes("app/config"), Some((created, created)));
+
+    // An update keeps CreateIndex and moves ModifyIndex; flags are stored.
+    let r = put(&c, "/v1/kv/app/config?flags=42", "v2");
+    assert_eq!(r.body, "true");
+    let e = kv_entry(&get(&c, "/v1/kv/app/config"));
+    let modified = e["ModifyIndex"].as_u64().unwrap();
+    assert!(modified > created);
+    assert_eq!((e["CreateIndex"].as_u64(), e["Flags"].as_u64()), (Some(created), Some(42)));
+    assert_eq!(e["Value"], "djI=");
+
+    // The same value and flags again: a Raft write that changes nothing
+    // (Consul 1.6+), so the key keeps its ModifyIndex.
+    let raft = c.raft_index();
+    assert_eq!(put(&c, "/v1/kv/app/config?flags=42", "v2").body, "true");
+    assert_eq!(c.raft_index(), raft + 1);
+    assert_eq!(get(&c, "/v1/kv/app/config").index(), modified);
+    // Other flags are a change.
+    put(&c, "/v1/kv/app/config", "v2");
+    assert!(get(&c, "/v1/kv/app/config").index() > modified);
+
+    // An empty body is stored as no value: JSON null.
+    put(&c, "/v1/kv/app/empty", "");
+    assert_eq!(kv_entry(&get(&c, "/v1/kv/app/empty"))["Value"], Value::Null);
+    assert_eq!(c.kv_get("app/empty"), Some(Vec::new()));
+
+    // Delete: true, then a 404 with an empty body that still carries the
+    // index headers.
+    let r = delete(&c, "/v1/kv/app/config");
+    assert_eq!((r.status, r.body.as_str()), (200, "true"));
+    let deleted_at = c.raft_index();
+    let r = get(&c, "/v1/kv/app/config");
+    assert_eq!((r.status, r.body.as_str()), (404, ""));
+    assert_eq!(r.h("content-type"), None);
+    assert_eq!(r.index(), deleted_at, "a missing key reports the KV table index: the delete");
+    assert_eq!(r.h("x-consul-knownleader").as_deref(), Some("true"));
+    assert_eq!(r.h("x-consul-lastcontact").as_deref(), Some("0"));
+    // Deleting a missing key answers true and changes nothing.
+    assert_eq!(delete(&c, "/v1/kv/app/config").body, "true");
+    assert_eq!(get(&c, "/v1/kv/app/config").index(), deleted_at);
+
+    // The helpers are Raft writes seen on the wire.
+    let i = c.kv_put("app/helper", b"from a test");
+    assert_eq!(i, c.raft_index());
+    let e = kv_entry(&get(&c, "/v1/kv/app/helper"));
+    assert_eq!(e["ModifyIndex"].as_u64(), Some(i));
+    assert_eq!(e["Value"], base64_encode(b"from a test"));
+    assert_eq!(c.kv_put("app/helper", b"from a test"), i, "identical: ModifyIndex kept");
+    assert_eq!(c.kv_get("app/helper").as_deref(), Some(&b"from a test"[..]));
+    c.kv_delete("app/helper");
+    assert_eq!(c.kv_get("app/helper"), None);
+    assert_eq!(get(&c, "/v1/kv/app/helper").status, 404);
+
+    // Reads and writes are recorded, writes with their bodies.
+    c.clear_requests();
+    put(&c, "/v1/kv/app/rec?flags=7", "payload");
+    get(&c, "/v1/kv/app/rec?raw");
+    let rec = c.requests();
+    assert_eq!(rec.len(), 2);
+    assert_eq!(
+        (rec[0].method.as_str(), rec[0].path.as_str(), rec[0].query.as_str()),
+        ("PUT", "/v1/kv/app/rec", "flags=7")
+    );
+    assert_eq!(&rec[0].body[..], b"payload");
+    assert_eq!((rec[1].method.as_str(), rec[1].query.as_str(), rec[1].status), ("GET", "raw", Some(200)));
+    assert!(rec[1].body.is_empty());
+}
+
+#[test]
+fn kv_missing_key_404_carries_the_index_and_a_held_read_wakes_when_it_is_created() {
+    let c = ConsulDouble::start();
+    let r = get(&c, "/v1/kv/cfg/flag");
+    assert_eq!((r.status, r.index()), (404, 1), "an empty KV store: Consul's floor of 1");
+    c.kv_put("cfg/other", b"x");
+    let r = get(&c, "/v1/kv/cfg/flag");
+    assert_eq!(r.status, 404);
+    let i = r.index();
+    assert_eq!(i, c.kv_index(""), "the KV table index");
+    let t = Instant::now();
+    let h = spawn_get(&c, &format!("/v1/kv/cfg/flag?index={i}&wait=10s"));
+    wait_held(&c, 1);
+    // Writes elsewhere move the table index but the key is still missing:
+    // the result has not changed, so the query stays held.
+    c.kv_put("cfg/other", b"y");
+    c.kv_put("cfg/flag/sub", b"a key below is not the key");
+    assert!(still_held(&c, 1, Duration::from_millis(300)));
+    let created = c.kv_put("cfg/flag", b"on");
+    let (r, at) = h.join().unwrap();
+    assert!(at.duration_since(t) < Duration::from_secs(5));
+    assert_eq!((r.status, r.index()), (200, created));
+    assert_eq!(kv_entry(&r)["Value"], base64_encode(b"on"));
+
+    // A held read on an existing key wakes when it is deleted: 404, higher index.
+    let h = spawn_get(&c, &format!("/v1/kv/cfg/flag?index={created}&wait=10s"));
+    wait_held(&c, 1);
+    c.kv_put("cfg/other", b"z");
+    assert!(still_held(&c, 1, Duration::from_millis(200)), "another key's write does not move this key's index");
+    c.kv_delete("cfg/flag");
+    let (r, _) = h.join().unwrap();
+    assert_eq!((r.status, r.body.as_str()), (404, ""));
+    assert_eq!(r.index(), c.raft_index());
+}
+
+#[test]
+fn kv_wait_timeout_returns_the_unchanged_index() {
+    let c = ConsulDouble::start();
+    let i = c.kv_put("cfg/a", b"1");
+    let t = Instant::now();
+    let h = spawn_get(&c, &format!("/v1/kv/cfg/a?index={i}&wait=1s"));
+    wait_held(&c, 1);
+    let (r, at) = h.join().unwrap();
+    let took = at.duration_since(t);
+    assert!(took >= Duration::from_secs(1), "returned after {took:?}");
+    assert!(took < Duration::from_millis(1063 + 300), "returned after {took:?} (wait 1s + jitter ≤ 62.5ms)");
+    assert_eq!((r.status, r.index()), (200, i));
+    assert_eq!(kv_entry(&r)["Value"], base64_encode(b"1"));
+    // The same for a prefix.
+    let h = spawn_get(&c, &format!("/v1/kv/cfg/?recurse&index={i}&wait=500ms"));
+    wait_held(&c, 1);
+    let (r, _) = h.join().unwrap();
+    assert_eq!((r.status, r.index(), kv_keys(&r)), (200, i, vec!["cfg/a".to_string()]));
+}
+
+#[test]
+fn kv_recurse_blocks_on_the_prefix_a_write_under_it_wakes_one_outside_does_not() {
+    let c = ConsulDouble::start();
+    c.kv_put("svc/a", b"1");
+    let b = c.kv_put("svc/b", b"2");
+    c.kv_put("svcx", b"shares the prefix text, not the prefix");
+    c.kv_put("other/x", b"3");
+    let r = get(&c, "/v1/kv/svc/?recurse");
+    assert_eq!(r.status, 200);
+    assert_eq!(kv_keys(&r), vec!["svc/a", "svc/b"], "key order");
+    assert_eq!(r.index(), b, "the highest ModifyIndex under the prefix");
+    assert_eq!(c.kv_index("svc/"), b);
+
+    let h = spawn_get(&c, &format!("/v1/kv/svc/?recurse&index={b}&wait=10s"));
+    wait_held(&c, 1);
+    c.kv_put("other/y", b"4");
+    c.kv_put("svcx", b"changed");
+    assert!(still_held(&c, 1, Duration::from_millis(300)), "writes outside the prefix");
+    let n = c.kv_put("svc/c", b"5");
+    let (r, _) = h.join().unwrap();
+    assert_eq!(r.index(), n);
+    assert_eq!(kv_keys(&r), vec!["svc/a", "svc/b", "svc/c"]);
+    // A missing prefix is a 404 with an index, like a missing key.
+    let r = get(&c, "/v1/kv/nothing/?recurse");
+    assert_eq!((r.status, r.body.as_str()), (404, ""));
+    assert_eq!(r.index(), c.kv_index(""), "nothing under it: the table index");
+    // The empty prefix lists everything.
+    assert_eq!(kv_keys(&get(&c, "/v1/kv/?recurse")), vec!["other/x", "other/y", "svc/a", "svc/b", "svc/c", "svcx"]);
+}
+
+#[test]
+fn kv_a_delete_wakes_a_prefix_and_tombstones_keep_its_index_until_gc() {
+    let c = ConsulDouble::start();
+    let a = c.kv_put("svc/a", b"1");
+    let b = c.kv_put("svc/b", b"2");
+    let h = spawn_get(&c, &format!("/v1/kv/svc/?recurse&index={b}&wait=10s"));
+    wait_held(&c, 1);
+    assert_eq!(delete(&c, "/v1/kv/svc/b").body, "true");
+    let d = c.raft_index();
+    let (r, _) = h.join().unwrap();
+    assert_eq!((r.index(), kv_keys(&r)), (d, vec!["svc/a".to_string()]), "woken by the delete");
+    // The tombstone holds the prefix at the delete's index, above every
+    // live key, through writes elsewhere.
+    c.kv_put("other/x", b"3");
+    let r = get(&c, "/v1/kv/svc/?recurse");
+    assert_eq!(r.index(), d);
+    assert!(r.index() > a);
+    assert_eq!(get(&c, "/v1/kv/svc/?keys").index(), d);
+    assert_eq!(c.kv_tombstones(), 1);
+    // A read held at that index is not released by the reap.
+    let h = spawn_get(&c, &format!("/v1/kv/svc/?recurse&index={d}&wait=10s"));
+    wait_held(&c, 1);
+    let raft = c.raft_index();
+    c.kv_gc_tombstones();
+    assert_eq!((c.raft_index(), c.kv_tombstones()), (raft + 1, 0), "the reap is one Raft write");
+    assert!(still_held(&c, 1, Duration::from_millis(200)));
+    // Once reaped, the index goes back to the highest live key.
+    let r = get(&c, "/v1/kv/svc/?recurse");
+    assert_eq!((r.index(), kv_keys(&r)), (a, vec!["svc/a".to_string()]));
+    assert!(r.index() < d, "went backwards: {} < {d}", r.index());
+    let n = c.kv_put("svc/c", b"4");
+    let (r, _) = h.join().unwrap();
+    assert_eq!(r.index(), n);
+
+    // A recursive delete leaves one tombstone, for the prefix.
+    c.kv_put("tree/a/1", b"x");
+    c.kv_put("tree/b/2", b"y");
+    let r = delete(&c, "/v1/kv/tree/?recurse");
+    assert_eq!(r.body, "true");
+    let t = c.raft_index();
+    assert_eq!(c.kv_tombstones(), 1);
+    assert_eq!((c.kv_get("tree/a/1"), c.kv_get("tree/b/2")), (None, None));
+    let r = get(&c, "/v1/kv/tree/?recurse");
+    assert_eq!((r.status, r.index()), (404, t));
+    // Deleting everything leaves no tombstone: the table index covers it.
+    delete(&c, "/v1/kv/?recurse");
+    assert_eq!(c.kv_tombstones(), 1);
+    assert_eq!(get(&c, "/v1/kv/?keys").body, "[]");
+    assert_eq!(c.kv_index(""), c.raft_index());
+}
+
+#[test]
+fn kv_check_and_set_on_put_and_delete() {
+    let c = ConsulDouble::start();
+    // cas=0: only if absent.
+    assert_eq!(put(&c, "/v1/kv/lock?cas=0", "first").body, "true");
+    let i = c.kv_indexes("lock").unwrap().1;
+    let raft = c.raft_index();
+    assert_eq!(put(&c, "/v1/kv/lock?cas=0", "second").body, "false");
+    assert_eq!(c.raft_index(), raft + 1, "a failed CAS is still a Raft write");
+    assert_eq!(c.kv_get("lock").as_deref(), Some(&b"first"[..]));
+    assert_eq!(get(&c, "/v1/kv/lock").index(), i, "a failed CAS moves nothing");
+    // cas=N: only if the ModifyIndex is N.
+    assert_eq!(put(&c, &format!("/v1/kv/lock?cas={}", i + 100), "wrong").body, "false");
+    assert_eq!(put(&c, &format!("/v1/kv/nope?cas={i}"), "absent").body, "false", "cas>0 on a missing key");
+    assert_eq!(c.kv_get("nope"), None);
+    assert_eq!(put(&c, &format!("/v1/kv/lock?cas={i}&flags=3"), "third").body, "true");
+    let e = kv_entry(&get(&c, "/v1/kv/lock"));
+    assert_eq!((e["Value"].as_str(), e["Flags"].as_u64()), (Some("dGhpcmQ="), Some(3)));
+    let j = e["ModifyIndex"].as_u64().unwrap();
+    assert!(j > i);
+    assert_eq!(put(&c, &format!("/v1/kv/lock?cas={i}"), "stale").body, "false", "the old index no longer matches");
+
+    // DELETE: cas=0 never deletes; a wrong index does not; the right one does.
+    assert_eq!(delete(&c, "/v1/kv/lock?cas=0").body, "false");
+    assert_eq!(delete(&c, &format!("/v1/kv/lock?cas={i}")).body, "false");
+    assert!(c.kv_get("lock").is_some());
+    assert_eq!(delete(&c, &format!("/v1/kv/lock?cas={j}")).body, "true");
+    assert_eq!(c.kv_get("lock"), None);
+    // On a missing key Consul's CAS delete answers true: nothing is left to delete.
+    assert_eq!(delete(&c, "/v1/kv/lock?cas=5").body, "true");
+}
+
+#[test]
+fn kv_bad_requests_get_consul_texts_and_write_nothing() {
+    let c = ConsulDouble::start();
+    c.kv_put("k", b"v");
+    let raft = c.raft_index();
+    let r = put(&c, "/v1/kv/k?cas=0&acquire=s1", "x");
+    assert_eq!((r.status, r.body.as_str()), (400, "Conflicting flags: acquire=s1&cas=0\n"));
+    let r = put(&c, "/v1/kv/k?release=s1&acquire=s1", "x");
+    assert_eq!((r.status, r.body.as_str()), (400, "Conflicting flags: acquire=s1&release=s1\n"));
+    let r = delete(&c, "/v1/kv/k?recurse&cas=3");
+    assert_eq!((r.status, r.body.as_str()), (400, "Conflicting flags: cas=3&recurse=\n"));
+    let r = put(&c, "/v1/kv/k?flags=abc", "x");
+    assert_eq!((r.status, r.body.as_str()), (500, "strconv.ParseUint: parsing \"abc\": invalid syntax"));
+    let r = put(&c, "/v1/kv/k?cas=99999999999999999999", "x");
+    assert_eq!(r.status, 500);
+    assert_eq!(r.body, "strconv.ParseUint: parsing \"99999999999999999999\": value out of range");
+    for path in ["/v1/kv/", "/v1/kv/?raw"] {
+        let r = get(&c, path);
+        assert_eq!((r.status, r.body.as_str()), (400, "Missing key name"), "{path}");
+    }
+    assert_eq!(put(&c, "/v1/kv/", "x").body, "Missing key name");
+    assert_eq!(delete(&c, "/v1/kv/").body, "Missing key name");
+    for (path, body) in [
+        ("/v1/kv//lead", "key must not begin with a '/'"),
+        (
+            "/v1/kv/a%20b",
+            "key contains invalid character ' ' at position 1. Only alphanumeric characters and ,-_./ are allowed",
+        ),
+        (
+            "/v1/kv/cfg/x%3Dy",
+            "key contains invalid character '=' at position 5. Only alphanumeric characters and ,-_./ are allowed",
+        ),
+        ("/v1/kv/cfg/routes.JSON", "key contains suspicious file extension '.json' that may be cached by proxies"),
+        ("/v1/kv/a/..%2Fb", "URL path contains invalid traversal sequence"),
+    ] {
+        for r in [get(&c, path), put(&c, path, "x"), delete(&c, path)] {
+            assert_eq!((r.status, r.body.as_str()), (400, body), "{path}");
+        }
+    }
+    // Comma is in Consul's safe set; `./` alone is no traversal.
+    assert_eq!(put(&c, "/v1/kv/a,b/./c", "ok").body, "true");
+    let r = send(http(Duration::from_secs(5)).post(format!("{}/v1/kv/k", c.url())));
+    assert_eq!(r.status, 405);
+    assert_eq!(r.h("allow").as_deref(), Some("OPTIONS,GET,PUT,DELETE"));
+    let r = put(&c, "/v1/kv/k?acquire=0d9f9d47-5b2d-4b5c-8c6a-9c1e2c3d4e5f", "x");
+    assert_eq!(r.status, 500, "sessions are not modelled: {}", r.body);
+    assert!(r.body.contains("does not model sessions"), "{}", r.body);
+    let r = put(&c, "/v1/kv/k?stale&consistent", "x");
+    assert_eq!((r.status, r.body.as_str()), (400, "Cannot specify ?stale with ?consistent, conflicting semantics."));
+    assert_eq!(put(&c, "/v1/kv/k?dc=dc9", "x").body, "No path to datacenter");
+    assert_eq!(c.raft_index(), raft + 1, "only the comma key was written");
+    assert_eq!(c.kv_get("k").as_deref(), Some(&b"v"[..]));
+}
+
+#[test]
+fn kv_values_over_512_kib_get_413_by_content_length() {
+    let c = ConsulDouble::start();
+    let raft = c.raft_index();
+    c.clear_requests();
+    let r = put_bytes(&c, "/v1/kv/big", vec![b'x'; 512 * 1024 + 1]);
+    assert_eq!(r.status, 413);
+    assert_eq!(
+        r.body,
+        "Request body(524289 bytes) too large, max size: 524288 bytes. \
+         See https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size."
+    );
+    // The request arrived whole and nothing was written.
+    let rec = c.requests();
+    assert_eq!((rec.len(), rec[0].body.len()), (1, 512 * 1024 + 1));
+    assert_eq!((c.kv_get("big"), c.raft_index()), (None, raft));
+    // Exactly the limit is accepted.
+    assert_eq!(put_bytes(&c, "/v1/kv/big", vec![b'y'; 512 * 1024]).body, "true");
+    assert_eq!(c.kv_get("big").map(|v| v.len()), Some(512 * 1024));
+    // As in Consul, only the declared length is checked: a chunked body of
+    // any size is stored.
+    let mut req =
+        b"PUT /v1/kv/chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    let chunk = vec![b'z'; 600 * 1024];
+    req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+    req.extend_from_slice(&chunk);
+    req.extend_from_slice(b"\r\n0\r\n\r\n");
+    let raw = raw_exchange(c.addr, &req, Duration::from_secs(5));
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert_eq!(c.kv_get("chunked").map(|v| v.len()), Some(600 * 1024));
+}
+
+#[test]
+fn kv_keys_with_and_without_separator() {
+    let c = ConsulDouble::start();
+    let r = get(&c, "/v1/kv/?keys");
+    assert_eq!((r.status, r.body.as_str()), (200, "[]"), "the root listing is never a 404");
+    assert_eq!(r.index(), 1);
+    for k in ["a/b", "a/c/d", "a/c/e", "a/f/g", "b/x", "b"] {
+        c.kv_put(k, b"v");
+    }
+    let keys = |path: &str| -> Vec<String> {
+        let r = get(&c, path);
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        serde_json::from_str(&r.body).unwrap()
+    };
+    assert_eq!(keys("/v1/kv/?keys"), vec!["a/b", "a/c/d", "a/c/e", "a/f/g", "b", "b/x"]);
+    assert_eq!(keys("/v1/kv/?keys&separator=/"), vec!["a/", "b", "b/"]);
+    assert_eq!(keys("/v1/kv/a/?keys&separator=/"), vec!["a/b", "a/c/", "a/f/"]);
+    assert_eq!(keys("/v1/kv/a/?keys&seperator=/"), vec!["a/b", "a/c/", "a/f/"], "Consul's old spelling");
+    assert_eq!(keys("/v1/kv/a/c?keys"), vec!["a/c/d", "a/c/e"], "a prefix, not a directory");
+    assert_eq!(keys("/v1/kv/a/?keys&recurse"), vec!["a/b", "a/c/d", "a/c/e", "a/f/g"]);
+    // The index counts every key under the prefix, cut or not.
+    let n = c.kv_put("a/f/h", b"v");
+    let r = get(&c, "/v1/kv/a/?keys&separator=/");
+    assert_eq!(r.index(), n);
+    assert_eq!(keys("/v1/kv/a/?keys&separator=/"), vec!["a/b", "a/c/", "a/f/"]);
+    let r = get(&c, "/v1/kv/zz/?keys");
+    assert_eq!((r.status, r.body.as_str()), (404, ""));
+    assert_eq!(r.index(), c.kv_index(""));
+}
+
+#[test]
+fn kv_raw_answers_the_bare_value() {
+    let c = ConsulDouble::start();
+    let i = c.kv_put("cfg/routes", b"line 1\nline <2> & \"3\"\n");
+    let r = get(&c, "/v1/kv/cfg/routes?raw");
+    assert_eq!((r.status, r.body.as_str()), (200, "line 1\nline <2> & \"3\"\n"));
+    assert_eq!(r.h("content-type").as_deref(), Some("text/plain"));
+    assert_eq!(r.h("x-content-type-options").as_deref(), Some("nosniff"));
+    assert_eq!(r.h("content-security-policy").as_deref(), Some("sandbox"));
+    assert_eq!(r.index(), i);
+    assert_eq!(get(&c, "/v1/kv/cfg/missing?raw").status, 404);
+    let r = get(&c, "/v1/kv/cfg/?recurse&raw");
+    assert_eq!(kv_keys(&r), vec!["cfg/routes"], "raw is for single keys only");
+    c.kv_put("cfg/empty", b"");
+    let r = get(&c, "/v1/kv/cfg/empty?raw");
+    assert_eq!((r.status, r.body.as_str()), (200, ""));
+}
+
+#[test]
+fn kv_acls_full_token_reads_and_writes_limited_and_anonymous_neither() {
+    let c = ConsulDouble::start();
+    c.kv_put("app/a", b"1");
+    c.require_token(Some("root"));
+    c.add_limited_token("weak");
+    let root = [("X-Consul-Token", "root")];
+    let weak = [("X-Consul-Token", "weak")];
+    let with = |rb: reqwest::blocking::RequestBuilder, h: &[(&str, &str)]| {
+        send(h.iter().fold(rb, |rb, (k, v)| rb.header(*k, *v)))
+    };
+    let url = |p: &str| format!("{}{p}", c.url());
+    let client = http(Duration::from_secs(5));
+
+    let r = with(client.put(url("/v1/kv/app/b")).body("2"), &root);
+    assert_eq!((r.status, r.body.as_str()), (200, "true"));
+    assert_eq!(kv_keys(&get_with(&c, "/v1/kv/app/?recurse", &root)), vec!["app/a", "app/b"]);
+
+    // Limited token: writes and single-key reads refuse, naming the right.
+    let raft = c.raft_index();
+    let r = with(client.put(url("/v1/kv/app/a")).body("evil"), &weak);
+    assert_eq!(r.status, 403);
+    assert!(r.body.starts_with("Permission denied: token with AccessorID '"), "{}", r.body);
+    assert!(r.body.ends_with("lacks permission 'key:write' on \"app/a\""), "{}", r.body);
+    let r = with(client.delete(url("/v1/kv/app/?recurse")), &weak);
+    assert_eq!(r.status, 403);
+    assert!(r.body.ends_with("lacks permission 'key:write' on \"app/\""), "{}", r.body);
+    assert_eq!((c.raft_index(), c.kv_get("app/a").as_deref()), (raft, Some(&b"1"[..])), "nothing written");
+    let r = get_with(&c, "/v1/kv/app/a", &weak);
+    assert_eq!(r.status, 403);
+    assert!(r.body.ends_with("lacks permission 'key:read' on \"app/a\""), "{}", r.body);
+    assert_eq!(r.h("x-consul-index"), None, "refused before any index");
+    // ... prefix reads filter silently, and say so to a real token.
+    let r = get_with(&c, "/v1/kv/app/?recurse", &weak);
+    assert_eq!((r.status, r.body.as_str()), (404, ""));
+    assert!(r.index() >= 1);
+    assert_eq!(r.h("x-consul-results-filtered-by-acls").as_deref(), Some("true"));
+    let r = get_with(&c, "/v1/kv/?keys", &weak);
+    assert_eq!((r.status, r.body.as_str()), (200, "[]"));
+    assert_eq!(r.h("x-consul-results-filtered-by-acls").as_deref(), Some("true"));
+
+    // Anonymous: the same refusals, in the anonymous token's words, and no
+    // filtered header.
+    let r = get(&c, "/v1/kv/app/a");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.body, "Permission denied: anonymous token lacks permission 'key:read' on \"app/a\"");
+    let r = put(&c, "/v1/kv/app/a", "x");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.body, "Permission denied: anonymous token lacks permission 'key:write' on \"app/a\"");
+    let r = get(&c, "/v1/kv/app/?recurse");
+    assert_eq!(r.status, 404);
+    assert_eq!(r.h("x-consul-results-filtered-by-acls"), None);
+
+    // Unknown token.
+    let nope = [("X-Consul-Token", "nope")];
+    for r in [get_with(&c, "/v1/kv/app/a", &nope), with(client.put(url("/v1/kv/app/a")).body("x"), &nope)] {
+        assert_eq!((r.status, r.body.as_str()), (403, "ACL not found"));
+    }
+    assert_eq!(kv_entry(&get_with(&c, "/v1/kv/app/a", &root))["Value"], base64_encode(b"1"));
+}
+
+#[test]
+fn kv_faults_apply_like_everywhere() {
+    let c = ConsulDouble::start();
+    c.kv_put("cfg/a", b"abcdefgh");
+    let raft = c.raft_index();
+
+    c.fault(Fault::Status(500));
+    let r = get(&c, "/v1/kv/cfg/a");
+    assert_eq!((r.status, r.body.as_str()), (500, "No cluster leader"));
+    assert_eq!(put(&c, "/v1/kv/cfg/a", "x").status, 500);
+    assert_eq!((c.raft_index(), c.kv_get("cfg/a").as_deref()), (raft, Some(&b"abcdefgh"[..])));
+
+    // A fault that answers every request releases a held KV query.
+    c.fault(Fault::None);
+    let i = get(&c, "/v1/kv/cfg/a").index();
+    let h = spawn_get(&c, &format!("/v1/kv/cfg/a?index={i}&wait=10s"));
+    wait_held(&c, 1);
+    let t = Instant::now();
+    c.fault(Fault::Status(500));
+    let (r, at) = h.join().unwrap();
+    assert!(at.duration_since(t) < Duration::from_millis(500));
+    assert_eq!(r.status, 500);
+
+    // Hang: the write is recorded, with its body, never answered, never applied.
+    c.fault(Fault::Hang);
+    c.clear_requests();
+    let err = http(Duration::from_millis(300)).put(format!("{}/v1/kv/cfg/a", c.url())).body("hung").send();
+    assert!(err.is_err());
+    let rec = c.requests();
+    assert_eq!(rec.len(), 1);
+    assert_eq!((rec[0].method.as_str(), &rec[0].body[..], rec[0].status), ("PUT", &b"hung"[..], None));
+    assert_eq!(c.raft_index(), raft);
+
+    c.fault(Fault::Slow(Duration::from_millis(300)));
+    let t = Instant::now();
+    assert_eq!(get(&c, "/v1/kv/cfg/a").status, 200);
+    assert!(t.elapsed() >= Duration::from_millis(300));
+
+    c.fault(Fault::Garbage);
+    let r = get(&c, "/v1/kv/cfg/a");
+    assert_eq!(r.status, 200);
+    assert!(r.index() >= 1);
+    assert!(serde_json::from_str::<Value>(&r.body).is_err(), "{}", r.body);
+    assert_eq!(get(&c, "/v1/kv/cfg/a?raw").body, "abcd", "the raw value cut in half");
+    assert_eq!(get(&c, "/v1/kv/cfg/missing").status, 404, "only successful reads are garbled");
+    assert_eq!(put(&c, "/v1/kv/cfg/b", "written").body, "true", "writes are unaffected");
+
+    c.fault(Fault::WrongTypes);
+    let r = get(&c, "/v1/kv/cfg/?recurse");
+    let e = r.entries();
+    assert_eq!(e.iter().filter(|e| e["Key"] == "cfg/a").count(), 2, "duplicates");
+    assert!(e.iter().any(|e| e["Key"] == "wrongtypes-value-not-base64"));
+    assert!(e.iter().any(|e| e["ModifyIndex"].is_string()));
+    assert!(e.iter().any(|e| e.is_null()));
+    let k: Vec<Value> = get(&c, "/v1/kv/cfg/?keys").entries();
+    assert!(k.contains(&serde_json::json!(42)) && k.contains(&Value::Null), "{k:?}");
+    assert_eq!(get(&c, "/v1/kv/cfg/a?raw").body, "abcdefgh");
+
+    c.fault(Fault::IndexZero);
+    assert_eq!(get(&c, "/v1/kv/cfg/a").h("x-consul-index").as_deref(), Some("0"));
+    assert_eq!(get(&c, "/v1/kv/cfg/missing").h("x-consul-index").as_deref(), Some("0"));
+    c.fault(Fault::IndexMissing);
+    let r = get(&c, "/v1/kv/cfg/a");
+    assert_eq!((r.status, r.h("x-consul-index")), (200, None));
+    assert_eq!(get(&c, "/v1/kv/cfg/missing").h("x-consul-index"), None);
+
+    c.fault(Fault::NoLeader);
+    let raft = c.raft_index();
+    let r = get(&c, "/v1/kv/cfg/a");
+    assert_eq!((r.status, r.body.as_str()), (500, "No cluster leader"));
+    let r = get(&c, "/v1/kv/cfg/a?stale");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.h("x-consul-knownleader").as_deref(), Some("false"));
+    assert_eq!(r.h("x-consul-effective-consistency").as_deref(), Some("stale"));
+    let r = get(&c, "/v1/kv/cfg/missing?stale");
+    assert_eq!((r.status, r.h("x-consul-knownleader").as_deref()), (404, Some("false")));
+    let r = put(&c, "/v1/kv/cfg/a?stale", "x");
+    assert_eq!((r.status, r.body.as_str()), (500, "No cluster leader"), "writes need the leader");
+    assert_eq!(delete(&c, "/v1/kv/cfg/a").status, 500);
+    assert_eq!(c.raft_index(), raft);
+
+    c.fault(Fault::None);
+    assert_eq!(kv_entry(&get(&c, "/v1/kv/cfg/a"))["Value"], base64_encode(b"abcdefgh"));
+}
+
+#[test]
+fn kv_reset_indexes_and_wipe_release_held_kv_queries() {
+    let c = ConsulDouble::start();
+    web(&c, 1);
+    c.kv_put("cfg/a", b"1");
+    let i = c.kv_put("cfg/b", b"2");
+    let missing = get(&c, "/v1/kv/cfg/none").index();
+    let h1 = spawn_get(&c, &format!("/v1/kv/cfg/b?index={i}&wait=10s"));
+    let h2 = spawn_get(&c, &format!("/v1/kv/cfg/?recurse&index={i}&wait=10s"));
+    let h3 = spawn_get(&c, &format!("/v1/kv/cfg/none?index={missing}&wait=10s"));
+    wait_held(&c, 3);
+    let t = Instant::now();
+    c.reset_indexes();
+    for (h, want, status) in [(h1, i, 200), (h2, i, 200), (h3, missing, 404)] {
+        let (r, at) = h.join().unwrap();
+        assert!(at.duration_since(t) < Duration::from_millis(500));
+        assert_eq!((r.status, r.index()), (status, want), "released with the index it held on");
+    }
+    // The next read sees the remapped, lower indexes; data is unchanged.
+    let r = get(&c, "/v1/kv/cfg/?recurse");
+    assert!(r.index() < i && r.index() >= 2, "{} vs {i}", r.index());
+    assert_eq!(kv_keys(&r), vec!["cfg/a", "cfg/b"]);
+    let e = kv_entry(&get(&c, "/v1/kv/cfg/b"));
+    assert!(e["CreateIndex"].as_u64() <= e["ModifyIndex"].as_u64());
+    assert_eq!(e["ModifyIndex"].as_u64(), Some(r.index()));
+
+    // A rebuilt cluster has an empty KV store.
+    let i = get(&c, "/v1/kv/cfg/b").index();
+    let h = spawn_get(&c, &format!("/v1/kv/cfg/b?index={i}&wait=10s"));
+    wait_held(&c, 1);
+    c.wipe();
+    let (r, _) = h.join().unwrap();
+    assert_eq!((r.status, r.index()), (200, i));
+    let r = get(&c, "/v1/kv/cfg/b");
+    assert_eq!(r.status, 404);
+    assert!(r.index() <= i);
+    assert_eq!((c.kv_get("cfg/a"), c.kv_tombstones()), (None, 0));
+}

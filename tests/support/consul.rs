@@ -53,6 +53,39 @@
 //!   unknown state to the status index and answers 200 `[]`; the Go client
 //!   refuses such a state before sending). An empty state answers 400
 //!   `Missing check state`, as in Consul.
+//! * KV store [5.5]: `GET`/`PUT`/`DELETE /v1/kv/<key>` on the same Raft
+//!   state as the catalog (`wipe()` empties it, `reset_indexes()` remaps its
+//!   indexes). Every PUT and DELETE is one Raft write. As in Consul since
+//!   1.6, a PUT that changes nothing (same value, same flags) moves neither
+//!   the key's ModifyIndex nor any KV index and wakes nobody; nor does a
+//!   delete of a missing key. A key blocks on its ModifyIndex. A missing key
+//!   answers 404 with an empty body and the KV table index (the last KV
+//!   change) in `X-Consul-Index`; once held, it stays held until the key
+//!   appears, whatever else is written (Consul's `ErrNotFound`). A prefix
+//!   (`?recurse`, `?keys`) blocks on the highest ModifyIndex under it,
+//!   counting tombstones: a deleted key, or the prefix of a recursive delete
+//!   (one tombstone for the subtree), remembers the delete's index. With
+//!   nothing under it, live or dead, or for the empty prefix, it reports the
+//!   table index. `kv_gc_tombstones()` reaps the tombstones, after which a
+//!   prefix's index can go backwards. Also: `?flags`, `?cas` (`0`: only if
+//!   absent; `N`: only if the ModifyIndex is N; a CAS delete never deletes
+//!   with 0, and answers `true` for a missing key, as Consul does), `?raw`,
+//!   `?keys` with `?separator` (or `seperator`), 413 for a Content-Length
+//!   above 512 KiB, 400 for conflicting flags, a missing key name, and the
+//!   key validation of Consul's newest releases (no leading `/`, only
+//!   alphanumerics and `,-_./`, no `../`, no cacheable file extension such
+//!   as `.json`). ACLs: the full token reads and writes; limited and
+//!   anonymous tokens have neither `key:read` nor `key:write`, so single-key
+//!   reads and every write answer 403 `Permission denied: ...` while prefix
+//!   reads drop entries silently (404 once nothing is left, the filtered
+//!   header for limited tokens only). Not modelled: sessions and locks
+//!   (`acquire`/`release` answer 500 saying so; `LockIndex` is always 0),
+//!   the transaction API, `acl.enable_key_list_policy`, Go's `ServeMux`
+//!   path cleaning (its 301 for `//`, `.` and `..` segments), and the
+//!   radix-tree granularity of Consul's watches: a query held on a prefix
+//!   with nothing under it is re-evaluated on every write and returns once
+//!   the table index passes its index, where Consul waits for a write near
+//!   the prefix. `?cached` is ignored, as Consul ignores it for KV.
 //! * The agent's own node `consul-double` hosts Consul's `consul` service
 //!   (port 8300), as on a real server agent [5.2]; it shows up in
 //!   `/v1/catalog/services`.
@@ -90,6 +123,7 @@ use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -199,7 +233,8 @@ pub enum Fault {
     /// 500 `No cluster leader` at once (the client agent's 7 s
     /// `rpc_hold_timeout` is not modelled), `?stale` reads keep working with
     /// `X-Consul-Knownleader: false` and a growing `X-Consul-Lastcontact`;
-    /// `/v1/status/leader` answers `""`. Agent-local endpoints keep working.
+    /// `/v1/status/leader` answers `""`. KV writes, which need the leader,
+    /// answer 500 `No cluster leader`. Agent-local endpoints keep working.
     NoLeader,
 }
 
@@ -214,6 +249,8 @@ pub struct Recorded {
     pub query: String,
     /// Header names in lower case, in arrival order.
     pub headers: Vec<(String, String)>,
+    /// The request body as received (empty for a GET).
+    pub body: Bytes,
     pub peer: SocketAddr,
     pub received: Instant,
     /// None while the request is held (or hangs forever).
@@ -350,6 +387,7 @@ struct Catalog {
     nodes: BTreeMap<String, NodeRec>,
     services: BTreeMap<(String, String), SvcRec>,
     checks: BTreeMap<(String, String), CheckRec>,
+    kv: Kv,
 }
 
 fn serf_check(node: &str, status: &str) -> CheckRec {
@@ -389,6 +427,7 @@ impl Catalog {
             nodes: BTreeMap::new(),
             services: BTreeMap::new(),
             checks: BTreeMap::new(),
+            kv: Kv::default(),
         };
         let idx = c.next();
         c.ensure_node(NODE_NAME, "127.0.0.1", idx);
@@ -616,6 +655,11 @@ impl Catalog {
         for c in self.checks.values() {
             all.extend([c.create, c.modify]);
         }
+        all.push(self.kv.table);
+        for e in self.kv.entries.values() {
+            all.extend([e.create, e.modify]);
+        }
+        all.extend(self.kv.tombstones.values().copied());
         all.sort_unstable();
         all.dedup();
         let n = all.len() as u64;
@@ -639,6 +683,143 @@ impl Catalog {
         }
         for x in self.checks.values_mut() {
             (x.create, x.modify) = (map(x.create), map(x.modify));
+        }
+        self.kv.table = map(self.kv.table);
+        for x in self.kv.entries.values_mut() {
+            (x.create, x.modify) = (map(x.create), map(x.modify));
+        }
+        for v in self.kv.tombstones.values_mut() {
+            *v = map(*v);
+        }
+    }
+}
+
+// ---------------------------------------------------------------- KV store
+
+/// `kv_max_value_size` [5.5].
+pub const KV_MAX_VALUE_SIZE: u64 = 512 * 1024;
+
+/// One KV entry (`structs.DirEntry`). Sessions are not modelled, so
+/// `LockIndex` is always 0 and `Session` is never set.
+#[derive(Clone, Debug)]
+struct KvRec {
+    flags: u64,
+    /// Empty for a key written without a body (JSON `null`).
+    value: Vec<u8>,
+    create: u64,
+    modify: u64,
+}
+
+/// The state store's `kvs` and `tombstones` tables [5.5].
+#[derive(Default)]
+struct Kv {
+    entries: BTreeMap<String, KvRec>,
+    /// The graveyard: a deleted key, or the prefix of a recursive delete
+    /// (one tombstone for the whole subtree, none for the empty prefix),
+    /// mapped to the index of the delete. It keeps a prefix's index from
+    /// sliding back until the tombstones are reaped.
+    tombstones: BTreeMap<String, u64>,
+    /// `kvsMaxIndex`: the last index at which either table changed. Reaping
+    /// tombstones does not move it.
+    table: u64,
+}
+
+/// The entries of `m` whose key starts with `prefix`, in key order.
+fn under<'a, V>(m: &'a BTreeMap<String, V>, prefix: &'a str) -> impl Iterator<Item = (&'a String, &'a V)> + 'a {
+    m.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+        .take_while(move |(k, _)| k.starts_with(prefix))
+}
+
+impl Kv {
+    /// `kvsSetTxn`: an entry that would not change (same value, same flags)
+    /// is not rewritten, so neither its ModifyIndex nor the table index
+    /// moves and no watcher wakes (Consul 1.6 and later); the caller has
+    /// consumed the Raft index all the same.
+    fn set(&mut self, key: &str, flags: u64, value: &[u8], idx: u64) {
+        let create = match self.entries.get(key) {
+            Some(e) if e.flags == flags && e.value == value => return,
+            Some(e) => e.create,
+            None => idx,
+        };
+        let rec = KvRec {
+            flags,
+            value: value.to_vec(),
+            create,
+            modify: idx,
+        };
+        self.entries.insert(key.to_string(), rec);
+        self.table = idx;
+    }
+
+    /// `kvsSetCASTxn`: `cas` 0 writes only if the key is absent, N only if
+    /// its ModifyIndex is N.
+    fn set_cas(&mut self, key: &str, flags: u64, value: &[u8], cas: u64, idx: u64) -> bool {
+        let ok = match self.entries.get(key) {
+            None => cas == 0,
+            Some(e) => cas != 0 && e.modify == cas,
+        };
+        if ok {
+            self.set(key, flags, value, idx);
+        }
+        ok
+    }
+
+    /// `kvsDeleteTxn`: deleting a missing key changes nothing.
+    fn delete(&mut self, key: &str, idx: u64) {
+        if self.entries.remove(key).is_some() {
+            self.tombstones.insert(key.to_string(), idx);
+            self.table = idx;
+        }
+    }
+
+    /// `kvsDeleteCASTxn`: deletes only if the key's ModifyIndex is `cas`
+    /// (never for 0: no entry has ModifyIndex 0). A missing key answers
+    /// true, as in Consul: there is nothing left to delete.
+    fn delete_cas(&mut self, key: &str, cas: u64, idx: u64) -> bool {
+        match self.entries.get(key) {
+            None => true,
+            Some(e) if e.modify == cas => {
+                self.delete(key, idx);
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// `kvsDeleteTreeTxn`: one tombstone for the prefix (none for the empty
+    /// prefix, whose readers see the table index anyway).
+    fn delete_tree(&mut self, prefix: &str, idx: u64) {
+        let doomed: Vec<String> = under(&self.entries, prefix).map(|(k, _)| k.clone()).collect();
+        if doomed.is_empty() {
+            return;
+        }
+        for k in doomed {
+            self.entries.remove(&k);
+        }
+        if !prefix.is_empty() {
+            self.tombstones.insert(prefix.to_string(), idx);
+        }
+        self.table = idx;
+    }
+
+    /// The index of a single-key read (`KVS.Get`): the key's ModifyIndex,
+    /// or the table index when it is missing.
+    fn key_index(&self, key: &str) -> u64 {
+        self.entries.get(key).map_or(self.table, |e| e.modify)
+    }
+
+    /// The index of a prefix read (`kvsListTxn`): the highest ModifyIndex
+    /// under the prefix, tombstones included; the table index when nothing,
+    /// live or dead, is under it, or when the prefix is empty.
+    fn prefix_index(&self, prefix: &str) -> u64 {
+        if prefix.is_empty() {
+            return self.table;
+        }
+        let live = under(&self.entries, prefix).map(|(_, e)| e.modify).max().unwrap_or(0);
+        let dead = under(&self.tombstones, prefix).map(|(_, i)| *i).max().unwrap_or(0);
+        match live.max(dead) {
+            0 => self.table,
+            i => i,
         }
     }
 }
@@ -937,6 +1118,72 @@ impl ConsulDouble {
                 c.delete_check(node, "_node_maintenance", idx);
             }
         })
+    }
+
+    // ------------------------------------------------------------ KV [5.5]
+
+    /// `PUT /v1/kv/<key>` with `value` and flags 0: one Raft write. Returns
+    /// the key's ModifyIndex afterwards: the new Raft index, or the old one
+    /// when the key already held exactly this value and flags (Consul then
+    /// writes nothing and wakes nobody, though the Raft index is consumed).
+    /// Panics on a key the HTTP API would refuse.
+    pub fn kv_put(&self, key: &str, value: &[u8]) -> u64 {
+        self.kv_put_flags(key, value, 0)
+    }
+
+    /// `kv_put` with `?flags=`.
+    pub fn kv_put_flags(&self, key: &str, value: &[u8], flags: u64) -> u64 {
+        if let Err(e) = validate_kv_key(key) {
+            panic!("kv_put {key:?}: {e}");
+        }
+        self.shared.write(|st| {
+            let idx = st.cat.next();
+            st.cat.kv.set(key, flags, value, idx);
+            st.cat.kv.entries[key].modify
+        })
+    }
+
+    /// `DELETE /v1/kv/<key>`: one Raft write; a key that existed leaves a
+    /// tombstone at this index.
+    pub fn kv_delete(&self, key: &str) {
+        self.shared.write(|st| {
+            let idx = st.cat.next();
+            st.cat.kv.delete(key, idx);
+        })
+    }
+
+    /// The key's value (empty for a key written without one), or None.
+    pub fn kv_get(&self, key: &str) -> Option<Vec<u8>> {
+        self.shared.lock().cat.kv.entries.get(key).map(|e| e.value.clone())
+    }
+
+    /// The key's (CreateIndex, ModifyIndex), or None.
+    pub fn kv_indexes(&self, key: &str) -> Option<(u64, u64)> {
+        self.shared.lock().cat.kv.entries.get(key).map(|e| (e.create, e.modify))
+    }
+
+    /// The index a `?recurse` read of `prefix` would carry now (before the
+    /// floor of 1): the highest ModifyIndex under it, tombstones included,
+    /// else the KV table index.
+    pub fn kv_index(&self, prefix: &str) -> u64 {
+        self.shared.lock().cat.kv.prefix_index(prefix)
+    }
+
+    /// Extension: how many tombstones the graveyard holds.
+    pub fn kv_tombstones(&self) -> usize {
+        self.shared.lock().cat.kv.tombstones.len()
+    }
+
+    /// The leader's tombstone reap (after `tombstone_ttl`, 15 min in Consul),
+    /// for every tombstone at once: one Raft write. A prefix whose newest
+    /// change was a delete then reports the highest ModifyIndex still under
+    /// it, which can be lower than the index it reported before. The reap
+    /// moves no KV index and fires no KV watch, so, as in Consul, it wakes
+    /// no held query; the lower index shows on the next read.
+    pub fn kv_gc_tombstones(&self) {
+        let mut st = self.shared.lock();
+        st.cat.next();
+        st.cat.kv.tombstones.clear();
     }
 
     // ------------------------------------------------------------ ACL
@@ -1627,6 +1874,7 @@ async fn handle(sh: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Re
         path: raw_path.clone(),
         query: raw_query.clone(),
         headers: headers.clone(),
+        body: body.clone(),
         peer,
         received: Instant::now(),
         answered: None,
@@ -1698,6 +1946,7 @@ fn accepts_gzip(ae: &str) -> bool {
 
 const GET: &[&str] = &["GET"];
 const PUT: &[&str] = &["PUT"];
+const KV_METHODS: &[&str] = &["GET", "PUT", "DELETE"];
 
 fn method_check(ctx: &Ctx, allowed: &[&str]) -> Option<Reply> {
     if allowed.contains(&ctx.method.as_str()) {
@@ -1748,6 +1997,8 @@ async fn route(sh: &Arc<Shared>, ctx: &Ctx) -> Reply {
         (PUT, Ep::Ttl("critical", rest.to_string()))
     } else if let Some(rest) = p.strip_prefix("/v1/agent/check/update/") {
         (PUT, Ep::CheckUpdate(rest.to_string()))
+    } else if let Some(rest) = p.strip_prefix("/v1/kv/") {
+        (KV_METHODS, Ep::Kv(rest.to_string()))
     } else if p == "/" {
         let mut r = Reply::text(200, "Consul Agent");
         r.wrapped = false;
@@ -1851,6 +2102,7 @@ async fn route(sh: &Arc<Shared>, ctx: &Ctx) -> Reply {
             sh.notify();
             r
         }
+        Ep::Kv(key) => kv_endpoint(sh, ctx, &key).await,
     }
 }
 
@@ -1870,6 +2122,7 @@ enum Ep {
     NodeMaint,
     Ttl(&'static str, String),
     CheckUpdate(String),
+    Kv(String),
 }
 
 // ---------------------------------------------------------------- ACL
@@ -1891,6 +2144,12 @@ impl Who {
         matches!(self, Who::Off | Who::Full)
     }
     fn service_write(&self) -> bool {
+        matches!(self, Who::Off | Who::Full)
+    }
+    fn key_read(&self) -> bool {
+        matches!(self, Who::Off | Who::Full)
+    }
+    fn key_write(&self) -> bool {
         matches!(self, Who::Off | Who::Full)
     }
     /// The filtered-by-ACLs header is masked for anonymous callers.
@@ -1936,6 +2195,8 @@ enum ReadKind {
     Peers,
     AgentSelf,
     AgentServices,
+    KvEntries,
+    KvKeys,
 }
 
 struct ReadOpts {
@@ -1949,6 +2210,13 @@ struct ReadOpts {
 
 /// `parseEntMeta` (CE) then `parse`: consistency, then wait, then index.
 fn parse_read(ctx: &Ctx) -> Result<ReadOpts, Reply> {
+    parse_ent_meta(ctx)?;
+    parse_query(ctx)
+}
+
+/// `parseEntMeta` on CE: namespaces and partitions other than `default` are
+/// refused.
+fn parse_ent_meta(ctx: &Ctx) -> Result<(), Reply> {
     let q = &ctx.q;
     if ctx.header("x-consul-namespace").is_some_and(|v| !v.is_empty()) {
         return Err(Reply::text(
@@ -1974,6 +2242,12 @@ fn parse_read(ctx: &Ctx) -> Result<ReadOpts, Reply> {
             "Invalid query parameter: \"partition\" - Partitions are a Consul Enterprise feature",
         ));
     }
+    Ok(())
+}
+
+/// `parse`: consistency, then wait, then index.
+fn parse_query(ctx: &Ctx) -> Result<ReadOpts, Reply> {
+    let q = &ctx.q;
     let mut stale = q.has("stale");
     let consistent = q.has("consistent");
     let cached = q.has("cached");
@@ -2022,8 +2296,28 @@ fn parse_read(ctx: &Ctx) -> Result<ReadOpts, Reply> {
 
 /// `blockingquery.Query`: returns (index, value) once the index is above
 /// `min`, the wait expires, the state is abandoned, or a fault must answer.
-async fn block<T, F>(sh: &Arc<Shared>, min: u64, wait: Option<Duration>, mut compute: F) -> (u64, T)
+async fn block<T, F>(sh: &Arc<Shared>, min: u64, wait: Option<Duration>, compute: F) -> (u64, T)
 where
+    F: FnMut(&State) -> (u64, T),
+{
+    block_query(sh, min, wait, |_| false, compute).await
+}
+
+/// `blockingquery.Query` for a query that can find nothing (`ErrNotFound`,
+/// `absent` says which results are such): once a held query has found
+/// nothing twice in a row, the result has not changed whatever its index
+/// says, so it keeps holding at that index until something is found, the
+/// wait expires or the state is abandoned. The first pass answers at once
+/// if its index is above `min`, found or not.
+async fn block_query<T, A, F>(
+    sh: &Arc<Shared>,
+    mut min: u64,
+    wait: Option<Duration>,
+    absent: A,
+    mut compute: F,
+) -> (u64, T)
+where
+    A: Fn(&T) -> bool,
     F: FnMut(&State) -> (u64, T),
 {
     let mut rx = sh.tx.subscribe();
@@ -2034,6 +2328,7 @@ where
     if min == 0 {
         return cur;
     }
+    let mut was_absent = absent(&cur.1);
     let mut timeout = match wait {
         None => DEFAULT_WAIT,
         Some(d) if d.is_zero() => DEFAULT_WAIT,
@@ -2070,6 +2365,11 @@ where
             return cur;
         }
         cur = compute(&st);
+        let now_absent = absent(&cur.1);
+        if now_absent && was_absent {
+            min = cur.0;
+        }
+        was_absent = now_absent;
         if answers_now(&st.fault) {
             return cur;
         }
@@ -2108,21 +2408,13 @@ async fn read_endpoint(sh: &Arc<Shared>, ctx: &Ctx, kind: ReadKind) -> Reply {
     }
     // RPC: forward to the datacenter, then resolve the token, then compile
     // the filter, then block.
-    if let Some(dc) = ctx.q.get("dc") {
-        if !dc.is_empty() && dc != DATACENTER {
-            return Reply::text(500, "No path to datacenter");
-        }
-    }
-    let (who, fault, leader_lost) = {
+    let (who, leader_lost) = {
         let st = sh.lock();
-        (resolve(&st, ctx), st.fault.clone(), st.leader_lost_at)
+        match rpc_start(&st, ctx, opts.stale || opts.cached) {
+            Ok(who) => (who, st.leader_lost_at),
+            Err(r) => return r,
+        }
     };
-    if fault == Fault::NoLeader && !opts.stale && !opts.cached {
-        return Reply::text(500, "No cluster leader");
-    }
-    if who == Who::NotFound {
-        return Reply::text(403, "ACL not found");
-    }
     let schema = match kind {
         ReadKind::Health(_) => Schema::Health,
         ReadKind::HealthState(_) => Schema::Check,
@@ -2178,40 +2470,9 @@ async fn read_endpoint(sh: &Arc<Shared>, ctx: &Ctx, kind: ReadKind) -> Reply {
         return r;
     }
     // Response meta (setMeta), set before the passing filter can still fail.
-    let mut h: Vec<(String, String)> = Vec::new();
-    match fault {
-        Fault::IndexZero => h.push(("X-Consul-Index".into(), "0".into())),
-        Fault::IndexMissing => {}
-        _ => {
-            h.push(("X-Consul-Index".into(), idx.max(1).to_string()));
-            let mut st = sh.lock();
-            st.min_handed = st.min_handed.min(idx.max(1));
-        }
-    }
     let is_streaming = streaming && matches!(kind, ReadKind::Health(_)) && (opts.index > 0 || opts.cached);
-    if !is_streaming {
-        let (known, last) = match (fault == Fault::NoLeader, leader_lost) {
-            (true, Some(t)) => ("false", t.elapsed().as_millis().to_string()),
-            _ => ("true", "0".to_string()),
-        };
-        h.push(("X-Consul-Lastcontact".into(), last));
-        h.push(("X-Consul-Knownleader".into(), known.into()));
-    }
-    let consistency = if opts.consistent {
-        "consistent"
-    } else if opts.stale || opts.cached {
-        "stale"
-    } else {
-        "leader"
-    };
-    h.push(("X-Consul-Effective-Consistency".into(), consistency.into()));
-    h.push((
-        "X-Consul-Query-Backend".into(),
-        if is_streaming { "streaming" } else { "blocking-query" }.into(),
-    ));
-    if listing.acl_filtered && who.gets_filtered_header() {
-        h.push(("X-Consul-Results-Filtered-By-Acls".into(), "true".into()));
-    }
+    let filtered = listing.acl_filtered && who.gets_filtered_header();
+    let mut h = query_meta(sh, &fault, leader_lost, idx, &opts, is_streaming, filtered);
     if let Some(hit) = cache_hit {
         h.push(("X-Cache".into(), if hit { "HIT" } else { "MISS" }.into()));
         if hit {
@@ -2235,22 +2496,88 @@ async fn read_endpoint(sh: &Arc<Shared>, ctx: &Ctx, kind: ReadKind) -> Reply {
             value = Value::Array(kept);
         }
     }
-    let mut r = match fault {
-        Fault::Garbage => garbage(&value),
-        Fault::WrongTypes => Reply::json(&wrong_types(&kind, &value), opts.pretty),
-        _ => Reply::json(&value, opts.pretty),
+    mangle(&fault, &kind, &value, opts.pretty).with_headers(h)
+}
+
+/// The server side of an RPC before it runs: forward to the datacenter (500
+/// for an unknown one), to the leader unless the read may be served stale
+/// (500 without a leader), then resolve the token (403 for an unknown one).
+fn rpc_start(st: &State, ctx: &Ctx, allow_stale: bool) -> Result<Who, Reply> {
+    if let Some(dc) = ctx.q.get("dc") {
+        if !dc.is_empty() && dc != DATACENTER {
+            return Err(Reply::text(500, "No path to datacenter"));
+        }
+    }
+    if st.fault == Fault::NoLeader && !allow_stale {
+        return Err(Reply::text(500, "No cluster leader"));
+    }
+    let who = resolve(st, ctx);
+    if who == Who::NotFound {
+        return Err(Reply::text(403, "ACL not found"));
+    }
+    Ok(who)
+}
+
+/// `setMeta` for an indexed read: `X-Consul-Index` (as the index faults
+/// have it), the leader headers (absent on streaming answers), the
+/// effective consistency, the query backend, and the filtered-by-ACLs flag
+/// (`filtered`: entries were hidden from a caller who may be told).
+fn query_meta(
+    sh: &Arc<Shared>,
+    fault: &Fault,
+    leader_lost: Option<Instant>,
+    idx: u64,
+    opts: &ReadOpts,
+    is_streaming: bool,
+    filtered: bool,
+) -> Vec<(String, String)> {
+    let mut h: Vec<(String, String)> = Vec::new();
+    match fault {
+        Fault::IndexZero => h.push(("X-Consul-Index".into(), "0".into())),
+        Fault::IndexMissing => {}
+        _ => {
+            h.push(("X-Consul-Index".into(), idx.max(1).to_string()));
+            let mut st = sh.lock();
+            st.min_handed = st.min_handed.min(idx.max(1));
+        }
+    }
+    if !is_streaming {
+        let (known, last) = match (*fault == Fault::NoLeader, leader_lost) {
+            (true, Some(t)) => ("false", t.elapsed().as_millis().to_string()),
+            _ => ("true", "0".to_string()),
+        };
+        h.push(("X-Consul-Lastcontact".into(), last));
+        h.push(("X-Consul-Knownleader".into(), known.into()));
+    }
+    let consistency = if opts.consistent {
+        "consistent"
+    } else if opts.stale || opts.cached {
+        "stale"
+    } else {
+        "leader"
     };
-    r.headers.extend(h);
-    r
+    h.push(("X-Consul-Effective-Consistency".into(), consistency.into()));
+    h.push((
+        "X-Consul-Query-Backend".into(),
+        if is_streaming { "streaming" } else { "blocking-query" }.into(),
+    ));
+    if filtered {
+        h.push(("X-Consul-Results-Filtered-By-Acls".into(), "true".into()));
+    }
+    h
 }
 
 /// Non-indexed GETs under `Garbage` / `WrongTypes`.
 fn mangle_simple(fault: &Fault, v: Value, kind: ReadKind, ctx: &Ctx) -> Reply {
-    let pretty = ctx.q.has("pretty");
+    mangle(fault, &kind, &v, ctx.q.has("pretty"))
+}
+
+/// A GET's JSON body as the body faults have it.
+fn mangle(fault: &Fault, kind: &ReadKind, v: &Value, pretty: bool) -> Reply {
     match fault {
-        Fault::Garbage => garbage(&v),
-        Fault::WrongTypes => Reply::json(&wrong_types(&kind, &v), pretty),
-        _ => Reply::json(&v, pretty),
+        Fault::Garbage => garbage(v),
+        Fault::WrongTypes => Reply::json(&wrong_types(kind, v), pretty),
+        _ => Reply::json(v, pretty),
     }
 }
 
@@ -2288,6 +2615,12 @@ fn garbage(v: &Value) -> Reply {
 /// * `/v1/status/leader`: `{"Leader": "127.0.0.1:8300"}`; `/v1/status/peers`:
 ///   `"127.0.0.1:8300"`; `/v1/agent/self`: `{"Config": "dc1"}`;
 ///   `/v1/agent/services|checks`: `["wrongtypes"]`.
+/// * `/v1/kv/<key>` (one key or `?recurse`): every real entry twice, then
+///   entries with Keys `wrongtypes-value-not-base64` (Value `"not base64!"`),
+///   `wrongtypes-modifyindex-string` (ModifyIndex `"12"`) and
+///   `wrongtypes-flags-negative` (Flags -1), then a `null`. `?keys`: every
+///   name twice, then `42` and `null`. `?raw` answers are not JSON and are
+///   left as they are.
 fn wrong_types(kind: &ReadKind, real: &Value) -> Value {
     match kind {
         ReadKind::Health(name) => {
@@ -2386,6 +2719,37 @@ fn wrong_types(kind: &ReadKind, real: &Value) -> Value {
         ReadKind::Peers => json!("127.0.0.1:8300"),
         ReadKind::AgentSelf => json!({"Config": DATACENTER}),
         ReadKind::AgentServices => json!(["wrongtypes"]),
+        ReadKind::KvEntries => {
+            let entries = real.as_array().cloned().unwrap_or_default();
+            let mut out = Vec::new();
+            for e in &entries {
+                out.push(e.clone());
+                out.push(e.clone());
+            }
+            if let Some(t) = entries.first() {
+                let variant = |key: &str, field: &str, v: Value| -> Value {
+                    let mut e = t.clone();
+                    e["Key"] = json!(key);
+                    e[field] = v;
+                    e
+                };
+                out.push(variant("wrongtypes-value-not-base64", "Value", json!("not base64!")));
+                out.push(variant("wrongtypes-modifyindex-string", "ModifyIndex", json!("12")));
+                out.push(variant("wrongtypes-flags-negative", "Flags", json!(-1)));
+            }
+            out.push(Value::Null);
+            Value::Array(out)
+        }
+        ReadKind::KvKeys => {
+            let mut out = Vec::new();
+            for k in real.as_array().cloned().unwrap_or_default() {
+                out.push(k.clone());
+                out.push(k);
+            }
+            out.push(json!(42));
+            out.push(Value::Null);
+            Value::Array(out)
+        }
     }
 }
 
@@ -2710,6 +3074,368 @@ fn go_json(v: &Value, pretty: bool) -> Vec<u8> {
 
 fn go_quote(s: &str) -> String {
     serde_json::to_string(s).unwrap()
+}
+
+// ---------------------------------------------------------------- KV endpoints [5.5]
+
+/// `validateKVKey` of Consul's newest releases: no leading `/`, only
+/// alphanumerics and `,-_./`, no `../`, and no name ending in an extension
+/// that proxies might cache.
+pub fn validate_kv_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("key cannot be empty".into());
+    }
+    if key.starts_with('/') {
+        return Err("key must not begin with a '/'".into());
+    }
+    for (i, r) in key.char_indices() {
+        if !(r.is_ascii_alphanumeric() || matches!(r, ',' | '-' | '_' | '.' | '/')) {
+            return Err(format!(
+                "key contains invalid character '{r}' at position {i}. \
+                 Only alphanumeric characters and ,-_./ are allowed"
+            ));
+        }
+    }
+    if key.contains("../") {
+        return Err("key contains path traversal sequence".into());
+    }
+    const SUSPICIOUS: &[&str] = &[
+        ".js", ".css", ".html", ".htm", ".xml", ".json", ".txt", ".log", ".php", ".asp", ".jsp", ".cgi", ".pl", ".py",
+        ".rb", ".sh", ".exe", ".dll", ".bat", ".cmd", ".com", ".scr", ".vbs", ".pdf", ".doc", ".docx", ".xls", ".xlsx",
+        ".ppt", ".pptx", ".zip", ".rar", ".tar", ".gz", ".7z", ".bz2", ".jpg", ".jpeg", ".png", ".gif", ".svg", ".ico",
+        ".bmp", ".mp3", ".mp4", ".avi", ".mov", ".wmv", ".flv", ".swf", ".woff", ".woff2", ".ttf", ".eot", ".otf",
+    ];
+    let lower = key.to_lowercase();
+    if let Some(ext) = SUSPICIOUS.iter().find(|ext| lower.ends_with(**ext)) {
+        return Err(format!("key contains suspicious file extension '{ext}' that may be cached by proxies"));
+    }
+    Ok(())
+}
+
+/// Standard base64 with padding, as Go's `encoding/json` writes a `[]byte`.
+pub fn base64_encode(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        // A chunk of k bytes gives k + 1 characters, padded to 4 with '='.
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> shift & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A `DirEntry` as Go marshals it in CE (no `Session` without a lock).
+fn kv_entry_json(key: &str, e: &KvRec) -> Value {
+    json!({
+        "LockIndex": 0, "Key": key, "Flags": e.flags,
+        "Value": if e.value.is_empty() { Value::Null } else { json!(base64_encode(&e.value)) },
+        "CreateIndex": e.create, "ModifyIndex": e.modify,
+    })
+}
+
+/// Go's `url.Values.Encode`: keys sorted, each name and value `QueryEscape`d.
+fn go_encode_query(q: &Query) -> String {
+    fn esc(s: &str) -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+                b' ' => "+".to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    }
+    let mut by_key: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (k, v) in &q.0 {
+        by_key.entry(k).or_default().push(v);
+    }
+    let mut parts = Vec::new();
+    for (k, vs) in by_key {
+        for v in vs {
+            parts.push(format!("{}={}", esc(k), esc(v)));
+        }
+    }
+    parts.join("&")
+}
+
+/// `conflictingFlags`: more than one of `flags` present is a 400 that quotes
+/// the whole query, re-encoded.
+fn conflicting_flags(q: &Query, flags: &[&str]) -> Option<Reply> {
+    if flags.iter().filter(|f| q.has(f)).count() < 2 {
+        return None;
+    }
+    Some(Reply::text(400, format!("Conflicting flags: {}\n", go_encode_query(q))))
+}
+
+/// `strconv.ParseUint(s, 10, 64)`. Consul hands its error back as is, so the
+/// agent answers 500 with Go's text.
+fn parse_go_uint(s: &str) -> Result<u64, Reply> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Reply::text(500, format!("strconv.ParseUint: parsing {}: invalid syntax", go_quote(s))));
+    }
+    s.parse::<u64>()
+        .map_err(|_| Reply::text(500, format!("strconv.ParseUint: parsing {}: value out of range", go_quote(s))))
+}
+
+/// A query parameter parsed with `parse_go_uint`, if present.
+fn uint_param(q: &Query, k: &str) -> Result<Option<u64>, Reply> {
+    match q.has(k) {
+        true => parse_go_uint(q.get(k).unwrap_or("")).map(Some),
+        false => Ok(None),
+    }
+}
+
+/// Sessions are not modelled, so neither are locks.
+const NO_SESSIONS: &str = "the Consul double does not model sessions: acquire and release are not supported";
+
+/// `KVSEndpoint`: `parse`, the traversal checks on the (decoded) path, the
+/// key check, then the method's handler.
+async fn kv_endpoint(sh: &Arc<Shared>, ctx: &Ctx, key: &str) -> Reply {
+    let opts = match parse_query(ctx) {
+        Ok(o) => o,
+        Err(r) => return r,
+    };
+    let p = ctx.path.as_str();
+    if p.contains("../") || p.contains("..\\") {
+        return Reply::text(400, "URL path contains invalid traversal sequence");
+    }
+    if ["%2e%2e%2f", "%2e%2e/", "..%2f", "%2e%2e%5c", "%252e%252e%252f"].iter().any(|t| p.contains(t)) {
+        return Reply::text(400, "URL path contains encoded traversal sequence");
+    }
+    if !key.is_empty() {
+        if let Err(e) = validate_kv_key(key) {
+            return Reply::text(400, e);
+        }
+    }
+    match ctx.method.as_str() {
+        "GET" => kv_read(sh, ctx, key, opts).await,
+        "PUT" => {
+            let r = sh.lock().kv_put(ctx, key);
+            sh.notify();
+            r
+        }
+        _ => {
+            let r = sh.lock().kv_delete(ctx, key);
+            sh.notify();
+            r
+        }
+    }
+}
+
+/// What one pass of a KV read found, among the entries the token may read.
+struct KvFound {
+    entries: Vec<(String, KvRec)>,
+    /// `?keys`: the names, cut after the separator.
+    keys: Vec<String>,
+    acl_filtered: bool,
+}
+
+/// `KVSGet` (`KVS.Get`, or `KVS.List` with `?recurse`) and `KVSGetKeys`
+/// (`KVS.ListKeys`, with `?keys`).
+async fn kv_read(sh: &Arc<Shared>, ctx: &Ctx, key: &str, mut opts: ReadOpts) -> Reply {
+    let list_keys = ctx.q.has("keys");
+    let recurse = list_keys || ctx.q.has("recurse");
+    if !recurse && key.is_empty() {
+        return Reply::text(400, "Missing key name");
+    }
+    if let Err(r) = parse_ent_meta(ctx) {
+        return r;
+    }
+    // KV reads never use the agent cache: `?cached` was parsed (and refused
+    // with `?consistent`) but has no effect.
+    opts.cached = false;
+    let (who, leader_lost) = {
+        let st = sh.lock();
+        match rpc_start(&st, ctx, opts.stale) {
+            Ok(who) => (who, st.leader_lost_at),
+            Err(r) => return r,
+        }
+    };
+    // A single key is checked in the query function's first pass, found or
+    // not: the refusal answers at once, without an index.
+    if !recurse && !who.key_read() {
+        return Reply::text(403, perm_denied(&who, "key:read", key));
+    }
+    let sep = if ctx.q.has("separator") {
+        ctx.q.get("separator").unwrap_or("")
+    } else {
+        ctx.q.get("seperator").unwrap_or("")
+    };
+    let compute = |st: &State| -> (u64, KvFound) {
+        let kv = &st.cat.kv;
+        if !recurse {
+            let entries = kv.entries.get(key).map(|e| (key.to_string(), e.clone())).into_iter().collect();
+            let found = KvFound {
+                entries,
+                keys: Vec::new(),
+                acl_filtered: false,
+            };
+            return (kv.key_index(key), found);
+        }
+        let all: Vec<(&String, &KvRec)> = under(&kv.entries, key).collect();
+        let readable: Vec<(&String, &KvRec)> = all.iter().copied().filter(|_| who.key_read()).collect();
+        let mut keys = Vec::new();
+        if list_keys {
+            let mut seen = HashSet::new();
+            for (k, _) in &readable {
+                match k[key.len()..].find(sep) {
+                    Some(i) if !sep.is_empty() => {
+                        let cut = &k[..key.len() + i + sep.len()];
+                        if seen.insert(cut) {
+                            keys.push(cut.to_string());
+                        }
+                    }
+                    _ => keys.push(k.to_string()),
+                }
+            }
+        }
+        let found = KvFound {
+            entries: readable.iter().map(|(k, e)| (k.to_string(), (*e).clone())).collect(),
+            keys,
+            acl_filtered: readable.len() != all.len(),
+        };
+        (kv.prefix_index(key), found)
+    };
+    // Only `KVS.Get` reports a missing key as `ErrNotFound`; an empty list is
+    // an ordinary result.
+    let absent = |f: &KvFound| !recurse && f.entries.is_empty();
+    let (idx, found) = block_query(sh, opts.index, opts.wait, absent, compute).await;
+    let fault = sh.lock().fault.clone();
+    if let Some(r) = fault_reply(&fault) {
+        return r;
+    }
+    let filtered = found.acl_filtered && who.gets_filtered_header();
+    let h = query_meta(sh, &fault, leader_lost, idx, &opts, false, filtered);
+    if list_keys {
+        // The root listing is never a 404.
+        if found.keys.is_empty() && !key.is_empty() {
+            return Reply::empty(404).with_headers(h);
+        }
+        return mangle(&fault, &ReadKind::KvKeys, &json!(found.keys), opts.pretty).with_headers(h);
+    }
+    let Some((_, first)) = found.entries.first() else {
+        return Reply::empty(404).with_headers(h);
+    };
+    if !recurse && ctx.q.has("raw") {
+        // The bare value, typed so that no browser sniffs it. Under
+        // `Garbage` it is cut in half like the JSON bodies.
+        let mut body = first.value.clone();
+        if fault == Fault::Garbage {
+            body.truncate(body.len() / 2);
+        }
+        let mut r = Reply::empty(200).with_headers(h);
+        r.body = body;
+        r.headers.extend([
+            ("Content-Type".to_string(), "text/plain".to_string()),
+            ("X-Content-Type-Options".to_string(), "nosniff".to_string()),
+            ("Content-Security-Policy".to_string(), "sandbox".to_string()),
+        ]);
+        return r;
+    }
+    let v = Value::Array(found.entries.iter().map(|(k, e)| kv_entry_json(k, e)).collect());
+    mangle(&fault, &ReadKind::KvEntries, &v, opts.pretty).with_headers(h)
+}
+
+impl State {
+    /// `KVSPut`, then `KVS.Apply` for a set or a check-and-set.
+    fn kv_put(&mut self, ctx: &Ctx, key: &str) -> Reply {
+        if let Err(r) = parse_ent_meta(ctx) {
+            return r;
+        }
+        if key.is_empty() {
+            return Reply::text(400, "Missing key name");
+        }
+        if let Some(r) = conflicting_flags(&ctx.q, &["cas", "acquire", "release"]) {
+            return r;
+        }
+        let flags = match uint_param(&ctx.q, "flags") {
+            Ok(f) => f.unwrap_or(0),
+            Err(r) => return r,
+        };
+        let cas = match uint_param(&ctx.q, "cas") {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        // Checked against the declared length only, as in Consul: a chunked
+        // body of any size gets through.
+        if let Some(n) = ctx.header("content-length").and_then(|v| v.trim().parse::<u64>().ok()) {
+            if n > KV_MAX_VALUE_SIZE {
+                return Reply::text(
+                    413,
+                    format!(
+                        "Request body({n} bytes) too large, max size: {KV_MAX_VALUE_SIZE} bytes. See \
+                         https://developer.hashicorp.com/docs/agent/config/config-files#kv_max_value_size."
+                    ),
+                );
+            }
+        }
+        let who = match rpc_start(self, ctx, false) {
+            Ok(w) => w,
+            Err(r) => return r,
+        };
+        if !who.key_write() {
+            return Reply::text(403, perm_denied(&who, "key:write", key));
+        }
+        if ctx.q.has("acquire") || ctx.q.has("release") {
+            return Reply::text(500, NO_SESSIONS);
+        }
+        let idx = self.cat.next();
+        let written = match cas {
+            Some(cas) => self.cat.kv.set_cas(key, flags, &ctx.body, cas, idx),
+            None => {
+                self.cat.kv.set(key, flags, &ctx.body, idx);
+                true
+            }
+        };
+        Reply::json(&json!(written), ctx.q.has("pretty"))
+    }
+
+    /// `KVSDelete`, then `KVS.Apply` for a delete, a check-and-set delete or
+    /// a recursive delete.
+    fn kv_delete(&mut self, ctx: &Ctx, key: &str) -> Reply {
+        if let Err(r) = parse_ent_meta(ctx) {
+            return r;
+        }
+        if let Some(r) = conflicting_flags(&ctx.q, &["recurse", "cas"]) {
+            return r;
+        }
+        let recurse = ctx.q.has("recurse");
+        if !recurse && key.is_empty() {
+            return Reply::text(400, "Missing key name");
+        }
+        let cas = match uint_param(&ctx.q, "cas") {
+            Ok(c) => c,
+            Err(r) => return r,
+        };
+        let who = match rpc_start(self, ctx, false) {
+            Ok(w) => w,
+            Err(r) => return r,
+        };
+        // A recursive delete needs key:write on the whole prefix; Consul
+        // words that refusal like a single key's.
+        if !who.key_write() {
+            return Reply::text(403, perm_denied(&who, "key:write", key));
+        }
+        let idx = self.cat.next();
+        let answer = match cas {
+            Some(cas) => self.cat.kv.delete_cas(key, cas, idx),
+            None if recurse => {
+                self.cat.kv.delete_tree(key, idx);
+                true
+            }
+            None => {
+                self.cat.kv.delete(key, idx);
+                true
+            }
+        };
+        Reply::json(&json!(answer), ctx.q.has("pretty"))
+    }
 }
 
 // ---------------------------------------------------------------- agent endpoints
