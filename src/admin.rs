@@ -74,22 +74,27 @@ impl Admin {
     pub fn readiness(&self) -> (bool, serde_json::Value) {
         let table = self.snapshot.load();
         let pending = table.pending_clusters();
-        let ready = pending.is_empty();
+        let kv_pending = self.live.kv_pending();
+        let ready = pending.is_empty() && !kv_pending;
         let stale = self.stale_clusters(&table);
         let reason = if ready {
             serde_json::Value::Null
+        } else if pending.is_empty() {
+            json!("waiting for the first read of the Consul KV settings")
         } else {
             json!(format!(
                 "waiting for a first discovery result for cluster(s): {}",
                 pending.join(", ")
             ))
         };
+
         (
             ready,
             json!({
                 "ready": ready,
                 "generation": table.generation,
                 "pending_clusters": pending,
+                "kv_pending": kv_pending,
                 "stale_clusters": stale,
                 "reason": reason,
             }),
@@ -155,6 +160,7 @@ impl Admin {
             "clusters": clusters,
             "sources": self.status.sources(),
             "tag_errors": self.status.tag_errors(),
+            "kv_errors": self.live.status().kv.map(|k| k.errors).unwrap_or_default(),
             "config": self.live.status(),
             "ha": {
                 "ready": self.ha.verdict(),

@@ -9,7 +9,7 @@
 //! | `routes/<name>/<field>` | one field of a route: `hosts`, `path_prefix`, `cluster`, `maintenance` |
 //! | `clusters/<name>` | a whole cluster, as a `[clusters.<name>]` table |
 //! | `clusters/<name>/<field>` | one field of a cluster (see [`CLUSTER_FIELDS`]) |
-//! | `instances/<cluster>/<instance>` | `{ weight = N }`, `{ drain = true }`, a bare number (weight) or `drain` |
+//! | `instances/<cluster>/<instance>` | `{ weight = N }`, `{ drain = true }`, a bare number (weight) or `drain`; `<instance>` is a Consul service ID or `IP_PORT` (Consul keys cannot hold `:`) |
 //! | `maintenance/<route>` | the route's maintenance table; an empty value turns it on with defaults |
 //!
 //! KV wins over the file; a deleted key reverts to the file's value. The
@@ -159,6 +159,17 @@ fn segment(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// Consul refuses `:` in keys, so an instance's address is written with `_`
+/// before the port (`10.0.1.12_8000`); anything else is a service ID.
+fn instance_name(seg: &str) -> String {
+    if let Some((ip, port)) = seg.rsplit_once('_') {
+        if ip.parse::<std::net::Ipv4Addr>().is_ok() && port.parse::<u16>().is_ok() {
+            return format!("{ip}:{port}");
+        }
+    }
+    seg.to_string()
+}
+
 fn parse_key(key: &str, value: &[u8]) -> Result<Op, String> {
     let parts: Vec<&str> = key.split('/').collect();
     let unknown = || {
@@ -208,7 +219,7 @@ fn parse_key(key: &str, value: &[u8]) -> Result<Op, String> {
                 toml::Value::Table(t) => t,
                 _ => return Err("expected { weight = N }, { drain = true }, a number or `drain`".into()),
             };
-            Ok(Op::Instance(segment(cluster)?, segment(instance)?, t))
+            Ok(Op::Instance(segment(cluster)?, instance_name(&segment(instance)?), t))
         }
         _ => Err(unknown()),
     }
@@ -454,8 +465,8 @@ consul = { service = "api" }
             ("clusters/api/panic_threshold", "0.25"),
             ("routes/site/hosts", "[\"www.example.com\"]"),
             ("maintenance/shop", "body = \"later\"\nretry_after = \"5s\""),
-            ("instances/web/127.0.0.1:9000", "drain"),
-            ("instances/web/127.0.0.1:9001", "7"),
+            ("instances/web/127.0.0.1_9000", "drain"),
+            ("instances/web/127.0.0.1_9001", "7"),
             ("instances/api/api-1", "{\"weight\": 2}"),
         ]);
         assert!(m.errors.is_empty(), "{:?}", m.errors);
@@ -482,7 +493,7 @@ consul = { service = "api" }
             ("clusters/nope/retries", "1"),
             ("routes/shop", "cluster = \"missing\""),
             ("routes/ok", "path_prefix = \"/ok/\"\ncluster = \"web\""),
-            ("instances/web/127.0.0.1:9000", "{ weight = 99999 }"),
+            ("instances/web/127.0.0.1_9000", "{ weight = 99999 }"),
             ("clusters/web/panic_threshold", "0.2"),
             ("bogus", "1"),
             ("routes/bad", "not toml ["),
@@ -495,7 +506,7 @@ consul = { service = "api" }
                 "clusters/web/colour",
                 "clusters/web/connect_timeout",
                 "clusters/web/panic_threshold",
-                "instances/web/127.0.0.1:9000",
+                "instances/web/127.0.0.1_9000",
                 "routes/bad",
                 "routes/shop",
             ]
@@ -505,7 +516,7 @@ consul = { service = "api" }
         assert!(msg("routes/shop").contains("unknown cluster \"missing\""), "{}", msg("routes/shop"));
         assert!(msg("clusters/nope/retries").contains("no cluster \"nope\""));
         assert!(msg("clusters/web/colour").contains("unknown cluster field"));
-        assert!(msg("instances/web/127.0.0.1:9000").contains("99999"));
+        assert!(msg("instances/web/127.0.0.1_9000").contains("99999"));
         assert_eq!(m.errors.iter().find(|e| e.key == "clusters/web/connect_timeout").unwrap().value, "soon");
         // The others apply.
         assert_eq!(m.config.clusters["web"].retries, 3);

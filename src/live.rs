@@ -18,6 +18,8 @@
 //! running value is kept, and the rest of the file applies.
 
 use crate::config::{Config, DiscoverySpec};
+use crate::discovery::consul::kv::KvSet;
+use crate::kvconfig::KvError;
 use crate::metrics::Metrics;
 use crate::status::unix;
 use serde::Serialize;
@@ -91,11 +93,39 @@ pub struct ReloadStatus {
     /// Clusters that had no first result when their config was switched to
     /// after waiting [`ACTIVATE_WITHIN`].
     pub activated_without_result: Vec<String>,
+    /// KV settings (None: off): keys seen, keys applied, whether they come
+    /// from the state file (Consul not read since start).
+    pub kv: Option<KvStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct KvStatus {
+    pub prefix: String,
+    pub keys: usize,
+    pub applied: usize,
+    pub from_state_file: bool,
+    pub last_change_unix: Option<f64>,
+    /// What the last KV change changed: `cluster web changed`, ...
+    pub last_changes: Vec<String>,
+    /// Keys rejected, with the start of their value and the reason.
+    pub errors: Vec<KvError>,
+}
+
+/// The config file's document (valid on its own), which KV settings are
+/// merged over.
+struct FileDoc {
+    doc: toml::Table,
+    base: PathBuf,
 }
 
 pub struct LiveConfig {
     path: Option<PathBuf>,
     tx: watch::Sender<ConfigState>,
+    /// `consul.kv_prefix` is set: KV settings are merged over the file.
+    kv_enabled: bool,
+    file: Mutex<Option<FileDoc>>,
+    /// The last good KV settings (None: none read yet).
+    kv: Mutex<Option<Arc<KvSet>>>,
     /// Whether the Consul source runs in this process: a reload cannot start it.
     consul_running: bool,
     metrics: Arc<Metrics>,
@@ -106,6 +136,14 @@ pub struct LiveConfig {
 
 impl LiveConfig {
     pub fn new(config: Arc<Config>, path: Option<PathBuf>, consul_running: bool, metrics: Arc<Metrics>) -> Arc<Self> {
+        let prefix = config.consul.as_ref().and_then(|c| c.kv_prefix.clone());
+        let file = path.as_ref().and_then(|p| match load_doc(p) {
+            Ok((doc, _)) => Some(FileDoc { doc, base: base_of(p) }),
+            Err(errors) => {
+                tracing::warn!(path = %p.display(), errors = ?errors, "cannot re-read the config file; KV settings cannot be merged until a reload succeeds");
+                None
+            }
+        });
         let (tx, _) = watch::channel(ConfigState {
             active: config,
             serial: 0,
@@ -113,11 +151,15 @@ impl LiveConfig {
         });
         let status = ReloadStatus {
             path: path.as_ref().map(|p| p.display().to_string()),
+            kv: prefix.clone().map(|prefix| KvStatus { prefix, ..Default::default() }),
             ..Default::default()
         };
         Arc::new(LiveConfig {
             path,
             tx,
+            kv_enabled: prefix.is_some(),
+            file: Mutex::new(file),
+            kv: Mutex::new(None),
             consul_running,
             metrics,
             status: Mutex::new(status),
@@ -148,11 +190,114 @@ impl LiveConfig {
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         let outcome = match &self.path {
             None => refused(vec!["this instance was not started from a config file; there is nothing to re-read".into()]),
-            Some(path) => match crate::config::load(path) {
-                Err(errs) => refused(errs.0.iter().map(|e| e.to_string()).collect()),
-                Ok(new) => self.accept(new, &mut serial),
+            Some(path) => match load_doc(path) {
+                Err(errors) => refused(errors),
+                Ok((doc, file_config)) => {
+                    let file = FileDoc { doc, base: base_of(path) };
+                    match self.merged(&file, file_config) {
+                        Err(errors) => refused(errors),
+                        Ok(new) => {
+                            let o = self.accept(new, &mut serial);
+                            if o.result != "refused" {
+                                *self.file.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+                            }
+                            o
+                        }
+                    }
+                }
             },
         };
+        self.record(trigger, outcome)
+    }
+
+    /// The file's config with the current KV settings merged over it
+    /// (rejected keys recorded), or the file's alone without KV.
+    fn merged(&self, file: &FileDoc, file_config: Config) -> Result<Config, Vec<String>> {
+        let kv = self.kv.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(kv) = kv.filter(|_| self.kv_enabled) else { return Ok(file_config) };
+        let merged = crate::kvconfig::merge(&file.doc, &kv.entries, &file.base, &env)
+            .map_err(|errs| errs.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+        self.note_kv(&kv, &merged);
+        Ok(merged.config)
+    }
+
+    /// Record what the KV merge kept and rejected: status, metric, a log
+    /// line per key newly rejected (or rejected for a new reason).
+    fn note_kv(&self, kv: &KvSet, merged: &crate::kvconfig::Merged) {
+        self.metrics.kv_rejected_keys.set(merged.errors.len() as i64);
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(k) = st.kv.as_mut() else { return };
+        for e in &merged.errors {
+            if !k.errors.contains(e) {
+                tracing::warn!(key = %format!("{}{}", k.prefix, e.key), value = %e.value, error = %e.message, "consul KV key rejected; the other keys apply");
+            }
+        }
+        k.keys = kv.entries.len();
+        k.applied = merged.applied;
+        k.from_state_file = kv.from_state_file;
+        k.errors = merged.errors.clone();
+    }
+
+    /// New KV settings from the watch: merge them over the file and make the
+    /// result the candidate, like a reload.
+    pub fn apply_kv(&self, kv: Arc<KvSet>) {
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        *self.kv.lock().unwrap_or_else(|e| e.into_inner()) = Some(kv.clone());
+        if let Some(k) = self.status.lock().unwrap_or_else(|e| e.into_inner()).kv.as_mut() {
+            k.last_change_unix = Some(unix(SystemTime::now()));
+        }
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(file) = file.as_ref() else { return };
+        let merged = match crate::kvconfig::merge(&file.doc, &kv.entries, &file.base, &env) {
+            Ok(m) => m,
+            Err(errs) => {
+                // Cannot happen while the file's document is valid on its own.
+                for e in &errs {
+                    tracing::error!(error = %e, "consul KV settings do not merge; the running config stays");
+                }
+                return;
+            }
+        };
+        self.note_kv(&kv, &merged);
+        let outcome = self.accept(merged.config, &mut serial);
+        drop(serial);
+        if outcome.result == "applied" {
+            self.record("kv", outcome);
+        }
+    }
+
+    /// At start, before the first table: the persisted KV settings serve
+    /// at once (no candidate to wait for).
+    pub fn start_with_kv(&self, kv: Arc<KvSet>) {
+        *self.kv.lock().unwrap_or_else(|e| e.into_inner()) = Some(kv.clone());
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(file) = file.as_ref() else { return };
+        if let Ok(merged) = crate::kvconfig::merge(&file.doc, &kv.entries, &file.base, &env) {
+            self.note_kv(&kv, &merged);
+            self.tx.send_modify(|s| {
+                let running = (*s.active).clone();
+                s.active = Arc::new(Config { routes: merged.config.routes, clusters: merged.config.clusters, ..running });
+            });
+        }
+    }
+
+    /// KV settings are on and none have been read (or loaded) yet.
+    pub fn kv_pending(&self) -> bool {
+        self.kv_enabled && self.kv.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+    }
+
+    fn record(&self, trigger: &str, outcome: Outcome) -> Outcome {
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        if trigger == "kv" {
+            tracing::info!(serial = outcome.serial, changes = ?outcome.changes, "consul KV settings applied");
+            if let Some(k) = st.kv.as_mut() {
+                k.last_changes = outcome.changes.clone();
+            }
+            if outcome.result == "applied" {
+                st.pending_serial = outcome.serial.filter(|_| !outcome.active);
+            }
+            return outcome;
+        }
         self.metrics.config_reloads.with_label_values(&[outcome.result]).inc();
         let path = self.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
         match outcome.result {
@@ -170,7 +315,6 @@ impl LiveConfig {
                 }
             }
         }
-        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
         st.reloads += 1;
         st.last_reload_unix = Some(unix(SystemTime::now()));
         st.last_trigger = Some(trigger.to_string());
@@ -291,6 +435,53 @@ impl LiveConfig {
         };
         tokio::time::timeout(timeout, wait).await.unwrap_or(false)
     }
+}
+
+/// Feeds every new KV settings set from the watch to [`LiveConfig::apply_kv`].
+pub struct KvFollower {
+    pub live: Arc<LiveConfig>,
+    pub rx: crate::discovery::consul::kv::KvRx,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for KvFollower {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let mut rx = self.rx.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                r = rx.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let set = rx.borrow_and_update().clone();
+                    if let Some(set) = set {
+                        let live = self.live.clone();
+                        // Validation reads files (token, TLS paths): off the control thread.
+                        let _ = tokio::task::spawn_blocking(move || live.apply_kv(set)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The process environment, for the `CONSUL_*` defaults.
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+fn base_of(path: &std::path::Path) -> PathBuf {
+    path.parent().unwrap_or_else(|| std::path::Path::new(".")).to_path_buf()
+}
+
+/// Read and validate the config file: its document and its config.
+fn load_doc(path: &std::path::Path) -> Result<(toml::Table, Config), Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read config file {}: {e}", path.display())])?;
+    let doc = crate::config::validate::parse_toml(&text).map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    let config = crate::config::validate::validate_table(&doc, &base_of(path), &env)
+        .map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+    Ok((doc, config))
 }
 
 fn refused(errors: Vec<String>) -> Outcome {

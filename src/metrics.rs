@@ -54,6 +54,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub config_restart_pending: IntGauge,
     pub config_last_reload_success: prometheus::Gauge,
+    pub kv_rejected_keys: IntGauge,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -226,8 +227,14 @@ impl Metrics {
             "Unix time of the last config reload that was not refused (0: none since start).",
         ))
         .expect("valid metric");
+        let kv_rejected_keys = IntGauge::with_opts(opts(
+            "kv_rejected_keys",
+            "Consul KV settings keys rejected right now (each listed in /status kv_errors); every other key applies.",
+        ))
+        .expect("valid metric");
         for c in [
             Box::new(routing_build.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(kv_rejected_keys.clone()),
             Box::new(config_reloads.clone()),
             Box::new(config_restart_pending.clone()),
             Box::new(config_last_reload_success.clone()),
@@ -294,6 +301,7 @@ impl Metrics {
             config_reloads,
             config_restart_pending,
             config_last_reload_success,
+            kv_rejected_keys,
         }
     }
 

@@ -57,14 +57,29 @@ pub fn build(config: Config, extras: Extras) -> Result<(Server, Arc<Ha>), String
     let mut tasks: Vec<Arc<dyn BackgroundService + Send + Sync>> = Vec::new();
     let mut consul_view = None;
     let queries = config.consul_queries();
-    let consul_running = config.consul.as_ref().is_some_and(|s| !queries.is_empty() || s.auto_routes);
+    let kv_enabled = config.consul.as_ref().is_some_and(|s| s.kv_prefix.is_some());
+    let consul_running = config.consul.as_ref().is_some_and(|s| !queries.is_empty() || s.auto_routes || kv_enabled);
     let live = LiveConfig::new(config.clone(), extras.config_path.clone(), consul_running, metrics.clone());
     if let Some(settings) = config.consul.as_ref().filter(|_| consul_running) {
         let reserved = config.clusters.keys().cloned().collect();
-        let (src, rx) = ConsulSource::new(settings, queries, reserved, Some(live.subscribe()), metrics.clone(), status.clone())
+        let (kv_tx, kv_rx) = match kv_enabled {
+            true => {
+                let (tx, rx) = tokio::sync::watch::channel(None);
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let (src, rx) = ConsulSource::new(settings, queries, reserved, Some(live.subscribe()), kv_tx, metrics.clone(), status.clone())
             .map_err(|e| format!("consul: {e}"))?;
         tasks.push(Arc::new(src));
         consul_view = Some(rx);
+        if let Some(rx) = kv_rx {
+            // Settings persisted in the state file serve from the first table.
+            if let Some(set) = rx.borrow().clone() {
+                live.start_with_kv(set);
+            }
+            tasks.push(Arc::new(crate::live::KvFollower { live: live.clone(), rx }));
+        }
     }
     let reconciler = Reconciler::new(live.clone(), consul_view.clone(), states, metrics.clone(), status.clone())
         .map_err(|e| format!("cannot build the first routing table: {e}"))?;

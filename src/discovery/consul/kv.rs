@@ -54,7 +54,7 @@ pub fn parse_kv(body: &[u8], prefix: &str) -> Result<BTreeMap<String, Vec<u8>>, 
 
 struct Kv {
     prefix: String,
-    tx: watch::Sender<Option<Arc<KvSet>>>,
+    tx: Arc<watch::Sender<Option<Arc<KvSet>>>>,
 }
 
 impl blocking::Handler for Kv {
@@ -76,7 +76,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     status: Arc<StatusBoard>,
     prefix: String,
-    tx: watch::Sender<Option<Arc<KvSet>>>,
+    tx: Arc<watch::Sender<Option<Arc<KvSet>>>>,
     shutdown: watch::Receiver<bool>,
 ) {
     let ep = blocking::Endpoint {

@@ -206,6 +206,10 @@ struct StateFile {
     /// Tags of services with auto routes, so those routes survive a restart too.
     #[serde(default)]
     auto_tags: BTreeMap<String, Vec<String>>,
+    /// The last good KV settings (values base64), so a restart during an
+    /// outage keeps them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kv: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -242,6 +246,8 @@ pub struct ConsulSource {
     /// The last catalog read for auto routes, re-applied when the reserved
     /// names change.
     last_catalog: Mutex<Option<BTreeMap<String, Vec<String>>>>,
+    /// The KV settings watch's output (with `consul.kv_prefix`).
+    kv: Option<Arc<wch::Sender<Option<Arc<kv::KvSet>>>>>,
     running: Mutex<BTreeMap<ConsulQuery, Running>>,
     /// Triggered watches, by service name, for the check signal to poke.
     pokes: signal::Pokes,
@@ -259,6 +265,7 @@ impl ConsulSource {
         configured: BTreeSet<ConsulQuery>,
         reserved: BTreeSet<String>,
         config: Option<crate::live::ConfigRx>,
+        kv_out: Option<wch::Sender<Option<Arc<kv::KvSet>>>>,
         metrics: Arc<Metrics>,
         status: Arc<StatusBoard>,
     ) -> Result<(ConsulSource, ViewRx), String> {
@@ -270,6 +277,10 @@ impl ConsulSource {
                 Ok(bytes) => match serde_json::from_slice::<StateFile>(&bytes) {
                     Ok(s) if s.version == 1 => {
                         let count = s.services.len();
+                        if let (Some(saved), Some(tx)) = (&s.kv, &kv_out) {
+                            tracing::info!(path = %p.display(), keys = saved.len(), "loaded the persisted consul KV settings; using them until Consul answers");
+                            tx.send_replace(Some(Arc::new(kv::from_state(saved))));
+                        }
                         for (service, tags) in s.auto_tags {
                             if let Ok(Some(spec)) = tags::parse(&service, &tags) {
                                 if !reserved.contains(&spec.1.name) {
@@ -310,6 +321,7 @@ impl ConsulSource {
                 reserved: Mutex::new(reserved),
                 config,
                 last_catalog: Mutex::new(None),
+                kv: kv_out.map(Arc::new),
                 running: Mutex::new(BTreeMap::new()),
                 pokes: Default::default(),
                 signal_holding: Default::default(),
@@ -329,7 +341,8 @@ impl ConsulSource {
         }
         // The catalog watch (auto routes) and the check signal hold one
         // blocking permit each.
-        let budget = client::blocking_budget(&self.settings).saturating_sub(self.settings.auto_routes as usize + 1);
+        // (and the KV watch one more).
+        let budget = client::blocking_budget(&self.settings).saturating_sub(self.settings.auto_routes as usize + 1 + self.kv.is_some() as usize);
         let blocking = running.values().filter(|r| r.mode.is_blocking()).count();
         let mode = if blocking < budget {
             watch::Mode::Blocking
@@ -388,6 +401,7 @@ impl ConsulSource {
             saved_unix: unix(SystemTime::now()),
             services,
             auto_tags: self.auto_tags.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            kv: self.kv.as_ref().and_then(|tx| tx.borrow().as_deref().map(kv::to_state)),
         };
         let shown = path.display().to_string();
         let write = move || -> std::io::Result<std::path::PathBuf> {
@@ -512,6 +526,24 @@ impl BackgroundService for ConsulSource {
             self.ensure_watch(q, &shutdown);
         }
         let mut config = self.config.clone();
+        // Consul clusters defined only in KV settings (loaded from the state
+        // file) are in the live config already.
+        if let Some(rx) = &config {
+            let state = rx.borrow().clone();
+            self.apply_config(&state, &shutdown);
+        }
+        let kv_task = match (&self.kv, &self.settings.kv_prefix) {
+            (Some(tx), Some(prefix)) => Some(tokio::spawn(kv::run(
+                self.client.clone(),
+                self.metrics.clone(),
+                self.status.clone(),
+                prefix.clone(),
+                tx.clone(),
+                shutdown.clone(),
+            ))),
+            _ => None,
+        };
+        let mut kv_rx = self.kv.as_ref().map(|tx| tx.subscribe());
         let restored: Vec<ConsulQuery> = self
             .view
             .borrow()
@@ -544,6 +576,14 @@ impl BackgroundService for ConsulSource {
                     }
                 } => {
                     self.apply_config(&state, &shutdown);
+                }
+                Some(()) = async {
+                    match kv_rx.as_mut() {
+                        Some(rx) => rx.changed().await.ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.persist.notify_one();
                 }
                 Ok(()) = cat_rx.changed() => {
                     let cat = cat_rx.borrow_and_update().clone();
@@ -584,6 +624,9 @@ impl BackgroundService for ConsulSource {
             }
         }
         if let Some(t) = catalog_task {
+            t.abort();
+        }
+        if let Some(t) = kv_task {
             t.abort();
         }
         prober.abort();
