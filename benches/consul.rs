@@ -8,7 +8,11 @@
 //!   in traffic): write -> first request at a new backend / last request at
 //!   a removed one, p50/p99, and Consul reads per second meanwhile;
 //! * scale: 1,000 routed services × 10 instances: time to ready, RSS, idle
-//!   CPU over a quiet window, and the reconcile time of one service's change.
+//!   CPU over a quiet window, and the reconcile time of one service's change;
+//! * KV propagation: from a `consul kv put` that moves a route to another
+//!   cluster to the first request served by it, p50/p99;
+//! * KV scale: 1,000 keys (500 clusters, 500 routes) under the prefix: time
+//!   to ready, RSS, and write -> traffic for one key with all of them there.
 //!
 //! Run: `cargo bench --bench consul` (full) or with `SWITCHYARD_BENCH_QUICK=1`
 //! (a few seconds; what CI runs so the harness keeps working).
@@ -231,15 +235,88 @@ fn scale(services: usize, per: usize, idle_window: Duration) {
     );
 }
 
+fn kv_config(consul: &ConsulDouble, a: &Upstream, b: &Upstream) -> String {
+    format!(
+        "[consul]\naddresses = [\"{}\"]\nauto_routes = false\nkv = true\nmin_interval = \"20ms\"\n[consul.register]\nenabled = false\n\
+         [[routes]]\nname = \"site\"\ncluster = \"a\"\n[clusters.a]\nstatic = [\"{}\"]\n[clusters.b]\nstatic = [\"{}\"]\n",
+        consul.addr, a.addr, b.addr
+    )
+}
+
+/// Write `routes/site/cluster` and time until a request reaches that cluster.
+fn kv_flips(consul: &ConsulDouble, p: &Proxy, changes: usize) -> Vec<Duration> {
+    let mut lat = Vec::with_capacity(changes);
+    for c in 0..changes {
+        let to = if c % 2 == 0 { "b" } else { "a" };
+        let want = to.to_uppercase();
+        let t0 = Instant::now();
+        consul.kv_put("switchyard/routes/site/cluster", to.as_bytes());
+        loop {
+            let (code, body) = p.fetch("/");
+            if code == 200 && body == want {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "KV change {c} never reached traffic");
+        }
+        lat.push(t0.elapsed());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lat.sort();
+    lat
+}
+
+fn kv_propagation(changes: usize) {
+    let consul = ConsulDouble::start();
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    let p = Proxy::start(&kv_config(&consul, &a, &b));
+    assert!(wait_until(Duration::from_secs(10), || p.fetch("/") == (200, "A".into())));
+    let lat = kv_flips(&consul, &p, changes);
+    println!(
+        "kv propagation: {} writes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        lat.len(),
+        pct(&lat, 0.5).as_secs_f64() * 1e3,
+        pct(&lat, 0.99).as_secs_f64() * 1e3,
+        lat.last().unwrap().as_secs_f64() * 1e3
+    );
+}
+
+fn kv_scale(keys: usize, changes: usize) {
+    let consul = ConsulDouble::start();
+    let (a, b) = (Upstream::start("A"), Upstream::start("B"));
+    for i in 0..keys / 2 {
+        consul.kv_put(&format!("switchyard/clusters/c{i}"), format!("static = [\"{}\"]", a.addr).as_bytes());
+        consul.kv_put(&format!("switchyard/routes/r{i}"), format!("hosts = [\"r{i}.test\"]\ncluster = \"c{i}\"").as_bytes());
+    }
+    let t0 = Instant::now();
+    let p = Proxy::builder(&kv_config(&consul, &a, &b)).access_log("[access_log]\nenabled = false").start();
+    let ready = || p.http.get(p.admin_url("/readyz")).send().map(|r| r.status() == 200).unwrap_or(false);
+    assert!(wait_until(Duration::from_secs(120), ready), "not ready");
+    assert!(wait_until(Duration::from_secs(60), || p.status()["routes"].as_array().map(|r| r.len()) == Some(keys / 2 + 1)));
+    let ready_took = t0.elapsed();
+    let rss = rss_mib(p.pid());
+    let lat = kv_flips(&consul, &p, changes);
+    println!(
+        "kv scale: {keys} keys: all applied {:.2} s after start; RSS {rss:.1} MiB; one write -> traffic p50 {:.1} ms, max {:.1} ms over {} writes",
+        ready_took.as_secs_f64(),
+        pct(&lat, 0.5).as_secs_f64() * 1e3,
+        lat.last().unwrap().as_secs_f64() * 1e3,
+        lat.len()
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
     if quick() {
         propagation(5);
         sustained_churn(8);
         scale(50, 10, Duration::from_secs(2));
+        kv_propagation(5);
+        kv_scale(100, 3);
     } else {
         propagation(120);
         sustained_churn(100);
         scale(1000, 10, Duration::from_secs(30));
+        kv_propagation(200);
+        kv_scale(1000, 20);
     }
 }
