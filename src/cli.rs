@@ -78,6 +78,51 @@ pub enum Command {
         #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Read and write the KV settings under `consul.kv_prefix`, through the
+    /// Consul agent of the config's `[consul]` section. Writes are validated
+    /// first (nothing is written when the proxy would reject the key) and
+    /// use check-and-set.
+    Kv {
+        #[command(subcommand)]
+        op: KvOp,
+        #[arg(short, long, default_value = crate::config::DEFAULT_CONFIG_PATH, global = true)]
+        config: PathBuf,
+    },
+    /// Drain an instance of a cluster through KV: no new requests, those in
+    /// flight finish. INSTANCE is a Consul service ID or `ip:port`.
+    Drain {
+        cluster: String,
+        instance: String,
+        #[arg(short, long, default_value = crate::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Return once every `--admin` shows the instance drained with nothing in flight.
+        #[arg(long)]
+        wait: bool,
+        /// Admin APIs to watch with `--wait` (repeatable); INSTANCE must then be `ip:port`.
+        #[arg(long)]
+        admin: Vec<String>,
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Undo `drain`: delete the instance's KV key.
+    Undrain {
+        cluster: String,
+        instance: String,
+        #[arg(short, long, default_value = crate::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Turn a route's maintenance mode on or off through KV.
+    Maintenance {
+        route: String,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        #[arg(long)]
+        body: Option<String>,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retry_after: Option<std::time::Duration>,
+        #[arg(short, long, default_value = crate::config::DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
     /// Ask a running instance whether it is ready: exit 0 ready, 1 not ready
     /// (reasons printed), 2 no answer within the timeout.
     Health {
@@ -102,4 +147,16 @@ pub enum Command {
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum KvOp {
+    /// Every key under the prefix, with the proxy's verdict on each.
+    List,
+    /// One key's value (relative to the prefix).
+    Get { key: String },
+    /// Validate, then write with check-and-set.
+    Set { key: String, value: String },
+    /// Validate (the other keys must still apply), then delete with check-and-set.
+    Delete { key: String },
 }

@@ -27,6 +27,7 @@ pub mod demo;
 pub mod discovery;
 pub mod error;
 pub mod ha;
+pub mod kvcli;
 pub mod kvconfig;
 pub mod live;
 pub mod metrics;

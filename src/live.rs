@@ -467,16 +467,16 @@ impl pingora::services::background::BackgroundService for KvFollower {
 }
 
 /// The process environment, for the `CONSUL_*` defaults.
-fn env(k: &str) -> Option<String> {
+pub fn env(k: &str) -> Option<String> {
     std::env::var(k).ok().filter(|v| !v.is_empty())
 }
 
-fn base_of(path: &std::path::Path) -> PathBuf {
+pub fn base_of(path: &std::path::Path) -> PathBuf {
     path.parent().unwrap_or_else(|| std::path::Path::new(".")).to_path_buf()
 }
 
 /// Read and validate the config file: its document and its config.
-fn load_doc(path: &std::path::Path) -> Result<(toml::Table, Config), Vec<String>> {
+pub fn load_doc(path: &std::path::Path) -> Result<(toml::Table, Config), Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read config file {}: {e}", path.display())])?;
     let doc = crate::config::validate::parse_toml(&text).map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
     let config = crate::config::validate::validate_table(&doc, &base_of(path), &env)

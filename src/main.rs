@@ -3,8 +3,8 @@
 
 use clap::Parser;
 use std::process::ExitCode;
-use switchyard::cli::{Cli, Command, LogFormatArg};
-use switchyard::{config, demo, ops, server};
+use switchyard::cli::{Cli, Command, KvOp, LogFormatArg};
+use switchyard::{config, demo, kvcli, ops, server};
 
 const EXIT_CONFIG: u8 = 64;
 
@@ -76,6 +76,21 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Command::Kv { op, config } => ExitCode::from(match op {
+            KvOp::List => kvcli::list(config),
+            KvOp::Get { key } => kvcli::get(config, key),
+            KvOp::Set { key, value } => kvcli::set(config, key, value),
+            KvOp::Delete { key } => kvcli::delete(config, key),
+        }),
+        Command::Drain { cluster, instance, config, wait, admin, timeout } => {
+            ExitCode::from(kvcli::drain(config, cluster, instance, true, *wait, admin, *timeout))
+        }
+        Command::Undrain { cluster, instance, config } => {
+            ExitCode::from(kvcli::drain(config, cluster, instance, false, false, &[], std::time::Duration::ZERO))
+        }
+        Command::Maintenance { route, state, body, retry_after, config } => {
+            ExitCode::from(kvcli::maintenance(config, route, state == "on", body.as_deref(), *retry_after))
         }
         Command::Reload { admin, timeout } => ExitCode::from(ops::reload(admin, *timeout)),
         Command::Health { admin, vrrp, timeout } => ExitCode::from(ops::health(admin, *vrrp, *timeout)),

@@ -29,7 +29,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 }
 
 /// GET `url` within `timeout`: (status code, JSON body).
-fn get_json(url: &str, timeout: Duration) -> Result<(u16, Value), String> {
+pub fn get_json(url: &str, timeout: Duration) -> Result<(u16, Value), String> {
     runtime()?.block_on(async {
         let client = reqwest::Client::builder()
             .no_proxy()

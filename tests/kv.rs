@@ -184,3 +184,116 @@ fn a_kv_outage_and_a_restart_during_it_keep_the_last_good_settings() {
     consul.fault(Fault::None);
     assert!(wait_until(Duration::from_secs(10), || p2.status()["config"]["kv"]["from_state_file"] == false), "follows Consul again");
 }
+
+/// Run a `switchyard` operator command on the proxy's config.
+fn cli(p: &Proxy, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .arg("--config")
+        .arg(p.path("switchyard.toml"))
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn kv_writes(consul: &ConsulDouble) -> usize {
+    consul.requests().iter().filter(|r| r.path.starts_with("/v1/kv/") && r.method != "GET").count()
+}
+
+#[test]
+fn the_kv_commands_validate_before_writing_and_use_check_and_set() {
+    let consul = ConsulDouble::start();
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let p = Proxy::start(&body(&consul, &a, &b));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/").0 == 200));
+
+    // An invalid value: refused with the field named, nothing written.
+    let (code, _, err) = cli(&p, &["kv", "set", "clusters/web/connect_timeout", "soon"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("nothing written") && err.contains("clusters.web.connect_timeout") && err.contains("soon"), "{err}");
+    let (code, _, err) = cli(&p, &["kv", "set", "routes/shop", "cluster = \"missing\""]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unknown cluster \"missing\""), "{err}");
+    assert_eq!(kv_writes(&consul), 0, "the double saw no write");
+
+    // A valid one: written with cas=0 (it did not exist), and applied.
+    let (code, out, err) = cli(&p, &["kv", "set", "clusters/web/retries", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("set switchyard/clusters/web/retries"), "{out}");
+    let put = consul.requests().into_iter().find(|r| r.method == "PUT").unwrap();
+    assert!(put.query.contains("cas=0"), "{}", put.query);
+    assert_eq!(consul.kv_get("switchyard/clusters/web/retries").as_deref(), Some(&b"1"[..]));
+    let (code, out, _) = cli(&p, &["kv", "get", "clusters/web/retries"]);
+    assert_eq!((code, out.trim()), (0, "1"));
+    // A key written by hand that the proxy rejects shows in `list`.
+    consul.kv_put("switchyard/clusters/web/colour", b"blue");
+    let (code, out, _) = cli(&p, &["kv", "list"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("switchyard/clusters/web/retries = 1") && out.contains("colour = blue   # rejected: unknown cluster field"), "{out}");
+
+    // Check-and-set: someone else writes between our read and our write.
+    consul.fault(Fault::Slow(Duration::from_millis(400)));
+    let before = consul.requests().len();
+    let cfg = p.path("switchyard.toml");
+    let child = std::thread::spawn(move || {
+        std::process::Command::new(bin()).args(["kv", "set", "clusters/web/retries", "2", "--config"]).arg(&cfg).output().unwrap()
+    });
+    assert!(wait_until(Duration::from_secs(5), || consul.requests().iter().skip(before).any(|r| r.method == "GET" && r.answered.is_some())));
+    consul.kv_put("switchyard/clusters/web/retries", b"3");
+    let out = child.join().unwrap();
+    consul.fault(Fault::None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("changed since it was read"), "{err}");
+    assert_eq!(consul.kv_get("switchyard/clusters/web/retries").as_deref(), Some(&b"3"[..]), "the other write stands");
+
+    // Delete: validated too, then applied.
+    let (code, out, err) = cli(&p, &["kv", "delete", "clusters/web/retries"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("deleted"));
+    assert!(consul.kv_get("switchyard/clusters/web/retries").is_none());
+}
+
+#[test]
+fn drain_wait_undrain_and_maintenance_from_the_command_line() {
+    for express in ["true", "false"] {
+        let consul = ConsulDouble::start();
+        let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+        let p = Proxy::builder(&body(&consul, &a, &b)).server(&format!("express = {express}")).start();
+        assert!(wait_until(Duration::from_secs(5), || p.fetch("/").0 == 200));
+        // Slow requests, so some are in flight when the drain lands.
+        b.set_delay(Duration::from_millis(200));
+        let loads: Vec<Load> = (0..3).map(|_| Load::start(p.url("/"), 1_000_000, Duration::from_secs(60))).collect();
+        assert!(wait_until(Duration::from_secs(5), || b.hits() > 5));
+        let admin = p.admin.to_string();
+        let t0 = Instant::now();
+        let (code, out, err) = cli(&p, &["drain", "web", &b.addr.to_string(), "--wait", "--admin", &admin, "--timeout", "10s"]);
+        assert_eq!(code, 0, "express={express}: {out}{err}");
+        assert!(out.contains("drained, nothing in flight"), "{out}");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        let settled = b.hits();
+        let a_before = a.hits();
+        assert!(wait_until(Duration::from_secs(5), || a.hits() > a_before + 100));
+        assert_eq!(b.hits(), settled, "express={express}: b got a request after `drain --wait` returned");
+        let (code, _, err) = cli(&p, &["undrain", "web", &b.addr.to_string()]);
+        assert_eq!(code, 0, "{err}");
+        b.set_delay(Duration::ZERO);
+        let b_before = b.hits();
+        assert!(wait_until(Duration::from_secs(3), || b.hits() > b_before + 20), "express={express}: undrained");
+        for l in loads {
+            let r = l.finish();
+            assert_eq!(r.failed, 0, "express={express}: {:?}", r.failures);
+        }
+
+        let (code, _, err) = cli(&p, &["maintenance", "nope", "on"]);
+        assert_eq!(code, 1);
+        assert!(err.contains("no route \"nope\""), "{err}");
+        let (code, _, err) = cli(&p, &["maintenance", "site", "on", "--body", "back soon", "--retry-after", "90s"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(wait_until(Duration::from_secs(2), || p.fetch("/") == (503, "back soon".into())));
+        assert_eq!(p.get("/").headers()["retry-after"], "90");
+        let (code, _, err) = cli(&p, &["maintenance", "site", "off"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(wait_until(Duration::from_secs(2), || p.fetch("/").0 == 200));
+    }
+}
