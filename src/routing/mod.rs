@@ -118,13 +118,32 @@ pub struct Backend {
     pub state: Arc<BackendState>,
 }
 
-/// The digest of a normalised table: the first 16 hex digits of the SHA-256
-/// of its compact JSON (keys sorted, as serde_json's map keeps them).
-pub fn digest(normalised: &serde_json::Value) -> String {
+fn sha256_hex(v: &serde_json::Value, take: usize) -> String {
     use sha2::{Digest, Sha256};
-    let bytes = serde_json::to_vec(normalised).unwrap_or_default();
-    let sum = Sha256::digest(&bytes);
-    sum.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    let bytes = serde_json::to_vec(v).unwrap_or_default();
+    Sha256::digest(&bytes).iter().take(take).map(|b| format!("{b:02x}")).collect()
+}
+
+/// One cluster's part of the digest: the SHA-256 (hex) of its normalised
+/// compact JSON. A cluster is immutable, so a table reuses it with the
+/// cluster: a rebuild hashes only the clusters that changed.
+pub fn cluster_digest(normalised_cluster: &serde_json::Value) -> String {
+    sha256_hex(normalised_cluster, 32)
+}
+
+/// The digest of a normalised table: the first 16 hex digits of the SHA-256
+/// of the compact JSON (keys sorted, as serde_json's map keeps them) of its
+/// routes and, in place of each cluster, that cluster's [`cluster_digest`].
+pub fn digest(normalised: &serde_json::Value) -> String {
+    let clusters: Vec<String> = normalised["clusters"]
+        .as_array()
+        .map(|a| a.iter().map(cluster_digest).collect())
+        .unwrap_or_default();
+    digest_of(&normalised["routes"], clusters)
+}
+
+fn digest_of(routes: &serde_json::Value, cluster_digests: Vec<String>) -> String {
+    sha256_hex(&serde_json::json!({ "routes": routes, "clusters": cluster_digests }), 8)
 }
 
 impl Backend {
@@ -165,6 +184,8 @@ pub struct Cluster {
     /// The set this cluster was built from (to recognise it unchanged).
     pub source: Option<EndpointSet>,
     pub duration: Histogram,
+    /// [`cluster_digest`] of this cluster, computed once.
+    pub digest: String,
 }
 
 /// Whether a cluster was built from exactly this backend set.
@@ -202,7 +223,7 @@ impl Cluster {
             .map(|(i, _)| i as u32)
             .collect();
         let selector = Selector::build(&spec.selection, &backends, &active);
-        Cluster {
+        let mut c = Cluster {
             name: Arc::from(name),
             spec: spec.clone(),
             discovered: set.is_some(),
@@ -212,7 +233,26 @@ impl Cluster {
             selector,
             state: states.cluster(name),
             duration: states.metrics().cluster_histogram(name),
-        }
+            digest: String::new(),
+        };
+        c.digest = cluster_digest(&c.normalised());
+        c
+    }
+
+    /// The cluster as the table digest and `/status` show it: selection,
+    /// discovered, backends (address, weight, state).
+    pub fn normalised(&self) -> serde_json::Value {
+        let backends: Vec<_> = self
+            .backends
+            .iter()
+            .map(|b| serde_json::json!({ "address": b.addr.to_string(), "weight": b.weight, "state": b.state_name() }))
+            .collect();
+        serde_json::json!({
+            "name": &*self.name,
+            "selection": self.selector.name(),
+            "discovered": self.discovered,
+            "backends": backends,
+        })
     }
 
     pub fn pick<R: RequestView + ?Sized>(&self, req: &R, tried: &[u32]) -> Option<u32> {
@@ -331,7 +371,7 @@ impl RoutingTable {
             },
             digest: String::new(),
         };
-        table.digest = digest(&table.normalised());
+        table.digest = digest_of(&table.normalised_routes(), table.clusters.iter().map(|c| c.digest.clone()).collect());
         Ok(table)
     }
 
@@ -341,6 +381,11 @@ impl RoutingTable {
     /// and backends (address, weight, state). `/status` shows the same fields,
     /// and `switchyard status --compare` diffs them.
     pub fn normalised(&self) -> serde_json::Value {
+        let clusters: Vec<_> = self.clusters.iter().map(|c| c.normalised()).collect();
+        serde_json::json!({ "routes": self.normalised_routes(), "clusters": clusters })
+    }
+
+    fn normalised_routes(&self) -> serde_json::Value {
         let routes: Vec<_> = self
             .routes
             .iter()
@@ -355,24 +400,7 @@ impl RoutingTable {
                 })
             })
             .collect();
-        let clusters: Vec<_> = self
-            .clusters
-            .iter()
-            .map(|c| {
-                let backends: Vec<_> = c
-                    .backends
-                    .iter()
-                    .map(|b| serde_json::json!({ "address": b.addr.to_string(), "weight": b.weight, "state": b.state_name() }))
-                    .collect();
-                serde_json::json!({
-                    "name": &*c.name,
-                    "selection": c.selector.name(),
-                    "discovered": c.discovered,
-                    "backends": backends,
-                })
-            })
-            .collect();
-        serde_json::json!({ "routes": routes, "clusters": clusters })
+        serde_json::Value::Array(routes)
     }
 
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
