@@ -525,6 +525,38 @@ consul = { service = "api" }
     }
 
     #[test]
+    fn each_key_kind_has_its_invalid_values_named() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("routes/shop", "", "empty route"),
+            ("routes/shop", "name = \"other\"\ncluster = \"web\"", "differs from the key"),
+            ("routes/site/path_prefix", "nope", "routes[0].path_prefix"),
+            ("routes/site/colour", "red", "unknown route field"),
+            ("routes/ghost/hosts", "[\"a.example\"]", "no route \"ghost\""),
+            ("clusters/shop", "", "empty cluster"),
+            ("clusters/shop", "retries = \"many\"", "clusters.shop"),
+            ("clusters/web/retries", "99", "clusters.web.retries"),
+            ("clusters/web/panic_threshold", "0.3", "Consul clusters only"),
+            ("clusters/api/panic_threshold", "2", "clusters.api.consul.panic_threshold"),
+            ("instances/web/127.0.0.1_9000", "maybe", "expected { weight = N }"),
+            ("instances/ghost/x", "drain", "no cluster \"ghost\""),
+            ("maintenance/site", "retry_after = \"1.5s\"", "routes[0].maintenance.retry_after"),
+            ("maintenance/site", "allow = [\"not-a-net\"]", "routes[0].maintenance.allow[0]"),
+            ("maintenance/ghost", "", "no route \"ghost\""),
+            ("routes/site/cluster", "nope", "unknown cluster \"nope\""),
+        ];
+        for (key, value, want) in cases {
+            let m = run(&[(key, value), ("clusters/web/idle_timeout", "5s")]);
+            let e = m.errors.iter().find(|e| e.key == *key).unwrap_or_else(|| panic!("{key} = {value:?} was accepted"));
+            assert!(e.message.contains(want), "{key} = {value:?}: {}", e.message);
+            assert_eq!(m.config.clusters["web"].idle_timeout.as_secs(), 5, "{key}: the other key still applies");
+        }
+        let file = crate::config::validate::parse_toml(FILE).unwrap();
+        let kv = BTreeMap::from([("clusters/web/retries".to_string(), vec![0xff, 0xfe])]);
+        let m = merge(&file, &kv, Path::new("."), &|_| None).unwrap();
+        assert_eq!(m.errors[0].message, "the value is not UTF-8");
+    }
+
+    #[test]
     fn a_fleet_can_be_configured_from_kv_alone() {
         let file = crate::config::validate::parse_toml(
             "[[listeners]]\naddress = \"127.0.0.1:8080\"\n[consul]\naddresses = [\"127.0.0.1:8500\"]\nkv = true\n",
