@@ -162,6 +162,7 @@ impl Admin {
             "tag_errors": self.status.tag_errors(),
             "kv_errors": self.live.status().kv.map(|k| k.errors).unwrap_or_default(),
             "config": self.live.status(),
+            "tls": self.live.tls_status(),
             "ha": {
                 "ready": self.ha.verdict(),
                 "status": self.ha.status(),

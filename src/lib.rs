@@ -38,3 +38,4 @@ pub mod routing;
 pub mod server;
 pub mod snapshot;
 pub mod status;
+pub mod tls;

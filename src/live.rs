@@ -132,6 +132,8 @@ pub struct LiveConfig {
     status: Mutex<ReloadStatus>,
     /// One reload at a time; holds the last serial handed out.
     serial: Mutex<u64>,
+    /// TLS listeners' certificates, re-read on every reload.
+    tls: Mutex<Vec<Arc<crate::tls::ListenerCerts>>>,
 }
 
 impl LiveConfig {
@@ -164,7 +166,16 @@ impl LiveConfig {
             metrics,
             status: Mutex::new(status),
             serial: Mutex::new(0),
+            tls: Mutex::new(Vec::new()),
         })
+    }
+
+    pub fn set_tls(&self, certs: Vec<Arc<crate::tls::ListenerCerts>>) {
+        *self.tls.lock().unwrap_or_else(|e| e.into_inner()) = certs;
+    }
+
+    pub fn tls_status(&self) -> Vec<crate::tls::ListenerTlsStatus> {
+        self.tls.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|c| c.status()).collect()
     }
 
     pub fn subscribe(&self) -> ConfigRx {
@@ -187,6 +198,11 @@ impl LiveConfig {
     /// Re-read and validate the file; on success make it the candidate.
     /// `trigger` names who asked (`SIGHUP`, `admin`) for the log and `/status`.
     pub fn reload(&self, trigger: &str) -> Outcome {
+        // Certificates first: they reload even when the file is refused.
+        let tls = self.tls.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for certs in tls {
+            certs.reload(true);
+        }
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         let outcome = match &self.path {
             None => refused(vec!["this instance was not started from a config file; there is nothing to re-read".into()]),

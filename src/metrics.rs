@@ -55,6 +55,8 @@ pub struct Metrics {
     pub config_restart_pending: IntGauge,
     pub config_last_reload_success: prometheus::Gauge,
     pub kv_rejected_keys: IntGauge,
+    pub tls_certificate_expiry: prometheus::GaugeVec,
+    pub tls_reload_errors: IntGaugeVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -232,8 +234,20 @@ impl Metrics {
             "Consul KV settings keys rejected right now (each listed in /status kv_errors); every other key applies.",
         ))
         .expect("valid metric");
+        let tls_certificate_expiry = prometheus::GaugeVec::new(
+            opts("tls_certificate_expiry_timestamp_seconds", "Unix time at which each serving TLS certificate expires (not_after), by certificate file."),
+            &["name"],
+        )
+        .expect("valid metric");
+        let tls_reload_errors = IntGaugeVec::new(
+            opts("tls_reload_errors", "1 while a TLS listener's certificate files on disk do not load (the previous certificates keep serving; /status tls says why)."),
+            &["listener"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(routing_build.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tls_certificate_expiry.clone()),
+            Box::new(tls_reload_errors.clone()),
             Box::new(kv_rejected_keys.clone()),
             Box::new(config_reloads.clone()),
             Box::new(config_restart_pending.clone()),
@@ -302,6 +316,8 @@ impl Metrics {
             config_restart_pending,
             config_last_reload_success,
             kv_rejected_keys,
+            tls_certificate_expiry,
+            tls_reload_errors,
         }
     }
 

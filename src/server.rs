@@ -133,6 +133,16 @@ pub fn build(config: Config, extras: Extras) -> Result<(Server, Arc<Ha>), String
     server.bootstrap();
     write_pid_file(&config.server.pid_file);
 
+    // TLS listeners' certificates, loaded (and checked) now.
+    let mut tls_certs = Vec::new();
+    for l in &config.listeners {
+        if let Some(t) = &l.tls {
+            let certs = crate::tls::ListenerCerts::load(l.address.to_string(), t.certificates.clone(), t.refuse_without_sni, metrics.clone())
+                .map_err(|e| format!("listener {}: {e}", l.address))?;
+            tls_certs.push((l.address, certs));
+        }
+    }
+    live.set_tls(tls_certs.iter().map(|(_, c)| c.clone()).collect());
     // Pingora's server options are per service: one proxy service per h2c setting.
     for h2c in [true, false] {
         let listeners: Vec<_> = config.listeners.iter().filter(|l| l.h2c == h2c).collect();
@@ -156,7 +166,11 @@ pub fn build(config: Config, extras: Extras) -> Result<(Server, Arc<Ha>), String
                 read: Some(l.read_buffer),
                 write: None,
             };
-            svc.add_listener(ListenerConfig::tcp(l.address.to_string()).l4_buffer(buffers));
+            let mut lc = ListenerConfig::tcp(l.address.to_string()).l4_buffer(buffers);
+            if let Some((_, certs)) = tls_certs.iter().find(|(a, _)| *a == l.address) {
+                lc = lc.tls(certs.settings());
+            }
+            svc.add_listener(lc);
         }
         server.add_service(svc);
     }
@@ -172,6 +186,7 @@ pub fn build(config: Config, extras: Extras) -> Result<(Server, Arc<Ha>), String
     admin_svc.add_tcp(&config.admin.listen.to_string());
     server.add_service(admin_svc);
 
+    tasks.push(Arc::new(crate::tls::TlsWatch(tls_certs.into_iter().map(|(_, c)| c).collect())));
     let mut control = background_service("control plane", ControlPlane { tasks });
     control.threads = Some(1);
     server.add_service(control);

@@ -85,6 +85,30 @@ pub struct ListenerSection {
     /// Bytes of read buffer kept per client connection (0: read straight
     /// from the socket into the request parser's own buffer).
     pub read_buffer: Option<usize>,
+    /// Terminate TLS on this listener.
+    pub tls: Option<TlsSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain (leaf first) of the default certificate.
+    pub cert: String,
+    /// Its PEM private key.
+    pub key: String,
+    /// More certificates, chosen by SNI from their DNS names.
+    #[serde(default)]
+    pub certificates: Vec<TlsPairSection>,
+    /// `default` (serve the first certificate) or `refuse` (fail the
+    /// handshake) for a client without SNI or with a name no certificate has.
+    pub without_sni: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPairSection {
+    pub cert: String,
+    pub key: String,
 }
 
 #[derive(Debug, Deserialize)]

@@ -160,6 +160,14 @@ pub struct Listener {
     pub address: SocketAddr,
     pub h2c: bool,
     pub read_buffer: usize,
+    pub tls: Option<ListenerTls>,
+}
+
+/// A TLS listener's certificates (the first is the default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerTls {
+    pub certificates: Vec<crate::tls::CertFiles>,
+    pub refuse_without_sni: bool,
 }
 
 /// Default per-connection read buffer (Pingora's own default is 64 KiB, which

@@ -242,7 +242,8 @@ impl Validator<'_> {
         let mut seen = HashSet::new();
         for (i, l) in sections.into_iter().enumerate() {
             let path = format!("listeners[{i}].address");
-            let ListenerSection { address, h2c, read_buffer } = l;
+            let ListenerSection { address, h2c, read_buffer, tls } = l;
+            let tls = tls.and_then(|t| self.listener_tls(&format!("listeners[{i}].tls"), t));
             let read_buffer = read_buffer.unwrap_or(DEFAULT_READ_BUFFER);
             if read_buffer > 1 << 20 {
                 self.err(format!("listeners[{i}].read_buffer"), format!("invalid value {read_buffer}: at most 1048576 bytes"));
@@ -255,6 +256,7 @@ impl Validator<'_> {
                     address: addr,
                     h2c: h2c.unwrap_or(true),
                     read_buffer: read_buffer.min(1 << 20),
+                    tls,
                 });
             }
         }
@@ -262,6 +264,32 @@ impl Validator<'_> {
             self.err("listeners", "at least one [[listeners]] entry with an address is required");
         }
         out
+    }
+
+    /// Every pair must load and match now, so `check` catches a broken one.
+    fn listener_tls(&mut self, p: &str, t: TlsSection) -> Option<ListenerTls> {
+        let TlsSection { cert, key, certificates, without_sni } = t;
+        let refuse = match without_sni.as_deref() {
+            None | Some("default") => false,
+            Some("refuse") => true,
+            Some(other) => {
+                self.err(format!("{p}.without_sni"), format!("invalid value {other:?}: expected \"default\" or \"refuse\""));
+                false
+            }
+        };
+        let mut files = Vec::new();
+        let pairs = std::iter::once((p.to_string(), cert, key))
+            .chain(certificates.into_iter().enumerate().map(|(j, c)| (format!("{p}.certificates[{j}]"), c.cert, c.key)));
+        let mut ok = true;
+        for (at, cert, key) in pairs {
+            let f = crate::tls::CertFiles { cert: self.base.join(cert), key: self.base.join(key) };
+            if let Err(e) = crate::tls::load_pair(&f) {
+                self.err(format!("{at}.cert"), e);
+                ok = false;
+            }
+            files.push(f);
+        }
+        ok.then_some(ListenerTls { certificates: files, refuse_without_sni: refuse })
     }
 
     fn admin(&mut self, s: AdminSection, listeners: &[Listener]) -> AdminSettings {

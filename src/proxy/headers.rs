@@ -129,10 +129,12 @@ fn is_text(v: &[u8]) -> bool {
 /// without a client address), `X-Forwarded-Proto`, `X-Forwarded-Host` (if
 /// the request named a host) and `X-Request-Id`. Each replaces any the
 /// client sent.
+/// `tls`: the client connection is TLS (`X-Forwarded-Proto: https`).
 pub fn forwarding<'a, R: RequestView + ?Sized>(
     req: &'a R,
     client: Option<&'a ClientAddr>,
     request_id: &'a HeaderValue,
+    tls: bool,
 ) -> impl Iterator<Item = (HeaderName, FwdValue<'a>)> {
     let xff = client.and_then(|c| {
         let mut list = Vec::new();
@@ -151,7 +153,7 @@ pub fn forwarding<'a, R: RequestView + ?Sized>(
     });
     [
         xff.map(|v| (X_FORWARDED_FOR, v)),
-        Some((X_FORWARDED_PROTO, FwdValue::Raw(b"http"))),
+        Some((X_FORWARDED_PROTO, FwdValue::Raw(if tls { b"https" } else { b"http" }))),
         req.host().map(|h| (X_FORWARDED_HOST, FwdValue::Raw(h))),
         Some((X_REQUEST_ID, FwdValue::Value(request_id))),
     ]
@@ -167,6 +169,7 @@ pub fn forwarded(
     client: Option<&ClientAddr>,
     up: &mut RequestHeader,
     request_id: &HeaderValue,
+    tls: bool,
 ) -> Result<()> {
     // Absolute-form (HTTP/1.x only): send origin-form upstream.
     if !is_h2 && is_absolute_form(req) {
@@ -180,7 +183,7 @@ pub fn forwarded(
             .map_err(|_| Error::explain(ErrorType::InvalidHTTPHeader, "bad request target"))?;
         up.set_uri(uri);
     }
-    for (name, value) in forwarding(req, client, request_id) {
+    for (name, value) in forwarding(req, client, request_id, tls) {
         if let Some(value) = value.into_value() {
             up.insert_header(name, value)?;
         }

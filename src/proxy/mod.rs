@@ -361,7 +361,8 @@ impl ProxyHttp for Proxy {
     ) -> Result<()> {
         let client = headers::ClientAddr::of_peer(session.client_addr());
         let req = session.req_header();
-        headers::forwarded(req, session.is_http2(), client.as_ref(), upstream_request, &ctx.request_id)
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        headers::forwarded(req, session.is_http2(), client.as_ref(), upstream_request, &ctx.request_id, tls)
     }
 
     async fn upstream_response_filter(

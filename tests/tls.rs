@@ -1,0 +1,265 @@
+//! TLS termination with real TLS clients (`openssl s_client`, `curl`, and
+//! reqwest/rustls), on certificates made by a test CA (rcgen): SNI picks the
+//! certificate, TLS 1.1 is refused, ALPN h2 routes, Django sees
+//! `X-Forwarded-Proto: https`, a rotation under continuous TLS load fails
+//! nothing and new handshakes show the new serial within 2 s, and a broken
+//! new key keeps the old certificate serving.
+
+mod support;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SerialNumber};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use support::*;
+
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, "Switchyard test CA");
+        let key = KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        Ca { cert, key }
+    }
+
+    /// (cert PEM, key PEM) for `names`, with serial `serial`.
+    fn leaf(&self, names: &[&str], serial: u8) -> (String, String) {
+        let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, names[0]);
+        p.serial_number = Some(SerialNumber::from(vec![0x42, serial]));
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.cert, &self.key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// A proxy whose listener terminates TLS with `site.pem` (the default,
+/// www.example.test) and `api.pem` (*.api.example.test).
+fn start(ca: &Ca, upstream: &Upstream, without_sni: &str) -> Proxy {
+    let (site_c, site_k) = ca.leaf(&["www.example.test"], 1);
+    let (api_c, api_k) = ca.leaf(&["*.api.example.test"], 2);
+    Proxy::builder(&format!(
+        "tls = {{ cert = \"site.pem\", key = \"site.key\", without_sni = \"{without_sni}\", certificates = [{{ cert = \"api.pem\", key = \"api.key\" }}] }}\n\n\
+         [[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"{}\"]\n",
+        upstream.addr
+    ))
+    .file("site.pem", &site_c)
+    .file("site.key", &site_k)
+    .file("api.pem", &api_c)
+    .file("api.key", &api_k)
+    .file("ca.pem", &ca.cert.pem())
+    .start()
+}
+
+/// The serial (hex) of the certificate a handshake gets, or None if the
+/// handshake failed. `sni` None: no SNI; `extra`: more s_client flags.
+fn serial(p: &Proxy, sni: Option<&str>, extra: &[&str]) -> Option<String> {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-connect", &p.addr.to_string()]);
+    match sni {
+        Some(n) => cmd.args(["-servername", n]),
+        None => cmd.arg("-noservername"),
+    };
+    let out = cmd.args(extra).stdin(Stdio::null()).stderr(Stdio::null()).output().expect("openssl is installed (.ci/run)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pem_start = text.find("-----BEGIN CERTIFICATE-----")?;
+    let pem_end = text.find("-----END CERTIFICATE-----")? + "-----END CERTIFICATE-----".len();
+    let mut x509 = Command::new("openssl")
+        .args(["x509", "-noout", "-serial"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    x509.stdin.take().unwrap().write_all(text[pem_start..pem_end].as_bytes()).unwrap();
+    let out = x509.wait_with_output().unwrap();
+    Some(String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("serial=").to_string())
+}
+
+fn https_client(p: &Proxy, fresh: bool) -> reqwest::blocking::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(p.path("ca.pem")).unwrap()).unwrap();
+    let mut b = reqwest::blocking::Client::builder()
+        .add_root_certificate(ca)
+        .tls_built_in_root_certs(false)
+        .resolve("www.example.test", p.addr)
+        .resolve("v1.api.example.test", p.addr)
+        .no_proxy()
+        .timeout(Duration::from_secs(5));
+    if fresh {
+        b = b.pool_max_idle_per_host(0);
+    }
+    b.build().unwrap()
+}
+
+fn url(p: &Proxy, host: &str, path: &str) -> String {
+    format!("https://{host}:{}{path}", p.addr.port())
+}
+
+#[test]
+fn sni_picks_the_certificate_and_old_protocols_are_refused() {
+    let ca = Ca::new();
+    let up = Upstream::start("web");
+    let p = start(&ca, &up, "default");
+    assert_eq!(serial(&p, Some("www.example.test"), &[]).as_deref(), Some("4201"));
+    assert_eq!(serial(&p, Some("v1.api.example.test"), &[]).as_deref(), Some("4202"), "wildcard SAN");
+    assert_eq!(serial(&p, Some("WWW.Example.Test"), &[]).as_deref(), Some("4201"), "names ignore case");
+    assert_eq!(serial(&p, None, &[]).as_deref(), Some("4201"), "no SNI: the default certificate");
+    assert_eq!(serial(&p, Some("other.test"), &[]).as_deref(), Some("4201"), "an unknown name: the default");
+    assert_eq!(serial(&p, Some("www.example.test"), &["-tls1_2"]).as_deref(), Some("4201"), "TLS 1.2 is accepted");
+    // SECLEVEL=0: OpenSSL 3 would not even offer TLS 1.1 otherwise, and the
+    // refusal must be the server's.
+    assert_eq!(serial(&p, Some("www.example.test"), &["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"]), None, "TLS 1.1 is refused");
+    assert_eq!(serial(&p, Some("www.example.test"), &["-tls1", "-cipher", "DEFAULT@SECLEVEL=0"]), None, "TLS 1.0 is refused");
+    let out = Command::new("openssl")
+        .args(["s_client", "-connect", &p.addr.to_string(), "-servername", "www.example.test", "-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("protocol version") || said.contains("alert"), "the server answered TLS 1.1 with an alert: {said}");
+
+    let refusing = start(&ca, &up, "refuse");
+    assert_eq!(serial(&refusing, None, &[]), None, "without_sni = refuse: no SNI, no handshake");
+    assert_eq!(serial(&refusing, Some("other.test"), &[]), None);
+    assert_eq!(serial(&refusing, Some("www.example.test"), &[]).as_deref(), Some("4201"));
+
+    // /status and the expiry metric name every certificate.
+    let status = p.status();
+    let certs = status["tls"][0]["certificates"].as_array().unwrap();
+    assert_eq!(certs.len(), 2);
+    assert_eq!(certs[1]["sans"][0], "*.api.example.test");
+    assert!(certs[0]["subject"].as_str().unwrap().contains("www.example.test"));
+    let m = parse_metrics(&p.metrics());
+    let name = certs[0]["name"].as_str().unwrap();
+    assert_eq!(sample(&m, "switchyard_tls_certificate_expiry_timestamp_seconds", &[("name", name)]), certs[0]["not_after_unix"].as_f64());
+}
+
+#[test]
+fn https_and_h2_over_alpn_route_and_tell_the_backend_it_was_https() {
+    let ca = Ca::new();
+    let up = Upstream::start("web");
+    let p = start(&ca, &up, "default");
+    let c = https_client(&p, false);
+    let r = c.get(url(&p, "www.example.test", "/hello")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN picked h2");
+    assert_eq!(r.text().unwrap(), "web");
+    let (_, headers) = up.last_request().unwrap();
+    assert_eq!(headers["x-forwarded-proto"], "https", "Django's SECURE_PROXY_SSL_HEADER sees https");
+    // HTTP/1.1 over TLS too, and a real client: curl.
+    let out = Command::new("curl")
+        .args(["-sS", "--http1.1", "--cacert"])
+        .arg(p.path("ca.pem"))
+        .args(["--resolve", &format!("www.example.test:{}:127.0.0.1", p.addr.port()), "-w", " %{http_version}", &url(&p, "www.example.test", "/x")])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "web 1.1", "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("curl")
+        .args(["-sS", "--http2", "--cacert"])
+        .arg(p.path("ca.pem"))
+        .args(["--resolve", &format!("www.example.test:{}:127.0.0.1", p.addr.port()), "-w", " %{http_version}", &url(&p, "www.example.test", "/x")])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "web 2", "{}", String::from_utf8_lossy(&out.stderr));
+    // Cleartext listeners still say http.
+    let plain = Proxy::start(&format!("[[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"{}\"]\n", up.addr));
+    assert_eq!(plain.fetch("/").0, 200);
+    assert_eq!(up.last_request().unwrap().1["x-forwarded-proto"], "http");
+}
+
+#[test]
+fn a_rotation_under_tls_load_fails_nothing_and_a_broken_key_keeps_the_old_certificate() {
+    let ca = Ca::new();
+    let up = Upstream::start("web");
+    let p = start(&ca, &up, "default");
+    // Continuous load, a new TLS connection (a full handshake) per request.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let loader = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let c = https_client(&p, true);
+        let u = url(&p, "www.example.test", "/");
+        std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            let end = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < end {
+                match c.get(&u).send() {
+                    Ok(r) if r.status() == 200 => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => {
+                        failed.fetch_add(1, Ordering::SeqCst);
+                        if errors.len() < 10 {
+                            errors.push(format!("{other:?}"));
+                        }
+                    }
+                }
+            }
+            errors
+        })
+    };
+    assert!(wait_until(Duration::from_secs(5), || ok.load(Ordering::SeqCst) > 20));
+
+    // Rotate: a new certificate and key for the same name, each file replaced by rename.
+    let (c2, k2) = ca.leaf(&["www.example.test"], 9);
+    write_atomic(&p.path("site.key"), &k2);
+    write_atomic(&p.path("site.pem"), &c2);
+    let rotated = Instant::now();
+    assert!(wait_until(Duration::from_secs(2), || serial(&p, Some("www.example.test"), &[]).as_deref() == Some("4209")), "new handshakes show the new serial within 2 s");
+    let took = rotated.elapsed();
+    let before = ok.load(Ordering::SeqCst);
+    assert!(wait_until(Duration::from_secs(5), || ok.load(Ordering::SeqCst) > before + 20));
+
+    // A broken key: refused, the old (new) certificate keeps serving.
+    write_atomic(&p.path("site.key"), "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n");
+    assert!(wait_until(Duration::from_secs(3), || !p.status()["tls"][0]["last_error"].is_null()), "{}", p.stderr());
+    let err = p.status()["tls"][0]["last_error"].as_str().unwrap().to_string();
+    assert!(err.contains("site.key"), "{err}");
+    assert_eq!(sample(&parse_metrics(&p.metrics()), "switchyard_tls_reload_errors", &[("listener", &p.addr.to_string())]), Some(1.0));
+    assert!(p.stderr().contains("TLS certificates not reloaded"), "the refusal is logged");
+    assert_eq!(serial(&p, Some("www.example.test"), &[]).as_deref(), Some("4209"));
+    // A key that parses but belongs to another certificate: refused too.
+    let (_, other_key) = ca.leaf(&["www.example.test"], 10);
+    write_atomic(&p.path("site.key"), &other_key);
+    assert!(wait_until(Duration::from_secs(3), || p.status()["tls"][0]["last_error"].as_str().is_some_and(|e| e.contains("do not belong together"))));
+    assert_eq!(serial(&p, Some("www.example.test"), &[]).as_deref(), Some("4209"));
+    // SIGHUP re-reads at once; the good pair is back.
+    write_atomic(&p.path("site.key"), &k2);
+    p.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(3), || p.status()["tls"][0]["last_error"].is_null()));
+
+    stop.store(true, Ordering::SeqCst);
+    let errors = loader.join().unwrap();
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "{errors:?}");
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}
+
+#[test]
+fn a_broken_certificate_is_a_config_error_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let (c, _) = ca.leaf(&["www.example.test"], 1);
+    let (_, other) = ca.leaf(&["www.example.test"], 2);
+    std::fs::write(dir.path().join("site.pem"), c).unwrap();
+    std::fs::write(dir.path().join("site.key"), other).unwrap();
+    let cfg = dir.path().join("s.toml");
+    std::fs::write(
+        &cfg,
+        "[[listeners]]\naddress = \"127.0.0.1:8443\"\ntls = { cert = \"site.pem\", key = \"site.key\", without_sni = \"maybe\", certificates = [{ cert = \"none.pem\", key = \"none.key\" }] }\n\
+         [[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"127.0.0.1:9000\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(bin()).args(["check", "--config"]).arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("listeners[0].tls.cert") && err.contains("do not belong together"), "{err}");
+    assert!(err.contains("listeners[0].tls.certificates[0].cert") && err.contains("none.pem"), "{err}");
+    assert!(err.contains("listeners[0].tls.without_sni") && err.contains("maybe"), "{err}");
+}
