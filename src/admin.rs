@@ -172,6 +172,18 @@ impl Admin {
 }
 
 impl Admin {
+    /// No token configured, or `Authorization: Bearer <token>` with it
+    /// (compared in constant time).
+    fn authorised(&self, req: &pingora::http::RequestHeader) -> bool {
+        let config = self.live.active();
+        let Some(token) = &config.admin.token else { return true };
+        let Some(given) = req.headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")) else {
+            return false;
+        };
+        let (a, b) = (given.trim().as_bytes(), token.0.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
     /// `POST /reload`: re-read the config file; answer once the new config
     /// serves (or has waited [`crate::live::ACTIVATE_WITHIN`] for its new
     /// sources). 200 applied or unchanged, 422 refused.
@@ -206,6 +218,13 @@ fn query_has(query: Option<&str>, key: &str) -> bool {
 impl ServeHttp for Admin {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
+        // With a token, everything but the health checks needs it.
+        let open = matches!(req.uri.path(), "/healthz" | "/readyz" | "/metrics");
+        if !open && !self.authorised(req) {
+            let mut r = reply(StatusCode::UNAUTHORIZED, "text/plain", b"a bearer token is required (admin.token_file)\n".to_vec());
+            r.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+            return r;
+        }
         if req.uri.path() == "/reload" {
             if req.method != http::Method::POST {
                 return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", b"only POST\n".to_vec());

@@ -526,7 +526,7 @@ pub fn fixed_changes(running: &Config, new: &Config) -> Vec<String> {
         threads, work_stealing, drain_timeout, shutdown_timeout, pid_file, upgrade_sock,
         upstream_keepalive_pool, express, park_idle_after,
     ]);
-    fields!(running.admin, new.admin, "admin", [listen]);
+    fields!(running.admin, new.admin, "admin", [listen, token]);
     fields!(running.access_log, new.access_log, "access_log", [enabled, format, target, buffer_lines]);
     match (&running.consul, &new.consul) {
         (Some(a), Some(b)) => fields!(a, b, "consul", [

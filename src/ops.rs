@@ -28,6 +28,20 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start a runtime: {e}"))
 }
 
+/// The admin token these commands send (`Authorization: Bearer`), from the
+/// file named by `SWITCHYARD_ADMIN_TOKEN_FILE`, when set.
+pub fn admin_token() -> Option<String> {
+    let path = std::env::var_os("SWITCHYARD_ADMIN_TOKEN_FILE")?;
+    std::fs::read_to_string(path).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+}
+
+fn with_token(req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    match admin_token() {
+        Some(t) => req.bearer_auth(t),
+        None => req,
+    }
+}
+
 /// GET `url` within `timeout`: (status code, JSON body).
 pub fn get_json(url: &str, timeout: Duration) -> Result<(u16, Value), String> {
     runtime()?.block_on(async {
@@ -36,9 +50,12 @@ pub fn get_json(url: &str, timeout: Duration) -> Result<(u16, Value), String> {
             .timeout(timeout)
             .build()
             .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
-        let resp = client.get(url).send().await.map_err(|e| format!("{url}: {e}"))?;
+        let resp = with_token(client.get(url)).send().await.map_err(|e| format!("{url}: {e}"))?;
         let code = resp.status().as_u16();
         let body = resp.bytes().await.map_err(|e| format!("{url}: reading the body: {e}"))?;
+        if code == 401 {
+            return Err(format!("{url}: 401: this admin API needs its token; set SWITCHYARD_ADMIN_TOKEN_FILE to the file admin.token_file names"));
+        }
         let v = serde_json::from_slice(&body).map_err(|e| format!("{url}: answered {code} with a body that is not JSON: {e}"))?;
         Ok((code, v))
     })
@@ -55,7 +72,7 @@ pub fn reload(admin: &str, timeout: Duration) -> u8 {
                 .timeout(timeout)
                 .build()
                 .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
-            let resp = client.post(&url).send().await.map_err(|e| format!("{url}: {e}"))?;
+            let resp = with_token(client.post(&url)).send().await.map_err(|e| format!("{url}: {e}"))?;
             let code = resp.status().as_u16();
             let body = resp.bytes().await.map_err(|e| format!("{url}: reading the body: {e}"))?;
             serde_json::from_slice::<Value>(&body)

@@ -152,3 +152,47 @@ fn access_log_records_requests_and_rotates() {
     }));
     assert!(p.fetch("/").0 == 200, "SIGHUP must not stop the proxy");
 }
+
+#[test]
+fn an_admin_token_guards_status_and_reload_but_not_the_health_checks() {
+    let a = Upstream::start("a");
+    let token = "s3cret-admin-token-0123456789";
+    let p = Proxy::builder(&format!("[[routes]]\ncluster = \"c\"\n[clusters.c]\nstatic = [\"{}\"]\n", a.addr))
+        .file("admin.token", &format!("{token}\n"))
+        .admin("token_file = \"admin.token\"")
+        .start();
+    let get = |path: &str, auth: Option<&str>| {
+        let mut r = p.http.get(p.admin_url(path));
+        if let Some(t) = auth {
+            r = r.bearer_auth(t);
+        }
+        r.send().unwrap()
+    };
+    for open in ["/healthz", "/readyz", "/readyz?vrrp", "/metrics"] {
+        assert!(get(open, None).status().is_success() || get(open, None).status() == 503, "{open} stays open");
+    }
+    let denied = get("/status", None);
+    assert_eq!(denied.status(), 401);
+    assert_eq!(denied.headers()["www-authenticate"], "Bearer");
+    assert_eq!(get("/status", Some("wrong-token-of-the-same-size!")).status(), 401);
+    assert_eq!(get("/status", Some(token)).status(), 200);
+    assert_eq!(p.http.post(p.admin_url("/reload")).send().unwrap().status(), 401);
+    // The operator commands send it from SWITCHYARD_ADMIN_TOKEN_FILE.
+    let cmd = |with: bool| {
+        let mut c = std::process::Command::new(bin());
+        c.args(["reload", "--admin", &p.admin.to_string()]);
+        if with {
+            c.env("SWITCHYARD_ADMIN_TOKEN_FILE", p.path("admin.token"));
+        } else {
+            c.env_remove("SWITCHYARD_ADMIN_TOKEN_FILE");
+        }
+        c.output().unwrap()
+    };
+    let out = cmd(false);
+    assert_ne!(out.status.code(), Some(0));
+    let out = cmd(true);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    // The token is in no answer and no log line.
+    let everything = format!("{}{}{}", p.stderr(), p.metrics(), p.http.get(p.admin_url("/status")).bearer_auth(token).send().unwrap().text().unwrap());
+    assert!(!everything.contains(token), "the admin token leaked");
+}

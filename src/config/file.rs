@@ -58,6 +58,8 @@ pub struct HaSection {
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
     pub listen: Option<String>,
+    /// A file holding the bearer token `/status` and `POST /reload` require.
+    pub token_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

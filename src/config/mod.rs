@@ -129,6 +129,18 @@ pub struct ServerSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminSettings {
     pub listen: SocketAddr,
+    /// The bearer token `/status` and `POST /reload` require (None: open).
+    pub token: Option<Secret>,
+}
+
+/// A secret that never shows in `Debug` output (logs, errors, panics).
+#[derive(Clone, PartialEq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

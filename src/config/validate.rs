@@ -293,7 +293,21 @@ impl Validator<'_> {
     }
 
     fn admin(&mut self, s: AdminSection, listeners: &[Listener]) -> AdminSettings {
-        let AdminSection { listen } = s;
+        let AdminSection { listen, token_file } = s;
+        let token = token_file.and_then(|f| {
+            let path = self.base.join(&f);
+            match std::fs::read_to_string(&path) {
+                Ok(t) if t.trim().len() >= 16 => Some(Secret(t.trim().to_string())),
+                Ok(_) => {
+                    self.err("admin.token_file", format!("{}: the token must be at least 16 characters", path.display()));
+                    None
+                }
+                Err(e) => {
+                    self.err("admin.token_file", format!("cannot read {}: {e}", path.display()));
+                    None
+                }
+            }
+        });
         let default: SocketAddr = "127.0.0.1:9901".parse().expect("valid literal");
         let listen = match listen {
             None => default,
@@ -309,7 +323,7 @@ impl Validator<'_> {
                 format!("{listen} is also a proxy listener; the admin API needs its own address"),
             );
         }
-        AdminSettings { listen }
+        AdminSettings { listen, token }
     }
 
     fn server(&mut self, s: ServerSection, listeners: &[Listener]) -> ServerSettings {

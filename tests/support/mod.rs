@@ -316,6 +316,7 @@ pub struct ProxyBuilder {
     body: String,
     files: Vec<(String, String)>,
     access_log: String,
+    admin: String,
 }
 
 impl ProxyBuilder {
@@ -344,6 +345,13 @@ impl ProxyBuilder {
         self
     }
 
+    /// Extra lines for the `[admin]` section.
+    pub fn admin(mut self, lines: &str) -> Self {
+        self.admin.push_str(lines);
+        self.admin.push('\n');
+        self
+    }
+
     /// Replace the `[access_log]` section.
     pub fn access_log(mut self, section: &str) -> Self {
         self.access_log = section.into();
@@ -361,9 +369,10 @@ impl ProxyBuilder {
             let admin_port = (0..20).map(|_| free_port()).find(|p| *p != addr.port()).expect("a second free port");
             let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
             let config = format!(
-                "[server]\nthreads = {threads}\n{server}\n[admin]\nlisten = \"{admin}\"\n\n{log}\n\n[[listeners]]\naddress = \"{addr}\"\n\n{body}\n",
+                "[server]\nthreads = {threads}\n{server}\n[admin]\nlisten = \"{admin}\"\n{admin_extra}\n{log}\n\n[[listeners]]\naddress = \"{addr}\"\n\n{body}\n",
                 threads = self.threads,
                 server = self.server,
+                admin_extra = self.admin,
                 log = self.access_log,
                 body = self.body
             );
@@ -422,6 +431,7 @@ impl Proxy {
             body: body.to_string(),
             files: Vec::new(),
             access_log: "[access_log]\npath = \"access.log\"".into(),
+            admin: String::new(),
         }
     }
 
