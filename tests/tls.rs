@@ -154,20 +154,19 @@ fn https_and_h2_over_alpn_route_and_tell_the_backend_it_was_https() {
     let (_, headers) = up.last_request().unwrap();
     assert_eq!(headers["x-forwarded-proto"], "https", "Django's SECURE_PROXY_SSL_HEADER sees https");
     // HTTP/1.1 over TLS too, and a real client: curl.
-    let out = Command::new("curl")
-        .args(["-sS", "--http1.1", "--cacert"])
-        .arg(p.path("ca.pem"))
-        .args(["--resolve", &format!("www.example.test:{}:127.0.0.1", p.addr.port()), "-w", " %{http_version}", &url(&p, "www.example.test", "/x")])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "web 1.1", "{}", String::from_utf8_lossy(&out.stderr));
-    let out = Command::new("curl")
-        .args(["-sS", "--http2", "--cacert"])
-        .arg(p.path("ca.pem"))
-        .args(["--resolve", &format!("www.example.test:{}:127.0.0.1", p.addr.port()), "-w", " %{http_version}", &url(&p, "www.example.test", "/x")])
-        .output()
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "web 2", "{}", String::from_utf8_lossy(&out.stderr));
+    let curl = |version: &str| {
+        let out = Command::new("curl")
+            .args(["-sS", version, "--cacert"])
+            .arg(p.path("ca.pem"))
+            .args(["--resolve", &format!("www.example.test:{}:127.0.0.1", p.addr.port()), "-w", " %{http_version}", &url(&p, "www.example.test", "/x")])
+            .output()
+            .unwrap();
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (out, err) = curl("--http1.1");
+    assert_eq!(out, "web 1.1", "{err}");
+    let (out, err) = curl("--http2");
+    assert_eq!(out, "web 2", "{err}");
     // Cleartext listeners still say http.
     let plain = Proxy::start(&format!("[[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"{}\"]\n", up.addr));
     assert_eq!(plain.fetch("/").0, 200);
