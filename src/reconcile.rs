@@ -73,6 +73,9 @@ pub struct Reconciler {
     last_inputs: Mutex<Option<Built>>,
     panics: Mutex<std::collections::BTreeSet<String>>,
     memo: Mutex<Memo>,
+    /// The config state (active serial, candidate serial) the file sources
+    /// were last synced to.
+    files_for: Mutex<Option<(u64, Option<u64>)>>,
 }
 
 /// Per cluster: the Consul snapshot last turned into backends, and the result,
@@ -117,6 +120,7 @@ impl Reconciler {
             last_inputs: Mutex::new(Some(built)),
             panics: Mutex::new(Default::default()),
             memo: Mutex::new(memo),
+            files_for: Mutex::new(None),
         };
         r.note_panics(&config, panics);
         Ok(r)
@@ -149,8 +153,14 @@ impl Reconciler {
 
     /// Start file sources for every catalog the active or the candidate
     /// config names, and stop those neither names any more.
+    /// Only when the config state changed since the last call: every
+    /// other input leaves the set of catalog files as it is.
     fn sync_files(&self, shutdown: &ShutdownWatch) {
         let state = self.live.state();
+        let version = (state.serial, state.candidate.as_ref().map(|c| c.serial));
+        if self.files_for.lock().unwrap_or_else(|e| e.into_inner()).replace(version) == Some(version) {
+            return;
+        }
         let wanted: std::collections::BTreeSet<PathBuf> = state.wanted().flat_map(|c| c.catalog_paths()).collect();
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         files.retain(|f| wanted.contains(&f.path));
