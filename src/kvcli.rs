@@ -11,11 +11,12 @@
 //! other silently.
 
 use crate::discovery::consul::client::{ClientError, ConsulClient};
+use crate::discovery::consul::kv;
+use crate::kvconfig::FileDoc;
 use crate::metrics::Metrics;
-use base64::Engine as _;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,19 +32,23 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 struct Ctx {
     client: ConsulClient,
     prefix: String,
-    doc: toml::Table,
-    base: PathBuf,
+    file: FileDoc,
     rt: tokio::runtime::Runtime,
 }
 
-/// One key as read: value and `ModifyIndex` (for check-and-set).
-struct Entry {
-    value: Vec<u8>,
-    index: u64,
+/// Every key under the prefix as read: value and `ModifyIndex` (for
+/// check-and-set).
+type Entries = BTreeMap<String, (Vec<u8>, u64)>;
+
+fn values(all: &Entries) -> BTreeMap<String, Vec<u8>> {
+    all.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect()
 }
 
 fn open(config: &Path) -> Result<Ctx, (u8, String)> {
-    let (doc, c) = crate::live::load_doc(config).map_err(|e| (EXIT_CONFIG, format!("{}:\n  {}", config.display(), e.join("\n  "))))?;
+    let (file, c) = FileDoc::load(config).map_err(|e| {
+        let errors: Vec<String> = e.0.iter().map(|e| e.to_string()).collect();
+        (EXIT_CONFIG, format!("{}:\n  {}", config.display(), errors.join("\n  ")))
+    })?;
     let settings = c.consul.ok_or((EXIT_CONFIG, format!("{}: no [consul] section: these commands need the Consul agent", config.display())))?;
     let prefix = settings
         .kv_prefix
@@ -54,7 +59,7 @@ fn open(config: &Path) -> Result<Ctx, (u8, String)> {
         .enable_all()
         .build()
         .map_err(|e| (EXIT_FAILED, format!("cannot start a runtime: {e}")))?;
-    Ok(Ctx { client, prefix, doc, base: crate::live::base_of(config), rt })
+    Ok(Ctx { client, prefix, file, rt })
 }
 
 fn unreachable(e: ClientError) -> (u8, String) {
@@ -71,39 +76,31 @@ impl Ctx {
     }
 
     /// Every key under the prefix (relative), with its index.
-    fn read_all(&self) -> Result<BTreeMap<String, Entry>, (u8, String)> {
+    fn read_all(&self) -> Result<Entries, (u8, String)> {
         let path = format!("/v1/kv/{}", self.prefix);
         let r = self.rt.block_on(self.client.request(reqwest::Method::GET, "kv", &path, &[("recurse", None)], None, TIMEOUT));
-        let body = match r {
-            Ok(resp) => resp.body,
-            Err(ClientError::Http { status: 404, .. }) => return Ok(BTreeMap::new()),
-            Err(e) => return Err(unreachable(e)),
-        };
-        let items: Vec<Value> = serde_json::from_slice(&body).map_err(|e| (EXIT_FAILED, format!("consul: the KV answer is not JSON: {e}")))?;
-        let mut out = BTreeMap::new();
-        for item in items {
-            let Some(key) = item.get("Key").and_then(Value::as_str) else { continue };
-            let Some(rel) = key.strip_prefix(&self.prefix).filter(|k| !k.is_empty() && !k.ends_with('/')) else { continue };
-            let value = match item.get("Value").and_then(Value::as_str) {
-                Some(b64) => base64::engine::general_purpose::STANDARD.decode(b64).unwrap_or_default(),
-                None => Vec::new(),
-            };
-            let index = item.get("ModifyIndex").and_then(Value::as_u64).unwrap_or(0);
-            out.insert(rel.to_string(), Entry { value, index });
+        match r {
+            Ok(resp) => kv::parse_entries(&resp.body, &self.prefix).map_err(|e| (EXIT_FAILED, format!("consul: bad KV answer: {e}"))),
+            Err(ClientError::Http { status: 404, .. }) => Ok(BTreeMap::new()),
+            Err(e) => Err(unreachable(e)),
         }
-        Ok(out)
+    }
+
+    /// The proxy's merge of these keys over the config file.
+    fn merge(&self, kv: &BTreeMap<String, Vec<u8>>) -> Result<crate::kvconfig::Merged, String> {
+        self.file.merge(kv).map_err(|errs| errs.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; "))
     }
 
     /// The proxy's verdict on the prefix with `key` set to `value` (None:
     /// deleted): Err with the reason when it would reject that key.
-    fn validate(&self, all: &BTreeMap<String, Entry>, key: &str, value: Option<&[u8]>) -> Result<(), String> {
-        let mut kv: BTreeMap<String, Vec<u8>> = all.iter().map(|(k, e)| (k.clone(), e.value.clone())).collect();
-        let before = crate::kvconfig::merge(&self.doc, &kv, &self.base, &crate::live::env).map_err(|e| format!("{e:?}"))?;
+    fn validate(&self, all: &Entries, key: &str, value: Option<&[u8]>) -> Result<(), String> {
+        let mut kv = values(all);
+        let before = self.merge(&kv)?;
         match value {
             Some(v) => kv.insert(key.to_string(), v.to_vec()),
             None => kv.remove(key),
         };
-        let after = crate::kvconfig::merge(&self.doc, &kv, &self.base, &crate::live::env).map_err(|e| format!("{e:?}"))?;
+        let after = self.merge(&kv)?;
         if let Some(e) = after.errors.iter().find(|e| e.key == key) {
             return Err(e.message.clone());
         }
@@ -128,7 +125,7 @@ impl Ctx {
         if let Err(e) = self.validate(&all, key, value) {
             return Err((EXIT_FAILED, format!("refused, nothing written: {}{key}: {e}", self.prefix)));
         }
-        let cas = all.get(key).map(|e| e.index).unwrap_or(0);
+        let cas = all.get(key).map(|(_, index)| *index).unwrap_or(0);
         if value.is_none() && cas == 0 {
             return Ok(());
         }
@@ -176,13 +173,9 @@ fn report(r: Result<(), (u8, String)>, ok: impl FnOnce()) -> u8 {
 pub fn list(config: &Path) -> u8 {
     let r = open(config).and_then(|c| {
         let all = c.read_all()?;
-        let mut kv: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-        for (k, e) in &all {
-            kv.insert(k.clone(), e.value.clone());
-        }
-        let merged = crate::kvconfig::merge(&c.doc, &kv, &c.base, &crate::live::env).map_err(|e| (EXIT_FAILED, format!("{e:?}")))?;
-        for (k, e) in &all {
-            let shown = String::from_utf8_lossy(&e.value).replace('\n', "\\n");
+        let merged = c.merge(&values(&all)).map_err(|e| (EXIT_FAILED, e))?;
+        for (k, (value, _)) in &all {
+            let shown = String::from_utf8_lossy(value).replace('\n', "\\n");
             let verdict = merged.errors.iter().find(|x| &x.key == k).map(|x| format!("   # rejected: {}", x.message)).unwrap_or_default();
             println!("{}{k} = {shown}{verdict}", c.prefix);
         }
@@ -198,8 +191,8 @@ pub fn get(config: &Path, key: &str) -> u8 {
     let r = open(config).and_then(|c| {
         let all = c.read_all()?;
         match all.get(key) {
-            Some(e) => {
-                println!("{}", String::from_utf8_lossy(&e.value));
+            Some((value, _)) => {
+                println!("{}", String::from_utf8_lossy(value));
                 Ok(())
             }
             None => Err((EXIT_FAILED, format!("{}{key}: no such key", c.prefix))),
@@ -314,8 +307,7 @@ pub fn maintenance(config: &Path, route: &str, on: bool, body: Option<&str>, ret
     let r = open(config).and_then(|c| {
         // A route that exists nowhere is a typo: say so instead of writing.
         let all = c.read_all()?;
-        let kv: BTreeMap<String, Vec<u8>> = all.iter().map(|(k, e)| (k.clone(), e.value.clone())).collect();
-        let merged = crate::kvconfig::merge(&c.doc, &kv, &c.base, &crate::live::env).map_err(|e| (EXIT_FAILED, format!("{e:?}")))?;
+        let merged = c.merge(&values(&all)).map_err(|e| (EXIT_FAILED, e))?;
         if on && !merged.config.routes.iter().any(|r| r.name == route) {
             let names: Vec<&str> = merged.config.routes.iter().map(|r| r.name.as_str()).collect();
             return Err((EXIT_FAILED, format!("refused, nothing written: no route {route:?} (routes: {})", names.join(", "))));

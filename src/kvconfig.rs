@@ -49,6 +49,27 @@ pub struct KvError {
     pub message: String,
 }
 
+/// A config file's document (valid on its own), which KV settings are
+/// merged over, and the directory its relative paths are resolved against.
+pub struct FileDoc {
+    pub doc: toml::Table,
+    pub base: std::path::PathBuf,
+}
+
+impl FileDoc {
+    /// Read and validate the file: its document and its own config.
+    pub fn load(path: &Path) -> Result<(FileDoc, Config), crate::error::ConfigErrors> {
+        let (doc, config) = crate::config::validate::load_document(path)?;
+        let base = crate::config::validate::base_dir(path).to_path_buf();
+        Ok((FileDoc { doc, base }, config))
+    }
+
+    /// [`merge`] with the process environment.
+    pub fn merge(&self, kv: &BTreeMap<String, Vec<u8>>) -> Result<Merged, Vec<ConfigError>> {
+        merge(&self.doc, kv, &self.base, &crate::config::validate::process_env)
+    }
+}
+
 /// The file's config merged with the keys that apply.
 pub struct Merged {
     pub config: Config,
@@ -361,15 +382,11 @@ pub fn merge(
         };
         // Reject the keys that touch what each error points at.
         let mut blamed: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-        let mut unattributed = false;
         for e in &errs {
             let hits = match blame(&e.path, &route_names) {
                 Some((target, field)) => culprits(&ops, &live, &target, field.as_deref()),
                 None => Vec::new(),
             };
-            if hits.is_empty() {
-                unattributed = true;
-            }
             for i in hits {
                 blamed.entry(i).or_default().push(e.to_string());
             }
@@ -377,9 +394,8 @@ pub fn merge(
         if blamed.is_empty() {
             return incremental(file, kv, ops, live, errors, base, env);
         }
-        // Errors no key is blamed for are looked at again next round (and
-        // then go the slow way).
-        let _ = unattributed;
+        // Errors no key is blamed for are looked at again next round (and,
+        // if they stay, go the slow way).
         for (i, msgs) in blamed {
             live[i] = false;
             reject(&mut errors, ops[i].0, msgs.join("; "));

@@ -19,7 +19,7 @@
 
 use crate::config::{Config, DiscoverySpec};
 use crate::discovery::consul::kv::KvSet;
-use crate::kvconfig::KvError;
+use crate::kvconfig::{FileDoc, KvError};
 use crate::metrics::Metrics;
 use crate::status::unix;
 use serde::Serialize;
@@ -111,13 +111,6 @@ pub struct KvStatus {
     pub errors: Vec<KvError>,
 }
 
-/// The config file's document (valid on its own), which KV settings are
-/// merged over.
-struct FileDoc {
-    doc: toml::Table,
-    base: PathBuf,
-}
-
 pub struct LiveConfig {
     path: Option<PathBuf>,
     tx: watch::Sender<ConfigState>,
@@ -139,10 +132,10 @@ pub struct LiveConfig {
 impl LiveConfig {
     pub fn new(config: Arc<Config>, path: Option<PathBuf>, consul_running: bool, metrics: Arc<Metrics>) -> Arc<Self> {
         let prefix = config.consul.as_ref().and_then(|c| c.kv_prefix.clone());
-        let file = path.as_ref().and_then(|p| match load_doc(p) {
-            Ok((doc, _)) => Some(FileDoc { doc, base: base_of(p) }),
+        let file = path.as_ref().and_then(|p| match FileDoc::load(p) {
+            Ok((file, _)) => Some(file),
             Err(errors) => {
-                tracing::warn!(path = %p.display(), errors = ?errors, "cannot re-read the config file; KV settings cannot be merged until a reload succeeds");
+                tracing::warn!(path = %p.display(), errors = %errors, "cannot re-read the config file; KV settings cannot be merged until a reload succeeds");
                 None
             }
         });
@@ -206,10 +199,9 @@ impl LiveConfig {
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
         let outcome = match &self.path {
             None => refused(vec!["this instance was not started from a config file; there is nothing to re-read".into()]),
-            Some(path) => match load_doc(path) {
-                Err(errors) => refused(errors),
-                Ok((doc, file_config)) => {
-                    let file = FileDoc { doc, base: base_of(path) };
+            Some(path) => match FileDoc::load(path) {
+                Err(errors) => refused(errors.0.iter().map(|e| e.to_string()).collect()),
+                Ok((file, file_config)) => {
                     match self.merged(&file, file_config) {
                         Err(errors) => refused(errors),
                         Ok(new) => {
@@ -231,8 +223,7 @@ impl LiveConfig {
     fn merged(&self, file: &FileDoc, file_config: Config) -> Result<Config, Vec<String>> {
         let kv = self.kv.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let Some(kv) = kv.filter(|_| self.kv_enabled) else { return Ok(file_config) };
-        let merged = crate::kvconfig::merge(&file.doc, &kv.entries, &file.base, &env)
-            .map_err(|errs| errs.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
+        let merged = file.merge(&kv.entries).map_err(|errs| errs.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
         self.note_kv(&kv, &merged);
         Ok(merged.config)
     }
@@ -264,7 +255,7 @@ impl LiveConfig {
         }
         let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let Some(file) = file.as_ref() else { return };
-        let merged = match crate::kvconfig::merge(&file.doc, &kv.entries, &file.base, &env) {
+        let merged = match file.merge(&kv.entries) {
             Ok(m) => m,
             Err(errs) => {
                 // Cannot happen while the file's document is valid on its own.
@@ -288,12 +279,9 @@ impl LiveConfig {
         *self.kv.lock().unwrap_or_else(|e| e.into_inner()) = Some(kv.clone());
         let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let Some(file) = file.as_ref() else { return };
-        if let Ok(merged) = crate::kvconfig::merge(&file.doc, &kv.entries, &file.base, &env) {
+        if let Ok(merged) = file.merge(&kv.entries) {
             self.note_kv(&kv, &merged);
-            self.tx.send_modify(|s| {
-                let running = (*s.active).clone();
-                s.active = Arc::new(Config { routes: merged.config.routes, clusters: merged.config.clusters, ..running });
-            });
+            self.tx.send_modify(|s| s.active = Arc::new(live_parts(&s.active, merged.config)));
         }
     }
 
@@ -345,12 +333,7 @@ impl LiveConfig {
         let state = self.state();
         let running = &state.active;
         let needs_restart = fixed_changes(running, &new);
-        // Keep the running values of everything that is not live.
-        let new = Config {
-            routes: new.routes,
-            clusters: new.clusters,
-            ..(**running).clone()
-        };
+        let new = live_parts(running, new);
         if !self.consul_running {
             let errors: Vec<String> = new
                 .clusters
@@ -482,22 +465,14 @@ impl pingora::services::background::BackgroundService for KvFollower {
     }
 }
 
-/// The process environment, for the `CONSUL_*` defaults.
-pub fn env(k: &str) -> Option<String> {
-    std::env::var(k).ok().filter(|v| !v.is_empty())
-}
-
-pub fn base_of(path: &std::path::Path) -> PathBuf {
-    path.parent().unwrap_or_else(|| std::path::Path::new(".")).to_path_buf()
-}
-
-/// Read and validate the config file: its document and its config.
-pub fn load_doc(path: &std::path::Path) -> Result<(toml::Table, Config), Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| vec![format!("cannot read config file {}: {e}", path.display())])?;
-    let doc = crate::config::validate::parse_toml(&text).map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
-    let config = crate::config::validate::validate_table(&doc, &base_of(path), &env)
-        .map_err(|e| e.0.iter().map(|e| e.to_string()).collect::<Vec<_>>())?;
-    Ok((doc, config))
+/// `new`'s routes and clusters (what changes live) with the running
+/// values of everything else.
+fn live_parts(running: &Config, new: Config) -> Config {
+    Config {
+        routes: new.routes,
+        clusters: new.clusters,
+        ..running.clone()
+    }
 }
 
 fn refused(errors: Vec<String>) -> Outcome {

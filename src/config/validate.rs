@@ -18,20 +18,38 @@ use std::time::Duration;
 /// Read and validate a config file. Relative paths inside it (catalog files,
 /// the access log) are resolved against the file's own directory.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    load_document(path).map(|(_, config)| config)
+}
+
+/// [`load`], also returning the file's TOML document (which Consul KV
+/// settings are merged over).
+pub fn load_document(path: &Path) -> Result<(toml::Table, Config), ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError::new(
             "",
             format!("cannot read config file {}: {e}", path.display()),
         )])
     })?;
-    let base = path.parent().unwrap_or_else(|| Path::new("."));
-    parse(&text, base)
+    let doc = parse_toml(&text)?;
+    let config = validate_table(&doc, base_dir(path), &process_env)?;
+    Ok((doc, config))
+}
+
+/// The directory a config file's relative paths are resolved against.
+pub fn base_dir(path: &Path) -> &Path {
+    path.parent().unwrap_or_else(|| Path::new("."))
+}
+
+/// The process environment (empty values count as unset), for the
+/// `CONSUL_*` defaults.
+pub fn process_env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
 }
 
 /// Validate config text. `base` anchors relative paths. The `CONSUL_*`
 /// environment variables fill in what the `[consul]` section leaves out.
 pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigErrors> {
-    parse_with_env(text, base, &|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    parse_with_env(text, base, &process_env)
 }
 
 /// [`parse`] with an explicit environment, for tests.

@@ -31,6 +31,11 @@ pub type KvRx = watch::Receiver<Option<Arc<KvSet>>>;
 /// itself are skipped; an entry that is not an object with a string `Key`
 /// fails the whole answer (the last good set stays).
 pub fn parse_kv(body: &[u8], prefix: &str) -> Result<BTreeMap<String, Vec<u8>>, String> {
+    Ok(parse_entries(body, prefix)?.into_iter().map(|(k, (v, _))| (k, v)).collect())
+}
+
+/// [`parse_kv`] with each key's `ModifyIndex` (for check-and-set writes).
+pub fn parse_entries(body: &[u8], prefix: &str) -> Result<BTreeMap<String, (Vec<u8>, u64)>, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
     let Value::Array(items) = v else { return Err("body is not a JSON array".into()) };
     let mut out = BTreeMap::new();
@@ -47,7 +52,8 @@ pub fn parse_kv(body: &[u8], prefix: &str) -> Result<BTreeMap<String, Vec<u8>>, 
                 .map_err(|e| format!("entry {key:?}: Value is not base64: {e}"))?,
             Some(_) => return Err(format!("entry {key:?}: Value is not a string")),
         };
-        out.insert(rel.to_string(), value);
+        let index = item.get("ModifyIndex").and_then(Value::as_u64).unwrap_or(0);
+        out.insert(rel.to_string(), (value, index));
     }
     Ok(out)
 }
