@@ -465,12 +465,13 @@ impl pingora::services::background::BackgroundService for KvFollower {
     }
 }
 
-/// `new`'s routes and clusters (what changes live) with the running
+/// `new`'s routes, clusters and forwarding rules (what changes live) with the running
 /// values of everything else.
 fn live_parts(running: &Config, new: Config) -> Config {
     Config {
         routes: new.routes,
         clusters: new.clusters,
+        forwarding: new.forwarding,
         ..running.clone()
     }
 }
@@ -547,6 +548,9 @@ fn changes(old: &Config, new: &Config) -> Vec<String> {
         if !new.clusters.contains_key(name) {
             out.push(format!("cluster {name} removed"));
         }
+    }
+    if old.forwarding != new.forwarding {
+        out.push("forwarding changed".to_string());
     }
     out
 }

@@ -171,33 +171,98 @@ fn error_statuses_404_502_503_504() {
     assert!(wait_until(Duration::from_secs(3), || counts() == (Some(1.0), Some(1.0))), "{:?}", counts());
 }
 
+const PATHS: [(&str, &str); 2] = [("express", "express = true"), ("HttpProxy", "express = false")];
+
 #[test]
 fn forwarded_headers_and_request_id() {
     let up = Upstream::start("h");
-    let p = Proxy::start(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")));
-    let r = p
-        .http
-        .get(p.url("/path?q=1"))
-        .header("host", "www.example.com")
-        .header("x-forwarded-for", "203.0.113.7")
-        .header("x-forwarded-proto", "https")
-        .header("x-request-id", "req-abc_123")
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["x-request-id"], "req-abc_123");
-    let (target, h) = up.last_request().unwrap();
-    assert_eq!(target, "/path?q=1");
-    assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
-    assert_eq!(h["x-forwarded-proto"], "http", "the client must not choose the scheme");
-    assert_eq!(h["x-forwarded-host"], "www.example.com");
-    assert_eq!(h["host"], "www.example.com");
-    assert_eq!(h["x-request-id"], "req-abc_123");
-    // An insane id is replaced by a generated one.
-    let r = p.http.get(p.url("/")).header("x-request-id", "a b\tc").send().unwrap();
-    let generated = r.headers()["x-request-id"].to_str().unwrap().to_string();
-    assert_eq!(generated.len(), 32);
-    assert_eq!(up.last_request().unwrap().1["x-request-id"], generated.as_str());
+    for (path, server) in PATHS {
+        let p = Proxy::builder(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], ""))).server(server).start();
+        let r = p
+            .http
+            .get(p.url("/path?q=1"))
+            .header("host", "www.example.com")
+            .header("x-forwarded-for", "203.0.113.7")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "evil.example")
+            .header("forwarded", "for=203.0.113.7;proto=https")
+            .header("x-request-id", "req-abc_123")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["x-request-id"], "req-abc_123");
+        let (target, h) = up.last_request().unwrap();
+        assert_eq!(target, "/path?q=1");
+        // No trusted proxies by default: a client cannot choose its address,
+        // scheme or host as the backend sees them.
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{path}: a spoofed list is replaced");
+        assert_eq!(h["x-forwarded-proto"], "http", "{path}: the client must not choose the scheme");
+        assert_eq!(h["x-forwarded-host"], "www.example.com", "{path}");
+        assert!(!h.contains_key("forwarded"), "{path}: an untrusted Forwarded is removed: {h:?}");
+        assert_eq!(h["host"], "www.example.com");
+        assert_eq!(h["x-request-id"], "req-abc_123");
+        // An insane id is replaced by a generated one.
+        let r = p.http.get(p.url("/")).header("x-request-id", "a b\tc").send().unwrap();
+        let generated = r.headers()["x-request-id"].to_str().unwrap().to_string();
+        assert_eq!(generated.len(), 32);
+        assert_eq!(up.last_request().unwrap().1["x-request-id"], generated.as_str());
+    }
+}
+
+#[test]
+fn trusted_proxies_extend_forwarding_headers() {
+    let up = Upstream::start("h");
+    for (path, server) in PATHS {
+        let body = format!(
+            "[forwarding]\ntrusted_proxies = [\"127.0.0.0/8\", \"::1\"]\nforwarded = true\n[[routes]]\ncluster = \"web\"\n{}",
+            static_cluster("web", &[up.addr], "")
+        );
+        let p = Proxy::builder(&body).server(server).start();
+        let r = p
+            .http
+            .get(p.url("/"))
+            .header("host", "www.example.com")
+            .header("x-forwarded-for", "203.0.113.7")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "shop.example")
+            .header("forwarded", "for=203.0.113.7;proto=https")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        let (_, h) = up.last_request().unwrap();
+        assert_eq!(h["x-forwarded-for"], "203.0.113.7, 127.0.0.1", "{path}");
+        assert_eq!(h["x-forwarded-proto"], "https", "{path}: the trusted front proxy's scheme");
+        assert_eq!(h["x-forwarded-host"], "shop.example", "{path}");
+        assert_eq!(h["forwarded"], "for=203.0.113.7;proto=https, for=127.0.0.1;proto=http;host=\"www.example.com\"", "{path}");
+        // Without headers of its own, the trusted peer gets this hop's.
+        p.http.get(p.url("/")).header("host", "www.example.com").send().unwrap();
+        let (_, h) = up.last_request().unwrap();
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{path}");
+        assert_eq!(h["x-forwarded-proto"], "http", "{path}");
+    }
+}
+
+#[test]
+fn hop_by_hop_headers_are_stripped() {
+    let up = Upstream::start("h");
+    for (path, server) in PATHS {
+        let p = Proxy::builder(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], ""))).server(server).start();
+        let resp = raw_exchange(
+            p.addr,
+            b"GET /hop HTTP/1.1\r\nHost: a.test\r\nConnection: close, X-Secret\r\nX-Secret: s\r\nKeep-Alive: timeout=5\r\n\
+              TE: trailers\r\nTrailer: X-T\r\nUpgrade: h2c\r\nProxy-Authorization: Basic eDp5\r\nProxy-Connection: keep-alive\r\n\
+              X-Kept: k\r\n\r\n",
+            Duration::from_secs(3),
+        );
+        assert!(resp.starts_with("HTTP/1.1 200"), "{path}: {resp}");
+        let (target, h) = up.last_request().unwrap();
+        assert_eq!(target, "/hop");
+        for name in ["x-secret", "keep-alive", "te", "trailer", "upgrade", "proxy-authorization", "proxy-connection"] {
+            assert!(!h.contains_key(name), "{path}: {name} reached the backend: {h:?}");
+        }
+        assert!(h.get("connection").is_none_or(|v| !v.to_str().unwrap().to_ascii_lowercase().contains("x-secret")), "{path}: {h:?}");
+        assert_eq!(h["x-kept"], "k", "{path}: an end-to-end header is kept");
+    }
 }
 
 #[test]

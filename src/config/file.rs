@@ -54,6 +54,18 @@ pub struct HaSection {
     pub max_persisted_age: Option<String>,
 }
 
+/// The `[forwarding]` section: which peers' forwarding headers are believed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardingSection {
+    /// Networks (CIDR or address) of proxies in front of this one whose
+    /// `X-Forwarded-*` and `Forwarded` headers are kept and extended.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Also send an RFC 7239 `Forwarded` header.
+    pub forwarded: Option<bool>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
@@ -278,6 +290,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "clusters",
     "consul",
     "ha",
+    "forwarding",
 ];
 
 /// Named clusters, in name order.

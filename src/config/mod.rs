@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use std::sync::Arc;
 
 /// Where the shipped example config lives; `run` and `check` default to it.
 pub const DEFAULT_CONFIG_PATH: &str = "config/switchyard.toml";
@@ -28,6 +29,28 @@ pub struct Config {
     /// Present when a cluster uses Consul (or a `[consul]` section is given).
     pub consul: Option<ConsulSettings>,
     pub ha: HaSettings,
+    pub forwarding: Arc<ForwardingSettings>,
+}
+
+/// The `[forwarding]` section, validated. Changes apply on reload.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ForwardingSettings {
+    /// Peers whose forwarding headers are extended; everyone else's are replaced.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Send an RFC 7239 `Forwarded` header too.
+    pub forwarded: bool,
+}
+
+impl ForwardingSettings {
+    /// Whether a connection from `peer` may tell us about earlier hops.
+    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        // An IPv4 client on a dual-stack socket shows up as ::ffff:a.b.c.d.
+        let peer = match peer {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(peer),
+            v4 => v4,
+        };
+        self.trusted_proxies.iter().any(|n| n.contains(&peer))
+    }
 }
 
 /// The `[ha]` section: this node's part in a keepalived pair.

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
+use std::sync::Arc;
 
 /// Read and validate a config file. Relative paths inside it (catalog files,
 /// the access log) are resolved against the file's own directory.
@@ -90,6 +91,7 @@ pub fn validate_table(table: &toml::Table, base: &Path, env: &dyn Fn(&str) -> Op
     let clusters: BTreeMap<String, ClusterSection> = v.named(&table, "clusters");
     let consul_section: Option<ConsulSection> = v.section(&table, "consul");
     let ha: HaSection = v.section(&table, "ha").unwrap_or_default();
+    let forwarding: ForwardingSection = v.section(&table, "forwarding").unwrap_or_default();
     let consul_needed = clusters.values().any(|c| c.consul.is_some());
     // With KV settings on, routes may all come from Consul.
     let routes_required = !consul_section.as_ref().is_some_and(|c| c.kv == Some(true));
@@ -99,6 +101,7 @@ pub fn validate_table(table: &toml::Table, base: &Path, env: &dyn Fn(&str) -> Op
     let server = v.server(server, &listeners);
     let access_log = v.access_log(access_log);
     let ha = v.ha(ha);
+    let forwarding = Arc::new(v.forwarding(forwarding));
     let clusters = v.clusters(clusters);
     // Clusters that failed to deserialise still exist for the routes naming them.
     let cluster_names: Vec<String> = match table.get("clusters") {
@@ -123,6 +126,7 @@ pub fn validate_table(table: &toml::Table, base: &Path, env: &dyn Fn(&str) -> Op
             clusters,
             consul,
             ha,
+            forwarding,
         })
     } else {
         Err(ConfigErrors(v.errors))
@@ -831,6 +835,26 @@ impl Validator<'_> {
         sel
     }
 
+    /// A list of networks, each a CIDR or a single address.
+    fn networks(&mut self, p: &str, list: &[String]) -> Vec<ipnet::IpNet> {
+        let mut nets = Vec::new();
+        for (i, a) in list.iter().enumerate() {
+            match a.parse::<ipnet::IpNet>().or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
+                Ok(n) => nets.push(n.trunc()),
+                Err(_) => self.err(format!("{p}[{i}]"), format!("invalid network {a:?}: expected a CIDR such as \"10.0.0.0/8\" or an address")),
+            }
+        }
+        nets
+    }
+
+    fn forwarding(&mut self, s: ForwardingSection) -> ForwardingSettings {
+        let ForwardingSection { trusted_proxies, forwarded } = s;
+        ForwardingSettings {
+            trusted_proxies: self.networks("forwarding.trusted_proxies", &trusted_proxies),
+            forwarded: forwarded.unwrap_or(false),
+        }
+    }
+
     fn maintenance(&mut self, p: &str, m: MaintenanceSection) -> Option<Maintenance> {
         let MaintenanceSection { enabled, body, retry_after, allow } = m;
         let retry = self.duration(&format!("{p}.retry_after"), retry_after.as_ref(), Duration::from_secs(60));
@@ -842,13 +866,7 @@ impl Validator<'_> {
                 self.err(format!("{p}.body"), format!("invalid value: {} bytes, at most 65536", b.len()));
             }
         }
-        let mut nets = Vec::new();
-        for (i, a) in allow.iter().enumerate() {
-            match a.parse::<ipnet::IpNet>().or_else(|_| a.parse::<std::net::IpAddr>().map(ipnet::IpNet::from)) {
-                Ok(n) => nets.push(n.trunc()),
-                Err(_) => self.err(format!("{p}.allow[{i}]"), format!("invalid network {a:?}: expected a CIDR such as \"10.0.0.0/8\" or an address")),
-            }
-        }
+        let nets = self.networks(&format!("{p}.allow"), &allow);
         enabled.unwrap_or(true).then(|| Maintenance {
             body: bytes::Bytes::from(body.unwrap_or_else(|| MAINTENANCE_BODY.to_string())),
             retry_after_secs: retry.as_secs(),
@@ -1055,6 +1073,21 @@ static = ["127.0.0.1:8001"]
         assert!(e.iter().any(|e| e.contains("routes[0].maintenance.allow[0]") && e.contains("10.0.0.0/33")), "{e:?}");
         assert!(e.iter().any(|e| e.contains("clusters.web.instances.a.weight") && e.contains("70000")), "{e:?}");
         assert!(e.iter().any(|e| e.contains("clusters.web.instances.b") && e.contains("`weight` or `drain`")), "{e:?}");
+    }
+
+    #[test]
+    fn forwarding_section() {
+        let c = parse(MINIMAL, Path::new("/etc/sy")).unwrap();
+        assert!(c.forwarding.trusted_proxies.is_empty() && !c.forwarding.forwarded, "trust no one by default");
+        let ok = format!("[forwarding]\ntrusted_proxies = [\"10.1.2.3/8\", \"2001:db8::1\"]\nforwarded = true\n{MINIMAL}");
+        let c = parse(&ok, Path::new("/etc/sy")).unwrap();
+        assert_eq!(c.forwarding.trusted_proxies, vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::1/128".parse().unwrap()]);
+        assert!(c.forwarding.forwarded);
+        assert!(c.forwarding.trusts("10.9.9.9".parse().unwrap()) && !c.forwarding.trusts("11.0.0.1".parse().unwrap()));
+        let e = errs(&format!("[forwarding]\ntrusted_proxies = [\"10.0.0.0/8\", \"lb.example\"]\nforwarded = \"yes\"\n{MINIMAL}"));
+        assert!(e.iter().any(|e| e.contains("forwarding") && e.contains("forwarded")), "{e:?}");
+        let e = errs(&format!("[forwarding]\ntrusted_proxies = [\"10.0.0.0/8\", \"lb.example\"]\n{MINIMAL}"));
+        assert!(e.iter().any(|e| e.contains("forwarding.trusted_proxies[1]") && e.contains("lb.example")), "{e:?}");
     }
 
     #[test]

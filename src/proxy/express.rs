@@ -167,7 +167,7 @@ impl Express {
     {
         let (read_timeout, write_timeout) = (peer.peer.options.read_timeout, peer.peer.options.write_timeout);
         let mut out = Vec::with_capacity(1024);
-        req.write_upstream(&mut out, headers::forwarding(req, addr, &ctx.request_id, false));
+        req.write_upstream(&mut out, headers::forwarding(req, addr, &ctx.request_id, false, ctx.forwarding()));
         if let Err(e) = send(&mut up, &out, write_timeout).await {
             return Ok(Attempt::Failed(e));
         }

@@ -201,7 +201,7 @@ impl RawRequest {
     /// lets through) and without any header that `forwarding` replaces, then
     /// the `forwarding` headers.
     pub fn write_upstream<'a>(&self, out: &mut Vec<u8>, forwarding: impl Iterator<Item = (HeaderName, FwdValue<'a>)>) {
-        let mut fwd: [Option<(HeaderName, FwdValue)>; 4] = [None, None, None, None];
+        let mut fwd: [Option<(HeaderName, FwdValue)>; 5] = [None, None, None, None, None];
         for (slot, h) in fwd.iter_mut().zip(forwarding) {
             *slot = Some(h);
         }
@@ -217,7 +217,9 @@ impl RawRequest {
             put_header(out, name, value);
         }
         for (name, value) in fwd.iter().flatten() {
-            put_header(out, name.as_str().as_bytes(), value.as_bytes());
+            if !matches!(value, FwdValue::Remove) {
+                put_header(out, name.as_str().as_bytes(), value.as_bytes());
+            }
         }
         out.extend_from_slice(b"\r\n");
     }

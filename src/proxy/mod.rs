@@ -212,7 +212,18 @@ pub struct Ctx {
     _gauge: RequestGauge,
 }
 
+/// The forwarding rules before any table exists: trust no one.
+static NO_FORWARDING_TRUST: crate::config::ForwardingSettings = crate::config::ForwardingSettings {
+    trusted_proxies: Vec::new(),
+    forwarded: false,
+};
+
 impl Ctx {
+    /// The forwarding rules of the table this request was routed with.
+    fn forwarding(&self) -> &crate::config::ForwardingSettings {
+        self.table.as_ref().map(|t| &*t.forwarding).unwrap_or(&NO_FORWARDING_TRUST)
+    }
+
     fn route_spec(&self) -> Option<&crate::config::RouteSpec> {
         Some(&self.table.as_ref()?.routes[self.route? as usize].spec)
     }
@@ -362,7 +373,7 @@ impl ProxyHttp for Proxy {
         let client = headers::ClientAddr::of_peer(session.client_addr());
         let req = session.req_header();
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        headers::forwarded(req, session.is_http2(), client.as_ref(), upstream_request, &ctx.request_id, tls)
+        headers::forwarded(req, session.is_http2(), client.as_ref(), upstream_request, &ctx.request_id, tls, ctx.forwarding())
     }
 
     async fn upstream_response_filter(

@@ -283,6 +283,8 @@ pub struct RoutingTable {
     pub unrouted: RouteMetrics,
     /// SHA-256 (first 16 hex digits) of [`RoutingTable::normalised`].
     pub digest: String,
+    /// Whose forwarding headers to believe, and which to send.
+    pub forwarding: Arc<crate::config::ForwardingSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -370,6 +372,7 @@ impl RoutingTable {
                 None => states.metrics().route_handles("", ""),
             },
             digest: String::new(),
+            forwarding: config.forwarding.clone(),
         };
         table.digest = digest_of(&table.normalised_routes(), table.clusters.iter().map(|c| c.digest.clone()).collect());
         Ok(table)
