@@ -19,7 +19,7 @@ pub const PREFIX: &str = "switchyard";
 pub const CODE_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// Upstream attempt outcomes used as `outcome` label values.
-pub const OUTCOMES: [&str; 4] = ["ok", "connect_error", "timeout", "error"];
+pub const OUTCOMES: [&str; 5] = ["ok", "connect_error", "timeout", "error", "tls_error"];
 
 pub struct Metrics {
     registry: Registry,
@@ -399,11 +399,13 @@ pub enum Outcome {
     ConnectError = 1,
     Timeout = 2,
     Error = 3,
+    /// The TLS handshake with the backend failed (its certificate did not verify, say).
+    TlsError = 4,
 }
 
 #[derive(Clone)]
 pub struct BackendMetrics {
-    by_outcome: [IntCounter; 4],
+    by_outcome: [IntCounter; 5],
 }
 
 impl BackendMetrics {

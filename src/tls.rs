@@ -81,6 +81,76 @@ impl Table {
     }
 }
 
+/// The CA certificates and client certificate of a cluster's backend TLS,
+/// in the form Pingora's connector takes them.
+pub struct BackendTlsMaterial {
+    /// None: the connector's roots (the system's).
+    pub ca: Option<Arc<pingora::protocols::tls::CaType>>,
+    pub client: Option<Arc<pingora::utils::tls::CertKey>>,
+    /// Every DER the files held: what two loads are compared by.
+    ders: Vec<Vec<u8>>,
+}
+
+impl PartialEq for BackendTlsMaterial {
+    fn eq(&self, other: &Self) -> bool {
+        self.ders == other.ders
+    }
+}
+
+impl std::fmt::Debug for BackendTlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("BackendTlsMaterial")
+            .field("ca_certificates", &self.ca.as_ref().map(|c| c.len()))
+            .field("client_certificate", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl BackendTlsMaterial {
+    /// Read and check the files; an error names the field (`ca`,
+    /// `client_cert`) and says what is wrong.
+    pub fn load(ca: Option<&std::path::Path>, client: Option<&CertFiles>) -> Result<Self, (&'static str, String)> {
+        let mut ders = Vec::new();
+        let ca = match ca {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| ("ca", format!("cannot read {}: {e}", path.display())))?;
+                let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| ("ca", format!("{}: not a PEM certificate file: {e}", path.display())))?;
+                if certs.is_empty() {
+                    return Err(("ca", format!("{}: no certificate in the file", path.display())));
+                }
+                let mut wrapped = Vec::with_capacity(certs.len());
+                for c in certs {
+                    // Checked here: Pingora's wrapper panics on a bad one.
+                    describe(&c, path).map_err(|e| ("ca", e))?;
+                    ders.push(c.to_vec());
+                    wrapped.push(pingora::utils::tls::WrappedX509::new(c.to_vec(), pingora::utils::tls::parse_x509));
+                }
+                Some(Arc::from(wrapped.into_boxed_slice()))
+            }
+        };
+        let client = match client {
+            None => None,
+            Some(files) => {
+                let (certified, _) = load_pair(files).map_err(|e| ("client_cert", e))?;
+                let key_pem = std::fs::read(&files.key).map_err(|e| ("client_key", format!("cannot read {}: {e}", files.key.display())))?;
+                let key = rustls_pemfile::private_key(&mut &key_pem[..])
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| ("client_key", format!("{}: no private key in the file", files.key.display())))?;
+                let chain: Vec<Vec<u8>> = certified.cert.iter().map(|c| c.to_vec()).collect();
+                ders.extend(chain.iter().cloned());
+                ders.push(key.secret_der().to_vec());
+                Some(Arc::new(pingora::utils::tls::CertKey::new(chain, key.secret_der().to_vec())))
+            }
+        };
+        Ok(BackendTlsMaterial { ca, client, ders })
+    }
+}
+
 /// Parse and check one pair: the chain, the key, and that they belong together.
 pub fn load_pair(files: &CertFiles) -> Result<(Arc<CertifiedKey>, CertInfo), String> {
     let cert_pem = std::fs::read(&files.cert).map_err(|e| format!("cannot read {}: {e}", files.cert.display()))?;

@@ -262,3 +262,202 @@ fn a_broken_certificate_is_a_config_error_naming_the_field() {
     assert!(err.contains("listeners[0].tls.certificates[0].cert") && err.contains("none.pem"), "{err}");
     assert!(err.contains("listeners[0].tls.without_sni") && err.contains("maybe"), "{err}");
 }
+
+// ---- TLS to backends ----------------------------------------------------
+
+const PATHS: [(&str, &str); 2] = [("express", "express = true"), ("HttpProxy", "express = false")];
+
+/// An HTTPS backend: terminates TLS with rustls (optionally requiring a
+/// client certificate signed by `client_ca`) and passes the bytes to a
+/// cleartext `Upstream`, which records the requests.
+struct TlsBackend {
+    addr: std::net::SocketAddr,
+    /// Per accepted handshake: the SNI the client sent and whether it
+    /// presented a client certificate.
+    seen: Arc<std::sync::Mutex<Vec<(Option<String>, bool)>>>,
+    failed_handshakes: Arc<AtomicU64>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TlsBackend {
+    fn start(cert_pem: &str, key_pem: &str, client_ca: Option<&str>, to: std::net::SocketAddr) -> TlsBackend {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_bytes()).collect::<Result<_, _>>().unwrap();
+        let key = rustls_pemfile::private_key(&mut key_pem.as_bytes()).unwrap().unwrap();
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
+        let builder = match client_ca {
+            Some(pem) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in rustls_pemfile::certs(&mut pem.as_bytes()) {
+                    roots.add(c.unwrap()).unwrap();
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let config = Arc::new(builder.with_single_cert(certs, key).unwrap());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let failed_handshakes = Arc::new(AtomicU64::new(0));
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let (s, f) = (seen.clone(), failed_handshakes.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                loop {
+                    let tcp = tokio::select! {
+                        _ = &mut stopped => return,
+                        a = listener.accept() => match a { Ok((tcp, _)) => tcp, Err(_) => continue },
+                    };
+                    let (acceptor, s, f) = (acceptor.clone(), s.clone(), f.clone());
+                    tokio::spawn(async move {
+                        let mut tls = match acceptor.accept(tcp).await {
+                            Ok(t) => t,
+                            Err(_) => {
+                                f.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                        };
+                        let conn = tls.get_ref().1;
+                        s.lock().unwrap().push((conn.server_name().map(str::to_string), conn.peer_certificates().is_some()));
+                        let Ok(mut up) = tokio::net::TcpStream::connect(to).await else { return };
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                    });
+                }
+            });
+        });
+        TlsBackend { addr, seen, failed_handshakes, stop: Some(stop), thread: Some(thread) }
+    }
+
+    fn last_handshake(&self) -> Option<(Option<String>, bool)> {
+        self.seen.lock().unwrap().last().cloned()
+    }
+}
+
+impl Drop for TlsBackend {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn backend_tls_proxy(server: &str, backend: std::net::SocketAddr, tls: &str, files: &[(&str, &str)]) -> Proxy {
+    let mut b = Proxy::builder(&format!(
+        "[[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"{backend}\"]\nretries = 0\ntls = {{ {tls} }}\n"
+    ))
+    .server(server);
+    for (name, text) in files {
+        b = b.file(name, text);
+    }
+    b.start()
+}
+
+#[test]
+fn tls_to_backends_verifies_the_name_and_presents_a_client_certificate() {
+    let ca = Ca::new();
+    let up = Upstream::start("secure-app");
+    let (c, k) = ca.leaf(&["app.internal"], 7);
+    let backend = TlsBackend::start(&c, &k, Some(&ca.cert.pem()), up.addr);
+    let (cc, ck) = ca.leaf(&["switchyard.client"], 8);
+    let ca_pem = ca.cert.pem();
+    for (path, server) in PATHS {
+        let p = backend_tls_proxy(
+            server,
+            backend.addr,
+            "server_name = \"app.internal\", ca = \"ca.pem\", client_cert = \"client.pem\", client_key = \"client.key\"",
+            &[("ca.pem", &ca_pem), ("client.pem", &cc), ("client.key", &ck)],
+        );
+        for i in 0..3 {
+            let (status, body) = p.fetch(&format!("/tls/{i}"));
+            assert_eq!((status, body.as_str()), (200, "secure-app"), "{path}");
+            assert_eq!(up.last_request().unwrap().0, format!("/tls/{i}"));
+        }
+        assert_eq!(backend.last_handshake(), Some((Some("app.internal".to_string()), true)), "{path}: SNI and client certificate");
+        let m = parse_metrics(&p.metrics());
+        assert_eq!(
+            sample(&m, "switchyard_upstream_requests_total", &[("cluster", "web"), ("backend", &backend.addr.to_string()), ("outcome", "ok")]),
+            Some(3.0),
+            "{path}"
+        );
+        // Without the client certificate the backend refuses the handshake: 502.
+        let p = backend_tls_proxy(server, backend.addr, "server_name = \"app.internal\", ca = \"ca.pem\"", &[("ca.pem", &ca_pem)]);
+        let before = up.hits();
+        assert_eq!(p.fetch("/no-client-cert").0, 502, "{path}");
+        assert_eq!(up.hits(), before, "{path}: nothing reached the app");
+    }
+    assert!(backend.failed_handshakes.load(Ordering::Relaxed) >= 2);
+}
+
+#[test]
+fn tls_to_a_backend_with_a_wrong_ca_is_a_502_with_a_clear_log_line() {
+    let ours = Ca::new();
+    let theirs = Ca::new();
+    let up = Upstream::start("app");
+    let (c, k) = theirs.leaf(&["app.internal"], 9);
+    let backend = TlsBackend::start(&c, &k, None, up.addr);
+    let ours_pem = ours.cert.pem();
+    for (path, server) in PATHS {
+        let p = backend_tls_proxy(server, backend.addr, "server_name = \"app.internal\", ca = \"ca.pem\"", &[("ca.pem", &ours_pem)]);
+        let before = up.hits();
+        for _ in 0..3 {
+            let (status, body) = p.fetch("/");
+            assert_eq!(status, 502, "{path}: {body}");
+        }
+        assert_eq!(up.hits(), before, "{path}: nothing reached the app");
+        let logged = || {
+            let log = p.stderr();
+            log.lines()
+                .filter(|l| l.contains("TLS to backend failed") && l.contains("web") && l.contains(&backend.addr.to_string()))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert!(wait_until(Duration::from_secs(3), || !logged().is_empty()), "{path}: {}", p.stderr());
+        let lines = logged();
+        eprintln!("{path}: {}", lines[0]);
+        assert_eq!(lines.len(), 1, "{path}: logged once per 10 s, not per request: {lines:?}");
+        assert!(lines[0].contains("app.internal") && lines[0].to_lowercase().contains("certificate"), "{path}: {}", lines[0]);
+        let m = parse_metrics(&p.metrics());
+        assert_eq!(
+            sample(&m, "switchyard_upstream_requests_total", &[("cluster", "web"), ("backend", &backend.addr.to_string()), ("outcome", "tls_error")]),
+            Some(3.0),
+            "{path}"
+        );
+        // The same backend with verification off (no name needed) serves.
+        let p = backend_tls_proxy(server, backend.addr, "verify = false", &[]);
+        assert_eq!(p.fetch("/unverified"), (200, "app".to_string()), "{path}");
+        assert_eq!(backend.last_handshake(), Some((None, false)), "{path}: no SNI without a server_name");
+    }
+}
+
+#[test]
+fn backend_tls_errors_name_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("junk.pem"), "not a certificate\n").unwrap();
+    let cfg = dir.path().join("s.toml");
+    std::fs::write(
+        &cfg,
+        "[[routes]]\ncluster = \"a\"\n[[routes]]\npath_prefix = \"/b\"\ncluster = \"b\"\n[[routes]]\npath_prefix = \"/c\"\ncluster = \"c\"\n\
+         [clusters.a]\nstatic = [\"127.0.0.1:9000\"]\ntls = { ca = \"missing.pem\" }\n\
+         [clusters.b]\nstatic = [\"127.0.0.1:9001\"]\ntls = { server_name = \"b.internal\", ca = \"junk.pem\", client_cert = \"c.pem\" }\n\
+         [clusters.c]\nstatic = [\"127.0.0.1:9002\"]\ntls = { server_name = \"bad name!\", verify = \"yes\" }\n",
+    )
+    .unwrap();
+    let out = Command::new(bin()).args(["check", "--config"]).arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("clusters.a.tls.server_name") && err.contains("required"), "{err}");
+    assert!(err.contains("clusters.a.tls.ca") && err.contains("missing.pem"), "{err}");
+    assert!(err.contains("clusters.b.tls.client_key") && err.contains("client_cert"), "{err}");
+    assert!(err.contains("clusters.b.tls.ca") && err.contains("junk.pem"), "{err}");
+    assert!(err.contains("clusters.c") && err.contains("verify"), "{err}");
+}

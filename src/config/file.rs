@@ -277,6 +277,23 @@ pub struct ClusterSection {
     /// Per-instance overrides, keyed by Consul service ID or `ip:port`.
     #[serde(default)]
     pub instances: BTreeMap<String, InstanceSection>,
+    /// Connect to the backends over TLS.
+    pub tls: Option<BackendTlsSection>,
+}
+
+/// `clusters.NAME.tls`: TLS from Switchyard to the cluster's backends.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendTlsSection {
+    /// SNI, and the name the backend's certificate must carry.
+    pub server_name: Option<String>,
+    /// PEM file of the CAs to trust (default: the system's roots).
+    pub ca: Option<String>,
+    /// Verify the backend's certificate (default true).
+    pub verify: Option<bool>,
+    /// A client certificate chain (PEM) to present, with `client_key`.
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
 }
 
 /// Top-level sections, deserialised one by one so that an error in one does

@@ -380,6 +380,22 @@ pub struct ClusterSpec {
     pub retries: u32,
     /// Keyed by Consul service ID or `ip:port`.
     pub instances: BTreeMap<String, InstanceOverride>,
+    /// Some: the backends are reached over TLS.
+    pub tls: Option<BackendTls>,
+}
+
+/// `clusters.NAME.tls`, validated, with its files loaded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendTls {
+    /// SNI and verified name; empty only with `verify = false`.
+    pub server_name: String,
+    pub verify: bool,
+    /// None: the system's roots.
+    pub ca: Option<PathBuf>,
+    pub client: Option<crate::tls::CertFiles>,
+    /// What the files held when the config was read (compared by content,
+    /// so a reload with a changed CA file rebuilds the cluster).
+    pub material: Arc<crate::tls::BackendTlsMaterial>,
 }
 
 impl Config {

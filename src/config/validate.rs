@@ -314,6 +314,41 @@ impl Validator<'_> {
         ok.then_some(ListenerTls { certificates: files, refuse_without_sni: refuse })
     }
 
+    fn backend_tls(&mut self, p: &str, t: BackendTlsSection) -> Option<BackendTls> {
+        let BackendTlsSection { server_name, ca, verify, client_cert, client_key } = t;
+        let verify = verify.unwrap_or(true);
+        let server_name = server_name.unwrap_or_default();
+        if server_name.is_empty() && verify {
+            self.err(
+                format!("{p}.server_name"),
+                "required while `verify = true`: the name the backends' certificates must carry (backends are addressed by IP)",
+            );
+        } else if !server_name.is_empty() && rustls::pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+            self.err(format!("{p}.server_name"), format!("invalid value {server_name:?}: expected a DNS name or an IP address"));
+        }
+        let ca = ca.map(|c| self.base.join(c));
+        let client = match (client_cert, client_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::CertFiles { cert: self.base.join(cert), key: self.base.join(key) }),
+            (None, None) => None,
+            (Some(_), None) => {
+                self.err(format!("{p}.client_key"), "missing: `client_cert` needs its `client_key`");
+                None
+            }
+            (None, Some(_)) => {
+                self.err(format!("{p}.client_cert"), "missing: `client_key` needs its `client_cert`");
+                None
+            }
+        };
+        let material = match crate::tls::BackendTlsMaterial::load(ca.as_deref(), client.as_ref()) {
+            Ok(m) => m,
+            Err((field, e)) => {
+                self.err(format!("{p}.{field}"), e);
+                return None;
+            }
+        };
+        Some(BackendTls { server_name, verify, ca, client, material: Arc::new(material) })
+    }
+
     fn admin(&mut self, s: AdminSection, listeners: &[Listener]) -> AdminSettings {
         let AdminSection { listen, token_file } = s;
         let token = token_file.and_then(|f| {
@@ -518,6 +553,7 @@ impl Validator<'_> {
                 idle_timeout,
                 retries,
                 instances,
+                tls,
             } = c;
             let sources = [static_.is_some(), file.is_some(), consul.is_some()].iter().filter(|&&b| b).count();
             let discovery = match (static_, file, consul) {
@@ -603,6 +639,7 @@ impl Validator<'_> {
                 idle_timeout: self.duration(&format!("{p}.idle_timeout"), idle_timeout.as_ref(), Duration::from_secs(60)),
                 retries: retries.min(10),
                 instances: self.instances(&p, instances),
+                tls: tls.and_then(|t| self.backend_tls(&format!("{p}.tls"), t)),
             };
             // A cluster with errors stays known, so routes pointing at it report only their own.
             out.insert(name, spec);

@@ -124,7 +124,7 @@ impl Express {
             let (up, reused) = match self.connection(&peer).await {
                 Ok(x) => x,
                 Err(e) => {
-                    ctx.record_outcome(outcome_of(&e));
+                    ctx.connect_failed(&e);
                     ctx.inflight = None;
                     if ctx.may_retry_connect() {
                         continue;

@@ -29,6 +29,7 @@ use pingora::proxy::{FailToProxy, HttpProxy, ProxyHttp, Session};
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -242,6 +243,34 @@ impl Ctx {
         }
     }
 
+    /// A connection to the current backend failed (both request paths):
+    /// counted, and a TLS failure — a backend whose certificate does not
+    /// verify fails every request, which the operator must hear about — is
+    /// logged, at most every 10 s per backend.
+    fn connect_failed(&self, e: &Error) {
+        let outcome = outcome_of(e);
+        self.record_outcome(outcome);
+        if outcome != Outcome::TlsError {
+            return;
+        }
+        let (Some(cluster), Some(backend)) = (self.cluster(), self.backend()) else { return };
+        let now = process_millis();
+        let last = backend.state.tls_warned_ms.load(Ordering::Relaxed);
+        if (last != 0 && now.saturating_sub(last) < 10_000)
+            || backend.state.tls_warned_ms.compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            return;
+        }
+        let server_name = cluster.spec.tls.as_ref().map(|t| t.server_name.as_str()).unwrap_or("");
+        tracing::warn!(
+            cluster = %cluster.name,
+            backend = %backend.addr,
+            server_name,
+            error = %e,
+            "TLS to backend failed (requests to it fail until its certificate verifies; logged at most every 10 s per backend)"
+        );
+    }
+
     /// Whether another attempt is allowed (retry budget left).
     fn budget_left(&self) -> bool {
         self.cluster().is_some_and(|c| (self.tried.len() as u32) <= c.spec.retries)
@@ -313,11 +342,18 @@ async fn respond(session: &mut Session, failure: ProxyFailure, ctx: &Ctx) -> Res
     Ok(())
 }
 
+/// Milliseconds since this process first asked.
+fn process_millis() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
 fn outcome_of(e: &Error) -> Outcome {
     match e.etype() {
         ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => Outcome::Timeout,
         ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError
         | ErrorType::SocketError | ErrorType::BindError => Outcome::ConnectError,
+        ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => Outcome::TlsError,
         _ => Outcome::Error,
     }
 }
@@ -402,7 +438,7 @@ impl ProxyHttp for Proxy {
     }
 
     fn fail_to_connect(&self, _session: &mut Session, _peer: &HttpPeer, ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
-        ctx.record_outcome(outcome_of(&e));
+        ctx.connect_failed(&e);
         ctx.inflight = None;
         let retry = ctx.may_retry_connect();
         e.set_retry(retry);

@@ -31,6 +31,9 @@ pub struct BackendState {
     /// Requests currently assigned to this backend (least-connections reads it).
     pub in_flight: AtomicU64,
     pub metrics: Option<BackendMetrics>,
+    /// When a TLS failure to this backend was last logged (ms on the
+    /// process clock), so a bad certificate is logged every 10 s, not per request.
+    pub tls_warned_ms: AtomicU64,
 }
 
 /// Per-cluster state that survives table swaps.
@@ -66,6 +69,7 @@ impl StateRegistry {
                 Arc::new(BackendState {
                     in_flight: AtomicU64::new(0),
                     metrics: Some(self.metrics.backend_handles(cluster, &addr.to_string())),
+                    tls_warned_ms: AtomicU64::new(0),
                 })
             })
             .clone()
@@ -247,12 +251,16 @@ impl Cluster {
             .iter()
             .map(|b| serde_json::json!({ "address": b.addr.to_string(), "weight": b.weight, "state": b.state_name() }))
             .collect();
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "name": &*self.name,
             "selection": self.selector.name(),
             "discovered": self.discovered,
             "backends": backends,
-        })
+        });
+        if let Some(tls) = &self.spec.tls {
+            v["tls"] = serde_json::json!({ "server_name": tls.server_name, "verify": tls.verify });
+        }
+        v
     }
 
     pub fn pick<R: RequestView + ?Sized>(&self, req: &R, tried: &[u32]) -> Option<u32> {
@@ -437,7 +445,20 @@ impl RoutingTable {
 }
 
 fn make_peer(addr: SocketAddr, spec: &ClusterSpec) -> HttpPeer {
-    let mut peer = HttpPeer::new(addr, false, String::new());
+    let mut peer = match &spec.tls {
+        None => HttpPeer::new(addr, false, String::new()),
+        Some(tls) => {
+            // Without a name (only with `verify = false`) the address stands
+            // in: the handshake needs one, and no SNI is sent for an IP.
+            let name = if tls.server_name.is_empty() { addr.ip().to_string() } else { tls.server_name.clone() };
+            let mut peer = HttpPeer::new(addr, true, name);
+            peer.options.verify_cert = tls.verify;
+            peer.options.verify_hostname = tls.verify;
+            peer.options.ca = tls.material.ca.clone();
+            peer.client_cert_key = tls.material.client.clone();
+            peer
+        }
+    };
     peer.options.connection_timeout = Some(spec.connect_timeout);
     peer.options.total_connection_timeout = Some(spec.connect_timeout);
     peer.options.read_timeout = Some(spec.read_timeout);

@@ -132,6 +132,7 @@ pub fn parse(service: &str, tags: &[String]) -> Result<Option<(RouteSpec, Cluste
         idle_timeout: Duration::from_secs(60),
         retries,
         instances: Default::default(),
+        tls: None,
     };
     Ok(Some((route, cluster)))
 }
