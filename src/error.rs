@@ -71,6 +71,12 @@ pub enum ProxyFailure {
     Timeout,
     /// The route is in maintenance: 503 with its own body and `Retry-After`.
     Maintenance,
+    /// A cleartext request to an HTTPS-only route: this status (301, 302,
+    /// 307 or 308) with `Location` to the same URL over HTTPS.
+    Redirect(u16),
+    /// A request that cannot be served as it is (a redirect without a
+    /// usable `Host`): 400.
+    BadRequest,
 }
 
 impl ProxyFailure {
@@ -81,6 +87,8 @@ impl ProxyFailure {
             ProxyFailure::BadGateway => 502,
             ProxyFailure::Timeout => 504,
             ProxyFailure::Maintenance => 503,
+            ProxyFailure::Redirect(status) => status,
+            ProxyFailure::BadRequest => 400,
         }
     }
 
@@ -92,6 +100,8 @@ impl ProxyFailure {
             ProxyFailure::BadGateway => "upstream failed\n",
             ProxyFailure::Timeout => "upstream timed out\n",
             ProxyFailure::Maintenance => crate::config::MAINTENANCE_BODY,
+            ProxyFailure::Redirect(_) => "this site is served over HTTPS\n",
+            ProxyFailure::BadRequest => "a request to an HTTPS-only route needs a valid Host header\n",
         }
     }
 

@@ -461,3 +461,58 @@ fn backend_tls_errors_name_the_field() {
     assert!(err.contains("clusters.b.tls.ca") && err.contains("junk.pem"), "{err}");
     assert!(err.contains("clusters.c") && err.contains("verify"), "{err}");
 }
+
+// ---- HTTP → HTTPS redirect ----------------------------------------------
+
+const REDIRECT_ROUTES: &str = "[[routes]]\nhosts = [\"www.example.test\"]\ncluster = \"web\"\nhttps_redirect = true\n\
+     [[routes]]\nhosts = [\"shop.example.test\"]\ncluster = \"web\"\nhttps_redirect = { port = 8443, status = 301 }\n\
+     [[routes]]\nhosts = [\"plain.example.test\"]\ncluster = \"web\"\n";
+
+#[test]
+fn https_redirect_sends_cleartext_requests_to_https_on_both_paths() {
+    let up = Upstream::start("app");
+    for (path, server) in PATHS {
+        let p = Proxy::builder(&format!("{REDIRECT_ROUTES}[clusters.web]\nstatic = [\"{}\"]\n", up.addr)).server(server).start();
+        let before = up.hits();
+        let ask = |req: &str| parse_raw_response(&raw_exchange(p.addr, req.as_bytes(), Duration::from_secs(3)));
+        let location = |h: &[(String, String)]| h.iter().find(|(k, _)| k == "location").map(|(_, v)| v.clone());
+        let (status, h, body) = ask("GET /a/b?x=1&y=%20 HTTP/1.1\r\nHost: www.example.test:8080\r\nConnection: close\r\n\r\n");
+        assert!(status.starts_with("HTTP/1.1 308"), "{path}: {status}");
+        assert_eq!(location(&h).as_deref(), Some("https://www.example.test/a/b?x=1&y=%20"), "{path}: port dropped, query kept");
+        assert!(body.contains("HTTPS"), "{path}: {body}");
+        let (status, h, _) = ask("HEAD / HTTP/1.1\r\nHost: shop.example.test\r\nConnection: close\r\n\r\n");
+        assert!(status.starts_with("HTTP/1.1 301"), "{path}: {status}");
+        assert_eq!(location(&h).as_deref(), Some("https://shop.example.test:8443/"), "{path}");
+        let (status, _, body) = ask("GET / HTTP/1.1\r\nHost: plain.example.test\r\nConnection: close\r\n\r\n");
+        assert!(status.starts_with("HTTP/1.1 200") && body == "app", "{path}: a route without the option is proxied");
+        assert_eq!(up.hits(), before + 1, "{path}: redirects never reach the backend");
+        // A redirect keeps the connection: the next request on it is served.
+        let resp = raw_exchange(
+            p.addr,
+            b"GET /first HTTP/1.1\r\nHost: www.example.test\r\n\r\n",
+            Duration::from_millis(300),
+        );
+        assert!(resp.starts_with("HTTP/1.1 308") && !resp.to_ascii_lowercase().contains("connection: close"), "{path}: {resp}");
+        let m = parse_metrics(&p.metrics());
+        assert!(
+            wait_until(Duration::from_secs(3), || sample(&parse_metrics(&p.metrics()), "switchyard_requests_total", &[("route", "route0"), ("cluster", "web"), ("code_class", "3xx")]) == Some(2.0)),
+            "{path}: {m:?}"
+        );
+    }
+}
+
+#[test]
+fn https_redirect_routes_are_served_over_tls() {
+    let ca = Ca::new();
+    let up = Upstream::start("app");
+    let (c, k) = ca.leaf(&["www.example.test"], 3);
+    let p = Proxy::builder(&format!("tls = {{ cert = \"site.pem\", key = \"site.key\" }}\n{REDIRECT_ROUTES}[clusters.web]\nstatic = [\"{}\"]\n", up.addr))
+        .file("site.pem", &c)
+        .file("site.key", &k)
+        .file("ca.pem", &ca.cert.pem())
+        .start();
+    let r = https_client(&p, false).get(url(&p, "www.example.test", "/secure?q=1")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().unwrap(), "app");
+    assert_eq!(up.last_request().unwrap().0, "/secure?q=1");
+}

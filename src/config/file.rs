@@ -137,6 +137,25 @@ pub struct RouteSection {
     pub cluster: String,
     /// Answer every request with 503 + `Retry-After` instead of proxying it.
     pub maintenance: Option<MaintenanceSection>,
+    /// On a cleartext listener, redirect to the same URL over HTTPS.
+    pub https_redirect: Option<HttpsRedirectSection>,
+}
+
+/// `https_redirect = true`, or a table with its settings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum HttpsRedirectSection {
+    On(bool),
+    With(HttpsRedirectTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsRedirectTable {
+    /// The HTTPS port in the `Location` (default 443, then left out).
+    pub port: Option<u16>,
+    /// 301, 302, 307 or 308 (default).
+    pub status: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]

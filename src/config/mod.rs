@@ -244,6 +244,15 @@ pub struct RouteSpec {
     pub cluster: String,
     /// Some: the route answers 503 (except to `allow`ed clients).
     pub maintenance: Option<Maintenance>,
+    /// Some: on a cleartext listener the route redirects to HTTPS.
+    pub https_redirect: Option<HttpsRedirect>,
+}
+
+/// Where and how a route sends cleartext requests to HTTPS.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HttpsRedirect {
+    pub port: u16,
+    pub status: u16,
 }
 
 /// A route in maintenance: what it answers instead of proxying.

@@ -942,8 +942,24 @@ impl Validator<'_> {
                 path_prefix,
                 cluster,
                 maintenance,
+                https_redirect,
             } = r;
             let maintenance = maintenance.and_then(|m| self.maintenance(&format!("{p}.maintenance"), m));
+            let https_redirect = match https_redirect {
+                None | Some(HttpsRedirectSection::On(false)) => None,
+                Some(HttpsRedirectSection::On(true)) => Some(HttpsRedirect { port: 443, status: 308 }),
+                Some(HttpsRedirectSection::With(t)) => {
+                    let status = t.status.unwrap_or(308);
+                    if ![301, 302, 307, 308].contains(&status) {
+                        self.err(format!("{p}.https_redirect.status"), format!("invalid value {status}: expected 301, 302, 307 or 308"));
+                    }
+                    let port = t.port.unwrap_or(443);
+                    if port == 0 {
+                        self.err(format!("{p}.https_redirect.port"), "invalid value 0: expected a port from 1 to 65535");
+                    }
+                    Some(HttpsRedirect { port, status })
+                }
+            };
             let name = name.unwrap_or_else(|| format!("route{i}"));
             if !valid_name(&name) {
                 self.err(format!("{p}.name"), format!("invalid route name {name:?}: use letters, digits, '-', '_' or '.'"));
@@ -999,6 +1015,7 @@ impl Validator<'_> {
                 path_prefix,
                 cluster,
                 maintenance,
+                https_redirect,
             });
         }
         if required && out.is_empty() && !self.errors.iter().any(|e| e.path.starts_with("routes")) {

@@ -104,7 +104,8 @@ impl Express {
     where
         C: AsyncWrite + Unpin,
     {
-        if let Some(failure) = self.core.route(req, false, addr.map(|a| a.ip), ctx) {
+        // Express connections are cleartext (TLS ones go to `HttpProxy`).
+        if let Some(failure) = self.core.route(req, false, false, addr.map(|a| a.ip), ctx) {
             return self.respond(client, req, ctx, failure, x).await;
         }
         loop {
@@ -308,7 +309,10 @@ impl Express {
     {
         ctx.local_status = failure.status();
         let Ok((h, body)) = failure_response(failure, ctx) else { return false };
-        x.keepalive &= matches!(failure, ProxyFailure::NoRoute | ProxyFailure::NoBackends | ProxyFailure::Maintenance);
+        x.keepalive &= matches!(
+            failure,
+            ProxyFailure::NoRoute | ProxyFailure::NoBackends | ProxyFailure::Maintenance | ProxyFailure::Redirect(_)
+        );
         let mut out = Vec::with_capacity(256);
         let reason = h.status.canonical_reason().unwrap_or("");
         h1::put_status_line(&mut out, false, h.status.as_u16(), reason.as_bytes());

@@ -239,6 +239,10 @@ impl RequestView for RawRequest {
         // Checked by `http::uri::PathAndQuery` when parsed: ASCII.
         std::str::from_utf8(&self.buf[self.target.0 as usize..self.path_end as usize]).unwrap_or("/")
     }
+    fn path_and_query(&self) -> &str {
+        // Checked by `http::uri::PathAndQuery` when parsed: ASCII.
+        std::str::from_utf8(self.bytes(self.target)).unwrap_or("/")
+    }
     fn host(&self) -> Option<&[u8]> {
         Some(self.bytes(self.host))
     }

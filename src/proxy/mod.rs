@@ -71,6 +71,7 @@ impl Core {
             upstream_start: None,
             response_started: false,
             local_status: 0,
+            location: None,
             _gauge: RequestGauge(self.metrics.requests_in_flight.clone()),
         }
     }
@@ -79,9 +80,17 @@ impl Core {
     /// cluster (recorded in `ctx`). Some: the failure to answer instead (no
     /// route: 404; a cluster without backends: 503), with `ctx.local_status`
     /// set.
-    /// A route in maintenance answers 503 to every client outside its
-    /// `allow` list (503 too).
-    fn route<R: RequestView + ?Sized>(&self, req: &R, absolute: bool, client: Option<std::net::IpAddr>, ctx: &mut Ctx) -> Option<ProxyFailure> {
+    /// A route with `https_redirect` answers a cleartext request (`tls`
+    /// false) with a redirect to HTTPS. A route in maintenance answers 503
+    /// to every client outside its `allow` list.
+    fn route<R: RequestView + ?Sized>(
+        &self,
+        req: &R,
+        absolute: bool,
+        tls: bool,
+        client: Option<std::net::IpAddr>,
+        ctx: &mut Ctx,
+    ) -> Option<ProxyFailure> {
         let table = self.snapshot.load();
         ctx.request_id = self.ids.for_request(req);
         let route = table.router.find(req.host(), req.path(), absolute);
@@ -92,7 +101,15 @@ impl Core {
                 let ci = route.cluster;
                 ctx.route = Some(ri as u32);
                 ctx.cluster = Some(ci);
-                if route.spec.maintenance.as_ref().is_some_and(|m| m.applies_to(client)) {
+                if let Some(r) = route.spec.https_redirect.filter(|_| !tls) {
+                    match https_location(req, r.port) {
+                        Some(location) => {
+                            ctx.location = Some(location);
+                            Some(ProxyFailure::Redirect(r.status))
+                        }
+                        None => Some(ProxyFailure::BadRequest),
+                    }
+                } else if route.spec.maintenance.as_ref().is_some_and(|m| m.applies_to(client)) {
                     Some(ProxyFailure::Maintenance)
                 } else {
                     table.clusters[ci as usize].active.is_empty().then_some(ProxyFailure::NoBackends)
@@ -210,6 +227,8 @@ pub struct Ctx {
     response_started: bool,
     /// Status of a response this proxy generated itself.
     local_status: u16,
+    /// `Location` of a redirect this proxy answers with.
+    location: Option<http::HeaderValue>,
     _gauge: RequestGauge,
 }
 
@@ -321,6 +340,9 @@ fn failure_response(failure: ProxyFailure, ctx: &Ctx) -> Result<(ResponseHeader,
         (_, Some(m)) => h.insert_header(http::header::RETRY_AFTER, m.retry_after_secs)?,
         _ => {}
     }
+    if let (ProxyFailure::Redirect(_), Some(l)) = (failure, &ctx.location) {
+        h.insert_header(http::header::LOCATION, l.clone())?;
+    }
     if !request_id.is_empty() {
         h.insert_header("x-request-id", request_id.clone())?;
     }
@@ -340,6 +362,28 @@ async fn respond(session: &mut Session, failure: ProxyFailure, ctx: &Ctx) -> Res
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+/// `https://HOST[:port]/path?query` for a request, from its host without
+/// the port it came on. None: no usable host.
+fn https_location<R: RequestView + ?Sized>(req: &R, port: u16) -> Option<http::HeaderValue> {
+    let raw = req.host()?;
+    let host = if raw.first() == Some(&b'[') {
+        &raw[..=raw.iter().position(|&b| b == b']')?]
+    } else {
+        raw.split(|&b| b == b':').next()?
+    };
+    if host.is_empty() || !host.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':')) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(16 + host.len() + req.path_and_query().len());
+    out.extend_from_slice(b"https://");
+    out.extend_from_slice(host);
+    if port != 443 {
+        out.extend_from_slice(format!(":{port}").as_bytes());
+    }
+    out.extend_from_slice(req.path_and_query().as_bytes());
+    http::HeaderValue::from_bytes(&out).ok()
 }
 
 /// Milliseconds since this process first asked.
@@ -375,7 +419,8 @@ impl ProxyHttp for Proxy {
         let req = session.req_header();
         let absolute = !session.is_http2() && headers::is_absolute_form(req);
         let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
-        match self.core.route(req, absolute, client, ctx) {
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        match self.core.route(req, absolute, tls, client, ctx) {
             Some(failure) => {
                 respond(session, failure, ctx).await?;
                 Ok(true)

@@ -144,6 +144,7 @@ mod tests {
             path_prefix: prefix.into(),
             cluster: String::new(),
             maintenance: None,
+            https_redirect: None,
         }
     }
 

@@ -9,6 +9,8 @@ pub trait RequestView {
     fn method(&self) -> &str;
     /// The target's path, without the query.
     fn path(&self) -> &str;
+    /// The target's path and query, as sent (origin-form).
+    fn path_and_query(&self) -> &str;
     /// The host the request is for: the HTTP/2 authority, else `Host`.
     fn host(&self) -> Option<&[u8]>;
     /// The first value of a header (`name` in lower case).
@@ -23,6 +25,9 @@ impl RequestView for RequestHeader {
     }
     fn path(&self) -> &str {
         self.uri.path()
+    }
+    fn path_and_query(&self) -> &str {
+        self.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
     }
     fn host(&self) -> Option<&[u8]> {
         if let Some(a) = self.uri.authority() {

@@ -115,6 +115,7 @@ pub fn parse(service: &str, tags: &[String]) -> Result<Option<(RouteSpec, Cluste
         path_prefix: path.unwrap_or_else(|| "/".into()),
         cluster: name.clone(),
         maintenance: None,
+        https_redirect: None,
     };
     let cluster = ClusterSpec {
         name,
