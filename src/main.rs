@@ -12,16 +12,28 @@ const EXIT_CONFIG: u8 = 64;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Crates whose debug and trace output prints whole HTTP heads — clients'
+/// cookies and `Authorization`, the admin bearer token — so it is never
+/// written, whatever `--log-level` asks for.
+const HEADER_DUMPING_CRATES: [&str; 5] = ["pingora", "h2", "hyper", "reqwest", "tower"];
+
 fn init_logging(cli: &Cli) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let no_header_dumps = tracing_subscriber::filter::filter_fn(|m| {
+        *m.level() <= tracing::Level::INFO || !HEADER_DUMPING_CRATES.iter().any(|c| m.target().starts_with(c))
+    });
     // Colours only on a terminal: journald and log files get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    match cli.log_format {
-        LogFormatArg::Text => builder.init(),
-        LogFormatArg::Json => builder.json().flatten_event(true).init(),
-    }
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let layer = match cli.log_format {
+        LogFormatArg::Text => layer.boxed(),
+        LogFormatArg::Json => layer.json().flatten_event(true).boxed(),
+    };
+    tracing_subscriber::registry().with(layer.with_filter(filter).with_filter(no_header_dumps)).init();
 }
 
 fn load(path: &std::path::Path) -> Result<config::Config, ExitCode> {

@@ -92,7 +92,8 @@ impl HaSettings {
 pub struct ConsulSettings {
     /// Base URLs (`http://host:port` or `https://…`), tried in order.
     pub addresses: Vec<String>,
-    pub token: Option<String>,
+    /// The ACL token; never shown (`Debug` prints `Secret(***)`).
+    pub token: Option<Secret>,
     /// Re-read on 403, since the token may have been rotated.
     pub token_file: Option<PathBuf>,
     pub datacenter: Option<String>,

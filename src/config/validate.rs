@@ -767,7 +767,7 @@ impl Validator<'_> {
         }
         ConsulSettings {
             addresses: addrs,
-            token,
+            token: token.map(Secret),
             token_file,
             datacenter,
             stale: stale.unwrap_or(true),
@@ -1249,7 +1249,7 @@ static = ["127.0.0.1:1"]
         let c = parse_with_env(&text, Path::new("/etc/sy"), &env).unwrap();
         let consul = c.consul.unwrap();
         assert_eq!(consul.addresses, vec!["https://consul.internal:8501".to_string()]);
-        assert_eq!(consul.token.as_deref(), Some("from-file"), "token file wins");
+        assert_eq!(consul.token.as_ref().map(|t| t.0.as_str()), Some("from-file"), "token file wins");
         assert_eq!(consul.tls.server_name.as_deref(), Some("server.dc1.consul"));
         assert!(!consul.tls.verify);
         assert!(consul.stale);
@@ -1258,7 +1258,7 @@ static = ["127.0.0.1:1"]
         let text2 = format!("{text}\n[consul]\naddresses = [\"10.0.0.1:8500\", \"http://10.0.0.2:8500/\"]\ntoken = \"lit\"\n");
         let consul = parse_with_env(&text2, Path::new("/etc/sy"), &|_| None).unwrap().consul.unwrap();
         assert_eq!(consul.addresses, vec!["http://10.0.0.1:8500".to_string(), "http://10.0.0.2:8500".to_string()]);
-        assert_eq!(consul.token.as_deref(), Some("lit"));
+        assert_eq!(consul.token.as_ref().map(|t| t.0.as_str()), Some("lit"));
         // Only one of client cert / key: an error naming both.
         let env3 = |k: &str| (k == "CONSUL_CLIENT_CERT").then(|| "/etc/hosts".to_string());
         let e = parse_with_env(&text, Path::new("/etc/sy"), &env3).unwrap_err().to_string();

@@ -317,6 +317,7 @@ pub struct ProxyBuilder {
     files: Vec<(String, String)>,
     access_log: String,
     admin: String,
+    log_level: String,
 }
 
 impl ProxyBuilder {
@@ -349,6 +350,12 @@ impl ProxyBuilder {
     pub fn admin(mut self, lines: &str) -> Self {
         self.admin.push_str(lines);
         self.admin.push('\n');
+        self
+    }
+
+    /// The `--log-level` filter (default `info,pingora=warn`).
+    pub fn log_level(mut self, filter: &str) -> Self {
+        self.log_level = filter.into();
         self
     }
 
@@ -389,7 +396,7 @@ impl ProxyBuilder {
             let child = cmd
                 .args(["run", "--config"])
                 .arg(&cfg)
-                .args(["--log-level", "info,pingora=warn"])
+                .args(["--log-level", &self.log_level])
                 .stdout(Stdio::null())
                 .stderr(stderr)
                 .spawn()
@@ -432,6 +439,7 @@ impl Proxy {
             files: Vec::new(),
             access_log: "[access_log]\npath = \"access.log\"".into(),
             admin: String::new(),
+            log_level: "info,pingora=warn".into(),
         }
     }
 

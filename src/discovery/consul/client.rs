@@ -150,7 +150,7 @@ impl ConsulClient {
             short: tokio::sync::Semaphore::new(SHORT_PERMITS),
             bases,
             current: AtomicUsize::new(0),
-            token: RwLock::new(settings.token.clone()),
+            token: RwLock::new(settings.token.as_ref().map(|t| t.0.clone())),
             settings: settings.clone(),
             restores: super::pace::Restores::new(metrics.clone()),
             recovery: super::pace::Recovery::default(),
