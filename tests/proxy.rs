@@ -845,3 +845,30 @@ fn requests_around_the_park_moment_are_all_served() {
     let parks = sample(&parse_metrics(&p.metrics()), "switchyard_downstream_parks_total", &[]).unwrap();
     assert!(parks >= 1.0, "parks: {parks}");
 }
+
+/// Requests sent back to back on one connection are all answered, in order,
+/// on both paths: bodiless ones, one with a body, and a HEAD that closes.
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let up = Upstream::start("p");
+    for (path, server) in PATHS {
+        let p = Proxy::builder(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], ""))).server(server).start();
+        let before = up.hits();
+        let resp = raw_exchange(
+            p.addr,
+            b"GET /1 HTTP/1.1\r\nHost: a\r\nX-Request-Id: pipe-1\r\n\r\n\
+              GET /2 HTTP/1.1\r\nHost: a\r\nX-Request-Id: pipe-2\r\n\r\n\
+              POST /3 HTTP/1.1\r\nHost: a\r\nX-Request-Id: pipe-3\r\nContent-Length: 5\r\n\r\nhello\
+              GET /4 HTTP/1.1\r\nHost: a\r\nX-Request-Id: pipe-4\r\n\r\n\
+              HEAD /5 HTTP/1.1\r\nHost: a\r\nX-Request-Id: pipe-5\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        );
+        let ids: Vec<&str> = resp
+            .split("\r\n")
+            .filter_map(|l| l.strip_prefix("x-request-id: ").or_else(|| l.strip_prefix("X-Request-Id: ")))
+            .collect();
+        assert_eq!(ids, ["pipe-1", "pipe-2", "pipe-3", "pipe-4", "pipe-5"], "{path}: every request answered, in order:\n{resp}");
+        assert_eq!(resp.matches("HTTP/1.1 200").count(), 5, "{path}: {resp}");
+        assert_eq!(up.hits(), before + 5, "{path}");
+    }
+}

@@ -516,3 +516,39 @@ fn https_redirect_routes_are_served_over_tls() {
     assert_eq!(r.text().unwrap(), "app");
     assert_eq!(up.last_request().unwrap().0, "/secure?q=1");
 }
+
+#[test]
+fn pipelined_requests_over_tls_are_answered_in_order() {
+    let ca = Ca::new();
+    let up = Upstream::start("app");
+    let p = start(&ca, &up, "default");
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &p.addr.to_string(), "-servername", "www.example.test", "-quiet", "-ign_eof"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl is installed (.ci/run)");
+    use std::io::{Read, Write};
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(
+            b"GET /1 HTTP/1.1\r\nHost: www.example.test\r\nX-Request-Id: tls-1\r\n\r\n\
+              POST /2 HTTP/1.1\r\nHost: www.example.test\r\nX-Request-Id: tls-2\r\nContent-Length: 2\r\n\r\nhi\
+              GET /3 HTTP/1.1\r\nHost: www.example.test\r\nX-Request-Id: tls-3\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+    stdin.flush().unwrap();
+    // The proxy closes after the third response; s_client then exits.
+    let done = wait_until(Duration::from_secs(10), || child.try_wait().ok().flatten().is_some());
+    if !done {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    drop(stdin);
+    let mut out = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let ids: Vec<&str> = out.lines().filter_map(|l| l.trim_end().strip_prefix("x-request-id: ")).collect();
+    assert_eq!(ids, ["tls-1", "tls-2", "tls-3"], "every request answered, in order:\n{out}");
+    assert!(done, "the connection closed after the last response");
+}

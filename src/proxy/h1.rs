@@ -75,6 +75,9 @@ pub struct RawRequest {
     headers: Vec<(Span, Span)>,
     /// The client sent `Connection: close`.
     pub close: bool,
+    /// Bytes that came after the head: the start of the next, pipelined
+    /// request (a head the express path takes has no body).
+    pub ahead: Vec<u8>,
 }
 
 /// What the first bytes of a connection's next request say (the bytes
@@ -96,18 +99,21 @@ impl RawRequest {
     /// (`Content-Length` other than 0, `Transfer-Encoding`), no `Expect`, no
     /// upgrade, and no hop-by-hop header other than `Connection: keep-alive`
     /// or `Connection: close` (everything `HttpProxy` would sanitise is
-    /// refused, so there is nothing to sanitise). Bytes after the head (a
-    /// pipelined request) also send it to `HttpProxy`.
-    pub fn parse(buf: Vec<u8>) -> Verdict {
+    /// refused, so there is nothing to sanitise). Bytes after the head are
+    /// the next, pipelined request: kept in [`RawRequest::ahead`].
+    pub fn parse(mut buf: Vec<u8>) -> Verdict {
         let mut headers = [const { MaybeUninit::uninit() }; MAX_REQUEST_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         let layout = match httparse::ParserConfig::default().parse_request_with_uninit_headers(&mut req, &buf, &mut headers) {
-            Ok(httparse::Status::Complete(n)) if n == buf.len() && n <= u16::MAX as usize => Self::eligible(&buf, &req),
+            Ok(httparse::Status::Complete(n)) if n <= u16::MAX as usize => Self::eligible(&buf, &req).map(|r| (r, n)),
             Ok(httparse::Status::Partial) => return Verdict::Partial(buf),
             _ => None,
         };
         match layout {
-            Some(layout) => Verdict::Express(Box::new(RawRequest { buf, ..layout })),
+            Some((layout, n)) => {
+                let ahead = buf.split_off(n);
+                Verdict::Express(Box::new(RawRequest { buf, ahead, ..layout }))
+            }
             None => Verdict::Refused(buf),
         }
     }
@@ -180,6 +186,7 @@ impl RawRequest {
             host,
             headers: spans,
             close,
+            ahead: Vec::new(),
         })
     }
 
@@ -252,6 +259,39 @@ impl RequestView for RawRequest {
     fn header_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
         self.headers().filter(move |(n, _)| n.eq_ignore_ascii_case(name.as_bytes())).map(|(_, v)| v)
     }
+}
+
+/// Where the first request in `buf` ends, when `buf` holds all of it and
+/// more: its head is complete, its body (if any) is delimited by one
+/// `Content-Length` and is all there, it is no upgrade or CONNECT (after
+/// which the bytes are a tunnel's), and bytes follow it — a pipelined next
+/// request. None otherwise.
+pub fn pipelined_after(buf: &[u8]) -> Option<usize> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let n = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n < buf.len() => n,
+        _ => return None,
+    };
+    if req.method.is_none_or(|m| m.eq_ignore_ascii_case("CONNECT")) {
+        return None;
+    }
+    let mut length: Option<usize> = None;
+    for h in req.headers.iter() {
+        let is = |name: &str| h.name.eq_ignore_ascii_case(name);
+        if is("transfer-encoding") || is("upgrade") || is("expect") {
+            return None;
+        }
+        if is("content-length") {
+            let v: usize = std::str::from_utf8(h.value).ok()?.trim().parse().ok()?;
+            if length.is_some_and(|l| l != v) {
+                return None;
+            }
+            length = Some(v);
+        }
+    }
+    let end = n.checked_add(length.unwrap_or(0))?;
+    (end < buf.len()).then_some(end)
 }
 
 /// A status line; `status` is 100–999 (checked where it is parsed).
@@ -589,7 +629,7 @@ mod tests {
         assert!(ok("GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
         assert!(ok("HEAD /x?y=1 HTTP/1.1\r\nhost: a\r\nConnection: keep-alive\r\nCookie: c=1\r\n\r\n"));
         assert!(ok("DELETE /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"));
-        // incomplete head, other versions, bodies, upgrades, absolute form, pipelining
+        // incomplete head, other versions, bodies, upgrades, absolute form
         assert!(matches!(RawRequest::parse(b"GET / HTTP/1.1\r\nHost: a\r\n".to_vec()), Verdict::Partial(_)));
         assert!(!ok("GET / HTTP/1.0\r\nHost: a\r\n\r\n"));
         assert!(!ok("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"));
@@ -598,7 +638,11 @@ mod tests {
         assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"));
         assert!(!ok("GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n"));
         assert!(!ok("GET * HTTP/1.1\r\nHost: a\r\n\r\n"));
-        assert!(!ok("GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        // A pipelined next request is kept for later, not refused.
+        match RawRequest::parse(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET /n HTTP/1.1\r\n".to_vec()) {
+            Verdict::Express(r) => assert_eq!(r.ahead, b"GET /n HTTP/1.1\r\n"),
+            v => panic!("{v:?}"),
+        }
         assert!(
             !matches!(RawRequest::parse(b"GET /a\xffb HTTP/1.1\r\nHost: a\r\n\r\n".to_vec()), Verdict::Express(_)),
             "a target http::Uri would not keep"
@@ -795,5 +839,20 @@ mod tests {
                 prop_assert_eq!(decode(&out), expected);
             }
         }
+    }
+
+    #[test]
+    fn where_a_pipelined_request_starts() {
+        let two = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.1\r\n";
+        assert_eq!(pipelined_after(two), Some(28));
+        let body = b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhiGET /b";
+        assert_eq!(pipelined_after(body), Some(body.len() - 6));
+        // Nothing after, a body not all there, or framing this cannot follow.
+        assert_eq!(pipelined_after(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"), None);
+        assert_eq!(pipelined_after(b"POST /a HTTP/1.1\r\nContent-Length: 9\r\n\r\nhiGET"), None);
+        assert_eq!(pipelined_after(b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET"), None);
+        assert_eq!(pipelined_after(b"POST /a HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nhiGET"), None);
+        assert_eq!(pipelined_after(b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x00"), None);
+        assert_eq!(pipelined_after(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n\x16\x03"), None);
     }
 }

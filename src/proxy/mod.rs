@@ -416,6 +416,9 @@ impl ProxyHttp for Proxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // Requests pipelined behind this one (HTTP/1.1) are answered after
+        // it, in order, instead of being dropped with the connection.
+        session.as_mut().set_pipelining_enabled(true);
         let req = session.req_header();
         let absolute = !session.is_http2() && headers::is_absolute_form(req);
         let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
@@ -676,7 +679,7 @@ impl ProxyApp {
                         return;
                     }
                 }
-                Ahead::Proxy => {
+                Ahead::Proxy(rest) => {
                     let mut session = ServerSession::new_http1(tcp);
                     session.set_keepalive_reuses_remaining(remaining);
                     // As Pingora does: no keep-alive once shutting down, else 60 s idle.
@@ -689,6 +692,7 @@ impl ProxyApp {
                     let (stream, _) = reused.consume();
                     let Ok(next) = stream.into_any().downcast::<L4Stream>() else { return };
                     tcp = next;
+                    tcp.rewind(&rest);
                 }
             }
             at = park::Resume {
@@ -730,8 +734,10 @@ impl ProxyApp {
 enum Ahead {
     /// A request the express path serves (its head, taken off the stream).
     Express(Box<h1::RawRequest>),
-    /// Anything else, for Pingora's `HttpProxy` (bytes put back).
-    Proxy,
+    /// Anything else, for Pingora's `HttpProxy` (bytes put back), with
+    /// the bytes of pipelined requests after it, held back until it is
+    /// answered (Pingora would drop them).
+    Proxy(Vec<u8>),
     /// The connection closed, failed, idled out or the server is stopping.
     Closed,
     /// Idle for `park_idle_after`: park it, to close at this deadline if
@@ -753,16 +759,12 @@ async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool, until: Option
     use h1::{RawRequest, Verdict};
     use tokio::io::AsyncReadExt;
     if !express {
-        tcp.rewind(&buf);
-        return Ahead::Proxy;
+        return for_proxy(tcp, buf);
     }
     let mut head = match RawRequest::parse(buf) {
-        Verdict::Express(r) => return Ahead::Express(r),
+        Verdict::Express(r) => return express_ahead(tcp, r),
         Verdict::Partial(b) if b.len() >= READ_AHEAD => b,
-        Verdict::Partial(b) | Verdict::Refused(b) => {
-            tcp.rewind(&b);
-            return Ahead::Proxy;
-        }
+        Verdict::Partial(b) | Verdict::Refused(b) => return for_proxy(tcp, b),
     };
     // Only a head longer than the read-ahead gets here: the clock is read
     // off the common path.
@@ -776,18 +778,36 @@ async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool, until: Option
             _ => {
                 head.truncate(n);
                 tcp.rewind(&head);
-                return if n == 0 { Ahead::Closed } else { Ahead::Proxy };
+                return if n == 0 { Ahead::Closed } else { Ahead::Proxy(Vec::new()) };
             }
         }
         head = match RawRequest::parse(head) {
-            Verdict::Express(r) => return Ahead::Express(r),
+            Verdict::Express(r) => return express_ahead(tcp, r),
             Verdict::Partial(h) if h.len() < EXPRESS_HEAD_MAX => h,
-            Verdict::Partial(h) | Verdict::Refused(h) => {
-                tcp.rewind(&h);
-                return Ahead::Proxy;
-            }
+            Verdict::Partial(h) | Verdict::Refused(h) => return for_proxy(tcp, h),
         };
     }
+}
+
+/// A request for the express path; the bytes of a pipelined next request
+/// go back onto the stream, to be read when this one is answered.
+fn express_ahead(tcp: &mut L4Stream, mut r: Box<h1::RawRequest>) -> Ahead {
+    if !r.ahead.is_empty() {
+        tcp.rewind(&std::mem::take(&mut r.ahead));
+    }
+    Ahead::Express(r)
+}
+
+/// Bytes for `HttpProxy`: put back up to the end of the first request;
+/// pipelined requests after it are held back (Pingora drops bytes that
+/// arrive after a request) and put back once it is answered.
+fn for_proxy(tcp: &mut L4Stream, mut buf: Vec<u8>) -> Ahead {
+    let rest = match h1::pipelined_after(&buf) {
+        Some(end) => buf.split_off(end),
+        None => Vec::new(),
+    };
+    tcp.rewind(&buf);
+    Ahead::Proxy(rest)
 }
 
 type L4Stream = pingora::protocols::l4::stream::Stream;
