@@ -291,6 +291,8 @@ pub struct ClusterSection {
     pub write_timeout: Option<String>,
     /// How long an idle upstream connection stays in the keep-alive pool.
     pub idle_timeout: Option<String>,
+    /// How long an upgraded connection (WebSocket) may stay silent.
+    pub tunnel_timeout: Option<String>,
     /// Further attempts, each on a different backend, after a failed one.
     pub retries: Option<u32>,
     /// Per-instance overrides, keyed by Consul service ID or `ip:port`.

@@ -387,12 +387,19 @@ pub struct ClusterSpec {
     pub read_timeout: Duration,
     pub write_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Longest silence from the backend on an upgraded connection
+    /// (WebSocket), instead of `read_timeout`.
+    pub tunnel_timeout: Duration,
     pub retries: u32,
     /// Keyed by Consul service ID or `ip:port`.
     pub instances: BTreeMap<String, InstanceOverride>,
     /// Some: the backends are reached over TLS.
     pub tls: Option<BackendTls>,
 }
+
+/// Default `tunnel_timeout`: an idle WebSocket (a chat room nobody
+/// speaks in) stays open this long.
+pub const TUNNEL_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// `clusters.NAME.tls`, validated, with its files loaded.
 #[derive(Debug, Clone, PartialEq)]

@@ -440,7 +440,15 @@ impl ProxyHttp for Proxy {
             return Err(upstream_error(ProxyFailure::NoBackends, "cluster has no active backends"));
         };
         let backend = &cluster.backends[i as usize];
-        let peer = Box::new(backend.peer.clone());
+        let mut peer = Box::new(backend.peer.clone());
+        if session.is_upgrade_req() {
+            // An upgraded connection (WebSocket) may be silent far longer
+            // than a response may take: its own timeout, for the 101 and
+            // the tunnel after it.
+            peer.options.read_timeout = Some(cluster.spec.tunnel_timeout);
+            // And from the client (Pingora's default is 60 s).
+            session.as_mut().set_read_timeout(Some(cluster.spec.tunnel_timeout));
+        }
         ctx.inflight = Some(InFlight::new(&backend.state));
         ctx.tried.push(i);
         ctx.backend = Some(i);

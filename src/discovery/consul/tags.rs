@@ -131,6 +131,7 @@ pub fn parse(service: &str, tags: &[String]) -> Result<Option<(RouteSpec, Cluste
         read_timeout,
         write_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(60),
+        tunnel_timeout: crate::config::TUNNEL_TIMEOUT,
         retries,
         instances: Default::default(),
         tls: None,
