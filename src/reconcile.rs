@@ -8,7 +8,8 @@
 use crate::config::{Config, DiscoverySpec};
 use crate::discovery::consul::{endpoints_for, ConsulView, ViewRx};
 use crate::discovery::file::{Catalog, FileSource};
-use crate::discovery::Discovered;
+use crate::discovery::dns::DnsSource;
+use crate::discovery::{Discovered, EndpointSet};
 use crate::live::{LiveConfig, ACTIVATE_WITHIN};
 use crate::metrics::Metrics;
 use crate::routing::{RoutingTable, StateRegistry};
@@ -46,6 +47,23 @@ impl Drop for FileInput {
     }
 }
 
+/// One DNS source, started and stopped like a [`FileInput`] as the config
+/// names DNS queries.
+struct DnsInput {
+    query: crate::config::DnsQuery,
+    rx: watch::Receiver<Option<EndpointSet>>,
+    src: Arc<DnsSource>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for DnsInput {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
 /// What a table was built from; an identical set of inputs is not rebuilt.
 struct Built {
     config: Arc<Config>,
@@ -63,6 +81,7 @@ pub struct Reconciler {
     live: Arc<LiveConfig>,
     consul: Option<ViewRx>,
     files: Mutex<Vec<FileInput>>,
+    dns: Mutex<Vec<DnsInput>>,
     /// Woken by every input: sources, the live config.
     changed: Arc<Notify>,
     states: Arc<StateRegistry>,
@@ -100,7 +119,8 @@ impl Reconciler {
         let view = consul.as_ref().map(|rx| rx.borrow().clone());
         let eff = effective(&config, view.as_deref());
         let mut memo = Memo::new();
-        let (discovered, panics) = discovered(&eff, &files, view.as_deref(), &mut memo);
+        let dns: Vec<DnsInput> = config.dns_queries().into_iter().map(|q| open_dns(q, &metrics, &status)).collect();
+        let (discovered, panics) = discovered(&eff, &files, &dns, view.as_deref(), &mut memo);
         let table = RoutingTable::build(&eff, &discovered, &states, 1)?;
         let built = Built { config: config.clone(), discovered, auto: auto_of(view.as_deref()) };
         drop(eff);
@@ -111,6 +131,7 @@ impl Reconciler {
             live,
             consul,
             files: Mutex::new(files),
+            dns: Mutex::new(dns),
             changed: Arc::new(Notify::new()),
             states,
             snapshot: Arc::new(Snapshot::new(table)),
@@ -180,6 +201,27 @@ impl Reconciler {
                 }
             }));
         }
+        drop(files);
+        // DNS sources: the same, keyed by the whole query.
+        let wanted: std::collections::BTreeSet<crate::config::DnsQuery> = state.wanted().flat_map(|c| c.dns_queries()).collect();
+        let mut dns = self.dns.lock().unwrap_or_else(|e| e.into_inner());
+        dns.retain(|d| wanted.contains(&d.query));
+        for q in wanted {
+            if !dns.iter().any(|d| d.query == q) {
+                tracing::info!(source = %q.source_name(), "config reload: new DNS source");
+                dns.push(open_dns(q, &self.metrics, &self.status));
+            }
+        }
+        for d in dns.iter_mut().filter(|d| d.tasks.is_empty()) {
+            let (src, sh) = (d.src.clone(), shutdown.clone());
+            d.tasks.push(tokio::spawn(async move { src.start(sh).await }));
+            let (mut rx, changed) = (d.rx.clone(), self.changed.clone());
+            d.tasks.push(tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    changed.notify_one();
+                }
+            }));
+        }
     }
 
     /// The config to build from: the active one, or the candidate of a
@@ -192,6 +234,7 @@ impl Reconciler {
         let Some(cand) = &state.candidate else { return (state.active, None) };
         let missing: Vec<String> = {
             let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+            let dns = self.dns.lock().unwrap_or_else(|e| e.into_inner());
             cand.config
                 .clusters
                 .iter()
@@ -202,6 +245,7 @@ impl Reconciler {
                         !files.iter().any(|f| &f.path == catalog && f.rx.borrow().is_some())
                     }
                     DiscoverySpec::Consul(q) => !view.is_some_and(|v| v.services.contains_key(q)),
+                    DiscoverySpec::Dns(q) => !dns.iter().any(|d| &d.query == q && d.rx.borrow().is_some()),
                 })
                 .map(|(name, _)| name.clone())
                 .collect()
@@ -224,7 +268,8 @@ impl Reconciler {
         let (discovered, panics) = {
             let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
             let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-            discovered(&eff, &files, view.as_deref(), &mut memo)
+            let dns = self.dns.lock().unwrap_or_else(|e| e.into_inner());
+            discovered(&eff, &files, &dns, view.as_deref(), &mut memo)
         };
         self.note_panics(&config, panics);
         let built = Built { config: config.clone(), discovered, auto: auto_of(view.as_deref()) };
@@ -291,6 +336,7 @@ fn effective<'a>(config: &'a Config, view: Option<&ConsulView>) -> Cow<'a, Confi
 fn discovered(
     config: &Config,
     files: &[FileInput],
+    dns: &[DnsInput],
     view: Option<&ConsulView>,
     memo: &mut Memo,
 ) -> (Discovered, std::collections::BTreeSet<String>) {
@@ -324,10 +370,22 @@ fn discovered(
                     out.insert(name.clone(), set);
                 }
             }
+            DiscoverySpec::Dns(q) => {
+                let Some(input) = dns.iter().find(|d| &d.query == q) else { continue };
+                if let Some(set) = input.rx.borrow().as_ref() {
+                    out.insert(name.clone(), set.clone());
+                }
+            }
             DiscoverySpec::Static(_) => {}
         }
     }
     (out, panics)
+}
+
+/// Create a DNS source (its first lookup runs once it is started).
+fn open_dns(q: crate::config::DnsQuery, metrics: &Arc<Metrics>, status: &Arc<StatusBoard>) -> DnsInput {
+    let (src, rx) = DnsSource::new(q.clone(), metrics.clone(), status.clone());
+    DnsInput { query: q, rx, src: Arc::new(src), tasks: Vec::new() }
 }
 
 /// Open a catalog file source (it reads the file once, now).
@@ -376,5 +434,6 @@ impl BackgroundService for Reconciler {
             f.abort();
         }
         self.files.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.dns.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }

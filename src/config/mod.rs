@@ -260,6 +260,36 @@ pub enum DiscoverySpec {
     Static(Vec<SocketAddr>),
     File { catalog: PathBuf, service: String },
     Consul(ConsulQuery),
+    Dns(DnsQuery),
+}
+
+/// One DNS source: a name, how to ask for it and how often.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DnsQuery {
+    /// As written (a name without a final dot goes through the search list).
+    pub name: String,
+    /// Some: A/AAAA records with this port; None: SRV records.
+    pub port: Option<u16>,
+    /// Empty: the system's resolver configuration.
+    pub nameservers: Vec<SocketAddr>,
+    pub min_refresh: Duration,
+    pub max_refresh: Duration,
+    pub timeout: Duration,
+}
+
+pub const DNS_MIN_REFRESH: Duration = Duration::from_secs(1);
+pub const DNS_MAX_REFRESH: Duration = Duration::from_secs(30);
+pub const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl DnsQuery {
+    /// Name of this query's source, as in `/status` and metrics:
+    /// `dns:NAME` (SRV) or `dns:NAME:PORT` (A/AAAA).
+    pub fn source_name(&self) -> String {
+        match self.port {
+            None => format!("dns:{}", self.name),
+            Some(p) => format!("dns:{}:{p}", self.name),
+        }
+    }
 }
 
 /// One Consul health watch: what to ask for and how to turn the answer into backends.
@@ -308,6 +338,7 @@ impl DiscoverySpec {
             DiscoverySpec::Static(_) => None,
             DiscoverySpec::File { catalog, .. } => Some(file_source_name(catalog)),
             DiscoverySpec::Consul(q) => Some(q.source_name()),
+            DiscoverySpec::Dns(q) => Some(q.source_name()),
         }
     }
 
@@ -316,6 +347,7 @@ impl DiscoverySpec {
             DiscoverySpec::Static(_) => "static",
             DiscoverySpec::File { .. } => "file",
             DiscoverySpec::Consul(_) => "consul",
+            DiscoverySpec::Dns(_) => "dns",
         }
     }
 }
@@ -382,6 +414,17 @@ impl Config {
             .collect()
     }
 
+    /// The DNS queries of every DNS cluster.
+    pub fn dns_queries(&self) -> std::collections::BTreeSet<DnsQuery> {
+        self.clusters
+            .values()
+            .filter_map(|c| match &c.discovery {
+                DiscoverySpec::Dns(q) => Some(q.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// A few lines describing the effective config, printed by `check`.
     pub fn summary(&self) -> String {
         let mut out = String::new();
@@ -419,6 +462,10 @@ impl Config {
                     format!("file {} service {}", catalog.display(), service)
                 }
                 DiscoverySpec::Consul(q) => format!("consul service {}", q.service),
+                DiscoverySpec::Dns(q) => match q.port {
+                    None => format!("dns SRV {}", q.name),
+                    Some(p) => format!("dns A/AAAA {} port {p}", q.name),
+                },
             };
             out.push_str(&format!(
                 "  {}: {}; {}; connect {:?}, read {:?}, retries {}\n",

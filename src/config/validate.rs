@@ -90,6 +90,7 @@ pub fn validate_table(table: &toml::Table, base: &Path, env: &dyn Fn(&str) -> Op
     let clusters: BTreeMap<String, ClusterSection> = v.named(&table, "clusters");
     let consul_section: Option<ConsulSection> = v.section(&table, "consul");
     let ha: HaSection = v.section(&table, "ha").unwrap_or_default();
+    let dns: DnsSection = v.section(&table, "dns").unwrap_or_default();
     let consul_needed = clusters.values().any(|c| c.consul.is_some());
     // With KV settings on, routes may all come from Consul.
     let routes_required = !consul_section.as_ref().is_some_and(|c| c.kv == Some(true));
@@ -99,7 +100,8 @@ pub fn validate_table(table: &toml::Table, base: &Path, env: &dyn Fn(&str) -> Op
     let server = v.server(server, &listeners);
     let access_log = v.access_log(access_log);
     let ha = v.ha(ha);
-    let clusters = v.clusters(clusters);
+    let dns = v.dns_defaults(dns);
+    let clusters = v.clusters(clusters, &dns);
     // Clusters that failed to deserialise still exist for the routes naming them.
     let cluster_names: Vec<String> = match table.get("clusters") {
         Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
@@ -491,7 +493,7 @@ impl Validator<'_> {
         }
     }
 
-    fn clusters(&mut self, sections: BTreeMap<String, ClusterSection>) -> BTreeMap<String, ClusterSpec> {
+    fn clusters(&mut self, sections: BTreeMap<String, ClusterSection>, dns_defaults: &DnsDefaults) -> BTreeMap<String, ClusterSpec> {
         let mut out = BTreeMap::new();
         for (name, c) in sections {
             let p = format!("clusters.{name}");
@@ -505,6 +507,7 @@ impl Validator<'_> {
                 static_,
                 file,
                 consul,
+                dns,
                 selection,
                 hash_header,
                 hash_cookie,
@@ -515,14 +518,15 @@ impl Validator<'_> {
                 retries,
                 instances,
             } = c;
-            let sources = [static_.is_some(), file.is_some(), consul.is_some()].iter().filter(|&&b| b).count();
+            let sources = [static_.is_some(), file.is_some(), consul.is_some(), dns.is_some()].iter().filter(|&&b| b).count();
             let discovery = match (static_, file, consul) {
                 _ if sources > 1 => {
-                    self.err(&p, "set exactly one discovery source (`static`, `file` or `consul`), not several");
+                    self.err(&p, "set exactly one discovery source (`static`, `file`, `consul` or `dns`), not several");
                     None
                 }
+                (None, None, None) if dns.is_some() => dns.map(|d| DiscoverySpec::Dns(self.dns_query(&format!("{p}.dns"), d, dns_defaults))),
                 (None, None, None) => {
-                    self.err(&p, "missing discovery source: set `static = [\"IP:PORT\", ...]`, `file = { catalog = \"...\" }` or `consul = { service = \"...\" }`");
+                    self.err(&p, "missing discovery source: set `static = [\"IP:PORT\", ...]`, `file = { catalog = \"...\" }`, `consul = { service = \"...\" }` or `dns = { name = \"...\" }`");
                     None
                 }
                 (None, None, Some(c)) => {
@@ -604,6 +608,79 @@ impl Validator<'_> {
             out.insert(name, spec);
         }
         out
+    }
+
+    /// The `[dns]` section: defaults for every DNS source.
+    fn dns_defaults(&mut self, s: DnsSection) -> DnsDefaults {
+        let DnsSection { nameservers, min_refresh, max_refresh, timeout } = s;
+        let nameservers = self.nameservers("dns.nameservers", nameservers).unwrap_or_default();
+        let (min_refresh, max_refresh) = self.refresh_bounds("dns", min_refresh, max_refresh, DNS_MIN_REFRESH, DNS_MAX_REFRESH);
+        let timeout = self.dns_timeout("dns.timeout", timeout, DNS_TIMEOUT);
+        DnsDefaults { nameservers, min_refresh, max_refresh, timeout }
+    }
+
+    /// A cluster's `dns = { ... }`, its unset fields taken from `[dns]`.
+    fn dns_query(&mut self, p: &str, d: DnsDiscoverySection, defaults: &DnsDefaults) -> DnsQuery {
+        let DnsDiscoverySection { name, port, nameservers, min_refresh, max_refresh, timeout } = d;
+        if !dns_name_ok(&name) {
+            self.err(
+                format!("{p}.name"),
+                format!("invalid DNS name {name:?}: letters, digits, '-' and '_' in dot-separated labels of at most 63 characters, at most 253 in all (e.g. \"_http._tcp.web.example.\")"),
+            );
+        }
+        if port == Some(0) {
+            self.err(format!("{p}.port"), "invalid value 0: must be between 1 and 65535");
+        }
+        let nameservers = self.nameservers(&format!("{p}.nameservers"), nameservers).unwrap_or_else(|| defaults.nameservers.clone());
+        let (min_refresh, max_refresh) = self.refresh_bounds(p, min_refresh, max_refresh, defaults.min_refresh, defaults.max_refresh);
+        let timeout = self.dns_timeout(&format!("{p}.timeout"), timeout, defaults.timeout);
+        DnsQuery { name, port, nameservers, min_refresh, max_refresh, timeout }
+    }
+
+    /// `IP` or `IP:PORT` each (port 53 by default); None when not given.
+    fn nameservers(&mut self, p: &str, list: Option<Vec<String>>) -> Option<Vec<SocketAddr>> {
+        let list = list?;
+        if list.is_empty() {
+            self.err(p, "empty list: omit the field to use the system's resolver (/etc/resolv.conf)");
+        }
+        let mut out = Vec::new();
+        for (i, a) in list.iter().enumerate() {
+            let parsed = a.parse::<SocketAddr>().ok().or_else(|| {
+                a.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53))
+            });
+            match parsed {
+                Some(s) if s.port() != 0 && !s.ip().is_unspecified() => out.push(s),
+                _ => self.err(format!("{p}[{i}]"), format!("invalid nameserver {a:?}: expected IP or IP:PORT, e.g. \"127.0.0.1:8600\"")),
+            }
+        }
+        Some(out)
+    }
+
+    fn refresh_bounds(&mut self, p: &str, min: Option<String>, max: Option<String>, dmin: Duration, dmax: Duration) -> (Duration, Duration) {
+        let min_d = self.duration(&format!("{p}.min_refresh"), min.as_ref(), dmin);
+        let max_d = self.duration(&format!("{p}.max_refresh"), max.as_ref(), dmax);
+        if min_d < Duration::from_millis(100) {
+            self.err(format!("{p}.min_refresh"), format!("invalid duration {:?}: must be at least 100ms", min.unwrap_or_default()));
+            return (dmin, dmax);
+        }
+        if max_d > Duration::from_secs(3600) {
+            self.err(format!("{p}.max_refresh"), format!("invalid duration {:?}: must be at most 1h", max.unwrap_or_default()));
+            return (dmin, dmax);
+        }
+        if max_d < min_d {
+            self.err(format!("{p}.max_refresh"), format!("invalid duration {:?}: must not be less than min_refresh ({min_d:?})", max.unwrap_or_default()));
+            return (dmin, dmax.max(dmin));
+        }
+        (min_d, max_d)
+    }
+
+    fn dns_timeout(&mut self, p: &str, value: Option<String>, default: Duration) -> Duration {
+        let d = self.duration(p, value.as_ref(), default);
+        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&d) {
+            self.err(p, format!("invalid duration {:?}: must be between 10ms and 60s", value.unwrap_or_default()));
+            return default;
+        }
+        d
     }
 
     fn consul(&mut self, s: ConsulSection, env: &dyn Fn(&str) -> Option<String>, listen_port: u16) -> ConsulSettings {
@@ -975,6 +1052,23 @@ fn consul_base_url(a: &str, https_default: bool) -> Result<String, String> {
         return Err(format!("invalid agent address {a:?}: no host"));
     }
     Ok(url.trim_end_matches('/').to_string())
+}
+
+/// `[dns]` after validation: what a cluster's `dns` leaves unset.
+struct DnsDefaults {
+    nameservers: Vec<SocketAddr>,
+    min_refresh: Duration,
+    max_refresh: Duration,
+    timeout: Duration,
+}
+
+/// A DNS name as a query takes it: labels of letters, digits, '-' and '_',
+/// an optional final dot.
+fn dns_name_ok(name: &str) -> bool {
+    let body = name.strip_suffix('.').unwrap_or(name);
+    !body.is_empty()
+        && body.len() <= 253
+        && body.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
 }
 
 fn valid_name(name: &str) -> bool {
