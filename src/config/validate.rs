@@ -607,6 +607,22 @@ impl Validator<'_> {
             // A cluster with errors stays known, so routes pointing at it report only their own.
             out.insert(name, spec);
         }
+        // A DNS source is named by its DNS name (and port) in /status and
+        // metrics: two clusters may share one only with the same settings.
+        let mut named: BTreeMap<String, (&String, &DnsQuery)> = BTreeMap::new();
+        for (cluster, spec) in &out {
+            let DiscoverySpec::Dns(q) = &spec.discovery else { continue };
+            match named.get(&q.source_name()) {
+                Some((other, oq)) if *oq != q => self.err(
+                    format!("clusters.{cluster}.dns"),
+                    format!("cluster {other:?} asks for the same name{} with other nameservers or refresh settings; give both the same", if q.port.is_some() { " and port" } else { "" }),
+                ),
+                Some(_) => {}
+                None => {
+                    named.insert(q.source_name(), (cluster, q));
+                }
+            }
+        }
         out
     }
 

@@ -333,8 +333,10 @@ impl DnsSource {
         self.metrics.dns.lookups.with_label_values(&[self.name.as_str(), f.result]).inc();
         self.metrics.discovery_update(&self.name, "error");
         self.status.source_error(&self.name, f.message.clone());
-        // Once per change of state, not per retry.
-        if previous != Some(f.result) {
+        // Once when lookups start failing, not per retry (nor when the kind
+        // of failure changes: a stopped server may alternate between a
+        // refused connection and a timeout).
+        if previous.is_none() {
             tracing::warn!(source = %self.name, result = f.result, error = %f.message, "DNS lookup failed; the last good set (if any) keeps serving");
         } else {
             tracing::debug!(source = %self.name, result = f.result, error = %f.message, "DNS lookup failed again");
