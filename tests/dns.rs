@@ -534,3 +534,60 @@ dns = { name = "a.test.", prot = 80 }
         assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
     }
 }
+
+/// SRV targets whose addresses are not in the answer's additional section
+/// (here: a target that is a CNAME) are looked up with A/AAAA queries.
+#[test]
+fn srv_targets_without_glue_are_looked_up() {
+    if !have_dnsmasq() {
+        return;
+    }
+    let ups: Vec<Upstream> = (0..2).map(|i| Upstream::start(&format!("s{i}"))).collect();
+    let dns = Dnsmasq::start(
+        &format!(
+            "cname=alias.test,lo.test\nhost-record=lo.test,127.0.0.1\n{}",
+            srv_lines(SRV, &[("alias.test", ups[0].addr.port(), 0, 1), ("lo.test", ups[1].addr.port(), 0, 1)])
+        ),
+        "",
+    );
+    let body = format!("[[routes]]\ncluster = \"web\"\n[clusters.web]\ndns = {{ name = \"{SRV}.\", nameservers = [\"{}\"] }}\n", dns.addr());
+    let p = Proxy::start(&body);
+    wait_for_backends(&p, "web", &set_of(&[ups[0].addr, ups[1].addr]), Duration::from_secs(5));
+    assert_served_by(&p, "/", &["s0", "s1"], 4);
+}
+
+/// A reload that switches a cluster to DNS starts its source and serves its
+/// answer with no failed request; one that drops the DNS cluster stops it.
+#[test]
+fn a_reload_starts_and_stops_dns_sources() {
+    if !have_dnsmasq() {
+        return;
+    }
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let dns = Dnsmasq::start(&format!("host-record=lo.test,127.0.0.1\n{}", srv_lines(SRV, &[("lo.test", b.addr.port(), 0, 1)])), "");
+    let static_body = format!("[[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"{}\"]\n", a.addr);
+    let p = Proxy::start(&static_body);
+    assert_served_by(&p, "/", &["a"], 2);
+    let load = Load::start(p.url("/"), 100_000, Duration::from_secs(60));
+    let cfg = p.path("switchyard.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let dns_cluster = format!("dns = {{ name = \"{SRV}.\", nameservers = [\"{}\"], min_refresh = \"100ms\", max_refresh = \"200ms\" }}", dns.addr());
+    write_atomic(&cfg, &text.replace(&format!("static = [\"{}\"]", a.addr), &dns_cluster));
+    let t0 = Instant::now();
+    p.signal(libc::SIGHUP);
+    wait_for_backends(&p, "web", &set_of(&[b.addr]), Duration::from_secs(3));
+    eprintln!("reload to DNS served in {:?}", t0.elapsed());
+    assert_served_by(&p, "/", &["b"], 3);
+    let src = format!("dns:{SRV}.");
+    assert!(lookups(&p, &src, "ok") >= 1.0);
+
+    write_atomic(&cfg, &text);
+    p.signal(libc::SIGHUP);
+    wait_for_backends(&p, "web", &set_of(&[a.addr]), Duration::from_secs(3));
+    // Stopped: its lookups stop counting (at 100-200 ms per refresh, a
+    // running source would count several in a second).
+    let before = lookups(&p, &src, "ok");
+    assert!(!wait_until(Duration::from_secs(1), || lookups(&p, &src, "ok") > before), "the dropped DNS source still runs");
+    let report = load.finish();
+    assert_eq!(report.failed, 0, "{report:?}");
+}
