@@ -1296,6 +1296,31 @@ static = ["127.0.0.1:1"]
     }
 
     #[test]
+    fn dns_clusters_take_unset_fields_from_the_dns_section() {
+        let text = MINIMAL.replace("static = [\"127.0.0.1:8001\"]", "dns = { name = \"_http._tcp.web.\" }\n[clusters.api]\ndns = { name = \"api.test\", port = 8080, nameservers = [\"::1\"], max_refresh = \"10s\" }")
+            + "\n[dns]\nnameservers = [\"127.0.0.1:8600\", \"127.0.0.2\"]\nmin_refresh = \"2s\"\n";
+        let c = parse(&text, Path::new("/etc/sy")).unwrap();
+        let DiscoverySpec::Dns(web) = &c.clusters["web"].discovery else { panic!() };
+        assert_eq!(web.port, None);
+        assert_eq!(web.nameservers, vec!["127.0.0.1:8600".parse().unwrap(), "127.0.0.2:53".parse().unwrap()]);
+        assert_eq!((web.min_refresh, web.max_refresh, web.timeout), (Duration::from_secs(2), DNS_MAX_REFRESH, DNS_TIMEOUT));
+        let DiscoverySpec::Dns(api) = &c.clusters["api"].discovery else { panic!() };
+        assert_eq!(api.nameservers, vec!["[::1]:53".parse().unwrap()]);
+        assert_eq!((api.port, api.min_refresh, api.max_refresh), (Some(8080), Duration::from_secs(2), Duration::from_secs(10)));
+        // No nameservers anywhere: the system's resolver.
+        let plain = MINIMAL.replace("static = [\"127.0.0.1:8001\"]", "dns = { name = \"web.test.\", port = 80 }");
+        let DiscoverySpec::Dns(q) = &parse(&plain, Path::new("/")).unwrap().clusters["web"].discovery else { panic!() };
+        assert!(q.nameservers.is_empty());
+        assert_eq!((q.min_refresh, q.max_refresh), (DNS_MIN_REFRESH, DNS_MAX_REFRESH));
+        // A cluster's max below the section's min is named at the cluster.
+        let e = errs(&text.replace("max_refresh = \"10s\"", "max_refresh = \"1s\""));
+        assert!(e.iter().any(|e| e.contains("clusters.api.dns.max_refresh") && e.contains("not be less than min_refresh")), "{e:?}");
+        // Two clusters, one source name, different settings.
+        let e = errs(&text.replace("api.test\", port = 8080", "_http._tcp.web.\""));
+        assert!(e.iter().any(|e| e.contains("clusters.web.dns: cluster \"api\" asks for the same name")), "{e:?}");
+    }
+
+    #[test]
     fn toml_syntax_error_is_reported() {
         let e = errs("[[listeners]\naddress=").join("\n");
         assert!(e.contains("not valid TOML"), "{e}");

@@ -171,14 +171,48 @@ fn addr_of(r: &Record) -> Option<(IpAddr, u32)> {
     }
 }
 
-/// One SRV record, as used.
-#[derive(Debug, Clone)]
-struct Srv {
-    priority: u16,
-    weight: u16,
-    port: u16,
-    target: Name,
-    ttl: u32,
+/// One SRV record, as used: its target as a lower-case name with a final dot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SrvRecord {
+    pub priority: u16,
+    pub weight: u16,
+    pub port: u16,
+    pub target: String,
+    pub ttl: u32,
+}
+
+/// Target name → its addresses with their TTLs.
+pub type Addresses = HashMap<String, Vec<(IpAddr, u32)>>;
+
+/// What an SRV answer serves (pure; the rules are in the module doc): the
+/// lowest priority group with a usable target, its backends, and the
+/// smallest TTL among the SRV and address records used. None when no group
+/// has a usable target.
+pub fn srv_backends(records: &[SrvRecord], known: &Addresses) -> Option<(u16, Vec<Endpoint>, u32)> {
+    let mut groups: BTreeMap<u16, Vec<&SrvRecord>> = BTreeMap::new();
+    for s in records.iter().filter(|s| usable(s)) {
+        groups.entry(s.priority).or_default().push(s);
+    }
+    for (priority, group) in groups {
+        let mut by_addr: BTreeMap<SocketAddr, (u32, u32)> = BTreeMap::new();
+        for s in group {
+            let Some(addrs) = known.get(&s.target) else { continue };
+            for (ip, attl) in addrs {
+                let e = by_addr.entry(SocketAddr::new(*ip, s.port)).or_insert((0, u32::MAX));
+                e.0 = e.0.max(u32::from(s.weight).max(1));
+                e.1 = e.1.min(s.ttl.min(*attl));
+            }
+        }
+        let Some(ttl) = by_addr.values().map(|(_, t)| *t).min() else { continue };
+        let endpoints = by_addr.into_iter().map(|(addr, (weight, _))| Endpoint { weight, ..Endpoint::new(addr) }).collect();
+        return Some((priority, endpoints, ttl));
+    }
+    None
+}
+
+/// A target of `.` means "no service here"; port 0 cannot be connected to.
+fn usable(s: &SrvRecord) -> bool {
+    s.target != "." && s.port != 0
 }
 
 async fn srv(resolver: &TokioResolver, name: &str) -> Result<Answer, Failure> {
@@ -186,23 +220,22 @@ async fn srv(resolver: &TokioResolver, name: &str) -> Result<Answer, Failure> {
         Ok(l) => l,
         Err(e) => return classify(&e, name),
     };
-    let records: Vec<Srv> = lookup
+    let records: Vec<SrvRecord> = lookup
         .answers()
         .iter()
         .filter_map(|r| match &r.data {
-            RData::SRV(s) => Some(Srv { priority: s.priority, weight: s.weight, port: s.port, target: s.target.clone(), ttl: r.ttl }),
+            RData::SRV(s) => Some(SrvRecord { priority: s.priority, weight: s.weight, port: s.port, target: key(&s.target), ttl: r.ttl }),
             _ => None,
         })
         .collect();
     // Addresses the answer brought along, by target name.
-    let mut known: HashMap<Name, Vec<(IpAddr, u32)>> = HashMap::new();
+    let mut known = Addresses::new();
     for r in lookup.additionals() {
         if let Some(a) = addr_of(r) {
-            known.entry(lowercase(&r.name)).or_default().push(a);
+            known.entry(key(&r.name)).or_default().push(a);
         }
     }
-    let usable: Vec<&Srv> = records.iter().filter(|s| !s.target.is_root() && s.port != 0).collect();
-    let mut missing: Vec<Name> = usable.iter().map(|s| lowercase(&s.target)).filter(|t| !known.contains_key(t)).collect();
+    let mut missing: Vec<String> = records.iter().filter(|s| usable(s) && !known.contains_key(&s.target)).map(|s| s.target.clone()).collect();
     missing.sort();
     missing.dedup();
     for chunk in missing.chunks(TARGET_LOOKUPS_AT_ONCE) {
@@ -210,7 +243,7 @@ async fn srv(resolver: &TokioResolver, name: &str) -> Result<Answer, Failure> {
         for t in chunk {
             let (r, t) = (resolver.clone(), t.clone());
             set.spawn(async move {
-                let (a, aaaa) = tokio::join!(r.lookup(t.clone(), RecordType::A), r.lookup(t.clone(), RecordType::AAAA));
+                let (a, aaaa) = tokio::join!(r.lookup(t.as_str(), RecordType::A), r.lookup(t.as_str(), RecordType::AAAA));
                 (t, a, aaaa)
             });
         }
@@ -223,44 +256,25 @@ async fn srv(resolver: &TokioResolver, name: &str) -> Result<Answer, Failure> {
                     // A target without addresses is not usable; a failed
                     // lookup fails the refresh (half a set is no set).
                     Err(e) => {
-                        classify(&e, &t.to_string())?;
+                        classify(&e, &t)?;
                     }
                 }
             }
             known.insert(t, found);
         }
     }
-    let mut groups: BTreeMap<u16, Vec<&Srv>> = BTreeMap::new();
-    for s in &usable {
-        groups.entry(s.priority).or_default().push(s);
-    }
-    for (priority, group) in groups {
-        let mut by_addr: BTreeMap<SocketAddr, (u32, u32)> = BTreeMap::new();
-        for s in group {
-            let Some(addrs) = known.get(&lowercase(&s.target)) else { continue };
-            for (ip, attl) in addrs {
-                let e = by_addr.entry(SocketAddr::new(*ip, s.port)).or_insert((0, u32::MAX));
-                e.0 = e.0.max(u32::from(s.weight).max(1));
-                e.1 = e.1.min(s.ttl.min(*attl));
-            }
-        }
-        if by_addr.is_empty() {
-            continue;
-        }
-        let ttl = by_addr.values().map(|(_, t)| *t).min();
-        let endpoints = by_addr
-            .into_iter()
-            .map(|(addr, (weight, _))| Endpoint { weight, ..Endpoint::new(addr) })
-            .collect();
-        return Ok(Answer { endpoints, records: records.len(), ttl, priority: Some(priority), result: "ok" });
-    }
-    Ok(Answer { records: records.len(), ttl: records.iter().map(|s| s.ttl).min(), ..Answer::empty("ok") })
+    let min_srv_ttl = records.iter().map(|s| s.ttl).min();
+    Ok(match srv_backends(&records, &known) {
+        Some((priority, endpoints, ttl)) => Answer { endpoints, records: records.len(), ttl: Some(ttl), priority: Some(priority), result: "ok" },
+        None => Answer { records: records.len(), ttl: min_srv_ttl, ..Answer::empty("ok") },
+    })
 }
 
-fn lowercase(n: &Name) -> Name {
+/// A name as a lookup key: lower case, with the final dot.
+fn key(n: &Name) -> String {
     let mut n = n.to_lowercase();
     n.set_fqdn(true);
-    n
+    n.to_string()
 }
 
 /// The wait before the next refresh: after an answer, its TTL clamped to
@@ -300,7 +314,7 @@ impl DnsSource {
     }
 
     /// Publish an answer; returns the TTL it asks for.
-    fn publish(&self, a: Answer) -> Option<u32> {
+    fn publish(&self, a: Answer, took: Duration) -> Option<u32> {
         let had = self.tx.borrow().as_ref().map(|s| s.len());
         let set = normalise(a.endpoints.clone());
         let changed = self.tx.send_if_modified(|cur| {
@@ -323,7 +337,7 @@ impl DnsSource {
                     source = %self.name, result = a.result,
                     "the name has no usable records any more: publishing the empty set (as a deregistration)"
                 ),
-                _ => tracing::info!(source = %self.name, backends = set.len(), records = a.records, ttl = ?a.ttl, priority = ?a.priority, "DNS answer changed"),
+                _ => tracing::info!(source = %self.name, backends = set.len(), records = a.records, ttl = ?a.ttl, priority = ?a.priority, took_us = took.as_micros() as u64, "DNS answer changed"),
             }
         }
         a.ttl
@@ -374,6 +388,7 @@ impl BackgroundService for DnsSource {
         let mut last: Option<Answer> = None;
         let mut resolver_ = None;
         loop {
+            let started = std::time::Instant::now();
             let outcome = match &resolver_ {
                 Some(r) => refresh(r, &self.query).await,
                 None => match resolver(&self.query) {
@@ -391,7 +406,7 @@ impl BackgroundService for DnsSource {
                         tracing::info!(source = %self.name, "DNS lookups answer again");
                     }
                     failures = 0;
-                    let ttl = self.publish(a.clone());
+                    let ttl = self.publish(a.clone(), started.elapsed());
                     last = Some(a);
                     ttl
                 }
@@ -444,6 +459,51 @@ mod tests {
         assert_eq!(next_delay(&q, None, 1, 1.0), Duration::from_secs(1));
         assert_eq!(next_delay(&q, None, 3, 1.0), Duration::from_secs(4));
         assert_eq!(next_delay(&q, None, 40, 1.0), Duration::from_secs(30));
+    }
+
+    fn rec(priority: u16, weight: u16, port: u16, target: &str) -> SrvRecord {
+        SrvRecord { priority, weight, port, target: target.into(), ttl: 30 }
+    }
+
+    #[test]
+    fn srv_rules_priority_weights_and_ports() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let known: Addresses = [
+            ("a.".to_string(), vec![(ip("10.0.0.1"), 5)]),
+            ("b.".to_string(), vec![(ip("10.0.0.2"), 60), (ip("fd00::2"), 60)]),
+            ("empty.".to_string(), vec![]),
+        ]
+        .into_iter()
+        .collect();
+        let recs = vec![
+            // Priority 0: nothing usable (no address, "no service", port 0).
+            rec(0, 5, 80, "empty."),
+            rec(0, 5, 80, "."),
+            rec(0, 5, 0, "a."),
+            rec(0, 5, 80, "unknown."),
+            // Priority 1 serves: same IP on two ports, weight 0 as 1, a
+            // repeated record keeping the larger weight, both families.
+            rec(1, 0, 80, "a."),
+            rec(1, 3, 81, "a."),
+            rec(1, 2, 81, "a."),
+            rec(1, 7, 90, "b."),
+            // Priority 2 never serves while 1 has targets.
+            rec(2, 1, 80, "b."),
+        ];
+        let (prio, eps, ttl) = srv_backends(&recs, &known).unwrap();
+        assert_eq!(prio, 1);
+        assert_eq!(ttl, 5, "the smallest TTL among the records used");
+        let got: Vec<(String, u32)> = eps.iter().map(|e| (e.addr.to_string(), e.weight)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("10.0.0.1:80".to_string(), 1),
+                ("10.0.0.1:81".to_string(), 3),
+                ("10.0.0.2:90".to_string(), 7),
+                ("[fd00::2]:90".to_string(), 7),
+            ]
+        );
+        assert_eq!(srv_backends(&recs[..4], &known), None, "no usable target anywhere");
     }
 
     #[test]
