@@ -591,3 +591,89 @@ fn a_reload_starts_and_stops_dns_sources() {
     let report = load.finish();
     assert_eq!(report.failed, 0, "{report:?}");
 }
+
+/// A log line without its colour codes.
+fn plain(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Seconds since midnight of a (plain) log line's timestamp.
+fn log_time(line: &str) -> Option<f64> {
+    let ts = line.split_whitespace().next()?;
+    let t = ts.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = t.split(':');
+    let (h, m, s) = (parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?);
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// A field `key=N` of a (plain) log line.
+fn log_field(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(&format!(" {key}="))?;
+    line[at + key.len() + 2..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// A 1,000-record SRV answer: its lookup (over TCP), the table rebuild and
+/// the time from a changed answer to the new set serving, measured from
+/// the process's own log lines. Prints the numbers recorded in
+/// BENCHMARKS.md; asserts only a loose bound.
+#[test]
+fn a_1000_record_answer_propagates_within_a_second() {
+    if !have_dnsmasq() {
+        return;
+    }
+    let conf = |base: u16| {
+        let recs: Vec<(&str, u16, u16, u16)> = (0..1000).map(|i| ("lo.test", base + i as u16, 0, 1 + (i % 4) as u16)).collect();
+        format!("host-record=lo.test,127.0.0.1\n{}", srv_lines(SRV, &recs))
+    };
+    let mut dns = Dnsmasq::start(&conf(20000), "");
+    let body = format!(
+        "[[routes]]\ncluster = \"big\"\n[clusters.big]\nselection = \"weighted\"\ndns = {{ name = \"{SRV}.\", nameservers = [\"{}\"], min_refresh = \"100ms\", max_refresh = \"100ms\" }}\n",
+        dns.addr()
+    );
+    let t0 = Instant::now();
+    let p = Proxy::start(&body);
+    assert!(wait_until(Duration::from_secs(10), || backends(&p, "big").len() == 1000), "{}", p.stderr());
+    let first = t0.elapsed();
+    let mut rows = Vec::new();
+    for round in 0..5u16 {
+        let base = 30000 + (round % 2) * 2000;
+        dns.restart(&conf(base));
+        let t = Instant::now();
+        let want: BTreeSet<String> = (0..1000).map(|i| format!("127.0.0.1:{}", base + i)).collect();
+        assert!(wait_until(Duration::from_secs(3), || addrs(&p, "big") == want), "round {round}: not moved\n{}", p.stderr());
+        rows.push(t.elapsed());
+    }
+    // From the log: each changed answer, how long its lookup took, and the
+    // time from that line to the next published table (with its build time).
+    let log = p.stderr();
+    let lines: Vec<String> = log.lines().map(plain).collect();
+    let mut measured = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if !(l.contains("DNS answer changed") && l.contains("backends=1000")) {
+            continue;
+        }
+        let Some(pubd) = lines[i + 1..].iter().find(|n| n.contains("routing table published")) else { continue };
+        let (Some(a), Some(b)) = (log_time(l), log_time(pubd)) else { continue };
+        measured.push((log_field(l, "took_us").unwrap_or(0), ((b - a) * 1e6) as u64, log_field(pubd, "took_us").unwrap_or(0)));
+    }
+    eprintln!("1000 SRV records: first set served {first:?} after the process was spawned");
+    eprintln!("server restart -> new set in /status: {rows:?}");
+    for (lookup, to_publish, build) in &measured {
+        eprintln!("  lookup {lookup} us, answer -> table published {to_publish} us (of which build {build} us)");
+    }
+    assert!(measured.len() >= 5, "{measured:?}\n{log}");
+    assert!(rows.iter().all(|d| *d < Duration::from_secs(1)), "{rows:?}");
+}
