@@ -246,6 +246,9 @@ impl Reconciler {
                     }
                     DiscoverySpec::Consul(q) => !view.is_some_and(|v| v.services.contains_key(q)),
                     DiscoverySpec::Dns(q) => !dns.iter().any(|d| &d.query == q && d.rx.borrow().is_some()),
+                    DiscoverySpec::StaticNames { names, .. } => {
+                        !names.iter().all(|q| dns.iter().any(|d| &d.query == q && d.rx.borrow().is_some()))
+                    }
                 })
                 .map(|(name, _)| name.clone())
                 .collect()
@@ -374,6 +377,22 @@ fn discovered(
                 let Some(input) = dns.iter().find(|d| &d.query == q) else { continue };
                 if let Some(set) = input.rx.borrow().as_ref() {
                     out.insert(name.clone(), set.clone());
+                }
+            }
+            DiscoverySpec::StaticNames { addrs, names } => {
+                // Pending until every name has had an answer; then the
+                // addresses given as IPs and every name's addresses.
+                let mut all: std::collections::BTreeMap<std::net::SocketAddr, crate::discovery::Endpoint> =
+                    addrs.iter().map(|&a| (a, crate::discovery::Endpoint::new(a))).collect();
+                let mut complete = true;
+                for q in names {
+                    match dns.iter().find(|d| &d.query == q).and_then(|d| d.rx.borrow().clone()) {
+                        Some(set) => all.extend(set.iter().map(|e| (e.addr, e.clone()))),
+                        None => complete = false,
+                    }
+                }
+                if complete {
+                    out.insert(name.clone(), crate::discovery::normalise(all.into_values().collect()));
                 }
             }
             DiscoverySpec::Static(_) => {}

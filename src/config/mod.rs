@@ -261,6 +261,10 @@ pub enum DiscoverySpec {
     File { catalog: PathBuf, service: String },
     Consul(ConsulQuery),
     Dns(DnsQuery),
+    /// A `static` list naming some backends by host name: the addresses
+    /// given as IPs, plus what each name's A/AAAA records resolve to (one
+    /// DNS source per name, with the `[dns]` settings).
+    StaticNames { addrs: Vec<SocketAddr>, names: Vec<DnsQuery> },
 }
 
 /// One DNS source: a name, how to ask for it and how often.
@@ -335,7 +339,7 @@ impl DiscoverySpec {
     /// Name of the discovery source feeding this cluster, as in `/status` and metrics.
     pub fn source_name(&self) -> Option<String> {
         match self {
-            DiscoverySpec::Static(_) => None,
+            DiscoverySpec::Static(_) | DiscoverySpec::StaticNames { .. } => None,
             DiscoverySpec::File { catalog, .. } => Some(file_source_name(catalog)),
             DiscoverySpec::Consul(q) => Some(q.source_name()),
             DiscoverySpec::Dns(q) => Some(q.source_name()),
@@ -344,7 +348,7 @@ impl DiscoverySpec {
 
     pub fn kind(&self) -> &'static str {
         match self {
-            DiscoverySpec::Static(_) => "static",
+            DiscoverySpec::Static(_) | DiscoverySpec::StaticNames { .. } => "static",
             DiscoverySpec::File { .. } => "file",
             DiscoverySpec::Consul(_) => "consul",
             DiscoverySpec::Dns(_) => "dns",
@@ -418,10 +422,12 @@ impl Config {
     pub fn dns_queries(&self) -> std::collections::BTreeSet<DnsQuery> {
         self.clusters
             .values()
-            .filter_map(|c| match &c.discovery {
-                DiscoverySpec::Dns(q) => Some(q.clone()),
-                _ => None,
+            .map(|c| match &c.discovery {
+                DiscoverySpec::Dns(q) => vec![q.clone()],
+                DiscoverySpec::StaticNames { names, .. } => names.clone(),
+                _ => Vec::new(),
             })
+            .flatten()
             .collect()
     }
 
@@ -458,6 +464,10 @@ impl Config {
         for c in self.clusters.values() {
             let source = match &c.discovery {
                 DiscoverySpec::Static(a) => format!("static, {} backends", a.len()),
+                DiscoverySpec::StaticNames { addrs, names } => {
+                    let names: Vec<String> = names.iter().map(|q| format!("{}:{}", q.name, q.port.unwrap_or(0))).collect();
+                    format!("static, {} backends by address, resolved: {}", addrs.len(), names.join(", "))
+                }
                 DiscoverySpec::File { catalog, service } => {
                     format!("file {} service {}", catalog.display(), service)
                 }

@@ -557,9 +557,24 @@ impl Validator<'_> {
                 }
                 (Some(list), None, None) => {
                     let mut addrs = Vec::new();
+                    let mut names: Vec<DnsQuery> = Vec::new();
                     for (i, a) in list.iter().enumerate() {
                         let ap = format!("{p}.static[{i}]");
-                        if let Some(addr) = self.socket_addr(&ap, a) {
+                        if let Some((host, port)) = host_and_port(a) {
+                            let q = DnsQuery {
+                                name: host.to_string(),
+                                port: Some(port),
+                                nameservers: dns_defaults.nameservers.clone(),
+                                min_refresh: dns_defaults.min_refresh,
+                                max_refresh: dns_defaults.max_refresh,
+                                timeout: dns_defaults.timeout,
+                            };
+                            if names.contains(&q) {
+                                self.err(&ap, format!("duplicate backend {a:?}"));
+                            } else {
+                                names.push(q);
+                            }
+                        } else if let Some(addr) = self.socket_addr(&ap, a) {
                             if addrs.contains(&addr) {
                                 self.err(&ap, format!("duplicate backend {a:?}"));
                             } else {
@@ -570,7 +585,11 @@ impl Validator<'_> {
                     if list.is_empty() {
                         self.err(format!("{p}.static"), "empty backend list: a static cluster needs at least one address");
                     }
-                    Some(DiscoverySpec::Static(addrs))
+                    if names.is_empty() {
+                        Some(DiscoverySpec::Static(addrs))
+                    } else {
+                        Some(DiscoverySpec::StaticNames { addrs, names })
+                    }
                 }
                 (None, Some(f), None) => {
                     let FileDiscoverySection { catalog, service } = f;
@@ -610,8 +629,12 @@ impl Validator<'_> {
         // A DNS source is named by its DNS name (and port) in /status and
         // metrics: two clusters may share one only with the same settings.
         let mut named: BTreeMap<String, (&String, &DnsQuery)> = BTreeMap::new();
-        for (cluster, spec) in &out {
-            let DiscoverySpec::Dns(q) = &spec.discovery else { continue };
+        let queries = out.iter().flat_map(|(cluster, spec)| match &spec.discovery {
+            DiscoverySpec::Dns(q) => vec![(cluster, q)],
+            DiscoverySpec::StaticNames { names, .. } => names.iter().map(|q| (cluster, q)).collect(),
+            _ => Vec::new(),
+        });
+        for (cluster, q) in queries {
             match named.get(&q.source_name()) {
                 Some((other, oq)) if *oq != q => self.err(
                     format!("clusters.{cluster}.dns"),
@@ -1078,6 +1101,18 @@ struct DnsDefaults {
     timeout: Duration,
 }
 
+/// A static backend given as `HOST:PORT` with a DNS name for the host (an
+/// address such as `10.0.0.1:80` or `[::1]:80` is not one).
+fn host_and_port(a: &str) -> Option<(&str, u16)> {
+    if a.parse::<SocketAddr>().is_ok() {
+        return None;
+    }
+    let (host, port) = a.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let numeric = host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    (!numeric && dns_name_ok(host)).then_some((host, port))
+}
+
 /// A DNS name as a query takes it: labels of letters, digits, '-' and '_',
 /// an optional final dot.
 fn dns_name_ok(name: &str) -> bool {
@@ -1318,6 +1353,24 @@ static = ["127.0.0.1:1"]
         // Two clusters, one source name, different settings.
         let e = errs(&text.replace("api.test\", port = 8080", "_http._tcp.web.\""));
         assert!(e.iter().any(|e| e.contains("clusters.web.dns: cluster \"api\" asks for the same name")), "{e:?}");
+    }
+
+    #[test]
+    fn host_names_in_static_lists_become_dns_queries() {
+        let text = MINIMAL.replace("static = [\"127.0.0.1:8001\"]", "static = [\"127.0.0.1:8001\", \"web1.internal:8080\", \"[::1]:80\"]")
+            + "\n[dns]\nnameservers = [\"127.0.0.1:8600\"]\n";
+        let c = parse(&text, Path::new("/")).unwrap();
+        let DiscoverySpec::StaticNames { addrs, names } = &c.clusters["web"].discovery else { panic!("{:?}", c.clusters["web"].discovery) };
+        assert_eq!(addrs.len(), 2);
+        assert_eq!((names[0].name.as_str(), names[0].port), ("web1.internal", Some(8080)));
+        assert_eq!(names[0].nameservers, vec!["127.0.0.1:8600".parse().unwrap()]);
+        assert_eq!(c.dns_queries().len(), 1);
+        // All addresses: the plain static spec, as before.
+        assert!(matches!(parse(MINIMAL, Path::new("/")).unwrap().clusters["web"].discovery, DiscoverySpec::Static(_)));
+        let e = errs(&MINIMAL.replace("static = [\"127.0.0.1:8001\"]", "static = [\"a.test:80\", \"a.test:80\", \"a.test:0\", \"1.2.3:80\", \"bad host:80\"]"));
+        for needle in ["clusters.web.static[1]: duplicate backend", "clusters.web.static[2]: invalid socket address", "clusters.web.static[3]: invalid socket address", "clusters.web.static[4]: invalid socket address"] {
+            assert!(e.iter().any(|e| e.contains(needle)), "{needle}: {e:?}");
+        }
     }
 
     #[test]
