@@ -389,16 +389,22 @@ impl BackgroundService for DnsSource {
         let mut resolver_ = None;
         loop {
             let started = std::time::Instant::now();
-            let outcome = match &resolver_ {
-                Some(r) => refresh(r, &self.query).await,
-                None => match resolver(&self.query) {
-                    Ok(r) => {
-                        let out = refresh(&r, &self.query).await;
-                        resolver_ = Some(r);
-                        out
-                    }
-                    Err(message) => Err(Failure { result: "error", message }),
-                },
+            // Built once; a failure to build (an unreadable resolv.conf) is
+            // retried like a failed lookup.
+            let built = match resolver_.take() {
+                Some(r) => Ok(r),
+                None => resolver(&self.query).map_err(|message| Failure { result: "error", message }),
+            };
+            let outcome = match built {
+                Ok(r) => {
+                    let out = tokio::select! {
+                        _ = shutdown.changed() => return,
+                        out = refresh(&r, &self.query) => out,
+                    };
+                    resolver_ = Some(r);
+                    out
+                }
+                Err(f) => Err(f),
             };
             let ttl = match outcome {
                 Ok(a) => {
