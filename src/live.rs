@@ -471,6 +471,7 @@ fn live_parts(running: &Config, new: Config) -> Config {
     Config {
         routes: new.routes,
         clusters: new.clusters,
+        dns: new.dns,
         ..running.clone()
     }
 }

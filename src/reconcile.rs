@@ -201,14 +201,29 @@ impl Reconciler {
                 }
             }));
         }
-        drop(files);
-        // DNS sources: the same, keyed by the whole query.
-        let wanted: std::collections::BTreeSet<crate::config::DnsQuery> = state.wanted().flat_map(|c| c.dns_queries()).collect();
+    }
+
+    /// Start DNS sources for every query the active or the candidate config
+    /// makes (dns clusters, host names in static lists) and for the host
+    /// names in the catalog files they read; stop the others. Run on every
+    /// input change, since a catalog edit may name new hosts.
+    fn sync_dns(&self, shutdown: &ShutdownWatch) {
+        let state = self.live.state();
+        let mut wanted: std::collections::BTreeSet<crate::config::DnsQuery> = state.wanted().flat_map(|c| c.dns_queries()).collect();
+        {
+            let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+            for c in state.wanted() {
+                wanted.extend(catalog_queries(c, &files));
+            }
+        }
         let mut dns = self.dns.lock().unwrap_or_else(|e| e.into_inner());
+        if dns.len() == wanted.len() && dns.iter().all(|d| wanted.contains(&d.query) && !d.tasks.is_empty()) {
+            return;
+        }
         dns.retain(|d| wanted.contains(&d.query));
         for q in wanted {
             if !dns.iter().any(|d| d.query == q) {
-                tracing::info!(source = %q.source_name(), "config reload: new DNS source");
+                tracing::info!(source = %q.source_name(), "new DNS source");
                 dns.push(open_dns(q, &self.metrics, &self.status));
             }
         }
@@ -353,6 +368,10 @@ fn discovered(
                 if let Some(cat) = current.as_ref() {
                     // A valid catalog without this service means "no instances".
                     let set = cat.get(service).cloned().unwrap_or_default();
+                    let set = match cat.named.get(service) {
+                        None => set,
+                        Some(named) => with_named(set, named, &config.dns, dns),
+                    };
                     out.insert(name.clone(), set);
                 }
             }
@@ -401,6 +420,45 @@ fn discovered(
     (out, panics)
 }
 
+/// The DNS queries for the host names in the catalogs `config` reads.
+fn catalog_queries(config: &Config, files: &[FileInput]) -> Vec<crate::config::DnsQuery> {
+    let mut out = Vec::new();
+    for spec in config.clusters.values() {
+        let DiscoverySpec::File { catalog, service } = &spec.discovery else { continue };
+        let Some(input) = files.iter().find(|f| &f.path == catalog) else { continue };
+        if let Some(named) = input.rx.borrow().as_ref().and_then(|c| c.named.get(service)) {
+            out.extend(named.iter().map(|n| config.dns.query(&n.host, n.port)));
+        }
+    }
+    out
+}
+
+/// A catalog service's set plus the current addresses of its host-name
+/// instances, each with the instance's weight, tags and meta (a name not
+/// answered yet adds nothing; an address already in the set keeps its entry).
+fn with_named(
+    set: EndpointSet,
+    named: &[crate::discovery::file::NamedInstance],
+    settings: &crate::config::DnsSettings,
+    dns: &[DnsInput],
+) -> EndpointSet {
+    let mut all: std::collections::BTreeMap<std::net::SocketAddr, crate::discovery::Endpoint> =
+        set.iter().map(|e| (e.addr, e.clone())).collect();
+    for n in named {
+        let q = settings.query(&n.host, n.port);
+        let Some(resolved) = dns.iter().find(|d| d.query == q).and_then(|d| d.rx.borrow().clone()) else { continue };
+        for e in resolved.iter() {
+            all.entry(e.addr).or_insert_with(|| crate::discovery::Endpoint {
+                weight: n.weight,
+                tags: n.tags.clone(),
+                meta: n.meta.clone(),
+                ..crate::discovery::Endpoint::new(e.addr)
+            });
+        }
+    }
+    crate::discovery::normalise(all.into_values().collect())
+}
+
 /// Create a DNS source (its first lookup runs once it is started).
 fn open_dns(q: crate::config::DnsQuery, metrics: &Arc<Metrics>, status: &Arc<StatusBoard>) -> DnsInput {
     let (src, rx) = DnsSource::new(q.clone(), metrics.clone(), status.clone());
@@ -434,6 +492,7 @@ impl BackgroundService for Reconciler {
             }
         }));
         self.sync_files(&shutdown);
+        self.sync_dns(&shutdown);
         // Catch anything published between construction and now.
         self.reconcile();
         loop {
@@ -447,6 +506,7 @@ impl BackgroundService for Reconciler {
             }
             tokio::time::sleep(DEBOUNCE).await;
             self.sync_files(&shutdown);
+            self.sync_dns(&shutdown);
             self.reconcile();
         }
         for f in forwarders {

@@ -28,6 +28,32 @@ pub struct Config {
     /// Present when a cluster uses Consul (or a `[consul]` section is given).
     pub consul: Option<ConsulSettings>,
     pub ha: HaSettings,
+    /// The `[dns]` section, for host names in catalog files (`dns` clusters
+    /// and static lists carry them in their queries).
+    pub dns: DnsSettings,
+}
+
+/// The `[dns]` section after validation.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DnsSettings {
+    pub nameservers: Vec<SocketAddr>,
+    pub min_refresh: Duration,
+    pub max_refresh: Duration,
+    pub timeout: Duration,
+}
+
+impl DnsSettings {
+    /// The A/AAAA query for `host` on `port` with these settings.
+    pub fn query(&self, host: &str, port: u16) -> DnsQuery {
+        DnsQuery {
+            name: host.to_string(),
+            port: Some(port),
+            nameservers: self.nameservers.clone(),
+            min_refresh: self.min_refresh,
+            max_refresh: self.max_refresh,
+            timeout: self.timeout,
+        }
+    }
 }
 
 /// The `[ha]` section: this node's part in a keepalived pair.

@@ -125,6 +125,12 @@ pub fn validate_table(table: &toml::Table, base: &Path, env: &dyn Fn(&str) -> Op
             clusters,
             consul,
             ha,
+            dns: DnsSettings {
+                nameservers: dns.nameservers,
+                min_refresh: dns.min_refresh,
+                max_refresh: dns.max_refresh,
+                timeout: dns.timeout,
+            },
         })
     } else {
         Err(ConfigErrors(v.errors))
