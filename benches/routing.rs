@@ -189,5 +189,63 @@ fn bench_request(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_build, bench_request);
+/// A 1,000-record SRV answer (src/discovery/dns.rs): turning the records
+/// into backends (`srv_backends` + `normalise`), and the table rebuild when a
+/// DNS cluster's whole set changes to such an answer (every backend new, as
+/// when all ports change), weighted by the SRV weights. The lookup itself is
+/// measured against a real server in `tests/dns.rs`.
+fn bench_dns(c: &mut Criterion) {
+    use switchyard::discovery::dns::{srv_backends, Addresses, SrvRecord};
+    const N: u16 = 1000;
+    let answer = |base: u16| -> Vec<SrvRecord> {
+        (0..N)
+            .map(|i| SrvRecord { priority: 0, weight: 1 + i % 4, port: base + i, target: format!("t{}.test.", i % 50), ttl: 30 })
+            .collect()
+    };
+    let known: Addresses = (0..50u8).map(|t| (format!("t{t}.test."), vec![(Ipv4Addr::new(10, 1, 0, t + 1).into(), 30)])).collect();
+    let (a, b) = (answer(20000), answer(40000));
+    let mut g = c.benchmark_group("dns");
+    g.sample_size(20).measurement_time(Duration::from_secs(5));
+    g.bench_function("srv_answer_1000/to_backends", |bn| {
+        bn.iter(|| normalise(srv_backends(black_box(&a), black_box(&known)).unwrap().1))
+    });
+    let toml = "[[listeners]]\naddress = \"127.0.0.1:8080\"\n[[routes]]\ncluster = \"web\"\n[clusters.web]\nselection = \"weighted\"\ndns = { name = \"_http._tcp.web.test.\" }\n";
+    let cfg = switchyard::config::parse(toml, Path::new("/tmp")).expect("valid");
+    let sets: Vec<Discovered> = [&a, &b]
+        .iter()
+        .map(|r| [("web".to_string(), normalise(srv_backends(r, &known).unwrap().1))].into_iter().collect())
+        .collect();
+    assert_eq!(sets[0]["web"].len(), 1000);
+    let states = StateRegistry::new(Arc::new(Metrics::new()));
+    let mut prev = RoutingTable::build(&cfg, &sets[1], &states, 0).unwrap();
+    let mut generation = 0u64;
+    g.bench_function("srv_answer_1000/rebuild_all_new", |bn| {
+        bn.iter(|| {
+            generation += 1;
+            let t = RoutingTable::build_from(Some(&prev), &cfg, &sets[(generation % 2) as usize], &states, generation).unwrap();
+            states.retain_changed(&prev, &t);
+            prev = t;
+        })
+    });
+    // The same answer with one record's port changed: 999 backends keep
+    // their state, one is new.
+    let mut a2 = a.clone();
+    a2[0].port = 60000;
+    let one: Vec<Discovered> = [&a, &a2]
+        .iter()
+        .map(|r| [("web".to_string(), normalise(srv_backends(r, &known).unwrap().1))].into_iter().collect())
+        .collect();
+    let mut prev = RoutingTable::build(&cfg, &one[1], &states, 0).unwrap();
+    g.bench_function("srv_answer_1000/rebuild_one_changed", |bn| {
+        bn.iter(|| {
+            generation += 1;
+            let t = RoutingTable::build_from(Some(&prev), &cfg, &one[(generation % 2) as usize], &states, generation).unwrap();
+            states.retain_changed(&prev, &t);
+            prev = t;
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_build, bench_request, bench_dns);
 criterion_main!(benches);

@@ -1,5 +1,5 @@
 //! Switchyard: an edge HTTP load balancer that follows a service catalog
-//! (a watched file today; Consul and DNS SRV plug into the same flow) and swaps
+//! (a watched file, Consul, DNS SRV and A/AAAA records) and swaps
 //! its routing snapshot without restarts or reloads.
 //!
 //! Data flows one way:
@@ -8,7 +8,9 @@
 //! config file ─┐
 //! discovery    ├─► reconcile ─► RoutingTable::build ─► snapshot (one ArcSwap) ─► proxy ─► metrics
 //!  (file,      │   (the only     (pure function:         publish() / load()        (request    (write-only
-//!   static)    │    writer)       no I/O, no async)                                 path)       sink)
+//!   consul,    │    writer)       no I/O, no async)                                 path)       sink)
+//!   dns,       │
+//!   static)    │
 //! ```
 //!
 //! * Sources publish *whole* sets (never deltas) on `tokio::sync::watch` channels.

@@ -472,6 +472,7 @@ fn live_parts(running: &Config, new: Config) -> Config {
         routes: new.routes,
         clusters: new.clusters,
         forwarding: new.forwarding,
+        dns: new.dns,
         ..running.clone()
     }
 }

@@ -57,6 +57,41 @@ pub struct Metrics {
     pub kv_rejected_keys: IntGauge,
     pub tls_certificate_expiry: prometheus::GaugeVec,
     pub tls_reload_errors: IntGaugeVec,
+    pub dns: DnsMetrics,
+}
+
+/// The DNS sources' metrics (src/discovery/dns.rs), labelled by source name.
+pub struct DnsMetrics {
+    pub lookups: IntCounterVec,
+    pub last_success: prometheus::GaugeVec,
+    pub records: IntGaugeVec,
+}
+
+/// Lookup outcomes used as `result` label values of `switchyard_dns_lookups_total`.
+pub const DNS_RESULTS: [&str; 6] = ["ok", "nxdomain", "timeout", "servfail", "refused", "error"];
+
+impl DnsMetrics {
+    fn register(registry: &Registry) -> Self {
+        let lookups = IntCounterVec::new(
+            opts("dns_lookups_total", "DNS refreshes by source and result: ok (an answer, possibly empty), nxdomain (the name does not exist: the empty set is published), timeout, servfail, refused, error (unreachable resolver or any other failure: the last good set stays)."),
+            &["source", "result"],
+        )
+        .expect("valid metric");
+        let last_success = prometheus::GaugeVec::new(
+            opts("dns_last_success_timestamp_seconds", "Unix time of each DNS source's last answer (ok or nxdomain)."),
+            &["source"],
+        )
+        .expect("valid metric");
+        let records = IntGaugeVec::new(
+            opts("dns_records", "Records in each DNS source's last answer: SRV records for an SRV name, A and AAAA records for an address name."),
+            &["source"],
+        )
+        .expect("valid metric");
+        for c in [Box::new(lookups.clone()) as Box<dyn prometheus::core::Collector>, Box::new(last_success.clone()), Box::new(records.clone())] {
+            registry.register(c).expect("metric names are unique");
+        }
+        DnsMetrics { lookups, last_success, records }
+    }
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -282,7 +317,9 @@ impl Metrics {
         ] {
             registry.register(c).expect("metric names are unique");
         }
+        let dns = DnsMetrics::register(&registry);
         Metrics {
+            dns,
             registry,
             requests,
             request_duration,

@@ -8,7 +8,8 @@
 use crate::config::{Config, DiscoverySpec};
 use crate::discovery::consul::{endpoints_for, ConsulView, ViewRx};
 use crate::discovery::file::{Catalog, FileSource};
-use crate::discovery::Discovered;
+use crate::discovery::dns::DnsSource;
+use crate::discovery::{Discovered, EndpointSet};
 use crate::live::{LiveConfig, ACTIVATE_WITHIN};
 use crate::metrics::Metrics;
 use crate::routing::{RoutingTable, StateRegistry};
@@ -46,6 +47,23 @@ impl Drop for FileInput {
     }
 }
 
+/// One DNS source, started and stopped like a [`FileInput`] as the config
+/// names DNS queries.
+struct DnsInput {
+    query: crate::config::DnsQuery,
+    rx: watch::Receiver<Option<EndpointSet>>,
+    src: Arc<DnsSource>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for DnsInput {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
 /// What a table was built from; an identical set of inputs is not rebuilt.
 struct Built {
     config: Arc<Config>,
@@ -63,6 +81,7 @@ pub struct Reconciler {
     live: Arc<LiveConfig>,
     consul: Option<ViewRx>,
     files: Mutex<Vec<FileInput>>,
+    dns: Mutex<Vec<DnsInput>>,
     /// Woken by every input: sources, the live config.
     changed: Arc<Notify>,
     states: Arc<StateRegistry>,
@@ -100,7 +119,8 @@ impl Reconciler {
         let view = consul.as_ref().map(|rx| rx.borrow().clone());
         let eff = effective(&config, view.as_deref());
         let mut memo = Memo::new();
-        let (discovered, panics) = discovered(&eff, &files, view.as_deref(), &mut memo);
+        let dns: Vec<DnsInput> = config.dns_queries().into_iter().map(|q| open_dns(q, &metrics, &status)).collect();
+        let (discovered, panics) = discovered(&eff, &files, &dns, view.as_deref(), &mut memo);
         let table = RoutingTable::build(&eff, &discovered, &states, 1)?;
         let built = Built { config: config.clone(), discovered, auto: auto_of(view.as_deref()) };
         drop(eff);
@@ -111,6 +131,7 @@ impl Reconciler {
             live,
             consul,
             files: Mutex::new(files),
+            dns: Mutex::new(dns),
             changed: Arc::new(Notify::new()),
             states,
             snapshot: Arc::new(Snapshot::new(table)),
@@ -182,6 +203,42 @@ impl Reconciler {
         }
     }
 
+    /// Start DNS sources for every query the active or the candidate config
+    /// makes (dns clusters, host names in static lists) and for the host
+    /// names in the catalog files they read; stop the others. Run on every
+    /// input change, since a catalog edit may name new hosts.
+    fn sync_dns(&self, shutdown: &ShutdownWatch) {
+        let state = self.live.state();
+        let mut wanted: std::collections::BTreeSet<crate::config::DnsQuery> = state.wanted().flat_map(|c| c.dns_queries()).collect();
+        {
+            let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+            for c in state.wanted() {
+                wanted.extend(catalog_queries(c, &files));
+            }
+        }
+        let mut dns = self.dns.lock().unwrap_or_else(|e| e.into_inner());
+        if dns.len() == wanted.len() && dns.iter().all(|d| wanted.contains(&d.query) && !d.tasks.is_empty()) {
+            return;
+        }
+        dns.retain(|d| wanted.contains(&d.query));
+        for q in wanted {
+            if !dns.iter().any(|d| d.query == q) {
+                tracing::info!(source = %q.source_name(), "new DNS source");
+                dns.push(open_dns(q, &self.metrics, &self.status));
+            }
+        }
+        for d in dns.iter_mut().filter(|d| d.tasks.is_empty()) {
+            let (src, sh) = (d.src.clone(), shutdown.clone());
+            d.tasks.push(tokio::spawn(async move { src.start(sh).await }));
+            let (mut rx, changed) = (d.rx.clone(), self.changed.clone());
+            d.tasks.push(tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    changed.notify_one();
+                }
+            }));
+        }
+    }
+
     /// The config to build from: the active one, or the candidate of a
     /// reload once each of its clusters whose source is new has a first
     /// result (or [`ACTIVATE_WITHIN`] has passed).
@@ -192,6 +249,7 @@ impl Reconciler {
         let Some(cand) = &state.candidate else { return (state.active, None) };
         let missing: Vec<String> = {
             let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+            let dns = self.dns.lock().unwrap_or_else(|e| e.into_inner());
             cand.config
                 .clusters
                 .iter()
@@ -202,6 +260,10 @@ impl Reconciler {
                         !files.iter().any(|f| &f.path == catalog && f.rx.borrow().is_some())
                     }
                     DiscoverySpec::Consul(q) => !view.is_some_and(|v| v.services.contains_key(q)),
+                    DiscoverySpec::Dns(q) => !dns.iter().any(|d| &d.query == q && d.rx.borrow().is_some()),
+                    DiscoverySpec::StaticNames { names, .. } => {
+                        !names.iter().all(|q| dns.iter().any(|d| &d.query == q && d.rx.borrow().is_some()))
+                    }
                 })
                 .map(|(name, _)| name.clone())
                 .collect()
@@ -224,7 +286,8 @@ impl Reconciler {
         let (discovered, panics) = {
             let mut memo = self.memo.lock().unwrap_or_else(|e| e.into_inner());
             let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
-            discovered(&eff, &files, view.as_deref(), &mut memo)
+            let dns = self.dns.lock().unwrap_or_else(|e| e.into_inner());
+            discovered(&eff, &files, &dns, view.as_deref(), &mut memo)
         };
         self.note_panics(&config, panics);
         let built = Built { config: config.clone(), discovered, auto: auto_of(view.as_deref()) };
@@ -291,6 +354,7 @@ fn effective<'a>(config: &'a Config, view: Option<&ConsulView>) -> Cow<'a, Confi
 fn discovered(
     config: &Config,
     files: &[FileInput],
+    dns: &[DnsInput],
     view: Option<&ConsulView>,
     memo: &mut Memo,
 ) -> (Discovered, std::collections::BTreeSet<String>) {
@@ -304,6 +368,10 @@ fn discovered(
                 if let Some(cat) = current.as_ref() {
                     // A valid catalog without this service means "no instances".
                     let set = cat.get(service).cloned().unwrap_or_default();
+                    let set = match cat.named.get(service) {
+                        None => set,
+                        Some(named) => with_named(set, named, &config.dns, dns),
+                    };
                     out.insert(name.clone(), set);
                 }
             }
@@ -324,10 +392,77 @@ fn discovered(
                     out.insert(name.clone(), set);
                 }
             }
+            DiscoverySpec::Dns(q) => {
+                let Some(input) = dns.iter().find(|d| &d.query == q) else { continue };
+                if let Some(set) = input.rx.borrow().as_ref() {
+                    out.insert(name.clone(), set.clone());
+                }
+            }
+            DiscoverySpec::StaticNames { addrs, names } => {
+                // Pending until every name has had an answer; then the
+                // addresses given as IPs and every name's addresses.
+                let mut all: std::collections::BTreeMap<std::net::SocketAddr, crate::discovery::Endpoint> =
+                    addrs.iter().map(|&a| (a, crate::discovery::Endpoint::new(a))).collect();
+                let mut complete = true;
+                for q in names {
+                    match dns.iter().find(|d| &d.query == q).and_then(|d| d.rx.borrow().clone()) {
+                        Some(set) => all.extend(set.iter().map(|e| (e.addr, e.clone()))),
+                        None => complete = false,
+                    }
+                }
+                if complete {
+                    out.insert(name.clone(), crate::discovery::normalise(all.into_values().collect()));
+                }
+            }
             DiscoverySpec::Static(_) => {}
         }
     }
     (out, panics)
+}
+
+/// The DNS queries for the host names in the catalogs `config` reads.
+fn catalog_queries(config: &Config, files: &[FileInput]) -> Vec<crate::config::DnsQuery> {
+    let mut out = Vec::new();
+    for spec in config.clusters.values() {
+        let DiscoverySpec::File { catalog, service } = &spec.discovery else { continue };
+        let Some(input) = files.iter().find(|f| &f.path == catalog) else { continue };
+        if let Some(named) = input.rx.borrow().as_ref().and_then(|c| c.named.get(service)) {
+            out.extend(named.iter().map(|n| config.dns.query(&n.host, n.port)));
+        }
+    }
+    out
+}
+
+/// A catalog service's set plus the current addresses of its host-name
+/// instances, each with the instance's weight, tags and meta (a name not
+/// answered yet adds nothing; an address already in the set keeps its entry).
+fn with_named(
+    set: EndpointSet,
+    named: &[crate::discovery::file::NamedInstance],
+    settings: &crate::config::DnsSettings,
+    dns: &[DnsInput],
+) -> EndpointSet {
+    let mut all: std::collections::BTreeMap<std::net::SocketAddr, crate::discovery::Endpoint> =
+        set.iter().map(|e| (e.addr, e.clone())).collect();
+    for n in named {
+        let q = settings.query(&n.host, n.port);
+        let Some(resolved) = dns.iter().find(|d| d.query == q).and_then(|d| d.rx.borrow().clone()) else { continue };
+        for e in resolved.iter() {
+            all.entry(e.addr).or_insert_with(|| crate::discovery::Endpoint {
+                weight: n.weight,
+                tags: n.tags.clone(),
+                meta: n.meta.clone(),
+                ..crate::discovery::Endpoint::new(e.addr)
+            });
+        }
+    }
+    crate::discovery::normalise(all.into_values().collect())
+}
+
+/// Create a DNS source (its first lookup runs once it is started).
+fn open_dns(q: crate::config::DnsQuery, metrics: &Arc<Metrics>, status: &Arc<StatusBoard>) -> DnsInput {
+    let (src, rx) = DnsSource::new(q.clone(), metrics.clone(), status.clone());
+    DnsInput { query: q, rx, src: Arc::new(src), tasks: Vec::new() }
 }
 
 /// Open a catalog file source (it reads the file once, now).
@@ -357,6 +492,7 @@ impl BackgroundService for Reconciler {
             }
         }));
         self.sync_files(&shutdown);
+        self.sync_dns(&shutdown);
         // Catch anything published between construction and now.
         self.reconcile();
         loop {
@@ -370,11 +506,13 @@ impl BackgroundService for Reconciler {
             }
             tokio::time::sleep(DEBOUNCE).await;
             self.sync_files(&shutdown);
+            self.sync_dns(&shutdown);
             self.reconcile();
         }
         for f in forwarders {
             f.abort();
         }
         self.files.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.dns.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }

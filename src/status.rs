@@ -16,6 +16,30 @@ pub struct SourceStatus {
     pub last_success_unix: Option<f64>,
     pub last_error: Option<String>,
     pub last_error_unix: Option<f64>,
+    /// DNS sources only: what the last answer held and when the next refresh is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsDetail>,
+}
+
+/// A DNS source's view in `/status`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct DnsDetail {
+    pub name: String,
+    /// `SRV` or `A/AAAA`.
+    pub record_type: &'static str,
+    /// Empty: the system's resolver configuration.
+    pub nameservers: Vec<String>,
+    /// Records in the last answer (SRV, or A and AAAA).
+    pub records: Option<usize>,
+    /// Backends published from it.
+    pub backends: Option<usize>,
+    /// SRV: the priority of the group served.
+    pub priority: Option<u16>,
+    /// The smallest TTL among the records used (before clamping to the refresh bounds).
+    pub ttl_seconds: Option<u32>,
+    pub next_refresh_unix: Option<f64>,
+    /// The last lookup's result, as in `switchyard_dns_lookups_total`.
+    pub last_result: Option<&'static str>,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -53,6 +77,7 @@ impl StatusBoard {
                 last_success_unix: None,
                 last_error: None,
                 last_error_unix: None,
+                dns: None,
             },
         );
     }
@@ -77,6 +102,11 @@ impl StatusBoard {
             s.last_error = Some(error);
             s.last_error_unix = Some(unix(SystemTime::now()));
         });
+    }
+
+    /// Replace a DNS source's detail.
+    pub fn source_dns(&self, name: &str, detail: DnsDetail) {
+        self.with_source(name, |s| s.dns = Some(detail));
     }
 
     pub fn sources(&self) -> BTreeMap<String, SourceStatus> {

@@ -66,10 +66,10 @@ fn invalid_catalog_keeps_the_last_good_one() {
         sample(&m, "switchyard_discovery_updates_total", &[("source", &source), ("result", "error")]).unwrap_or(0.0)
     };
     let full = catalog_json(&[("web", vec![(a.addr, 1), (b.addr, 1)])]);
-    let bad_address = full.replace(&b.addr.ip().to_string(), "not-an-ip");
+    let bad_address = full.replace(&b.addr.ip().to_string(), "not an ip");
     let cases = [
         ("bad JSON", "{ this is not json".to_string(), "invalid catalog"),
-        ("bad address", bad_address, "invalid IP address \"not-an-ip\""),
+        ("bad address", bad_address, "invalid IP address \"not an ip\""),
         ("truncated mid-write", full[..full.len() / 2].to_string(), "EOF"),
         ("wrong shape", "[1, 2, 3]".to_string(), "expected a map"),
     ];

@@ -206,6 +206,35 @@ pub struct ConsulDiscoverySection {
     pub panic_threshold: Option<f64>,
 }
 
+/// A cluster's `dns = { ... }`: backends from DNS (src/discovery/dns.rs).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsDiscoverySection {
+    /// An SRV name (`_http._tcp.web.example.`), or with `port` an A/AAAA name.
+    pub name: String,
+    /// Port for the addresses of an A/AAAA name; absent: `name` is an SRV name.
+    pub port: Option<u16>,
+    /// These override the `[dns]` section's values for this cluster.
+    pub nameservers: Option<Vec<String>>,
+    pub min_refresh: Option<String>,
+    pub max_refresh: Option<String>,
+    pub timeout: Option<String>,
+}
+
+/// `[dns]`: defaults for every DNS source.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    /// `IP` or `IP:PORT` each (UDP, TCP when an answer is truncated); absent:
+    /// the system's `/etc/resolv.conf`.
+    pub nameservers: Option<Vec<String>>,
+    /// Bounds on the refresh interval the answers' TTL asks for.
+    pub min_refresh: Option<String>,
+    pub max_refresh: Option<String>,
+    /// Bound on one whole refresh (the query, a TCP retry, target lookups).
+    pub timeout: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsulTlsSection {
@@ -280,6 +309,8 @@ pub struct ClusterSection {
     pub file: Option<FileDiscoverySection>,
     /// Backends from Consul's health endpoint.
     pub consul: Option<ConsulDiscoverySection>,
+    /// Backends from DNS: SRV records, or A/AAAA records with a fixed port.
+    pub dns: Option<DnsDiscoverySection>,
     /// `round_robin` (default), `weighted`, `least_connections`, `consistent_hash`.
     pub selection: Option<String>,
     /// For `consistent_hash`: request header whose value is the key.
@@ -329,6 +360,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "consul",
     "ha",
     "forwarding",
+    "dns",
 ];
 
 /// Named clusters, in name order.

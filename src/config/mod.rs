@@ -30,6 +30,9 @@ pub struct Config {
     pub consul: Option<ConsulSettings>,
     pub ha: HaSettings,
     pub forwarding: Arc<ForwardingSettings>,
+    /// The `[dns]` section, for host names in catalog files (`dns` clusters
+    /// and static lists carry them in their queries).
+    pub dns: DnsSettings,
 }
 
 /// The `[forwarding]` section, validated. Changes apply on reload.
@@ -50,6 +53,29 @@ impl ForwardingSettings {
             v4 => v4,
         };
         self.trusted_proxies.iter().any(|n| n.contains(&peer))
+    }
+}
+
+/// The `[dns]` section after validation.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DnsSettings {
+    pub nameservers: Vec<SocketAddr>,
+    pub min_refresh: Duration,
+    pub max_refresh: Duration,
+    pub timeout: Duration,
+}
+
+impl DnsSettings {
+    /// The A/AAAA query for `host` on `port` with these settings.
+    pub fn query(&self, host: &str, port: u16) -> DnsQuery {
+        DnsQuery {
+            name: host.to_string(),
+            port: Some(port),
+            nameservers: self.nameservers.clone(),
+            min_refresh: self.min_refresh,
+            max_refresh: self.max_refresh,
+            timeout: self.timeout,
+        }
     }
 }
 
@@ -293,6 +319,40 @@ pub enum DiscoverySpec {
     Static(Vec<SocketAddr>),
     File { catalog: PathBuf, service: String },
     Consul(ConsulQuery),
+    Dns(DnsQuery),
+    /// A `static` list naming some backends by host name: the addresses
+    /// given as IPs, plus what each name's A/AAAA records resolve to (one
+    /// DNS source per name, with the `[dns]` settings).
+    StaticNames { addrs: Vec<SocketAddr>, names: Vec<DnsQuery> },
+}
+
+/// One DNS source: a name, how to ask for it and how often.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DnsQuery {
+    /// As written (a name without a final dot goes through the search list).
+    pub name: String,
+    /// Some: A/AAAA records with this port; None: SRV records.
+    pub port: Option<u16>,
+    /// Empty: the system's resolver configuration.
+    pub nameservers: Vec<SocketAddr>,
+    pub min_refresh: Duration,
+    pub max_refresh: Duration,
+    pub timeout: Duration,
+}
+
+pub const DNS_MIN_REFRESH: Duration = Duration::from_secs(1);
+pub const DNS_MAX_REFRESH: Duration = Duration::from_secs(30);
+pub const DNS_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl DnsQuery {
+    /// Name of this query's source, as in `/status` and metrics:
+    /// `dns:NAME` (SRV) or `dns:NAME:PORT` (A/AAAA).
+    pub fn source_name(&self) -> String {
+        match self.port {
+            None => format!("dns:{}", self.name),
+            Some(p) => format!("dns:{}:{p}", self.name),
+        }
+    }
 }
 
 /// One Consul health watch: what to ask for and how to turn the answer into backends.
@@ -338,17 +398,19 @@ impl DiscoverySpec {
     /// Name of the discovery source feeding this cluster, as in `/status` and metrics.
     pub fn source_name(&self) -> Option<String> {
         match self {
-            DiscoverySpec::Static(_) => None,
+            DiscoverySpec::Static(_) | DiscoverySpec::StaticNames { .. } => None,
             DiscoverySpec::File { catalog, .. } => Some(file_source_name(catalog)),
             DiscoverySpec::Consul(q) => Some(q.source_name()),
+            DiscoverySpec::Dns(q) => Some(q.source_name()),
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
-            DiscoverySpec::Static(_) => "static",
+            DiscoverySpec::Static(_) | DiscoverySpec::StaticNames { .. } => "static",
             DiscoverySpec::File { .. } => "file",
             DiscoverySpec::Consul(_) => "consul",
+            DiscoverySpec::Dns(_) => "dns",
         }
     }
 }
@@ -438,6 +500,19 @@ impl Config {
             .collect()
     }
 
+    /// The DNS queries of every DNS cluster.
+    pub fn dns_queries(&self) -> std::collections::BTreeSet<DnsQuery> {
+        self.clusters
+            .values()
+            .map(|c| match &c.discovery {
+                DiscoverySpec::Dns(q) => vec![q.clone()],
+                DiscoverySpec::StaticNames { names, .. } => names.clone(),
+                _ => Vec::new(),
+            })
+            .flatten()
+            .collect()
+    }
+
     /// A few lines describing the effective config, printed by `check`.
     pub fn summary(&self) -> String {
         let mut out = String::new();
@@ -471,10 +546,18 @@ impl Config {
         for c in self.clusters.values() {
             let source = match &c.discovery {
                 DiscoverySpec::Static(a) => format!("static, {} backends", a.len()),
+                DiscoverySpec::StaticNames { addrs, names } => {
+                    let names: Vec<String> = names.iter().map(|q| format!("{}:{}", q.name, q.port.unwrap_or(0))).collect();
+                    format!("static, {} backends by address, resolved: {}", addrs.len(), names.join(", "))
+                }
                 DiscoverySpec::File { catalog, service } => {
                     format!("file {} service {}", catalog.display(), service)
                 }
                 DiscoverySpec::Consul(q) => format!("consul service {}", q.service),
+                DiscoverySpec::Dns(q) => match q.port {
+                    None => format!("dns SRV {}", q.name),
+                    Some(p) => format!("dns A/AAAA {} port {p}", q.name),
+                },
             };
             out.push_str(&format!(
                 "  {}: {}; {}; connect {:?}, read {:?}, retries {}\n",

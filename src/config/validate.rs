@@ -92,6 +92,7 @@ pub fn validate_table(table: &toml::Table, base: &Path, env: &dyn Fn(&str) -> Op
     let consul_section: Option<ConsulSection> = v.section(&table, "consul");
     let ha: HaSection = v.section(&table, "ha").unwrap_or_default();
     let forwarding: ForwardingSection = v.section(&table, "forwarding").unwrap_or_default();
+    let dns: DnsSection = v.section(&table, "dns").unwrap_or_default();
     let consul_needed = clusters.values().any(|c| c.consul.is_some());
     // With KV settings on, routes may all come from Consul.
     let routes_required = !consul_section.as_ref().is_some_and(|c| c.kv == Some(true));
@@ -102,7 +103,8 @@ pub fn validate_table(table: &toml::Table, base: &Path, env: &dyn Fn(&str) -> Op
     let access_log = v.access_log(access_log);
     let ha = v.ha(ha);
     let forwarding = Arc::new(v.forwarding(forwarding));
-    let clusters = v.clusters(clusters);
+    let dns = v.dns_defaults(dns);
+    let clusters = v.clusters(clusters, &dns);
     // Clusters that failed to deserialise still exist for the routes naming them.
     let cluster_names: Vec<String> = match table.get("clusters") {
         Some(toml::Value::Table(t)) => t.keys().cloned().collect(),
@@ -127,6 +129,12 @@ pub fn validate_table(table: &toml::Table, base: &Path, env: &dyn Fn(&str) -> Op
             consul,
             ha,
             forwarding,
+            dns: DnsSettings {
+                nameservers: dns.nameservers,
+                min_refresh: dns.min_refresh,
+                max_refresh: dns.max_refresh,
+                timeout: dns.timeout,
+            },
         })
     } else {
         Err(ConfigErrors(v.errors))
@@ -530,7 +538,7 @@ impl Validator<'_> {
         }
     }
 
-    fn clusters(&mut self, sections: BTreeMap<String, ClusterSection>) -> BTreeMap<String, ClusterSpec> {
+    fn clusters(&mut self, sections: BTreeMap<String, ClusterSection>, dns_defaults: &DnsDefaults) -> BTreeMap<String, ClusterSpec> {
         let mut out = BTreeMap::new();
         for (name, c) in sections {
             let p = format!("clusters.{name}");
@@ -544,6 +552,7 @@ impl Validator<'_> {
                 static_,
                 file,
                 consul,
+                dns,
                 selection,
                 hash_header,
                 hash_cookie,
@@ -556,14 +565,15 @@ impl Validator<'_> {
                 instances,
                 tls,
             } = c;
-            let sources = [static_.is_some(), file.is_some(), consul.is_some()].iter().filter(|&&b| b).count();
+            let sources = [static_.is_some(), file.is_some(), consul.is_some(), dns.is_some()].iter().filter(|&&b| b).count();
             let discovery = match (static_, file, consul) {
                 _ if sources > 1 => {
-                    self.err(&p, "set exactly one discovery source (`static`, `file` or `consul`), not several");
+                    self.err(&p, "set exactly one discovery source (`static`, `file`, `consul` or `dns`), not several");
                     None
                 }
+                (None, None, None) if dns.is_some() => dns.map(|d| DiscoverySpec::Dns(self.dns_query(&format!("{p}.dns"), d, dns_defaults))),
                 (None, None, None) => {
-                    self.err(&p, "missing discovery source: set `static = [\"IP:PORT\", ...]`, `file = { catalog = \"...\" }` or `consul = { service = \"...\" }`");
+                    self.err(&p, "missing discovery source: set `static = [\"IP:PORT\", ...]`, `file = { catalog = \"...\" }`, `consul = { service = \"...\" }` or `dns = { name = \"...\" }`");
                     None
                 }
                 (None, None, Some(c)) => {
@@ -594,9 +604,24 @@ impl Validator<'_> {
                 }
                 (Some(list), None, None) => {
                     let mut addrs = Vec::new();
+                    let mut names: Vec<DnsQuery> = Vec::new();
                     for (i, a) in list.iter().enumerate() {
                         let ap = format!("{p}.static[{i}]");
-                        if let Some(addr) = self.socket_addr(&ap, a) {
+                        if let Some((host, port)) = host_and_port(a) {
+                            let q = DnsQuery {
+                                name: host.to_string(),
+                                port: Some(port),
+                                nameservers: dns_defaults.nameservers.clone(),
+                                min_refresh: dns_defaults.min_refresh,
+                                max_refresh: dns_defaults.max_refresh,
+                                timeout: dns_defaults.timeout,
+                            };
+                            if names.contains(&q) {
+                                self.err(&ap, format!("duplicate backend {a:?}"));
+                            } else {
+                                names.push(q);
+                            }
+                        } else if let Some(addr) = self.socket_addr(&ap, a) {
                             if addrs.contains(&addr) {
                                 self.err(&ap, format!("duplicate backend {a:?}"));
                             } else {
@@ -607,7 +632,11 @@ impl Validator<'_> {
                     if list.is_empty() {
                         self.err(format!("{p}.static"), "empty backend list: a static cluster needs at least one address");
                     }
-                    Some(DiscoverySpec::Static(addrs))
+                    if names.is_empty() {
+                        Some(DiscoverySpec::Static(addrs))
+                    } else {
+                        Some(DiscoverySpec::StaticNames { addrs, names })
+                    }
                 }
                 (None, Some(f), None) => {
                     let FileDiscoverySection { catalog, service } = f;
@@ -646,7 +675,100 @@ impl Validator<'_> {
             // A cluster with errors stays known, so routes pointing at it report only their own.
             out.insert(name, spec);
         }
+        // A DNS source is named by its DNS name (and port) in /status and
+        // metrics: two clusters may share one only with the same settings.
+        let mut named: BTreeMap<String, (&String, &DnsQuery)> = BTreeMap::new();
+        let queries = out.iter().flat_map(|(cluster, spec)| match &spec.discovery {
+            DiscoverySpec::Dns(q) => vec![(cluster, q)],
+            DiscoverySpec::StaticNames { names, .. } => names.iter().map(|q| (cluster, q)).collect(),
+            _ => Vec::new(),
+        });
+        for (cluster, q) in queries {
+            match named.get(&q.source_name()) {
+                Some((other, oq)) if *oq != q => self.err(
+                    format!("clusters.{cluster}.dns"),
+                    format!("cluster {other:?} asks for the same name{} with other nameservers or refresh settings; give both the same", if q.port.is_some() { " and port" } else { "" }),
+                ),
+                Some(_) => {}
+                None => {
+                    named.insert(q.source_name(), (cluster, q));
+                }
+            }
+        }
         out
+    }
+
+    /// The `[dns]` section: defaults for every DNS source.
+    fn dns_defaults(&mut self, s: DnsSection) -> DnsDefaults {
+        let DnsSection { nameservers, min_refresh, max_refresh, timeout } = s;
+        let nameservers = self.nameservers("dns.nameservers", nameservers).unwrap_or_default();
+        let (min_refresh, max_refresh) = self.refresh_bounds("dns", min_refresh, max_refresh, DNS_MIN_REFRESH, DNS_MAX_REFRESH);
+        let timeout = self.dns_timeout("dns.timeout", timeout, DNS_TIMEOUT);
+        DnsDefaults { nameservers, min_refresh, max_refresh, timeout }
+    }
+
+    /// A cluster's `dns = { ... }`, its unset fields taken from `[dns]`.
+    fn dns_query(&mut self, p: &str, d: DnsDiscoverySection, defaults: &DnsDefaults) -> DnsQuery {
+        let DnsDiscoverySection { name, port, nameservers, min_refresh, max_refresh, timeout } = d;
+        if !dns_name_ok(&name) {
+            self.err(
+                format!("{p}.name"),
+                format!("invalid DNS name {name:?}: letters, digits, '-' and '_' in dot-separated labels of at most 63 characters, at most 253 in all (e.g. \"_http._tcp.web.example.\")"),
+            );
+        }
+        if port == Some(0) {
+            self.err(format!("{p}.port"), "invalid value 0: must be between 1 and 65535");
+        }
+        let nameservers = self.nameservers(&format!("{p}.nameservers"), nameservers).unwrap_or_else(|| defaults.nameservers.clone());
+        let (min_refresh, max_refresh) = self.refresh_bounds(p, min_refresh, max_refresh, defaults.min_refresh, defaults.max_refresh);
+        let timeout = self.dns_timeout(&format!("{p}.timeout"), timeout, defaults.timeout);
+        DnsQuery { name, port, nameservers, min_refresh, max_refresh, timeout }
+    }
+
+    /// `IP` or `IP:PORT` each (port 53 by default); None when not given.
+    fn nameservers(&mut self, p: &str, list: Option<Vec<String>>) -> Option<Vec<SocketAddr>> {
+        let list = list?;
+        if list.is_empty() {
+            self.err(p, "empty list: omit the field to use the system's resolver (/etc/resolv.conf)");
+        }
+        let mut out = Vec::new();
+        for (i, a) in list.iter().enumerate() {
+            let parsed = a.parse::<SocketAddr>().ok().or_else(|| {
+                a.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53))
+            });
+            match parsed {
+                Some(s) if s.port() != 0 && !s.ip().is_unspecified() => out.push(s),
+                _ => self.err(format!("{p}[{i}]"), format!("invalid nameserver {a:?}: expected IP or IP:PORT, e.g. \"127.0.0.1:8600\"")),
+            }
+        }
+        Some(out)
+    }
+
+    fn refresh_bounds(&mut self, p: &str, min: Option<String>, max: Option<String>, dmin: Duration, dmax: Duration) -> (Duration, Duration) {
+        let min_d = self.duration(&format!("{p}.min_refresh"), min.as_ref(), dmin);
+        let max_d = self.duration(&format!("{p}.max_refresh"), max.as_ref(), dmax);
+        if min_d < Duration::from_millis(100) {
+            self.err(format!("{p}.min_refresh"), format!("invalid duration {:?}: must be at least 100ms", min.unwrap_or_default()));
+            return (dmin, dmax);
+        }
+        if max_d > Duration::from_secs(3600) {
+            self.err(format!("{p}.max_refresh"), format!("invalid duration {:?}: must be at most 1h", max.unwrap_or_default()));
+            return (dmin, dmax);
+        }
+        if max_d < min_d {
+            self.err(format!("{p}.max_refresh"), format!("invalid duration {:?}: must not be less than min_refresh ({min_d:?})", max.unwrap_or_default()));
+            return (dmin, dmax.max(dmin));
+        }
+        (min_d, max_d)
+    }
+
+    fn dns_timeout(&mut self, p: &str, value: Option<String>, default: Duration) -> Duration {
+        let d = self.duration(p, value.as_ref(), default);
+        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&d) {
+            self.err(p, format!("invalid duration {:?}: must be between 10ms and 60s", value.unwrap_or_default()));
+            return default;
+        }
+        d
     }
 
     fn consul(&mut self, s: ConsulSection, env: &dyn Fn(&str) -> Option<String>, listen_port: u16) -> ConsulSettings {
@@ -1051,6 +1173,35 @@ fn consul_base_url(a: &str, https_default: bool) -> Result<String, String> {
     Ok(url.trim_end_matches('/').to_string())
 }
 
+/// `[dns]` after validation: what a cluster's `dns` leaves unset.
+struct DnsDefaults {
+    nameservers: Vec<SocketAddr>,
+    min_refresh: Duration,
+    max_refresh: Duration,
+    timeout: Duration,
+}
+
+/// A static backend given as `HOST:PORT` with a DNS name for the host (an
+/// address such as `10.0.0.1:80` or `[::1]:80` is not one).
+fn host_and_port(a: &str) -> Option<(&str, u16)> {
+    if a.parse::<SocketAddr>().is_ok() {
+        return None;
+    }
+    let (host, port) = a.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let numeric = host.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    (!numeric && dns_name_ok(host)).then_some((host, port))
+}
+
+/// A DNS name as a query takes it: labels of letters, digits, '-' and '_',
+/// an optional final dot.
+fn dns_name_ok(name: &str) -> bool {
+    let body = name.strip_suffix('.').unwrap_or(name);
+    !body.is_empty()
+        && body.len() <= 253
+        && body.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
@@ -1272,6 +1423,49 @@ static = ["127.0.0.1:1"]
         assert!(e.contains("consul.wait: invalid duration"), "{e}");
         let e = parse_with_env(&format!("{text}\n[consul]\nwait = \"5ms\"\n"), Path::new("/"), &|_| None).unwrap_err().to_string();
         assert!(e.contains("consul.wait: invalid duration 5ms: must be at least 1s"), "{e}");
+    }
+
+    #[test]
+    fn dns_clusters_take_unset_fields_from_the_dns_section() {
+        let text = MINIMAL.replace("static = [\"127.0.0.1:8001\"]", "dns = { name = \"_http._tcp.web.\" }\n[clusters.api]\ndns = { name = \"api.test\", port = 8080, nameservers = [\"::1\"], max_refresh = \"10s\" }")
+            + "\n[dns]\nnameservers = [\"127.0.0.1:8600\", \"127.0.0.2\"]\nmin_refresh = \"2s\"\n";
+        let c = parse(&text, Path::new("/etc/sy")).unwrap();
+        let DiscoverySpec::Dns(web) = &c.clusters["web"].discovery else { panic!() };
+        assert_eq!(web.port, None);
+        assert_eq!(web.nameservers, vec!["127.0.0.1:8600".parse().unwrap(), "127.0.0.2:53".parse().unwrap()]);
+        assert_eq!((web.min_refresh, web.max_refresh, web.timeout), (Duration::from_secs(2), DNS_MAX_REFRESH, DNS_TIMEOUT));
+        let DiscoverySpec::Dns(api) = &c.clusters["api"].discovery else { panic!() };
+        assert_eq!(api.nameservers, vec!["[::1]:53".parse().unwrap()]);
+        assert_eq!((api.port, api.min_refresh, api.max_refresh), (Some(8080), Duration::from_secs(2), Duration::from_secs(10)));
+        // No nameservers anywhere: the system's resolver.
+        let plain = MINIMAL.replace("static = [\"127.0.0.1:8001\"]", "dns = { name = \"web.test.\", port = 80 }");
+        let DiscoverySpec::Dns(q) = &parse(&plain, Path::new("/")).unwrap().clusters["web"].discovery else { panic!() };
+        assert!(q.nameservers.is_empty());
+        assert_eq!((q.min_refresh, q.max_refresh), (DNS_MIN_REFRESH, DNS_MAX_REFRESH));
+        // A cluster's max below the section's min is named at the cluster.
+        let e = errs(&text.replace("max_refresh = \"10s\"", "max_refresh = \"1s\""));
+        assert!(e.iter().any(|e| e.contains("clusters.api.dns.max_refresh") && e.contains("not be less than min_refresh")), "{e:?}");
+        // Two clusters, one source name, different settings.
+        let e = errs(&text.replace("api.test\", port = 8080", "_http._tcp.web.\""));
+        assert!(e.iter().any(|e| e.contains("clusters.web.dns: cluster \"api\" asks for the same name")), "{e:?}");
+    }
+
+    #[test]
+    fn host_names_in_static_lists_become_dns_queries() {
+        let text = MINIMAL.replace("static = [\"127.0.0.1:8001\"]", "static = [\"127.0.0.1:8001\", \"web1.internal:8080\", \"[::1]:80\"]")
+            + "\n[dns]\nnameservers = [\"127.0.0.1:8600\"]\n";
+        let c = parse(&text, Path::new("/")).unwrap();
+        let DiscoverySpec::StaticNames { addrs, names } = &c.clusters["web"].discovery else { panic!("{:?}", c.clusters["web"].discovery) };
+        assert_eq!(addrs.len(), 2);
+        assert_eq!((names[0].name.as_str(), names[0].port), ("web1.internal", Some(8080)));
+        assert_eq!(names[0].nameservers, vec!["127.0.0.1:8600".parse().unwrap()]);
+        assert_eq!(c.dns_queries().len(), 1);
+        // All addresses: the plain static spec, as before.
+        assert!(matches!(parse(MINIMAL, Path::new("/")).unwrap().clusters["web"].discovery, DiscoverySpec::Static(_)));
+        let e = errs(&MINIMAL.replace("static = [\"127.0.0.1:8001\"]", "static = [\"a.test:80\", \"a.test:80\", \"a.test:0\", \"1.2.3:80\", \"bad host:80\"]"));
+        for needle in ["clusters.web.static[1]: duplicate backend", "clusters.web.static[2]: invalid socket address", "clusters.web.static[3]: invalid socket address", "clusters.web.static[4]: invalid socket address"] {
+            assert!(e.iter().any(|e| e.contains(needle)), "{needle}: {e:?}");
+        }
     }
 
     #[test]

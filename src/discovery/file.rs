@@ -3,8 +3,13 @@
 //!
 //! ```json
 //! { "web": [ { "address": "10.0.0.5", "port": 8000, "weight": 2,
-//!              "tags": ["v2"], "meta": { "az": "a" } } ] }
+//!              "tags": ["v2"], "meta": { "az": "a" } },
+//!            { "address": "web-7.internal", "port": 8000 } ] }
 //! ```
+//!
+//! An address that is a host name is published as a [`NamedInstance`];
+//! reconcile resolves it through a DNS source (src/discovery/dns.rs) and
+//! gives each of its addresses the instance's weight, tags and meta.
 //!
 //! Change detection uses inotify (through `notify`, watching the *directory*
 //! so editors that replace the file by rename are seen) plus a 1 s poll of
@@ -29,8 +34,38 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 
-/// A parsed catalog: service name → normalised set.
-pub type Catalog = BTreeMap<String, EndpointSet>;
+/// A parsed catalog: per service, the instances given by IP address (a
+/// normalised set) and those given by host name.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Catalog {
+    pub services: BTreeMap<String, EndpointSet>,
+    /// Only services with at least one host-name instance appear here.
+    pub named: BTreeMap<String, Vec<NamedInstance>>,
+}
+
+impl Catalog {
+    /// A service's instances given by address (None: not in the file).
+    pub fn get(&self, service: &str) -> Option<&EndpointSet> {
+        self.services.get(service)
+    }
+}
+
+impl std::ops::Index<&str> for Catalog {
+    type Output = EndpointSet;
+    fn index(&self, service: &str) -> &EndpointSet {
+        &self.services[service]
+    }
+}
+
+/// An instance whose address is a host name, resolved by reconcile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedInstance {
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+    pub tags: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,22 +99,30 @@ pub fn parse_catalog(text: &[u8]) -> Result<Catalog, String> {
             }
         })?;
     de.end().map_err(|e| e.to_string())?;
-    let mut out = Catalog::new();
+    let mut out = Catalog::default();
     for (service, instances) in raw {
         if service.is_empty() {
             return Err("service name \"\" is not allowed".into());
         }
         let mut seen = HashSet::new();
         let mut eps = Vec::with_capacity(instances.len());
+        let mut named: Vec<NamedInstance> = Vec::new();
         for (i, inst) in instances.into_iter().enumerate() {
             let at = format!("{service}[{i}]");
-            let addr = instance_addr(&inst.address, inst.port).map_err(|m| format!("{at}.address: {m}"))?;
-            if !seen.insert(addr) {
-                return Err(format!("{at}.address: duplicate instance {addr}"));
-            }
             let weight = inst.weight.unwrap_or(1);
             if weight > MAX_WEIGHT {
                 return Err(format!("{at}.weight: invalid value {weight}: must be between 0 and {MAX_WEIGHT}"));
+            }
+            if let Some((host, port)) = host_name(&inst.address, inst.port) {
+                if named.iter().any(|n| n.host == host && n.port == port) {
+                    return Err(format!("{at}.address: duplicate instance {host}:{port}"));
+                }
+                named.push(NamedInstance { host, port, weight, tags: inst.tags, meta: inst.meta });
+                continue;
+            }
+            let addr = instance_addr(&inst.address, inst.port).map_err(|m| format!("{at}.address: {m}"))?;
+            if !seen.insert(addr) {
+                return Err(format!("{at}.address: duplicate instance {addr}"));
             }
             eps.push(Endpoint {
                 addr,
@@ -89,9 +132,32 @@ pub fn parse_catalog(text: &[u8]) -> Result<Catalog, String> {
                 id: None,
             });
         }
-        out.insert(service, normalise(eps));
+        if !named.is_empty() {
+            out.named.insert(service.clone(), named);
+        }
+        out.services.insert(service, normalise(eps));
     }
     Ok(out)
+}
+
+/// A host name address: `"NAME"` with `port`, or `"NAME:PORT"`. An IP
+/// address (or something that only looks numeric) is not one.
+fn host_name(address: &str, port: Option<u16>) -> Option<(String, u16)> {
+    let (host, port) = match port {
+        Some(p) => (address, p),
+        None => {
+            let (h, p) = address.rsplit_once(':')?;
+            (h, p.parse().ok()?)
+        }
+    };
+    if port == 0 || host.parse::<IpAddr>().is_ok() || host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return None;
+    }
+    let body = host.strip_suffix('.').unwrap_or(host);
+    let ok = !body.is_empty()
+        && body.len() <= 253
+        && body.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+    ok.then(|| (host.to_string(), port))
 }
 
 fn instance_addr(address: &str, port: Option<u16>) -> Result<SocketAddr, String> {
@@ -101,7 +167,7 @@ fn instance_addr(address: &str, port: Option<u16>) -> Result<SocketAddr, String>
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .parse()
-                .map_err(|_| format!("invalid IP address {address:?} (host names are not resolved by the file catalog)"))?;
+                .map_err(|_| format!("invalid IP address {address:?}"))?;
             SocketAddr::new(ip, port)
         }
         None => address.parse().map_err(|_| {
@@ -324,9 +390,27 @@ mod tests {
     }
 
     #[test]
+    fn host_names_are_kept_for_resolution() {
+        let c = parse_catalog(
+            br#"{"web":[{"address":"10.0.0.1","port":80},{"address":"Web-7.internal","port":81,"weight":3,"tags":["x"]},
+                        {"address":"b.internal.:82"},{"address":"[::1]:83"}], "api":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(c["web"].len(), 2, "the IP instances");
+        let named = &c.named["web"];
+        assert_eq!((named[0].host.as_str(), named[0].port, named[0].weight), ("Web-7.internal", 81, 3));
+        assert_eq!(named[0].tags, vec!["x".to_string()]);
+        assert_eq!((named[1].host.as_str(), named[1].port), ("b.internal.", 82));
+        assert!(!c.named.contains_key("api"));
+        assert!(c.get("api").unwrap().is_empty());
+    }
+
+    #[test]
     fn rejects_bad_input_with_location() {
         let cases: &[(&[u8], &str)] = &[
-            (br#"{"web":[{"address":"nope","port":80}]}"#, "web[0].address: invalid IP address \"nope\""),
+            (br#"{"web":[{"address":"no pe","port":80}]}"#, "web[0].address: invalid IP address \"no pe\""),
+            (br#"{"web":[{"address":"a.test:80"},{"address":"a.test","port":80}]}"#, "web[1].address: duplicate instance a.test:80"),
+            (br#"{"web":[{"address":"a.test"}]}"#, "web[0].address: invalid address"),
             (br#"{"web":[{"address":"127.0.0.1","port":70000}]}"#, "web[0].port"),
             (br#"{"web":[{"address":"127.0.0.1:1"},{"address":"127.0.0.1","port":1}]}"#, "duplicate instance"),
             (br#"{"web":[{"address":"127.0.0.1:1","wieght":1}]}"#, "unknown field `wieght`"),

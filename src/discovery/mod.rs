@@ -6,6 +6,7 @@
 //! when they would route the same way.
 
 pub mod consul;
+pub mod dns;
 pub mod file;
 
 use serde::Serialize;
