@@ -77,6 +77,12 @@ pub enum ProxyFailure {
     /// A request that cannot be served as it is (a redirect without a
     /// usable `Host`): 400.
     BadRequest,
+    /// More header bytes or fields than `[limits]` allows: 431.
+    HeadersTooLarge,
+    /// A request target longer than `limits.max_uri_bytes`: 414.
+    UriTooLong,
+    /// A declared body longer than `limits.max_body_bytes`: 413.
+    BodyTooLarge,
 }
 
 impl ProxyFailure {
@@ -89,6 +95,9 @@ impl ProxyFailure {
             ProxyFailure::Maintenance => 503,
             ProxyFailure::Redirect(status) => status,
             ProxyFailure::BadRequest => 400,
+            ProxyFailure::HeadersTooLarge => 431,
+            ProxyFailure::UriTooLong => 414,
+            ProxyFailure::BodyTooLarge => 413,
         }
     }
 
@@ -102,6 +111,9 @@ impl ProxyFailure {
             ProxyFailure::Maintenance => crate::config::MAINTENANCE_BODY,
             ProxyFailure::Redirect(_) => "this site is served over HTTPS\n",
             ProxyFailure::BadRequest => "a request to an HTTPS-only route needs a valid Host header\n",
+            ProxyFailure::HeadersTooLarge => "request headers too large\n",
+            ProxyFailure::UriTooLong => "request target too long\n",
+            ProxyFailure::BodyTooLarge => "request body too large\n",
         }
     }
 

@@ -472,6 +472,7 @@ fn live_parts(running: &Config, new: Config) -> Config {
         routes: new.routes,
         clusters: new.clusters,
         forwarding: new.forwarding,
+        limits: new.limits,
         dns: new.dns,
         ..running.clone()
     }
@@ -552,6 +553,9 @@ fn changes(old: &Config, new: &Config) -> Vec<String> {
     }
     if old.forwarding != new.forwarding {
         out.push("forwarding changed".to_string());
+    }
+    if old.limits != new.limits {
+        out.push("limits changed".to_string());
     }
     out
 }

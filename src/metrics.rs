@@ -36,6 +36,8 @@ pub struct Metrics {
     pub downstream_parks: IntCounter,
     pub requests_in_flight: IntGauge,
     pub requests_express: IntCounter,
+    /// By reason: headers_too_large, uri_too_long, body_too_large.
+    pub requests_rejected: IntCounterVec,
     pub access_log_dropped: IntCounter,
     pub routing_build_errors: IntCounter,
     pub consul_requests: IntCounterVec,
@@ -173,6 +175,17 @@ impl Metrics {
             "Requests served by the express path (plain bodiless HTTP/1.1); the rest went through Pingora's general proxy.",
         ))
         .expect("valid metric");
+        let requests_rejected = IntCounterVec::new(
+            opts(
+                "requests_rejected_total",
+                "Requests refused for exceeding [limits], by reason: headers_too_large (431), uri_too_long (414), body_too_large (413). Counted in switchyard_requests_total too.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        for r in ["headers_too_large", "uri_too_long", "body_too_large"] {
+            requests_rejected.with_label_values(&[r]);
+        }
         let access_log_dropped = IntCounter::with_opts(opts(
             "access_log_dropped_total",
             "Access log lines dropped because the writer fell behind (the request itself was served).",
@@ -312,6 +325,7 @@ impl Metrics {
             Box::new(downstream_parks.clone()),
             Box::new(requests_in_flight.clone()),
             Box::new(requests_express.clone()),
+            Box::new(requests_rejected.clone()),
             Box::new(access_log_dropped.clone()),
             Box::new(routing_build_errors.clone()),
         ] {
@@ -334,6 +348,7 @@ impl Metrics {
             downstream_parks,
             requests_in_flight,
             requests_express,
+            requests_rejected,
             access_log_dropped,
             routing_build_errors,
             consul_requests,

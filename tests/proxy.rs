@@ -872,3 +872,43 @@ fn pipelined_requests_are_answered_in_order() {
         assert_eq!(up.hits(), before + 5, "{path}");
     }
 }
+
+/// `[limits]` on both paths: too many or too large headers get 431, a long
+/// target 414, a declared body over the limit 413 (before any `100
+/// Continue`), each counted by reason; none reaches the backend, and a
+/// request within the limits still does.
+#[test]
+fn requests_over_the_limits_are_refused_with_the_right_status() {
+    let up = Upstream::start("ok");
+    for (path, server) in PATHS {
+        let body = format!(
+            "[limits]\nmax_header_bytes = 4096\nmax_headers = 20\nmax_uri_bytes = 1024\nmax_body_bytes = 1000\n[[routes]]\ncluster = \"web\"\n{}",
+            static_cluster("web", &[up.addr], "")
+        );
+        let p = Proxy::builder(&body).server(server).start();
+        let before = up.hits();
+        let ask = |req: String| raw_exchange(p.addr, req.as_bytes(), Duration::from_secs(3));
+        let big_header = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\nConnection: close\r\n\r\n", "b".repeat(5000));
+        let many: String = (0..25).map(|i| format!("X-H{i}: v\r\n")).collect();
+        let many_headers = format!("GET / HTTP/1.1\r\nHost: a\r\n{many}Connection: close\r\n\r\n");
+        let long_uri = format!("GET /{} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", "u".repeat(2000));
+        let big_body = "POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000000\r\nExpect: 100-continue\r\n\r\n".to_string();
+        for (req, status, what) in [
+            (big_header, "431", "one large header"),
+            (many_headers, "431", "too many headers"),
+            (long_uri, "414", "a long target"),
+            (big_body, "413", "a 10 GB body"),
+        ] {
+            let resp = ask(req);
+            assert!(resp.starts_with(&format!("HTTP/1.1 {status}")), "{path}: {what}: {resp}");
+            assert!(!resp.contains("100 Continue"), "{path}: {what}: {resp}");
+        }
+        assert_eq!(up.hits(), before, "{path}: nothing reached the backend");
+        let ok = format!("GET /{} HTTP/1.1\r\nHost: a\r\nX-Fine: {}\r\nConnection: close\r\n\r\n", "u".repeat(900), "f".repeat(3000));
+        assert!(ask(ok).starts_with("HTTP/1.1 200"), "{path}: within the limits");
+        let m = parse_metrics(&p.metrics());
+        for (reason, n) in [("headers_too_large", 2.0), ("uri_too_long", 1.0), ("body_too_large", 1.0)] {
+            assert_eq!(sample(&m, "switchyard_requests_rejected_total", &[("reason", reason)]), Some(n), "{path}: {reason}");
+        }
+    }
+}

@@ -54,6 +54,20 @@ pub struct HaSection {
     pub max_persisted_age: Option<String>,
 }
 
+/// The `[limits]` section: the largest request this proxy accepts.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Request line and headers together, in bytes (431 above).
+    pub max_header_bytes: Option<u64>,
+    /// Header fields (431 above).
+    pub max_headers: Option<u64>,
+    /// Request target (path and query), in bytes (414 above).
+    pub max_uri_bytes: Option<u64>,
+    /// A request body's declared `Content-Length`, in bytes (413 above).
+    pub max_body_bytes: Option<u64>,
+}
+
 /// The `[forwarding]` section: which peers' forwarding headers are believed.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -360,6 +374,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "consul",
     "ha",
     "forwarding",
+    "limits",
     "dns",
 ];
 

@@ -30,9 +30,30 @@ pub struct Config {
     pub consul: Option<ConsulSettings>,
     pub ha: HaSettings,
     pub forwarding: Arc<ForwardingSettings>,
+    pub limits: Limits,
     /// The `[dns]` section, for host names in catalog files (`dns` clusters
     /// and static lists carry them in their queries).
     pub dns: DnsSettings,
+}
+
+/// The `[limits]` section, validated. Changes apply on reload.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_uri_bytes: usize,
+    pub max_body_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_uri_bytes: 8 * 1024,
+            max_body_bytes: 64 * 1024 * 1024,
+        }
+    }
 }
 
 /// The `[forwarding]` section, validated. Changes apply on reload.

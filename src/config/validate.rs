@@ -92,6 +92,7 @@ pub fn validate_table(table: &toml::Table, base: &Path, env: &dyn Fn(&str) -> Op
     let consul_section: Option<ConsulSection> = v.section(&table, "consul");
     let ha: HaSection = v.section(&table, "ha").unwrap_or_default();
     let forwarding: ForwardingSection = v.section(&table, "forwarding").unwrap_or_default();
+    let limits: LimitsSection = v.section(&table, "limits").unwrap_or_default();
     let dns: DnsSection = v.section(&table, "dns").unwrap_or_default();
     let consul_needed = clusters.values().any(|c| c.consul.is_some());
     // With KV settings on, routes may all come from Consul.
@@ -103,6 +104,7 @@ pub fn validate_table(table: &toml::Table, base: &Path, env: &dyn Fn(&str) -> Op
     let access_log = v.access_log(access_log);
     let ha = v.ha(ha);
     let forwarding = Arc::new(v.forwarding(forwarding));
+    let limits = v.limits(limits);
     let dns = v.dns_defaults(dns);
     let clusters = v.clusters(clusters, &dns);
     // Clusters that failed to deserialise still exist for the routes naming them.
@@ -129,6 +131,7 @@ pub fn validate_table(table: &toml::Table, base: &Path, env: &dyn Fn(&str) -> Op
             consul,
             ha,
             forwarding,
+            limits,
             dns: DnsSettings {
                 nameservers: dns.nameservers,
                 min_refresh: dns.min_refresh,
@@ -1008,6 +1011,28 @@ impl Validator<'_> {
         nets
     }
 
+    fn limits(&mut self, s: LimitsSection) -> Limits {
+        let LimitsSection { max_header_bytes, max_headers, max_uri_bytes, max_body_bytes } = s;
+        let d = Limits::default();
+        let mut within = |field: &str, v: Option<u64>, default: u64, min: u64, max: u64| -> u64 {
+            match v {
+                None => default,
+                Some(v) if (min..=max).contains(&v) => v,
+                Some(v) => {
+                    self.err(format!("limits.{field}"), format!("invalid value {v}: must be between {min} and {max}"));
+                    default
+                }
+            }
+        };
+        Limits {
+            // Pingora itself reads at most 1 MiB of head and 256 headers.
+            max_header_bytes: within("max_header_bytes", max_header_bytes, d.max_header_bytes as u64, 1024, 1024 * 1024) as usize,
+            max_headers: within("max_headers", max_headers, d.max_headers as u64, 8, 256) as usize,
+            max_uri_bytes: within("max_uri_bytes", max_uri_bytes, d.max_uri_bytes as u64, 256, 1024 * 1024) as usize,
+            max_body_bytes: within("max_body_bytes", max_body_bytes, d.max_body_bytes, 0, u64::MAX),
+        }
+    }
+
     fn forwarding(&mut self, s: ForwardingSection) -> ForwardingSettings {
         let ForwardingSection { trusted_proxies, forwarded } = s;
         ForwardingSettings {
@@ -1280,6 +1305,20 @@ static = ["127.0.0.1:8001"]
         assert!(e.iter().any(|e| e.contains("routes[0].maintenance.allow[0]") && e.contains("10.0.0.0/33")), "{e:?}");
         assert!(e.iter().any(|e| e.contains("clusters.web.instances.a.weight") && e.contains("70000")), "{e:?}");
         assert!(e.iter().any(|e| e.contains("clusters.web.instances.b") && e.contains("`weight` or `drain`")), "{e:?}");
+    }
+
+    #[test]
+    fn limits_section() {
+        let c = parse(MINIMAL, Path::new("/etc/sy")).unwrap();
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!((c.limits.max_header_bytes, c.limits.max_body_bytes), (32 * 1024, 64 * 1024 * 1024));
+        let c = parse(&format!("[limits]\nmax_uri_bytes = 2048\nmax_body_bytes = 0\n{MINIMAL}"), Path::new("/etc/sy")).unwrap();
+        assert_eq!((c.limits.max_uri_bytes, c.limits.max_body_bytes), (2048, 0));
+        let e = errs(&format!("[limits]\nmax_headers = 1000\nmax_header_bytes = 10\nmax_body = 5\n{MINIMAL}"));
+        assert!(e.iter().any(|e| e.contains("limits") && e.contains("max_body")), "unknown field named: {e:?}");
+        let e = errs(&format!("[limits]\nmax_headers = 1000\nmax_header_bytes = 10\n{MINIMAL}"));
+        assert!(e.iter().any(|e| e.contains("limits.max_headers") && e.contains("1000")), "{e:?}");
+        assert!(e.iter().any(|e| e.contains("limits.max_header_bytes") && e.contains("10")), "{e:?}");
     }
 
     #[test]

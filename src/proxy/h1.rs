@@ -250,6 +250,9 @@ impl RequestView for RawRequest {
         // Checked by `http::uri::PathAndQuery` when parsed: ASCII.
         std::str::from_utf8(self.bytes(self.target)).unwrap_or("/")
     }
+    fn header_size(&self) -> (usize, usize) {
+        (self.headers.len(), self.headers().map(|(n, v)| n.len() + v.len()).sum())
+    }
     fn host(&self) -> Option<&[u8]> {
         Some(self.bytes(self.host))
     }

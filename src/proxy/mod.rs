@@ -93,15 +93,21 @@ impl Core {
     ) -> Option<ProxyFailure> {
         let table = self.snapshot.load();
         ctx.request_id = self.ids.for_request(req);
+        let too_large = over_limits(req, &table.limits);
+        if let Some((_, reason)) = too_large {
+            self.metrics.requests_rejected.with_label_values(&[reason]).inc();
+        }
         let route = table.router.find(req.host(), req.path(), absolute);
         let failure = match route {
-            None => Some(ProxyFailure::NoRoute),
+            None => Some(too_large.map_or(ProxyFailure::NoRoute, |(f, _)| f)),
             Some(ri) => {
                 let route = &table.routes[ri];
                 let ci = route.cluster;
                 ctx.route = Some(ri as u32);
                 ctx.cluster = Some(ci);
-                if let Some(r) = route.spec.https_redirect.filter(|_| !tls) {
+                if let Some((f, _)) = too_large {
+                    Some(f)
+                } else if let Some(r) = route.spec.https_redirect.filter(|_| !tls) {
                     match https_location(req, r.port) {
                         Some(location) => {
                             ctx.location = Some(location);
@@ -352,8 +358,10 @@ fn failure_response(failure: ProxyFailure, ctx: &Ctx) -> Result<(ResponseHeader,
 /// Write a short plain-text response for a failure this proxy decides.
 async fn respond(session: &mut Session, failure: ProxyFailure, ctx: &Ctx) -> Result<()> {
     let (h, body) = failure_response(failure, ctx)?;
-    if !session.is_body_empty() {
-        // The unread request body would poison the next request on this connection.
+    let oversized = matches!(failure, ProxyFailure::HeadersTooLarge | ProxyFailure::UriTooLong | ProxyFailure::BodyTooLarge);
+    if oversized || !session.is_body_empty() {
+        // The unread request body would poison the next request on this
+        // connection; a client over the limits is not served more.
         session.set_keepalive(None);
     }
     let head = session.req_header().method == http::Method::HEAD;
@@ -362,6 +370,23 @@ async fn respond(session: &mut Session, failure: ProxyFailure, ctx: &Ctx) -> Res
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+/// Whether a request is larger than `[limits]` allows, and the metric's
+/// reason. Checked before routing, on both request paths.
+fn over_limits<R: RequestView + ?Sized>(req: &R, limits: &crate::config::Limits) -> Option<(ProxyFailure, &'static str)> {
+    let (count, bytes) = req.header_size();
+    if count > limits.max_headers || bytes > limits.max_header_bytes {
+        return Some((ProxyFailure::HeadersTooLarge, "headers_too_large"));
+    }
+    if req.path_and_query().len() > limits.max_uri_bytes {
+        return Some((ProxyFailure::UriTooLong, "uri_too_long"));
+    }
+    let declared = req.header("content-length").and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes) {
+        return Some((ProxyFailure::BodyTooLarge, "body_too_large"));
+    }
+    None
 }
 
 /// `https://HOST[:port]/path?query` for a request, from its host without

@@ -293,6 +293,8 @@ pub struct RoutingTable {
     pub digest: String,
     /// Whose forwarding headers to believe, and which to send.
     pub forwarding: Arc<crate::config::ForwardingSettings>,
+    /// The largest request accepted.
+    pub limits: crate::config::Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -381,6 +383,7 @@ impl RoutingTable {
             },
             digest: String::new(),
             forwarding: config.forwarding.clone(),
+            limits: config.limits,
         };
         table.digest = digest_of(&table.normalised_routes(), table.clusters.iter().map(|c| c.digest.clone()).collect());
         Ok(table)

@@ -11,6 +11,8 @@ pub trait RequestView {
     fn path(&self) -> &str;
     /// The target's path and query, as sent (origin-form).
     fn path_and_query(&self) -> &str;
+    /// The head's header fields: (count, bytes of names and values).
+    fn header_size(&self) -> (usize, usize);
     /// The host the request is for: the HTTP/2 authority, else `Host`.
     fn host(&self) -> Option<&[u8]>;
     /// The first value of a header (`name` in lower case).
@@ -28,6 +30,10 @@ impl RequestView for RequestHeader {
     }
     fn path_and_query(&self) -> &str {
         self.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+    }
+    fn header_size(&self) -> (usize, usize) {
+        let bytes = self.headers.iter().map(|(n, v)| n.as_str().len() + v.len()).sum();
+        (self.headers.len(), bytes)
     }
     fn host(&self) -> Option<&[u8]> {
         if let Some(a) = self.uri.authority() {
