@@ -26,6 +26,7 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub upstream_requests: IntCounterVec,
+    pub outlier_ejections: IntCounterVec,
     pub backends: IntGaugeVec,
     pub routing_generation: IntGauge,
     pub routing_swaps: IntCounter,
@@ -121,8 +122,13 @@ impl Metrics {
         )
         .expect("valid metric");
         let upstream_requests = IntCounterVec::new(
-            opts("upstream_requests_total", "Attempts to forward a request to a backend, by outcome: ok (a response header arrived), connect_error, timeout, error (reset or protocol error)."),
+            opts("upstream_requests_total", "Attempts to forward a request to a backend, by outcome: ok (a response header arrived), connect_error, timeout, error (reset or protocol error), tls_error (the TLS handshake with the backend failed)."),
             &["cluster", "backend", "outcome"],
+        )
+        .expect("valid metric");
+        let outlier_ejections = IntCounterVec::new(
+            opts("outlier_ejections_total", "Times a backend was ejected by passive outlier detection (failed attempts in a row); selection passes it over until the ejection ends."),
+            &["cluster", "backend"],
         )
         .expect("valid metric");
         let backends = IntGaugeVec::new(
@@ -315,6 +321,7 @@ impl Metrics {
             Box::new(requests.clone()),
             Box::new(request_duration.clone()),
             Box::new(upstream_requests.clone()),
+            Box::new(outlier_ejections.clone()),
             Box::new(backends.clone()),
             Box::new(routing_generation.clone()),
             Box::new(routing_swaps.clone()),
@@ -338,6 +345,7 @@ impl Metrics {
             requests,
             request_duration,
             upstream_requests,
+            outlier_ejections,
             backends,
             routing_generation,
             routing_swaps,
@@ -411,6 +419,7 @@ impl Metrics {
     pub fn backend_handles(&self, cluster: &str, backend: &str) -> BackendMetrics {
         BackendMetrics {
             by_outcome: OUTCOMES.map(|o| self.upstream_requests.with_label_values(&[cluster, backend, o])),
+            ejections: self.outlier_ejections.with_label_values(&[cluster, backend]),
         }
     }
 
@@ -418,6 +427,7 @@ impl Metrics {
         for o in OUTCOMES {
             let _ = self.upstream_requests.remove_label_values(&[cluster, backend, o]);
         }
+        let _ = self.outlier_ejections.remove_label_values(&[cluster, backend]);
     }
 }
 
@@ -458,6 +468,7 @@ pub enum Outcome {
 #[derive(Clone)]
 pub struct BackendMetrics {
     by_outcome: [IntCounter; 5],
+    pub ejections: IntCounter,
 }
 
 impl BackendMetrics {

@@ -90,7 +90,8 @@ fn consistent_hash_on_cookie_is_sticky() {
 fn dead_backend_is_retried_on_another_without_client_error() {
     let live = Upstream::start("live");
     let dead = dead_addr();
-    let p = Proxy::start(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[dead, live.addr], "")));
+    // Retries alone, without outlier ejection passing the dead one over.
+    let p = Proxy::start(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[dead, live.addr], "outlier = false")));
     for _ in 0..50 {
         let (code, body) = p.fetch("/");
         assert_eq!((code, body.as_str()), (200, "live"));
@@ -910,5 +911,49 @@ fn requests_over_the_limits_are_refused_with_the_right_status() {
         for (reason, n) in [("headers_too_large", 2.0), ("uri_too_long", 1.0), ("body_too_large", 1.0)] {
             assert_eq!(sample(&m, "switchyard_requests_rejected_total", &[("reason", reason)]), Some(n), "{path}: {reason}");
         }
+    }
+}
+
+/// Passive outlier detection on both paths: a dead backend is passed over
+/// after `consecutive_failures` failed attempts in a row, instead of costing
+/// every other request a failed first attempt; `max_ejected_percent` keeps
+/// the rest of the pool; `outlier = false` turns it off.
+#[test]
+fn a_dead_backend_is_ejected_after_failures_in_a_row() {
+    let up = Upstream::start("alive");
+    let dead = dead_addr();
+    let dead2 = (0..20).map(|_| dead_addr()).find(|a| *a != dead).expect("a second free port");
+    let errors = |p: &Proxy, b: std::net::SocketAddr| {
+        let m = parse_metrics(&p.metrics());
+        (
+            sample(&m, "switchyard_upstream_requests_total", &[("cluster", "web"), ("backend", &b.to_string()), ("outcome", "connect_error")]),
+            sample(&m, "switchyard_outlier_ejections_total", &[("cluster", "web"), ("backend", &b.to_string())]),
+        )
+    };
+    for (path, server) in PATHS {
+        let outlier = "retries = 1\noutlier = { consecutive_failures = 3, base_ejection = \"30s\" }";
+        let p = Proxy::builder(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr, dead], outlier))).server(server).start();
+        for i in 0..60 {
+            assert_eq!(p.fetch("/").0, 200, "{path}: request {i}");
+        }
+        assert_eq!(errors(&p, dead), (Some(3.0), Some(1.0)), "{path}: three failed attempts, then ejected");
+        assert!(p.stderr().contains("backend ejected"), "{path}: {}", p.stderr());
+
+        // Off: every other request tries the dead backend first.
+        let p = Proxy::builder(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr, dead], "retries = 1\noutlier = false")))
+            .server(server)
+            .start();
+        for _ in 0..60 {
+            assert_eq!(p.fetch("/").0, 200);
+        }
+        assert!(errors(&p, dead).0.is_some_and(|n| n >= 25.0), "{path}: {:?}", errors(&p, dead));
+
+        // Two dead backends, at most half ejected: one stays in the pool.
+        let p = Proxy::builder(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[dead, dead2], outlier))).server(server).start();
+        for _ in 0..20 {
+            assert_eq!(p.fetch("/").0, 502);
+        }
+        let ejected = [errors(&p, dead).1, errors(&p, dead2).1];
+        assert_eq!(ejected.iter().map(|e| e.unwrap_or(0.0)).sum::<f64>(), 1.0, "{path}: {ejected:?}");
     }
 }

@@ -345,6 +345,29 @@ pub struct ClusterSection {
     pub instances: BTreeMap<String, InstanceSection>,
     /// Connect to the backends over TLS.
     pub tls: Option<BackendTlsSection>,
+    /// Passive outlier ejection: `false`, or its settings.
+    pub outlier: Option<OutlierSection>,
+}
+
+/// `outlier = false`, or a table with its settings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OutlierSection {
+    On(bool),
+    With(OutlierTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierTable {
+    /// Failed attempts in a row (connect error, timeout, TLS failure) that eject.
+    pub consecutive_failures: Option<u32>,
+    /// First ejection's length; the n-th in a row lasts n times as long.
+    pub base_ejection: Option<String>,
+    /// Longest ejection.
+    pub max_ejection: Option<String>,
+    /// At most this share of the cluster's backends is ejected at once.
+    pub max_ejected_percent: Option<u32>,
 }
 
 /// `clusters.NAME.tls`: TLS from Switchyard to the cluster's backends.

@@ -478,6 +478,28 @@ pub struct ClusterSpec {
     pub instances: BTreeMap<String, InstanceOverride>,
     /// Some: the backends are reached over TLS.
     pub tls: Option<BackendTls>,
+    /// None: no passive ejection.
+    pub outlier: Option<Outlier>,
+}
+
+/// Passive outlier ejection of one cluster.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Outlier {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub max_ejected_percent: u32,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Outlier {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(5),
+            max_ejection: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
 }
 
 /// Default `tunnel_timeout`: an idle WebSocket (a chat room nobody

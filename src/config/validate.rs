@@ -325,6 +325,30 @@ impl Validator<'_> {
         ok.then_some(ListenerTls { certificates: files, refuse_without_sni: refuse })
     }
 
+    fn outlier(&mut self, p: &str, o: Option<OutlierSection>) -> Option<Outlier> {
+        let d = Outlier::default();
+        let t = match o {
+            None | Some(OutlierSection::On(true)) => return Some(d),
+            Some(OutlierSection::On(false)) => return None,
+            Some(OutlierSection::With(t)) => t,
+        };
+        let OutlierTable { consecutive_failures, base_ejection, max_ejection, max_ejected_percent } = t;
+        let n = consecutive_failures.unwrap_or(d.consecutive_failures);
+        if !(1..=1000).contains(&n) {
+            self.err(format!("{p}.consecutive_failures"), format!("invalid value {n}: must be between 1 and 1000"));
+        }
+        let pct = max_ejected_percent.unwrap_or(d.max_ejected_percent);
+        if pct > 100 {
+            self.err(format!("{p}.max_ejected_percent"), format!("invalid value {pct}: must be between 0 and 100"));
+        }
+        let base = self.duration(&format!("{p}.base_ejection"), base_ejection.as_ref(), d.base_ejection);
+        let max = self.duration(&format!("{p}.max_ejection"), max_ejection.as_ref(), d.max_ejection.max(base));
+        if max < base {
+            self.err(format!("{p}.max_ejection"), format!("invalid value {:?}: shorter than base_ejection", max_ejection.unwrap_or_default()));
+        }
+        Some(Outlier { consecutive_failures: n.clamp(1, 1000), base_ejection: base, max_ejection: max.max(base), max_ejected_percent: pct.min(100) })
+    }
+
     fn backend_tls(&mut self, p: &str, t: BackendTlsSection) -> Option<BackendTls> {
         let BackendTlsSection { server_name, ca, verify, client_cert, client_key } = t;
         let verify = verify.unwrap_or(true);
@@ -567,6 +591,7 @@ impl Validator<'_> {
                 retries,
                 instances,
                 tls,
+                outlier,
             } = c;
             let sources = [static_.is_some(), file.is_some(), consul.is_some(), dns.is_some()].iter().filter(|&&b| b).count();
             let discovery = match (static_, file, consul) {
@@ -674,6 +699,7 @@ impl Validator<'_> {
                 retries: retries.min(10),
                 instances: self.instances(&p, instances),
                 tls: tls.and_then(|t| self.backend_tls(&format!("{p}.tls"), t)),
+                outlier: self.outlier(&format!("{p}.outlier"), outlier),
             };
             // A cluster with errors stays known, so routes pointing at it report only their own.
             out.insert(name, spec);

@@ -263,9 +263,58 @@ impl Ctx {
     }
 
     fn record_outcome(&self, outcome: Outcome) {
-        if let Some(m) = self.backend().and_then(|b| b.state.metrics.as_ref()) {
+        let Some(b) = self.backend() else { return };
+        if let Some(m) = b.state.metrics.as_ref() {
             m.record(outcome);
         }
+        self.outlier(b, outcome);
+    }
+
+    /// Passive outlier detection (both request paths): a backend whose
+    /// attempts fail `consecutive_failures` times in a row (connect error,
+    /// timeout, TLS failure) is ejected — selection passes it over — for
+    /// `base_ejection` times the ejections in a row (at most
+    /// `max_ejection`), unless `max_ejected_percent` of the cluster is
+    /// ejected already. When the time is up it takes requests again: one
+    /// more failure run ejects it for longer, a success resets it.
+    fn outlier(&self, b: &crate::routing::Backend, outcome: Outcome) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(cluster) = self.cluster() else { return };
+        let Some(o) = cluster.spec.outlier else { return };
+        let st = &b.state;
+        if matches!(outcome, Outcome::Ok) {
+            if st.failures.load(Relaxed) != 0 {
+                st.failures.store(0, Relaxed);
+            }
+            if st.ejections.load(Relaxed) != 0 {
+                st.ejections.store(0, Relaxed);
+            }
+            return;
+        }
+        if !matches!(outcome, Outcome::ConnectError | Outcome::Timeout | Outcome::TlsError) {
+            return;
+        }
+        if st.failures.fetch_add(1, Relaxed) + 1 < o.consecutive_failures {
+            return;
+        }
+        let now = crate::routing::process_millis();
+        if st.ejected(now) {
+            return;
+        }
+        let ejected = cluster.backends.iter().filter(|x| x.state.ejected(now)).count();
+        if (ejected + 1) * 100 > cluster.backends.len() * o.max_ejected_percent as usize {
+            return;
+        }
+        st.failures.store(0, Relaxed);
+        let n = st.ejections.fetch_add(1, Relaxed) + 1;
+        let length = o.base_ejection.saturating_mul(n).min(o.max_ejection);
+        let until = now + length.as_millis() as u64;
+        st.ejected_until_ms.store(until, Relaxed);
+        cluster.state.ejected_until_ms.fetch_max(until, Relaxed);
+        if let Some(m) = st.metrics.as_ref() {
+            m.ejections.inc();
+        }
+        tracing::warn!(cluster = %cluster.name, backend = %b.addr, failures = o.consecutive_failures, ejection = n, for_ms = length.as_millis() as u64, "backend ejected after failed attempts in a row");
     }
 
     /// A connection to the current backend failed (both request paths):

@@ -34,12 +34,35 @@ pub struct BackendState {
     /// When a TLS failure to this backend was last logged (ms on the
     /// process clock), so a bad certificate is logged every 10 s, not per request.
     pub tls_warned_ms: AtomicU64,
+    /// Failed attempts in a row (connect error, timeout, TLS failure).
+    pub failures: std::sync::atomic::AtomicU32,
+    /// Ejections in a row (reset by a success): the next lasts one more base.
+    pub ejections: std::sync::atomic::AtomicU32,
+    /// Until when (ms on [`process_millis`]) the backend is ejected; 0: not.
+    pub ejected_until_ms: AtomicU64,
+}
+
+/// Milliseconds since this process first asked (a clock for ejections).
+pub fn process_millis() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+impl BackendState {
+    /// Ejected at `now` (ms on [`process_millis`]).
+    pub fn ejected(&self, now: u64) -> bool {
+        self.ejected_until_ms.load(Ordering::Relaxed) > now
+    }
 }
 
 /// Per-cluster state that survives table swaps.
 #[derive(Default)]
 pub struct ClusterState {
     pub cursor: AtomicUsize,
+    /// The latest end of an ejection among the cluster's backends (ms on
+    /// [`process_millis`]); 0 once all have ended, so selection reads no
+    /// clock while nothing is ejected.
+    pub ejected_until_ms: AtomicU64,
 }
 
 /// Holds the surviving state, keyed by identity. Owned by reconcile.
@@ -70,6 +93,9 @@ impl StateRegistry {
                     in_flight: AtomicU64::new(0),
                     metrics: Some(self.metrics.backend_handles(cluster, &addr.to_string())),
                     tls_warned_ms: AtomicU64::new(0),
+                    failures: Default::default(),
+                    ejections: Default::default(),
+                    ejected_until_ms: AtomicU64::new(0),
                 })
             })
             .clone()

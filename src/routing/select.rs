@@ -105,7 +105,14 @@ pub fn pick<R: RequestView + ?Sized>(
     if n == 0 {
         return None;
     }
-    let untried = |i: u32| !tried.contains(&i);
+    // Ejected backends (passive outlier detection) are passed over like
+    // tried ones; the clock is read only while an ejection lasts.
+    let ejections_until = state.ejected_until_ms.load(Ordering::Relaxed);
+    let now = if ejections_until == 0 { 0 } else { super::process_millis() };
+    if ejections_until != 0 && now >= ejections_until {
+        let _ = state.ejected_until_ms.compare_exchange(ejections_until, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    let untried = |i: u32| !tried.contains(&i) && (now == 0 || !backends[i as usize].state.ejected(now));
     let chosen = match selector {
         Selector::RoundRobin => {
             let start = state.cursor.fetch_add(1, Ordering::Relaxed);

@@ -135,6 +135,7 @@ pub fn parse(service: &str, tags: &[String]) -> Result<Option<(RouteSpec, Cluste
         retries,
         instances: Default::default(),
         tls: None,
+        outlier: Some(crate::config::Outlier::default()),
     };
     Ok(Some((route, cluster)))
 }
