@@ -6,10 +6,10 @@
 //! is logged, counted and shown in `/status`.
 
 use crate::config::{Config, DiscoverySpec};
-use crate::discovery::consul::{endpoints_for, ConsulView, ViewRx};
+use crate::discovery::consul::{endpoints_for, named_hosts, ConsulView, ViewRx};
 use crate::discovery::file::{Catalog, FileSource};
 use crate::discovery::dns::DnsSource;
-use crate::discovery::{Discovered, EndpointSet};
+use crate::discovery::{Discovered, EndpointSet, NamedInstance};
 use crate::live::{LiveConfig, ACTIVATE_WITHIN};
 use crate::metrics::Metrics;
 use crate::routing::{RoutingTable, StateRegistry};
@@ -97,9 +97,10 @@ pub struct Reconciler {
     files_for: Mutex<Option<(u64, Option<u64>)>>,
 }
 
-/// Per cluster: the Consul snapshot last turned into backends, and the result,
-/// so an unchanged snapshot costs a pointer comparison, not a conversion.
-type Memo = std::collections::HashMap<String, (Arc<crate::discovery::consul::ServiceSnapshot>, crate::discovery::EndpointSet, bool)>;
+/// Per cluster: the Consul snapshot last turned into backends, and the result
+/// (the instances by IP, those by host name that serve, panic mode), so an
+/// unchanged snapshot costs a pointer comparison, not a conversion.
+type Memo = std::collections::HashMap<String, (Arc<crate::discovery::consul::ServiceSnapshot>, EndpointSet, Arc<Vec<NamedInstance>>, bool)>;
 
 impl Reconciler {
     /// Build the first table from whatever the sources hold right now (file
@@ -204,9 +205,10 @@ impl Reconciler {
     }
 
     /// Start DNS sources for every query the active or the candidate config
-    /// makes (dns clusters, host names in static lists) and for the host
-    /// names in the catalog files they read; stop the others. Run on every
-    /// input change, since a catalog edit may name new hosts.
+    /// makes (dns clusters, host names in static lists), for the host names
+    /// in the catalog files they read and for those of the Consul instances
+    /// watched; stop the others. Run on every input change, since a catalog
+    /// edit or a Consul answer may name new hosts.
     fn sync_dns(&self, shutdown: &ShutdownWatch) {
         let state = self.live.state();
         let mut wanted: std::collections::BTreeSet<crate::config::DnsQuery> = state.wanted().flat_map(|c| c.dns_queries()).collect();
@@ -214,6 +216,12 @@ impl Reconciler {
             let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
             for c in state.wanted() {
                 wanted.extend(catalog_queries(c, &files));
+            }
+        }
+        if let Some(rx) = &self.consul {
+            let view = rx.borrow().clone();
+            for c in state.wanted() {
+                wanted.extend(consul_queries(c, &view));
             }
         }
         let mut dns = self.dns.lock().unwrap_or_else(|e| e.into_inner());
@@ -377,18 +385,21 @@ fn discovered(
             }
             DiscoverySpec::Consul(q) => {
                 if let Some(snap) = view.and_then(|v| v.services.get(q)) {
-                    let (set, panic) = match memo.get(name) {
-                        Some((s, set, panic)) if Arc::ptr_eq(s, snap) => (set.clone(), *panic),
+                    let (set, named, panic) = match memo.get(name) {
+                        Some((s, set, named, panic)) if Arc::ptr_eq(s, snap) => (set.clone(), named.clone(), *panic),
                         _ => {
-                            let (eps, panic) = endpoints_for(snap, q);
-                            let set = crate::discovery::normalise(eps);
-                            memo.insert(name.clone(), (snap.clone(), set.clone(), panic));
-                            (set, panic)
+                            let (eps, named, panic) = endpoints_for(snap, q);
+                            let (set, named) = (crate::discovery::normalise(eps), Arc::new(named));
+                            memo.insert(name.clone(), (snap.clone(), set.clone(), named.clone(), panic));
+                            (set, named, panic)
                         }
                     };
                     if panic {
                         panics.insert(name.clone());
                     }
+                    // Instances by host name add the addresses their names
+                    // have now (none before the first answer).
+                    let set = if named.is_empty() { set } else { with_named(set, &named, &config.dns, dns) };
                     out.insert(name.clone(), set);
                 }
             }
@@ -433,12 +444,20 @@ fn catalog_queries(config: &Config, files: &[FileInput]) -> Vec<crate::config::D
     out
 }
 
-/// A catalog service's set plus the current addresses of its host-name
-/// instances, each with the instance's weight, tags and meta (a name not
-/// answered yet adds nothing; an address already in the set keeps its entry).
+/// The DNS queries for the host names of the Consul instances watched (those
+/// of the config's Consul clusters and of tag-driven routes alike), with
+/// `config`'s `[dns]` settings.
+fn consul_queries(config: &Config, view: &ConsulView) -> Vec<crate::config::DnsQuery> {
+    view.services.values().flat_map(|snap| named_hosts(snap)).map(|(host, port)| config.dns.query(host, port)).collect()
+}
+
+/// A set plus the current addresses of its host-name instances (from a
+/// catalog file or Consul), each with the instance's weight, tags, meta and
+/// ID (a name not answered yet adds nothing; an address already in the set
+/// keeps its entry).
 fn with_named(
     set: EndpointSet,
-    named: &[crate::discovery::file::NamedInstance],
+    named: &[NamedInstance],
     settings: &crate::config::DnsSettings,
     dns: &[DnsInput],
 ) -> EndpointSet {
@@ -452,6 +471,7 @@ fn with_named(
                 weight: n.weight,
                 tags: n.tags.clone(),
                 meta: n.meta.clone(),
+                id: n.id.clone(),
                 ..crate::discovery::Endpoint::new(e.addr)
             });
         }

@@ -766,3 +766,112 @@ fn host_names_in_catalog_files_are_resolved_and_followed() {
     let report = load.finish();
     assert_eq!(report.failed, 0, "{report:?}");
 }
+
+/// A Consul instance whose service address is a host name is resolved
+/// through a DNS source (with the `[dns]` settings): its address serves with
+/// the instance's tags, meta and service ID (an override by that ID
+/// applies), next to an instance registered by IP. A changed host record
+/// moves traffic within 2 s; deregistering the instance takes its address
+/// out and stops its source. Zero failed requests under load throughout.
+#[test]
+fn host_names_in_consul_addresses_are_resolved_and_followed() {
+    use support::consul::{ConsulDouble, Instance};
+    if !have_dnsmasq() {
+        return;
+    }
+    let (port, ups) = upstreams_on_one_port(2);
+    let fixed = Upstream::start("fixed");
+    let dns = Dnsmasq::start("", "127.0.0.2 h.test\n");
+    let consul = ConsulDouble::start();
+    consul.register(Instance::new("node-fixed", "web-fixed", "web", &fixed.addr.ip().to_string(), fixed.addr.port()));
+    consul.register(
+        Instance::new("node-h", "web-h", "web", "127.0.0.9", port)
+            .service_address("h.test")
+            .weights(3, 1)
+            .tags(&["v2"])
+            .meta("az", "a"),
+    );
+    let body = format!(
+        "[dns]\nnameservers = [\"{}\"]\nmin_refresh = \"100ms\"\nmax_refresh = \"300ms\"\n\
+         [consul]\naddresses = [\"{}\"]\nwait = \"2s\"\nmin_interval = \"50ms\"\n\
+         [[routes]]\ncluster = \"web\"\n\
+         [clusters.web]\nconsul = {{ service = \"web\" }}\nselection = \"weighted\"\n\
+         instances = {{ \"web-h\" = {{ weight = 5 }} }}\n",
+        dns.addr(),
+        consul.addr
+    );
+    let p = Proxy::start(&body);
+    let source_name = format!("dns:h.test:{port}");
+    wait_for_backends(&p, "web", &set_of(&[ups[0].addr, fixed.addr]), Duration::from_secs(5));
+    let want: BTreeSet<(String, u64)> = [(ups[0].addr.to_string(), 5), (fixed.addr.to_string(), 1)].into_iter().collect();
+    assert_eq!(backends(&p, "web"), want, "the override by the instance's service ID applies to its resolved address");
+    let st = p.status();
+    let b = cluster(&st, "web")["backends"].as_array().unwrap().iter().find(|b| b["address"] == ups[0].addr.to_string()).unwrap().clone();
+    assert_eq!((b["tags"].clone(), b["meta"]["az"].clone()), (serde_json::json!(["v2"]), serde_json::json!("a")), "{b}");
+    assert_eq!(source(&st, &source_name)["state"], "ok", "{st}");
+    let m = parse_metrics(&p.metrics());
+    assert_eq!(sample(&m, "switchyard_consul_instances_skipped_total", &[("service", "web"), ("reason", "hostname")]), None, "a host name is not skipped");
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/").1 == "ip2"), "the named instance gets no traffic");
+    assert_served_by(&p, "/", &["ip2", "fixed"], 6);
+    let load = Load::start(p.url("/"), 100_000, Duration::from_secs(60));
+
+    // The record changes: traffic follows.
+    dns.reload_hosts("127.0.0.3 h.test\n");
+    wait_for_backends(&p, "web", &set_of(&[ups[1].addr, fixed.addr]), Duration::from_secs(2));
+    assert!(wait_until(Duration::from_secs(5), || p.fetch("/").1 == "ip3"), "the new address gets no traffic");
+    assert_served_by(&p, "/", &["ip3", "fixed"], 6);
+
+    // Deregistered in Consul: its address leaves and its source stops.
+    consul.deregister("node-h", "web-h");
+    wait_for_backends(&p, "web", &set_of(&[fixed.addr]), Duration::from_secs(2));
+    assert_served_by(&p, "/", &["fixed"], 4);
+    assert!(stops_counting(&p, &source_name), "the source of the deregistered instance still runs");
+    let report = load.finish();
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert!(report.ok > 0, "{report:?}");
+}
+
+/// A service whose only instance is addressed by host name is a good
+/// answer (not "every instance invalid"), and the instance is kept in the
+/// Consul state file: a restart while Consul is unreachable resolves the
+/// persisted name again and serves it.
+#[test]
+fn host_name_instances_survive_a_restart_through_the_consul_state_file() {
+    use support::consul::{ConsulDouble, Instance};
+    if !have_dnsmasq() {
+        return;
+    }
+    let (port, ups) = upstreams_on_one_port(1);
+    let dns = Dnsmasq::start("", "127.0.0.2 h.test\n");
+    let mut consul = ConsulDouble::start();
+    consul.register(Instance::new("node-h", "web-h", "web", "h.test", port));
+    let body = format!(
+        "[dns]\nnameservers = [\"{}\"]\nmin_refresh = \"100ms\"\nmax_refresh = \"300ms\"\n\
+         [consul]\naddresses = [\"{}\"]\nwait = \"2s\"\nmin_interval = \"50ms\"\nstate_file = \"consul-state.json\"\n\
+         [[routes]]\ncluster = \"web\"\n\
+         [clusters.web]\nconsul = {{ service = \"web\" }}\n",
+        dns.addr(),
+        consul.addr
+    );
+    let mut p = Proxy::start(&body);
+    wait_for_backends(&p, "web", &set_of(&[ups[0].addr]), Duration::from_secs(5));
+    assert_served_by(&p, "/", &["ip2"], 3);
+    assert_eq!(watch_errors(&p, "bad_body"), 0.0, "an answer with only named instances is a good answer");
+    let state = p.path("consul-state.json");
+    let saved = || std::fs::read_to_string(&state).unwrap_or_default();
+    assert!(wait_until(Duration::from_secs(5), || saved().contains("\"named\"") && saved().contains("h.test")), "state file: {}", saved());
+    let saved = saved();
+    p.signal(libc::SIGINT);
+    assert!(p.wait_exit(Duration::from_secs(5)).is_some());
+    consul.stop();
+
+    let p2 = Proxy::builder(&body).file("consul-state.json", &saved).start();
+    wait_for_backends(&p2, "web", &set_of(&[ups[0].addr]), Duration::from_secs(5));
+    assert_served_by(&p2, "/", &["ip2"], 3);
+    assert_eq!(source(&p2.status(), &format!("dns:h.test:{port}"))["state"], "ok");
+}
+
+fn watch_errors(p: &Proxy, kind: &str) -> f64 {
+    let m = parse_metrics(&p.metrics());
+    sample(&m, "switchyard_consul_watch_errors_total", &[("service", "web"), ("kind", kind)]).unwrap_or(0.0)
+}

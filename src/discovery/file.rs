@@ -18,7 +18,8 @@
 //! JSON, a bad address, a file truncated mid-write) leaves the last good
 //! catalog in force and is reported in `/status`, the log and a metric.
 
-use super::{normalise, Endpoint, EndpointSet};
+pub use super::NamedInstance;
+use super::{is_host_name, normalise, Endpoint, EndpointSet};
 use crate::error::DiscoveryError;
 use crate::metrics::Metrics;
 use crate::status::StatusBoard;
@@ -55,16 +56,6 @@ impl std::ops::Index<&str> for Catalog {
     fn index(&self, service: &str) -> &EndpointSet {
         &self.services[service]
     }
-}
-
-/// An instance whose address is a host name, resolved by reconcile.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NamedInstance {
-    pub host: String,
-    pub port: u16,
-    pub weight: u32,
-    pub tags: Vec<String>,
-    pub meta: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -117,7 +108,7 @@ pub fn parse_catalog(text: &[u8]) -> Result<Catalog, String> {
                 if named.iter().any(|n| n.host == host && n.port == port) {
                     return Err(format!("{at}.address: duplicate instance {host}:{port}"));
                 }
-                named.push(NamedInstance { host, port, weight, tags: inst.tags, meta: inst.meta });
+                named.push(NamedInstance { host, port, weight, tags: inst.tags, meta: inst.meta, id: None });
                 continue;
             }
             let addr = instance_addr(&inst.address, inst.port).map_err(|m| format!("{at}.address: {m}"))?;
@@ -150,14 +141,7 @@ fn host_name(address: &str, port: Option<u16>) -> Option<(String, u16)> {
             (h, p.parse().ok()?)
         }
     };
-    if port == 0 || host.parse::<IpAddr>().is_ok() || host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        return None;
-    }
-    let body = host.strip_suffix('.').unwrap_or(host);
-    let ok = !body.is_empty()
-        && body.len() <= 253
-        && body.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
-    ok.then(|| (host.to_string(), port))
+    (port != 0 && is_host_name(host)).then(|| (host.to_string(), port))
 }
 
 fn instance_addr(address: &str, port: Option<u16>) -> Result<SocketAddr, String> {

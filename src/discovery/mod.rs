@@ -38,6 +38,33 @@ impl Endpoint {
     }
 }
 
+/// An instance whose address is a host name (from a catalog file or from
+/// Consul), resolved by reconcile through a DNS source: each address the
+/// name has becomes a backend with the instance's weight, tags, meta and ID.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedInstance {
+    pub host: String,
+    pub port: u16,
+    pub weight: u32,
+    pub tags: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+    /// The Consul service ID; None for catalog files.
+    pub id: Option<String>,
+}
+
+/// Whether `host` is a DNS host name we resolve: dot-separated labels of
+/// letters, digits, `-` and `_` (1–63 bytes each, 253 in all), an optional
+/// final dot, and not an IP address or something that only looks numeric.
+pub fn is_host_name(host: &str) -> bool {
+    if host.parse::<std::net::IpAddr>().is_ok() || host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return false;
+    }
+    let body = host.strip_suffix('.').unwrap_or(host);
+    !body.is_empty()
+        && body.len() <= 253
+        && body.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+}
+
 /// Apply a cluster's per-instance overrides (by Consul service ID, or by
 /// `ip:port`; the ID wins when both name one instance). An override for an
 /// instance that is not in the set does nothing.

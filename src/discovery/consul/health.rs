@@ -1,10 +1,14 @@
 //! Lenient parsing of `/v1/health/service/<name>` answers.
 //!
 //! Consul (or anything between us and it) can send wrong types, missing
-//! fields, duplicates, hostnames or out-of-range ports. Each entry is checked
-//! on its own: a bad instance is skipped with a reason and counted, the rest
-//! of the set applies. Only a body that is not a JSON array fails as a whole.
-//! Keys are matched case-insensitively; absent and `null` mean empty.
+//! fields, duplicates, bad addresses or out-of-range ports. Each entry is
+//! checked on its own: a bad instance is skipped with a reason and counted,
+//! the rest of the set applies. Only a body that is not a JSON array fails as
+//! a whole. Keys are matched case-insensitively; absent and `null` mean empty.
+//!
+//! An instance whose address is a host name is kept apart, as a
+//! [`NamedConsulInstance`]: reconcile resolves the name through a DNS source
+//! (as it does for host names in catalog files).
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -34,10 +38,43 @@ pub struct ConsulInstance {
     pub meta: BTreeMap<String, String>,
 }
 
+/// An instance whose address is a host name: like a [`ConsulInstance`],
+/// with the name and port in place of the socket address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedConsulInstance {
+    pub node: String,
+    pub id: String,
+    pub host: String,
+    pub port: u16,
+    pub status: Status,
+    pub weight_passing: u32,
+    pub weight_warning: u32,
+    pub tags: Vec<String>,
+    pub meta: BTreeMap<String, String>,
+}
+
+/// One valid entry.
+enum Entry {
+    Ip(ConsulInstance),
+    Named(NamedConsulInstance),
+}
+
+impl Entry {
+    fn key(&self) -> (&str, &str) {
+        match self {
+            Entry::Ip(i) => (i.node.as_str(), i.id.as_str()),
+            Entry::Named(n) => (n.node.as_str(), n.id.as_str()),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Parsed {
-    /// Sorted by (node, id).
+    /// Instances addressed by IP, sorted by (node, id).
     pub instances: Vec<ConsulInstance>,
+    /// Instances addressed by host name, sorted by (node, id). A node and
+    /// ID appear at most once across both lists.
+    pub named: Vec<NamedConsulInstance>,
     /// (reason label, detail) per skipped entry.
     pub skipped: Vec<(&'static str, String)>,
 }
@@ -82,7 +119,7 @@ fn aggregate(checks: Option<&Value>) -> Status {
 }
 
 /// Parse one entry or say why it is skipped.
-fn entry(v: &Value) -> Result<ConsulInstance, (&'static str, String)> {
+fn entry(v: &Value) -> Result<Entry, (&'static str, String)> {
     let obj = v.as_object().ok_or(("malformed", "entry is not an object".to_string()))?;
     let svc = get(obj, "Service")
         .and_then(|s| s.as_object())
@@ -103,15 +140,17 @@ fn entry(v: &Value) -> Result<ConsulInstance, (&'static str, String)> {
         .filter(|a| !a.is_empty())
         .or_else(|| node.and_then(|n| get_str(n, "Address")))
         .unwrap_or("");
-    let ip: IpAddr = match address.trim_start_matches('[').trim_end_matches(']').parse() {
-        Ok(ip) => ip,
+    let ip: Option<IpAddr> = match address.trim_start_matches('[').trim_end_matches(']').parse() {
+        Ok(ip) => Some(ip),
         Err(_) if address.is_empty() => {
             return Err(("no_address", format!("{node_name}/{id}: neither Service.Address nor Node.Address")))
         }
-        // Hostnames are refused explicitly (DNS resolution of catalog names is not done here).
-        Err(_) => return Err(("hostname", format!("{node_name}/{id}: address {address:?} is not an IP"))),
+        Err(_) if crate::discovery::is_host_name(address) => None,
+        Err(_) => {
+            return Err(("bad_address", format!("{node_name}/{id}: address {address:?} is neither an IP address nor a host name")))
+        }
     };
-    if ip.is_unspecified() || ip.is_multicast() {
+    if let Some(ip) = ip.filter(|ip| ip.is_unspecified() || ip.is_multicast()) {
         return Err(("bad_address", format!("{node_name}/{id}: address {ip} is not a unicast host")));
     }
     let weights = get(svc, "Weights").and_then(|w| w.as_object());
@@ -126,15 +165,31 @@ fn entry(v: &Value) -> Result<ConsulInstance, (&'static str, String)> {
             .collect(),
         _ => BTreeMap::new(),
     };
-    Ok(ConsulInstance {
-        node: node_name,
-        id,
-        addr: SocketAddr::new(ip, port),
-        status: aggregate(get(obj, "Checks")),
-        weight_passing: weight(weights.and_then(|w| get(w, "Passing")), 1),
-        weight_warning: weight(weights.and_then(|w| get(w, "Warning")), 1),
-        tags,
-        meta,
+    let status = aggregate(get(obj, "Checks"));
+    let weight_passing = weight(weights.and_then(|w| get(w, "Passing")), 1);
+    let weight_warning = weight(weights.and_then(|w| get(w, "Warning")), 1);
+    Ok(match ip {
+        Some(ip) => Entry::Ip(ConsulInstance {
+            node: node_name,
+            id,
+            addr: SocketAddr::new(ip, port),
+            status,
+            weight_passing,
+            weight_warning,
+            tags,
+            meta,
+        }),
+        None => Entry::Named(NamedConsulInstance {
+            node: node_name,
+            id,
+            host: address.to_string(),
+            port,
+            status,
+            weight_passing,
+            weight_warning,
+            tags,
+            meta,
+        }),
     })
 }
 
@@ -149,16 +204,21 @@ pub fn parse_health(body: &[u8]) -> Result<Parsed, String> {
     for e in &entries {
         match entry(e) {
             Ok(inst) => {
-                if seen.insert((inst.node.clone(), inst.id.clone())) {
-                    out.instances.push(inst);
-                } else {
-                    out.skipped.push(("duplicate", format!("{}/{} listed twice", inst.node, inst.id)));
+                let (node, id) = inst.key();
+                if !seen.insert((node.to_string(), id.to_string())) {
+                    out.skipped.push(("duplicate", format!("{node}/{id} listed twice")));
+                    continue;
+                }
+                match inst {
+                    Entry::Ip(i) => out.instances.push(i),
+                    Entry::Named(n) => out.named.push(n),
                 }
             }
             Err(skip) => out.skipped.push(skip),
         }
     }
     out.instances.sort_by(|a, b| (&a.node, &a.id).cmp(&(&b.node, &b.id)));
+    out.named.sort_by(|a, b| (&a.node, &a.id).cmp(&(&b.node, &b.id)));
     Ok(out)
 }
 
@@ -193,7 +253,50 @@ mod tests {
         assert_eq!(p.instances[2].status, Status::Maintenance);
         assert_eq!(p.instances[3].status, Status::Critical, "node check counts");
         let reasons: Vec<&str> = p.skipped.iter().map(|s| s.0).collect();
-        assert_eq!(reasons, vec!["bad_port", "bad_port", "hostname", "duplicate", "malformed", "malformed"]);
+        assert_eq!(reasons, vec!["bad_port", "bad_port", "duplicate", "malformed", "malformed"]);
+        let named: Vec<(&str, &str, u16)> = p.named.iter().map(|n| (n.id.as_str(), n.host.as_str(), n.port)).collect();
+        assert_eq!(named, vec![("web-5", "app5.internal", 80)], "a host name is kept, not skipped");
+    }
+
+    #[test]
+    fn host_name_instances_are_kept_apart_with_their_attributes() {
+        let body = br#"[
+          {"Node":{"Node":"n2","Address":"10.0.0.2"},"Service":{"ID":"b","Port":81,"Address":"B.example.","Tags":["v2"],
+           "Meta":{"az":"a"},"Weights":{"Passing":7,"Warning":2}},"Checks":[{"CheckID":"service:b","Status":"warning"}]},
+          {"Node":{"Node":"n1","Address":"node1.example"},"Service":{"ID":"a","Port":80,"Address":""}},
+          {"Node":{"Node":"n3","Address":"10.0.0.3"},"Service":{"ID":"c","Port":80}},
+          {"Node":{"Node":"n4"},"Service":{"ID":"d","Port":80,"Address":"not a name!"}},
+          {"Node":{"Node":"n5"},"Service":{"ID":"e","Port":80,"Address":"10.0.0"}},
+          {"Node":{"Node":"n6"},"Service":{"ID":"f","Port":80,"Address":"web:80"}},
+          {"Node":{"Node":"n3","Address":"10.0.0.3"},"Service":{"ID":"c","Port":80,"Address":"c.example"}},
+          {"Node":{"Node":"n1"},"Service":{"ID":"a","Port":80,"Address":"10.0.0.1"}},
+          {"Node":{"Node":"n7"},"Service":{"ID":"g","Port":80,"Address":"g.example"},
+           "Checks":[{"CheckID":"_node_maintenance","Status":"critical"}]}
+        ]"#;
+        let p = parse_health(body).unwrap();
+        let ips: Vec<(&str, String)> = p.instances.iter().map(|i| (i.id.as_str(), i.addr.to_string())).collect();
+        assert_eq!(ips, vec![("c", "10.0.0.3:80".to_string())]);
+        let named: Vec<(&str, &str, &str, u16, Status)> =
+            p.named.iter().map(|n| (n.node.as_str(), n.id.as_str(), n.host.as_str(), n.port, n.status)).collect();
+        assert_eq!(
+            named,
+            vec![
+                ("n1", "a", "node1.example", 80, Status::Passing),
+                ("n2", "b", "B.example.", 81, Status::Warning),
+                ("n7", "g", "g.example", 80, Status::Maintenance),
+            ],
+            "sorted by node and ID; Node.Address when Service.Address is empty; the status as for any instance"
+        );
+        let b = &p.named[1];
+        assert_eq!((b.weight_passing, b.weight_warning), (7, 2));
+        assert_eq!(b.tags, vec!["v2".to_string()]);
+        assert_eq!(b.meta.get("az").map(String::as_str), Some("a"));
+        let skipped: Vec<(&str, bool)> = p.skipped.iter().map(|(r, d)| (*r, d.contains("listed twice"))).collect();
+        assert_eq!(
+            skipped,
+            vec![("bad_address", false), ("bad_address", false), ("bad_address", false), ("duplicate", true), ("duplicate", true)],
+            "addresses that are neither IPs nor host names are bad; a node and ID are unique across IPs and names"
+        );
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //! approached). Each watch publishes the *whole* instance list, with every
 //! instance's aggregated health, on its own `watch` channel; reconcile turns
 //! it into backends ([`endpoints_for`], which also applies panic mode).
+//! Instances addressed by host name travel next to the others and are
+//! resolved by reconcile through DNS sources.
 //!
 //! Fail-static: a failed read never publishes, so the last good set keeps
 //! serving. The last good sets are persisted to a state file (temp file +
@@ -23,12 +25,12 @@ pub mod tags;
 pub mod watch;
 
 use crate::config::{ClusterSpec, ConsulQuery, ConsulSettings, RouteSpec};
-use crate::discovery::Endpoint;
+use crate::discovery::{Endpoint, NamedInstance};
 use crate::metrics::Metrics;
 use crate::status::{unix, StatusBoard};
 use async_trait::async_trait;
 use client::ConsulClient;
-use health::{ConsulInstance, Status};
+use health::{ConsulInstance, NamedConsulInstance, Status};
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
@@ -45,6 +47,8 @@ pub const TRIGGERED_RESYNC: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceSnapshot {
     pub instances: Arc<Vec<ConsulInstance>>,
+    /// The instances addressed by host name.
+    pub named: Arc<Vec<NamedConsulInstance>>,
     pub synced_at: SystemTime,
     /// Loaded from the state file at start, not (yet) confirmed by Consul.
     pub from_state_file: bool,
@@ -55,29 +59,42 @@ pub struct ServiceSnapshot {
 /// (plus `warning` when admitted, weighted by `Weights.Warning`). When the
 /// healthy share of the non-maintenance instances falls below the panic
 /// threshold — or to zero — all non-maintenance instances are used instead
-/// (panic mode). Returns the endpoints and whether panic mode is on.
-pub fn endpoints_for(snap: &ServiceSnapshot, q: &ConsulQuery) -> (Vec<Endpoint>, bool) {
-    let eligible: Vec<&ConsulInstance> = snap.instances.iter().filter(|i| i.status != Status::Maintenance).collect();
-    if eligible.is_empty() {
-        return (Vec::new(), false);
+/// (panic mode). Returns the endpoints, the chosen instances addressed by
+/// host name (for reconcile to resolve, each with the weight chosen here),
+/// and whether panic mode is on.
+///
+/// An instance addressed by host name counts exactly as one addressed by IP
+/// (healthy, unhealthy or in maintenance), whether or not its name has
+/// resolved yet: the panic decision is Consul's health, not the DNS.
+pub fn endpoints_for(snap: &ServiceSnapshot, q: &ConsulQuery) -> (Vec<Endpoint>, Vec<NamedInstance>, bool) {
+    let healthy_weight = |status: Status, passing: u32, warning: u32| match status {
+        Status::Passing => Some(passing),
+        Status::Warning if q.allow_warning => Some(warning),
+        _ => None,
+    };
+    let eligible = snap.instances.iter().map(|i| (i.status, i.weight_passing, i.weight_warning));
+    let eligible = eligible
+        .chain(snap.named.iter().map(|n| (n.status, n.weight_passing, n.weight_warning)))
+        .filter(|(s, _, _)| *s != Status::Maintenance);
+    let (mut total, mut healthy) = (0u64, 0u64);
+    for (s, p, w) in eligible {
+        total += 1;
+        healthy += healthy_weight(s, p, w).is_some() as u64;
     }
-    let healthy: Vec<(&ConsulInstance, u32)> = eligible
-        .iter()
-        .filter_map(|i| match i.status {
-            Status::Passing => Some((*i, i.weight_passing)),
-            Status::Warning if q.allow_warning => Some((*i, i.weight_warning)),
-            _ => None,
-        })
-        .collect();
-    let panic = healthy.is_empty() || (healthy.len() as u64) * 1000 < (q.panic_permille as u64) * (eligible.len() as u64);
-    let chosen: Vec<(&ConsulInstance, u32)> = if panic {
-        eligible.iter().map(|i| (*i, i.weight_passing.max(1))).collect()
-    } else {
-        healthy
+    if total == 0 {
+        return (Vec::new(), Vec::new(), false);
+    }
+    let panic = healthy == 0 || healthy * 1000 < (q.panic_permille as u64) * total;
+    // The weight an instance serves with, or None when it does not serve.
+    let chosen = |status: Status, passing: u32, warning: u32| match status {
+        Status::Maintenance => None,
+        _ if panic => Some(passing.max(1)),
+        _ => healthy_weight(status, passing, warning),
     };
     let mut seen = std::collections::HashSet::new();
-    let mut out = Vec::with_capacity(chosen.len());
-    for (i, w) in chosen {
+    let mut out = Vec::new();
+    for i in snap.instances.iter() {
+        let Some(w) = chosen(i.status, i.weight_passing, i.weight_warning) else { continue };
         // Two registrations of one address: one backend.
         if seen.insert(i.addr) {
             out.push(Endpoint {
@@ -90,7 +107,28 @@ pub fn endpoints_for(snap: &ServiceSnapshot, q: &ConsulQuery) -> (Vec<Endpoint>,
         }
     }
     out.sort_by(|a, b| a.addr.cmp(&b.addr));
-    (out, panic)
+    let named = snap
+        .named
+        .iter()
+        .filter_map(|n| {
+            let w = chosen(n.status, n.weight_passing, n.weight_warning)?;
+            Some(NamedInstance {
+                host: n.host.clone(),
+                port: n.port,
+                weight: w,
+                tags: n.tags.clone(),
+                meta: n.meta.clone(),
+                id: Some(n.id.clone()),
+            })
+        })
+        .collect();
+    (out, named, panic)
+}
+
+/// The host names (with ports) of a snapshot's instances that may serve:
+/// every one not in maintenance, so that panic mode finds them resolved.
+pub fn named_hosts(snap: &ServiceSnapshot) -> impl Iterator<Item = (&str, u16)> {
+    snap.named.iter().filter(|n| n.status != Status::Maintenance).map(|n| (n.host.as_str(), n.port))
 }
 
 /// Everything the Consul source knows, published as one value: each watched
@@ -166,7 +204,7 @@ impl WatchShared {
     pub fn publish(&self, snap: ServiceSnapshot) -> bool {
         let q = &self.query;
         let changed = self.view.send_if_modified(|v| match v.services.get(q) {
-            Some(c) if c.instances == snap.instances && !c.from_state_file => false,
+            Some(c) if c.instances == snap.instances && c.named == snap.named && !c.from_state_file => false,
             _ => {
                 Arc::make_mut(v).services.insert(q.clone(), Arc::new(snap));
                 true
@@ -217,6 +255,10 @@ struct StateEntry {
     query: ConsulQuery,
     synced_unix: f64,
     instances: Vec<ConsulInstance>,
+    /// Instances addressed by host name (a file written without them reads
+    /// as none; a reader that does not know the field ignores it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    named: Vec<NamedConsulInstance>,
 }
 
 fn from_unix(s: f64) -> SystemTime {
@@ -294,6 +336,7 @@ impl ConsulSource {
                                 e.query,
                                 Arc::new(ServiceSnapshot {
                                     instances: Arc::new(e.instances),
+                                    named: Arc::new(e.named),
                                     synced_at: from_unix(e.synced_unix),
                                     from_state_file: true,
                                 }),
@@ -394,6 +437,7 @@ impl ConsulSource {
                 query: q.clone(),
                 synced_unix: unix(snap.synced_at),
                 instances: snap.instances.as_ref().clone(),
+                named: snap.named.as_ref().clone(),
             })
             .collect();
         let state = StateFile {
@@ -673,6 +717,7 @@ mod tests {
     fn snap(v: Vec<ConsulInstance>) -> ServiceSnapshot {
         ServiceSnapshot {
             instances: Arc::new(v),
+            named: Arc::new(vec![]),
             synced_at: SystemTime::now(),
             from_state_file: false,
         }
@@ -681,7 +726,7 @@ mod tests {
     #[test]
     fn healthy_only_above_threshold() {
         let s = snap(vec![inst("a", Status::Passing), inst("b", Status::Passing), inst("c", Status::Critical)]);
-        let (eps, panic) = endpoints_for(&s, &q(500, false));
+        let (eps, _, panic) = endpoints_for(&s, &q(500, false));
         assert!(!panic);
         assert_eq!(eps.len(), 2);
         assert!(eps.iter().all(|e| e.weight == 3));
@@ -690,11 +735,11 @@ mod tests {
     #[test]
     fn panic_below_threshold_and_at_zero() {
         let s = snap(vec![inst("a", Status::Passing), inst("b", Status::Critical), inst("c", Status::Critical)]);
-        let (eps, panic) = endpoints_for(&s, &q(500, false));
+        let (eps, _, panic) = endpoints_for(&s, &q(500, false));
         assert!(panic, "1/3 healthy < 50 %");
         assert_eq!(eps.len(), 3);
         let s = snap(vec![inst("a", Status::Critical), inst("b", Status::Critical), inst("m", Status::Maintenance)]);
-        let (eps, panic) = endpoints_for(&s, &q(0, false));
+        let (eps, _, panic) = endpoints_for(&s, &q(0, false));
         assert!(panic, "zero healthy always panics, even with threshold 0");
         assert_eq!(eps.len(), 2, "maintenance stays out even in panic mode");
     }
@@ -702,18 +747,88 @@ mod tests {
     #[test]
     fn warning_admitted_with_warning_weight() {
         let s = snap(vec![inst("a", Status::Passing), inst("b", Status::Warning)]);
-        let (eps, panic) = endpoints_for(&s, &q(500, true));
+        let (eps, _, panic) = endpoints_for(&s, &q(500, true));
         assert!(!panic);
         let mut w: Vec<u32> = eps.iter().map(|e| e.weight).collect();
         w.sort();
         assert_eq!(w, vec![1, 3]);
-        let (eps, _) = endpoints_for(&s, &q(500, false));
+        let (eps, _, _) = endpoints_for(&s, &q(500, false));
         assert_eq!(eps.len(), 1);
+    }
+
+    fn named(id: &str, status: Status) -> NamedConsulInstance {
+        NamedConsulInstance {
+            node: "n".into(),
+            id: id.into(),
+            host: format!("{id}.example"),
+            port: 8080,
+            status,
+            weight_passing: 4,
+            weight_warning: 2,
+            tags: vec!["t".into()],
+            meta: [("k".to_string(), "v".to_string())].into_iter().collect(),
+        }
+    }
+
+    fn with_named(ip: Vec<ConsulInstance>, named: Vec<NamedConsulInstance>) -> ServiceSnapshot {
+        ServiceSnapshot { named: Arc::new(named), ..snap(ip) }
+    }
+
+    #[test]
+    fn host_name_instances_count_and_serve_as_the_others() {
+        // One passing by IP, one passing by name, two critical: 2/4 is not
+        // below 50 %, so only the healthy ones serve.
+        let s = with_named(
+            vec![inst("a", Status::Passing), inst("b", Status::Critical)],
+            vec![named("h1", Status::Passing), named("h2", Status::Critical), named("m", Status::Maintenance)],
+        );
+        let (eps, chosen, panic) = endpoints_for(&s, &q(500, false));
+        assert!(!panic);
+        assert_eq!(eps.len(), 1);
+        let got: Vec<(&str, u16, u32, Option<&str>)> =
+            chosen.iter().map(|n| (n.host.as_str(), n.port, n.weight, n.id.as_deref())).collect();
+        assert_eq!(got, vec![("h1.example", 8080, 4, Some("h1"))], "the passing weight, the service ID");
+        assert_eq!(chosen[0].tags, vec!["t".to_string()]);
+        assert_eq!(chosen[0].meta.get("k").map(String::as_str), Some("v"));
+        // The named instance is what keeps this service out of panic mode.
+        let s = with_named(vec![inst("a", Status::Passing), inst("b", Status::Critical), inst("c", Status::Critical)], vec![named("h1", Status::Passing)]);
+        let (_, _, panic) = endpoints_for(&s, &q(500, false));
+        assert!(!panic, "2 of 4 healthy");
+        let s = with_named(vec![inst("a", Status::Passing)], vec![named("h1", Status::Critical), named("h2", Status::Critical)]);
+        let (eps, chosen, panic) = endpoints_for(&s, &q(500, false));
+        assert!(panic, "1 of 3 healthy: the critical names count");
+        assert_eq!((eps.len(), chosen.len()), (1, 2));
+        // Warning admitted: the warning weight.
+        let s = with_named(vec![], vec![named("h1", Status::Warning), named("h2", Status::Passing)]);
+        let (eps, chosen, panic) = endpoints_for(&s, &q(500, true));
+        assert!(!panic && eps.is_empty());
+        let w: Vec<u32> = chosen.iter().map(|n| n.weight).collect();
+        assert_eq!(w, vec![2, 4]);
+        // Only names in maintenance: an empty pool, not panic.
+        let s = with_named(vec![], vec![named("m", Status::Maintenance)]);
+        let (eps, chosen, panic) = endpoints_for(&s, &q(500, false));
+        assert!(eps.is_empty() && chosen.is_empty() && !panic);
+        let s = with_named(vec![], vec![named("a", Status::Critical), named("m", Status::Maintenance)]);
+        let hosts: Vec<(&str, u16)> = named_hosts(&s).collect();
+        assert_eq!(hosts, vec![("a.example", 8080)], "names not in maintenance are resolved, critical ones too");
+    }
+
+    #[test]
+    fn state_entries_keep_host_name_instances() {
+        let e = StateEntry { query: q(500, false), synced_unix: 1.0, instances: vec![inst("a", Status::Passing)], named: vec![named("h", Status::Warning)] };
+        let text = serde_json::to_string(&e).unwrap();
+        let back: StateEntry = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.named, e.named);
+        // A file written before host names were kept reads as none.
+        let old = text.replace(&format!(",\"named\":{}", serde_json::to_string(&e.named).unwrap()), "");
+        assert!(!old.contains("named"), "{old}");
+        let back: StateEntry = serde_json::from_str(&old).unwrap();
+        assert!(back.named.is_empty() && back.instances.len() == 1);
     }
 
     #[test]
     fn deregistered_service_is_empty_not_panic() {
-        let (eps, panic) = endpoints_for(&snap(vec![]), &q(500, false));
+        let (eps, _, panic) = endpoints_for(&snap(vec![]), &q(500, false));
         assert!(eps.is_empty() && !panic);
     }
 }

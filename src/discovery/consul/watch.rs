@@ -203,7 +203,7 @@ pub async fn run(
                 let outcome = match observed {
                     Observed::Unchanged => pacer.unchanged(blocking),
                     _ => match parse_health(&resp.body) {
-                        Ok(parsed) if parsed.instances.is_empty() && !parsed.skipped.is_empty() => {
+                        Ok(parsed) if parsed.instances.is_empty() && parsed.named.is_empty() && !parsed.skipped.is_empty() => {
                             // Every entry was invalid: that is a bad answer, not an
                             // empty service. Never let it empty the pool.
                             for (reason, detail) in &parsed.skipped {
@@ -223,6 +223,7 @@ pub async fn run(
                             }
                             let changed = shared.publish(ServiceSnapshot {
                                 instances: Arc::new(parsed.instances),
+                                named: Arc::new(parsed.named),
                                 synced_at: SystemTime::now(),
                                 from_state_file: false,
                             });
