@@ -115,6 +115,7 @@ impl Admin {
             .collect();
         let ages = self.staleness(&table);
         let panics = self.status.panics();
+        let now_ms = crate::routing::process_millis();
         let clusters: Vec<_> = table
             .clusters
             .iter()
@@ -128,6 +129,9 @@ impl Admin {
                             "weight": b.weight,
                             "state": b.state_name(),
                             "in_flight": b.state.in_flight.load(Ordering::Relaxed),
+                            // Outlier ejection: milliseconds left, or null.
+                            "ejected_for_ms": b.state.ejected(now_ms).then(|| b.state.ejected_until_ms.load(Ordering::Relaxed) - now_ms),
+                            "consecutive_failures": b.state.failures.load(Ordering::Relaxed),
                             "tags": b.endpoint.tags,
                             "meta": b.endpoint.meta,
                         })

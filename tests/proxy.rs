@@ -937,6 +937,9 @@ fn a_dead_backend_is_ejected_after_failures_in_a_row() {
             assert_eq!(p.fetch("/").0, 200, "{path}: request {i}");
         }
         assert_eq!(errors(&p, dead), (Some(3.0), Some(1.0)), "{path}: three failed attempts, then ejected");
+        let st = p.status();
+        let b = st["clusters"][0]["backends"].as_array().unwrap().iter().find(|b| b["address"] == dead.to_string()).unwrap().clone();
+        assert!(b["ejected_for_ms"].as_u64().is_some_and(|ms| ms > 20_000 && ms <= 30_000), "{path}: {b}");
         assert!(p.stderr().contains("backend ejected"), "{path}: {}", p.stderr());
 
         // Off: every other request tries the dead backend first.

@@ -502,6 +502,11 @@ impl Default for Outlier {
     }
 }
 
+/// Default `idle_timeout` of a pooled upstream connection: below gunicorn's
+/// default keep-alive (2 s), so a connection taken from the pool is never
+/// one the backend is closing at that moment.
+pub const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Default `tunnel_timeout`: an idle WebSocket (a chat room nobody
 /// speaks in) stays open this long.
 pub const TUNNEL_TIMEOUT: Duration = Duration::from_secs(3600);

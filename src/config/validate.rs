@@ -694,7 +694,7 @@ impl Validator<'_> {
                 connect_timeout: self.duration(&format!("{p}.connect_timeout"), connect_timeout.as_ref(), Duration::from_secs(2)),
                 read_timeout: self.duration(&format!("{p}.read_timeout"), read_timeout.as_ref(), Duration::from_secs(30)),
                 write_timeout: self.duration(&format!("{p}.write_timeout"), write_timeout.as_ref(), Duration::from_secs(30)),
-                idle_timeout: self.duration(&format!("{p}.idle_timeout"), idle_timeout.as_ref(), Duration::from_secs(60)),
+                idle_timeout: self.duration(&format!("{p}.idle_timeout"), idle_timeout.as_ref(), UPSTREAM_IDLE_TIMEOUT),
                 tunnel_timeout: self.duration(&format!("{p}.tunnel_timeout"), tunnel_timeout.as_ref(), TUNNEL_TIMEOUT),
                 retries: retries.min(10),
                 instances: self.instances(&p, instances),

@@ -130,7 +130,7 @@ pub fn parse(service: &str, tags: &[String]) -> Result<Option<(RouteSpec, Cluste
         connect_timeout,
         read_timeout,
         write_timeout: Duration::from_secs(30),
-        idle_timeout: Duration::from_secs(60),
+        idle_timeout: crate::config::UPSTREAM_IDLE_TIMEOUT,
         tunnel_timeout: crate::config::TUNNEL_TIMEOUT,
         retries,
         instances: Default::default(),
