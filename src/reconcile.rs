@@ -195,12 +195,7 @@ impl Reconciler {
         for f in files.iter_mut().filter(|f| f.tasks.is_empty()) {
             let (src, sh) = (f.src.clone(), shutdown.clone());
             f.tasks.push(tokio::spawn(async move { src.start(sh).await }));
-            let (mut rx, changed) = (f.rx.clone(), self.changed.clone());
-            f.tasks.push(tokio::spawn(async move {
-                while rx.changed().await.is_ok() {
-                    changed.notify_one();
-                }
-            }));
+            f.tasks.push(forward_changes(f.rx.clone(), self.changed.clone()));
         }
     }
 
@@ -238,12 +233,7 @@ impl Reconciler {
         for d in dns.iter_mut().filter(|d| d.tasks.is_empty()) {
             let (src, sh) = (d.src.clone(), shutdown.clone());
             d.tasks.push(tokio::spawn(async move { src.start(sh).await }));
-            let (mut rx, changed) = (d.rx.clone(), self.changed.clone());
-            d.tasks.push(tokio::spawn(async move {
-                while rx.changed().await.is_ok() {
-                    changed.notify_one();
-                }
-            }));
+            d.tasks.push(forward_changes(d.rx.clone(), self.changed.clone()));
         }
     }
 
@@ -479,6 +469,15 @@ fn with_named(
     crate::discovery::normalise(all.into_values().collect())
 }
 
+/// A task that wakes reconcile on every change a source publishes.
+fn forward_changes<T: Send + Sync + 'static>(mut rx: watch::Receiver<T>, changed: Arc<Notify>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            changed.notify_one();
+        }
+    })
+}
+
 /// Create a DNS source (its first lookup runs once it is started).
 fn open_dns(q: crate::config::DnsQuery, metrics: &Arc<Metrics>, status: &Arc<StatusBoard>) -> DnsInput {
     let (src, rx) = DnsSource::new(q.clone(), metrics.clone(), status.clone());
@@ -496,21 +495,9 @@ impl BackgroundService for Reconciler {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut forwarders = Vec::new();
         if let Some(rx) = &self.consul {
-            let mut rx = rx.clone();
-            let changed = self.changed.clone();
-            forwarders.push(tokio::spawn(async move {
-                while rx.changed().await.is_ok() {
-                    changed.notify_one();
-                }
-            }));
+            forwarders.push(forward_changes(rx.clone(), self.changed.clone()));
         }
-        let mut live = self.live.subscribe();
-        let changed = self.changed.clone();
-        forwarders.push(tokio::spawn(async move {
-            while live.changed().await.is_ok() {
-                changed.notify_one();
-            }
-        }));
+        forwarders.push(forward_changes(self.live.subscribe(), self.changed.clone()));
         self.sync_files(&shutdown);
         self.sync_dns(&shutdown);
         // Catch anything published between construction and now.

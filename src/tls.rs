@@ -135,12 +135,7 @@ impl BackendTlsMaterial {
         let client = match client {
             None => None,
             Some(files) => {
-                let (certified, _) = load_pair(files).map_err(|e| ("client_cert", e))?;
-                let key_pem = std::fs::read(&files.key).map_err(|e| ("client_key", format!("cannot read {}: {e}", files.key.display())))?;
-                let key = rustls_pemfile::private_key(&mut &key_pem[..])
-                    .ok()
-                    .flatten()
-                    .ok_or_else(|| ("client_key", format!("{}: no private key in the file", files.key.display())))?;
+                let (certified, _, key) = read_pair(files).map_err(|e| ("client_cert", e))?;
                 let chain: Vec<Vec<u8>> = certified.cert.iter().map(|c| c.to_vec()).collect();
                 ders.extend(chain.iter().cloned());
                 ders.push(key.secret_der().to_vec());
@@ -153,6 +148,11 @@ impl BackendTlsMaterial {
 
 /// Parse and check one pair: the chain, the key, and that they belong together.
 pub fn load_pair(files: &CertFiles) -> Result<(Arc<CertifiedKey>, CertInfo), String> {
+    read_pair(files).map(|(certified, info, _)| (certified, info))
+}
+
+/// [`load_pair`], also handing back the key as read (for a client certificate).
+fn read_pair(files: &CertFiles) -> Result<(Arc<CertifiedKey>, CertInfo, rustls::pki_types::PrivateKeyDer<'static>), String> {
     let cert_pem = std::fs::read(&files.cert).map_err(|e| format!("cannot read {}: {e}", files.cert.display()))?;
     let key_pem = std::fs::read(&files.key).map_err(|e| format!("cannot read {}: {e}", files.key.display()))?;
     let chain: Vec<_> = rustls_pemfile::certs(&mut &cert_pem[..])
@@ -167,14 +167,14 @@ pub fn load_pair(files: &CertFiles) -> Result<(Arc<CertifiedKey>, CertInfo), Str
     let provider = rustls::crypto::ring::default_provider();
     let signer = provider
         .key_provider
-        .load_private_key(key)
+        .load_private_key(key.clone_key())
         .map_err(|e| format!("{}: unusable private key: {e}", files.key.display()))?;
     let certified = CertifiedKey::new(chain, signer);
     certified.keys_match().map_err(|e| {
         format!("{} and {} do not belong together: {e}", files.cert.display(), files.key.display())
     })?;
     let info = describe(&certified.cert[0], &files.cert)?;
-    Ok((Arc::new(certified), info))
+    Ok((Arc::new(certified), info, key))
 }
 
 fn describe(der: &[u8], path: &std::path::Path) -> Result<CertInfo, String> {

@@ -328,10 +328,11 @@ impl Ctx {
             return;
         }
         let (Some(cluster), Some(backend)) = (self.cluster(), self.backend()) else { return };
-        let now = process_millis();
+        // Never 0 on this clock, so 0 means "never logged".
+        let now = crate::routing::process_millis();
         let last = backend.state.tls_warned_ms.load(Ordering::Relaxed);
         if (last != 0 && now.saturating_sub(last) < 10_000)
-            || backend.state.tls_warned_ms.compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed).is_err()
+            || backend.state.tls_warned_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
         {
             return;
         }
@@ -458,12 +459,6 @@ fn https_location<R: RequestView + ?Sized>(req: &R, port: u16) -> Option<http::H
     }
     out.extend_from_slice(req.path_and_query().as_bytes());
     http::HeaderValue::from_bytes(&out).ok()
-}
-
-/// Milliseconds since this process first asked.
-fn process_millis() -> u64 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
 fn outcome_of(e: &Error) -> Outcome {

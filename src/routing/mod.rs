@@ -42,7 +42,8 @@ pub struct BackendState {
     pub ejected_until_ms: AtomicU64,
 }
 
-/// Milliseconds since this process first asked (a clock for ejections).
+/// Milliseconds since this process first asked, plus one, so 0 can mean
+/// "never" (a clock for ejections and rate-limited warnings).
 pub fn process_millis() -> u64 {
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1
