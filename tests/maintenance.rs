@@ -9,8 +9,6 @@ mod support;
 use std::time::{Duration, Instant};
 use support::*;
 
-const PATHS: [(&str, &str); 2] = [("express", "express = true"), ("HttpProxy", "express = false")];
-
 fn body(a: &Upstream, b: &Upstream, extra_route: &str, extra_cluster: &str) -> String {
     format!(
         "[[routes]]\nname = \"shop\"\npath_prefix = \"/shop/\"\ncluster = \"web\"\n{extra_route}\n\

@@ -6,11 +6,6 @@ mod support;
 use std::time::{Duration, Instant};
 use support::*;
 
-fn static_cluster(name: &str, addrs: &[std::net::SocketAddr], extra: &str) -> String {
-    let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
-    format!("[clusters.{name}]\nstatic = [{}]\n{extra}\n", list.join(", "))
-}
-
 #[test]
 fn round_robin_spreads_evenly() {
     let ups: Vec<Upstream> = (0..3).map(|i| Upstream::start(&format!("u{i}"))).collect();
@@ -171,8 +166,6 @@ fn error_statuses_404_502_503_504() {
     };
     assert!(wait_until(Duration::from_secs(3), || counts() == (Some(1.0), Some(1.0))), "{:?}", counts());
 }
-
-const PATHS: [(&str, &str); 2] = [("express", "express = true"), ("HttpProxy", "express = false")];
 
 #[test]
 fn forwarded_headers_and_request_id() {

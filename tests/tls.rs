@@ -265,8 +265,6 @@ fn a_broken_certificate_is_a_config_error_naming_the_field() {
 
 // ---- TLS to backends ----------------------------------------------------
 
-const PATHS: [(&str, &str); 2] = [("express", "express = true"), ("HttpProxy", "express = false")];
-
 /// An HTTPS backend: terminates TLS with rustls (optionally requiring a
 /// client certificate signed by `client_ca`) and passes the bytes to a
 /// cleartext `Upstream`, which records the requests.

@@ -38,7 +38,7 @@ fn echo(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
 }
 
 fn proxy(up: &Upstream, cluster_extra: &str) -> Proxy {
-    Proxy::start(&format!("[[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"{}\"]\n{cluster_extra}\n", up.addr))
+    Proxy::start(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], cluster_extra)))
 }
 
 #[test]

@@ -42,6 +42,16 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// A loopback port nothing listens on (bound once, then released).
+/// The two request paths, as `[server]` lines: every edge behaviour is
+/// tested through both.
+pub const PATHS: [(&str, &str); 2] = [("express", "express = true"), ("HttpProxy", "express = false")];
+
+/// A `[clusters.NAME]` section with a static backend list and `extra` lines.
+pub fn static_cluster(name: &str, addrs: &[SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = addrs.iter().map(|a| format!("\"{a}\"")).collect();
+    format!("[clusters.{name}]\nstatic = [{}]\n{extra}\n", list.join(", "))
+}
+
 pub fn dead_addr() -> SocketAddr {
     let l = StdListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
