@@ -638,9 +638,21 @@ EOF
     wait_ok "http://127.0.0.1:$port/" "$name"
 }
 
-# start_nginx NAME PORT WORKERS CPUS MAXCONN
+# start_nginx NAME PORT WORKERS CPUS MAXCONN [tls]: with "tls", HTTPS and h2
+# with the scenario's certificate, a shared session cache and tickets.
 start_nginx() {
-    local name=$1 port=$2 workers=$3 cpus=$4 maxconn=$5 conf="$WORK/$1.conf"
+    local name=$1 port=$2 workers=$3 cpus=$4 maxconn=$5 tls=${6:-} conf="$WORK/$1.conf"
+    local listen="listen 127.0.0.1:$port;" url="http://127.0.0.1:$port/"
+    if [[ $tls == tls ]]; then
+        listen="listen 127.0.0.1:$port ssl http2;
+        ssl_certificate $WORK/tls/cert.pem;
+        ssl_certificate_key $WORK/tls/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        ssl_session_cache shared:SSL:10m;
+        ssl_session_tickets on;
+        http2_max_requests 1000000;"
+        url="https://127.0.0.1:$port/"
+    fi
     {
         nginx_common "$name"
         cat <<EOF
@@ -658,7 +670,7 @@ $NGINX_TEMP_PATHS    keepalive_requests 1000000;   # client side: no request cap
         keepalive_timeout 300s;
     }
     server {
-        listen 127.0.0.1:$port;
+        $listen
         location / {
             proxy_pass http://backends;
             proxy_http_version 1.1;
@@ -671,24 +683,33 @@ EOF
     nginx -t -q -p "$WORK/$name" -c "$conf" -e "$WORK/$name/error.log" || die "nginx config $conf invalid"
     start_bg "$name" "$cpus" nginx -p "$WORK/$name" -c "$conf" -e "$WORK/$name/error.log"
     PORT_OF[$name]=$port
-    wait_ok "http://127.0.0.1:$port/" "$name"
+    [[ $tls == tls ]] && URL_OF[$name]=$url
+    wait_ok "$url" "$name"
 }
 
-# start_haproxy NAME PORT THREADS CPUS MAXCONN
+# start_haproxy NAME PORT THREADS CPUS MAXCONN [tls]: with "tls", HTTPS and h2
+# with the scenario's certificate (HAProxy's own session cache and tickets).
 start_haproxy() {
-    local name=$1 port=$2 threads=$3 cpus=$4 maxconn=$5 conf="$WORK/$1.cfg" limits=""
+    local name=$1 port=$2 threads=$3 cpus=$4 maxconn=$5 tls=${6:-} conf="$WORK/$1.cfg" global=""
+    local bind="" url="http://127.0.0.1:$port/"
+    if [[ $tls == tls ]]; then
+        global="    ssl-default-bind-options ssl-min-ver TLSv1.2"
+        bind=" ssl crt $WORK/tls/combined.pem alpn h2,http/1.1"
+        url="https://127.0.0.1:$port/"
+    fi
     # HAProxy needs about 2*maxconn fds and refuses to start otherwise; when
     # the hard limit is too low for the connection test, let it start anyway
     # (idle client connections need one fd each, not two).
     if ((2 * maxconn + 300 > NOFILE)); then
-        limits="    no strict-limits"
+        [[ -n $global ]] && global+=$'\n'
+        global+="    no strict-limits"
         warn "$name: maxconn $maxconn needs ~$((2 * maxconn + 300)) fds, limit is $NOFILE; using 'no strict-limits'"
     fi
     cat >"$conf" <<EOF
 global
     nbthread $threads
     maxconn $maxconn
-$limits
+$global
 
 defaults
     mode http
@@ -700,7 +721,7 @@ defaults
     http-reuse always
 
 frontend fe
-    bind 127.0.0.1:$port
+    bind 127.0.0.1:$port$bind
     default_backend be
 
 backend be
@@ -711,7 +732,8 @@ EOF
     haproxy -c -q -f "$conf" || die "haproxy config $conf invalid"
     start_bg "$name" "$cpus" haproxy -db -f "$conf"
     PORT_OF[$name]=$port
-    wait_ok "http://127.0.0.1:$port/" "$name"
+    [[ $tls == tls ]] && URL_OF[$name]=$url
+    wait_ok "$url" "$name"
 }
 
 # start_switchyard NAME PORT THREADS CPUS VARIANT   (VARIANT: lean | general | full | file | consul)
@@ -1226,92 +1248,14 @@ make_tls_cert() {
     cat "$WORK/tls/cert.pem" "$WORK/tls/key.pem" >"$WORK/tls/combined.pem"
 }
 
-# start_nginx_tls NAME PORT CPUS: as start_nginx (1 worker), listening with TLS and h2.
-start_nginx_tls() {
-    local name=$1 port=$2 cpus=$3 conf="$WORK/$1.conf"
-    {
-        nginx_common "$name"
-        cat <<EOF
-worker_processes 1;
-events { worker_connections $THROUGHPUT_MAXCONN; }
-http {
-    access_log off;
-$NGINX_TEMP_PATHS    keepalive_requests 1000000;
-    keepalive_timeout 300s;
-    upstream backends {
-        server 127.0.0.1:$UP1;
-        server 127.0.0.1:$UP2;
-        keepalive 64;
-        keepalive_requests 1000000;
-        keepalive_timeout 300s;
-    }
-    server {
-        listen 127.0.0.1:$port ssl http2;
-        ssl_certificate $WORK/tls/cert.pem;
-        ssl_certificate_key $WORK/tls/key.pem;
-        ssl_protocols TLSv1.2 TLSv1.3;
-        ssl_session_cache shared:SSL:10m;
-        ssl_session_tickets on;
-        http2_max_requests 1000000;
-        location / {
-            proxy_pass http://backends;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
-    } >"$conf"
-    nginx -t -q -p "$WORK/$name" -c "$conf" -e "$WORK/$name/error.log" 2>"$WORK/$name.check" ||
-        { cat "$WORK/$name.check" >&2; die "nginx config $conf invalid"; }
-    start_bg "$name" "$cpus" nginx -p "$WORK/$name" -c "$conf" -e "$WORK/$name/error.log"
-    PORT_OF[$name]=$port
-    URL_OF[$name]="https://127.0.0.1:$port/"
-    wait_ok "${URL_OF[$name]}" "$name"
-}
-
-# start_haproxy_tls NAME PORT CPUS: as start_haproxy (1 thread), with TLS and h2.
-start_haproxy_tls() {
-    local name=$1 port=$2 cpus=$3 conf="$WORK/$1.cfg"
-    cat >"$conf" <<EOF
-global
-    nbthread 1
-    maxconn $THROUGHPUT_MAXCONN
-    ssl-default-bind-options ssl-min-ver TLSv1.2
-
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 300s
-    timeout server 300s
-    timeout http-keep-alive 300s
-    option http-keep-alive
-    http-reuse always
-
-frontend fe
-    bind 127.0.0.1:$port ssl crt $WORK/tls/combined.pem alpn h2,http/1.1
-    default_backend be
-
-backend be
-    balance roundrobin
-    server up1 127.0.0.1:$UP1
-    server up2 127.0.0.1:$UP2
-EOF
-    haproxy -c -q -f "$conf" || die "haproxy config $conf invalid"
-    start_bg "$name" "$cpus" haproxy -db -f "$conf"
-    PORT_OF[$name]=$port
-    URL_OF[$name]="https://127.0.0.1:$port/"
-    wait_ok "${URL_OF[$name]}" "$name"
-}
-
 # start_tls_proxy KIND NAME CPUS
 start_tls_proxy() {
     local kind=$1 name=$2 cpus=$3
     next_port
     case $kind in
         switchyard) start_switchyard "$name" "$NEXT_PORT" 1 "$cpus" tls ;;
-        nginx) start_nginx_tls "$name" "$NEXT_PORT" "$cpus" ;;
-        haproxy) start_haproxy_tls "$name" "$NEXT_PORT" "$cpus" ;;
+        nginx) start_nginx "$name" "$NEXT_PORT" 1 "$cpus" "$THROUGHPUT_MAXCONN" tls ;;
+        haproxy) start_haproxy "$name" "$NEXT_PORT" 1 "$cpus" "$THROUGHPUT_MAXCONN" tls ;;
         *) return 1 ;;
     esac
     log "started $name (PID ${PID_OF[$name]}, port ${PORT_OF[$name]}, TLS, cpus ${cpus:-all})"
