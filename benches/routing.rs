@@ -117,7 +117,7 @@ fn bench_build(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new(format!("{CLUSTERS}x{BACKENDS}/one_changed"), policy), |b| {
             b.iter(|| {
                 generation += 1;
-                RoutingTable::build_from(Some(&prev), black_box(&cfg), black_box(&changed), &states, generation).unwrap()
+                RoutingTable::build_from(Some(&prev), black_box(&cfg), black_box(&changed), &Default::default(), &states, generation).unwrap()
             })
         });
     }
@@ -222,7 +222,7 @@ fn bench_dns(c: &mut Criterion) {
     g.bench_function("srv_answer_1000/rebuild_all_new", |bn| {
         bn.iter(|| {
             generation += 1;
-            let t = RoutingTable::build_from(Some(&prev), &cfg, &sets[(generation % 2) as usize], &states, generation).unwrap();
+            let t = RoutingTable::build_from(Some(&prev), &cfg, &sets[(generation % 2) as usize], &Default::default(), &states, generation).unwrap();
             states.retain_changed(&prev, &t);
             prev = t;
         })
@@ -239,7 +239,7 @@ fn bench_dns(c: &mut Criterion) {
     g.bench_function("srv_answer_1000/rebuild_one_changed", |bn| {
         bn.iter(|| {
             generation += 1;
-            let t = RoutingTable::build_from(Some(&prev), &cfg, &one[(generation % 2) as usize], &states, generation).unwrap();
+            let t = RoutingTable::build_from(Some(&prev), &cfg, &one[(generation % 2) as usize], &Default::default(), &states, generation).unwrap();
             states.retain_changed(&prev, &t);
             prev = t;
         })

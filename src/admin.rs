@@ -131,6 +131,10 @@ impl Admin {
                             "in_flight": b.state.in_flight.load(Ordering::Relaxed),
                             // Outlier ejection: milliseconds left, or null.
                             "ejected_for_ms": b.state.ejected(now_ms).then(|| b.state.ejected_until_ms.load(Ordering::Relaxed) - now_ms),
+                            // Active health checks: passing, failing, pending, or null (none).
+                            "health": b.health.name(),
+                            // Slow start: the share (0..1) it gets now, or null (full).
+                            "slow_start_share": c.spec.slow_start.and_then(|ss| b.ramp_start(now_ms, ss.window.as_millis() as u64).map(|from| ss.share(now_ms - from) as f64 / 65536.0)),
                             "consecutive_failures": b.state.failures.load(Ordering::Relaxed),
                             "tags": b.endpoint.tags,
                             "meta": b.endpoint.meta,
@@ -145,6 +149,8 @@ impl Admin {
                     "source": c.spec.discovery.source_name(),
                     "staleness_seconds": ages.get(&*c.name).copied().flatten(),
                     "panic_mode": panics.iter().any(|p| **p == *c.name),
+                    // No backend passes its active health check: all served.
+                    "health_failopen": c.health_failopen,
                     "active_backends": c.active.len(),
                     "backends": backends,
                 })

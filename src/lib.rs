@@ -29,6 +29,7 @@ pub mod demo;
 pub mod discovery;
 pub mod error;
 pub mod ha;
+pub mod health;
 pub mod kvcli;
 pub mod kvconfig;
 pub mod live;

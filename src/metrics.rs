@@ -27,6 +27,8 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub upstream_requests: IntCounterVec,
     pub outlier_ejections: IntCounterVec,
+    pub health_checks: IntCounterVec,
+    pub backend_health: IntGaugeVec,
     pub backends: IntGaugeVec,
     pub routing_generation: IntGauge,
     pub routing_swaps: IntCounter,
@@ -131,8 +133,18 @@ impl Metrics {
             &["cluster", "backend"],
         )
         .expect("valid metric");
+        let health_checks = IntCounterVec::new(
+            opts("health_checks_total", "Active health checks done, by cluster and result (pass: the backend answered an expected status in time; fail: anything else)."),
+            &["cluster", "result"],
+        )
+        .expect("valid metric");
+        let backend_health = IntGaugeVec::new(
+            opts("backend_health", "Verdict of a backend's active health checks: 1 passing, 0 failing (absent until the first check)."),
+            &["cluster", "backend"],
+        )
+        .expect("valid metric");
         let backends = IntGaugeVec::new(
-            opts("backends", "Backends per cluster in the serving table, by state: active (receives new requests) or drained (weight 0: known, receives nothing new)."),
+            opts("backends", "Backends per cluster in the serving table, by state: active (receives new requests), drained (weight 0: known, receives nothing new) or unhealthy (failing or awaiting its first active health check)."),
             &["cluster", "state"],
         )
         .expect("valid metric");
@@ -322,6 +334,8 @@ impl Metrics {
             Box::new(request_duration.clone()),
             Box::new(upstream_requests.clone()),
             Box::new(outlier_ejections.clone()),
+            Box::new(health_checks.clone()),
+            Box::new(backend_health.clone()),
             Box::new(backends.clone()),
             Box::new(routing_generation.clone()),
             Box::new(routing_swaps.clone()),
@@ -346,6 +360,8 @@ impl Metrics {
             request_duration,
             upstream_requests,
             outlier_ejections,
+            health_checks,
+            backend_health,
             backends,
             routing_generation,
             routing_swaps,
@@ -428,6 +444,11 @@ impl Metrics {
             let _ = self.upstream_requests.remove_label_values(&[cluster, backend, o]);
         }
         let _ = self.outlier_ejections.remove_label_values(&[cluster, backend]);
+    }
+
+    /// A backend no longer checked: drop its health verdict series.
+    pub fn forget_health(&self, cluster: &str, backend: &str) {
+        let _ = self.backend_health.remove_label_values(&[cluster, backend]);
     }
 }
 

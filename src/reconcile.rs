@@ -10,6 +10,7 @@ use crate::discovery::consul::{endpoints_for, named_hosts, ConsulView, ViewRx};
 use crate::discovery::file::{Catalog, FileSource};
 use crate::discovery::dns::DnsSource;
 use crate::discovery::{Discovered, EndpointSet, NamedInstance};
+use crate::health::{HealthChecker, HealthView};
 use crate::live::{LiveConfig, ACTIVATE_WITHIN};
 use crate::metrics::Metrics;
 use crate::routing::{RoutingTable, StateRegistry};
@@ -68,12 +69,16 @@ impl Drop for DnsInput {
 struct Built {
     config: Arc<Config>,
     discovered: Discovered,
+    health: Arc<HealthView>,
     auto: Vec<(crate::config::RouteSpec, crate::config::ClusterSpec)>,
 }
 
 impl PartialEq for Built {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.config, &other.config) && self.discovered == other.discovered && self.auto == other.auto
+        Arc::ptr_eq(&self.config, &other.config)
+            && self.discovered == other.discovered
+            && (Arc::ptr_eq(&self.health, &other.health) || self.health == other.health)
+            && self.auto == other.auto
     }
 }
 
@@ -82,8 +87,10 @@ pub struct Reconciler {
     consul: Option<ViewRx>,
     files: Mutex<Vec<FileInput>>,
     dns: Mutex<Vec<DnsInput>>,
-    /// Woken by every input: sources, the live config.
+    /// Woken by every input: sources, the live config, health checks.
     changed: Arc<Notify>,
+    /// Active health checks: probes the checked clusters' backends.
+    health: HealthChecker,
     states: Arc<StateRegistry>,
     snapshot: Arc<Snapshot>,
     metrics: Arc<Metrics>,
@@ -123,7 +130,8 @@ impl Reconciler {
         let dns: Vec<DnsInput> = config.dns_queries().into_iter().map(|q| open_dns(q, &metrics, &status)).collect();
         let (discovered, panics) = discovered(&eff, &files, &dns, view.as_deref(), &mut memo);
         let table = RoutingTable::build(&eff, &discovered, &states, 1)?;
-        let built = Built { config: config.clone(), discovered, auto: auto_of(view.as_deref()) };
+        let health = HealthChecker::new(metrics.clone());
+        let built = Built { config: config.clone(), discovered, health: health.view(), auto: auto_of(view.as_deref()) };
         drop(eff);
         table.export_gauges(&metrics, None);
         metrics.routing_swaps.inc();
@@ -134,6 +142,7 @@ impl Reconciler {
             files: Mutex::new(files),
             dns: Mutex::new(dns),
             changed: Arc::new(Notify::new()),
+            health,
             states,
             snapshot: Arc::new(Snapshot::new(table)),
             metrics,
@@ -288,20 +297,26 @@ impl Reconciler {
             discovered(&eff, &files, &dns, view.as_deref(), &mut memo)
         };
         self.note_panics(&config, panics);
-        let built = Built { config: config.clone(), discovered, auto: auto_of(view.as_deref()) };
+        // Probes follow the backends discovered (a runtime is needed to
+        // start them: the service loop has one).
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.health.sync(&eff, &discovered);
+        }
+        let built = Built { config: config.clone(), discovered, health: self.health.view(), auto: auto_of(view.as_deref()) };
         let mut last = self.last_inputs.lock().unwrap_or_else(|e| e.into_inner());
         if last.as_ref() == Some(&built) {
             return None;
         }
         let generation = self.generation.load(Ordering::Relaxed) + 1;
         let prev = self.snapshot.load();
-        match RoutingTable::build_from(Some(&prev), &eff, &built.discovered, &self.states, generation) {
+        match RoutingTable::build_from(Some(&prev), &eff, &built.discovered, &built.health, &self.states, generation) {
             Ok(table) => {
                 *last = Some(built);
                 self.generation.store(generation, Ordering::Relaxed);
                 let table = self.snapshot.publish(table);
                 self.states.retain_changed(&prev, &table);
                 table.export_gauges(&self.metrics, Some(&prev));
+                note_failopen(&prev, &table);
                 self.metrics.routing_swaps.inc();
                 self.status.swapped(generation, table.built_at);
                 let took = started.elapsed();
@@ -469,6 +484,22 @@ fn with_named(
     crate::discovery::normalise(all.into_values().collect())
 }
 
+/// Log each cluster whose active health checks start or stop failing open
+/// (all its backends failing; awaiting the first checks is not alarming).
+fn note_failopen(prev: &RoutingTable, table: &RoutingTable) {
+    let alarm = |c: &crate::routing::Cluster| {
+        c.health_failopen && c.backends.iter().any(|b| b.health == crate::routing::BackendHealth::Failing)
+    };
+    for c in &table.clusters {
+        let before = prev.cluster(&c.name).is_some_and(|p| alarm(p));
+        if alarm(c) && !before {
+            tracing::warn!(cluster = %c.name, backends = c.backends.len(), "no backend passes its health check: serving all of them (fail open)");
+        } else if before && !alarm(c) {
+            tracing::info!(cluster = %c.name, "health checks: a backend passes again, fail open over");
+        }
+    }
+}
+
 /// A task that wakes reconcile on every change a source publishes.
 fn forward_changes<T: Send + Sync + 'static>(mut rx: watch::Receiver<T>, changed: Arc<Notify>) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -498,6 +529,7 @@ impl BackgroundService for Reconciler {
             forwarders.push(forward_changes(rx.clone(), self.changed.clone()));
         }
         forwarders.push(forward_changes(self.live.subscribe(), self.changed.clone()));
+        forwarders.push(forward_changes(self.health.subscribe(), self.changed.clone()));
         self.sync_files(&shutdown);
         self.sync_dns(&shutdown);
         // Catch anything published between construction and now.
@@ -521,5 +553,6 @@ impl BackgroundService for Reconciler {
         }
         self.files.lock().unwrap_or_else(|e| e.into_inner()).clear();
         self.dns.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.health.stop();
     }
 }

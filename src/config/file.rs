@@ -347,6 +347,48 @@ pub struct ClusterSection {
     pub tls: Option<BackendTlsSection>,
     /// Passive outlier ejection: `false`, or its settings.
     pub outlier: Option<OutlierSection>,
+    /// Active health checks (HTTP) of every backend; off when absent.
+    pub health_check: Option<HealthCheckSection>,
+    /// Ramp a joining or returning backend's share over this window:
+    /// `"30s"`, or `{ window = "30s", curve = "linear" | "aggressive" }`.
+    pub slow_start: Option<SlowStartSection>,
+}
+
+/// `clusters.NAME.health_check`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSection {
+    /// Path (and query) to GET; default "/".
+    pub path: Option<String>,
+    /// Host header; default: the backend's address.
+    pub host: Option<String>,
+    /// Time between checks of one backend (default 5s).
+    pub interval: Option<String>,
+    /// A check not answered within this fails (default 2s).
+    pub timeout: Option<String>,
+    /// Statuses that pass: `"200"` or ranges `"200-399"` (default 200-399).
+    pub expect: Option<Vec<String>>,
+    /// Passed checks in a row that bring a failing backend back (default 2).
+    pub healthy_threshold: Option<u32>,
+    /// Failed checks in a row that take a passing backend out (default 3).
+    pub unhealthy_threshold: Option<u32>,
+}
+
+/// `slow_start = "30s"` or a table.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SlowStartSection {
+    Window(String),
+    With(SlowStartTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlowStartTable {
+    pub window: Option<String>,
+    /// `linear` (default): share grows in proportion to time; `aggressive`:
+    /// as the square root of it (half the share after a quarter of the window).
+    pub curve: Option<String>,
 }
 
 /// `outlier = false`, or a table with its settings.

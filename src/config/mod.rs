@@ -480,6 +480,63 @@ pub struct ClusterSpec {
     pub tls: Option<BackendTls>,
     /// None: no passive ejection.
     pub outlier: Option<Outlier>,
+    /// None: no active health checks.
+    pub health_check: Option<HealthCheck>,
+    /// None: a joining backend takes its full share at once.
+    pub slow_start: Option<SlowStart>,
+}
+
+/// Active HTTP health checks of one cluster's backends.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthCheck {
+    /// Path and query sent in the GET.
+    pub path: String,
+    /// Host header (None: the backend's `ip:port`).
+    pub host: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Inclusive ranges of statuses that pass.
+    pub expect: Vec<(u16, u16)>,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+impl HealthCheck {
+    pub fn passes(&self, status: u16) -> bool {
+        self.expect.iter().any(|&(lo, hi)| (lo..=hi).contains(&status))
+    }
+}
+
+/// How a backend's share ramps up after it joins or comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlowStart {
+    pub window: Duration,
+    pub curve: SlowStartCurve,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowStartCurve {
+    /// Share = elapsed / window.
+    Linear,
+    /// Share = sqrt(elapsed / window).
+    Aggressive,
+}
+
+impl SlowStart {
+    /// The share (parts per 65536) a backend `elapsed_ms` into its ramp
+    /// gets; at least 1/16 so a ramping backend is never starved.
+    pub fn share(&self, elapsed_ms: u64) -> u64 {
+        let window = (self.window.as_millis() as u64).max(1);
+        if elapsed_ms >= window {
+            return 65536;
+        }
+        let linear = (elapsed_ms << 16) / window;
+        let share = match self.curve {
+            SlowStartCurve::Linear => linear,
+            SlowStartCurve::Aggressive => ((linear << 16) as f64).sqrt() as u64,
+        };
+        share.clamp(4096, 65536)
+    }
 }
 
 /// Passive outlier ejection of one cluster.
@@ -607,8 +664,15 @@ impl Config {
                     Some(p) => format!("dns A/AAAA {} port {p}", q.name),
                 },
             };
+            let mut extra = String::new();
+            if let Some(h) = &c.health_check {
+                extra.push_str(&format!("; health check GET {} every {:?}", h.path, h.interval));
+            }
+            if let Some(ss) = &c.slow_start {
+                extra.push_str(&format!("; slow start {:?} {}", ss.window, if ss.curve == SlowStartCurve::Linear { "linear" } else { "aggressive" }));
+            }
             out.push_str(&format!(
-                "  {}: {}; {}; connect {:?}, read {:?}, retries {}\n",
+                "  {}: {}; {}; connect {:?}, read {:?}, retries {}{extra}\n",
                 c.name,
                 source,
                 c.selection.name(),

@@ -349,6 +349,70 @@ impl Validator<'_> {
         Some(Outlier { consecutive_failures: n.clamp(1, 1000), base_ejection: base, max_ejection: max.max(base), max_ejected_percent: pct.min(100) })
     }
 
+    fn health_check(&mut self, p: &str, h: HealthCheckSection) -> HealthCheck {
+        let HealthCheckSection { path, host, interval, timeout, expect, healthy_threshold, unhealthy_threshold } = h;
+        let path = path.unwrap_or_else(|| "/".to_string());
+        if !path.starts_with('/') || path.bytes().any(|b| !(0x21..0x7f).contains(&b)) {
+            self.err(format!("{p}.path"), format!("invalid path {path:?}: must start with '/' and hold no spaces or control characters"));
+        }
+        if let Some(h) = &host {
+            if !crate::proxy::headers::is_host(h.as_bytes()) {
+                self.err(format!("{p}.host"), format!("invalid host {h:?}: a host name or address, optionally with :port"));
+            }
+        }
+        let interval = self.duration(&format!("{p}.interval"), interval.as_ref(), Duration::from_secs(5));
+        let timeout = self.duration(&format!("{p}.timeout"), timeout.as_ref(), Duration::from_secs(2));
+        if timeout > interval {
+            self.err(format!("{p}.timeout"), format!("invalid value {:?}: longer than interval ({interval:?})", timeout));
+        }
+        let mut ranges = Vec::new();
+        for (i, e) in expect.unwrap_or_else(|| vec!["200-399".to_string()]).iter().enumerate() {
+            let parse = |v: &str| v.trim().parse::<u16>().ok().filter(|s| (100..=599).contains(s));
+            let range = match e.split_once('-') {
+                Some((a, b)) => parse(a).zip(parse(b)).filter(|(a, b)| a <= b),
+                None => parse(e).map(|s| (s, s)),
+            };
+            match range {
+                Some(r) => ranges.push(r),
+                None => self.err(format!("{p}.expect[{i}]"), format!("invalid status {e:?}: a status (\"200\") or a range (\"200-399\") between 100 and 599")),
+            }
+        }
+        if ranges.is_empty() {
+            self.err(format!("{p}.expect"), "empty list: name at least one passing status");
+        }
+        let mut threshold = |name: &str, v: Option<u32>, d: u32| {
+            let v = v.unwrap_or(d);
+            if !(1..=100).contains(&v) {
+                self.err(format!("{p}.{name}"), format!("invalid value {v}: must be between 1 and 100"));
+            }
+            v.clamp(1, 100)
+        };
+        let healthy_threshold = threshold("healthy_threshold", healthy_threshold, 2);
+        let unhealthy_threshold = threshold("unhealthy_threshold", unhealthy_threshold, 3);
+        HealthCheck { path, host, interval, timeout: timeout.min(interval), expect: ranges, healthy_threshold, unhealthy_threshold }
+    }
+
+    fn slow_start(&mut self, p: &str, s: SlowStartSection) -> Option<SlowStart> {
+        let (window, curve) = match s {
+            SlowStartSection::Window(w) => (Some(w), None),
+            SlowStartSection::With(SlowStartTable { window, curve }) => (window, curve),
+        };
+        let Some(window) = window else {
+            self.err(format!("{p}.window"), "missing: how long a backend's share ramps, e.g. \"30s\"");
+            return None;
+        };
+        let window = self.duration(&format!("{p}.window"), Some(&window), Duration::from_secs(30));
+        let curve = match curve.as_deref() {
+            None | Some("linear") => SlowStartCurve::Linear,
+            Some("aggressive") => SlowStartCurve::Aggressive,
+            Some(other) => {
+                self.err(format!("{p}.curve"), format!("invalid value {other:?}: use \"linear\" or \"aggressive\""));
+                SlowStartCurve::Linear
+            }
+        };
+        Some(SlowStart { window, curve })
+    }
+
     fn backend_tls(&mut self, p: &str, t: BackendTlsSection) -> Option<BackendTls> {
         let BackendTlsSection { server_name, ca, verify, client_cert, client_key } = t;
         let verify = verify.unwrap_or(true);
@@ -592,6 +656,8 @@ impl Validator<'_> {
                 instances,
                 tls,
                 outlier,
+                health_check,
+                slow_start,
             } = c;
             let sources = [static_.is_some(), file.is_some(), consul.is_some(), dns.is_some()].iter().filter(|&&b| b).count();
             let discovery = match (static_, file, consul) {
@@ -683,6 +749,9 @@ impl Validator<'_> {
                 _ => None,
             };
             let selection = self.selection(&p, selection, hash_header, hash_cookie);
+            if slow_start.is_some() && matches!(selection, Selection::ConsistentHash(_)) {
+                self.err(format!("{p}.slow_start"), "not available with selection = \"consistent_hash\": a key's backend must not depend on time (remove slow_start)");
+            }
             let retries = retries.unwrap_or(2);
             if retries > 10 {
                 self.err(format!("{p}.retries"), format!("invalid value {retries}: must be between 0 and 10"));
@@ -700,6 +769,8 @@ impl Validator<'_> {
                 instances: self.instances(&p, instances),
                 tls: tls.and_then(|t| self.backend_tls(&format!("{p}.tls"), t)),
                 outlier: self.outlier(&format!("{p}.outlier"), outlier),
+                health_check: health_check.map(|h| self.health_check(&format!("{p}.health_check"), h)),
+                slow_start: slow_start.and_then(|s| self.slow_start(&format!("{p}.slow_start"), s)),
             };
             // A cluster with errors stays known, so routes pointing at it report only their own.
             out.insert(name, spec);

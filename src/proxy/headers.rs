@@ -223,7 +223,7 @@ fn single<'a, R: RequestView + ?Sized>(req: &'a R, name: &'a str) -> Option<&'a 
 }
 
 /// A host name or address with an optional port: what `Host` may hold.
-fn is_host(v: &[u8]) -> bool {
+pub(crate) fn is_host(v: &[u8]) -> bool {
     !v.is_empty()
         && v.len() <= 255
         && v.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']'))

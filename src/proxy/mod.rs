@@ -8,7 +8,7 @@
 
 mod express;
 mod h1;
-mod headers;
+pub(crate) mod headers;
 mod park;
 mod pool;
 
@@ -311,6 +311,10 @@ impl Ctx {
         let until = now + length.as_millis() as u64;
         st.ejected_until_ms.store(until, Relaxed);
         cluster.state.ejected_until_ms.fetch_max(until, Relaxed);
+        // Back from an ejection, a backend ramps up again.
+        if let Some(ss) = cluster.spec.slow_start {
+            cluster.state.ramp_until_ms.fetch_max(until + ss.window.as_millis() as u64, Relaxed);
+        }
         if let Some(m) = st.metrics.as_ref() {
             m.ejections.inc();
         }

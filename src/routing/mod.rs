@@ -40,6 +40,10 @@ pub struct BackendState {
     pub ejections: std::sync::atomic::AtomicU32,
     /// Until when (ms on [`process_millis`]) the backend is ejected; 0: not.
     pub ejected_until_ms: AtomicU64,
+    /// When the backend joined a cluster that already had backends (ms on
+    /// [`process_millis`]): a slow start ramps from here. 0: it was there
+    /// from the cluster's first set, and takes its full share at once.
+    pub joined_ms: AtomicU64,
 }
 
 /// Milliseconds since this process first asked, plus one, so 0 can mean
@@ -64,6 +68,9 @@ pub struct ClusterState {
     /// [`process_millis`]); 0 once all have ended, so selection reads no
     /// clock while nothing is ejected.
     pub ejected_until_ms: AtomicU64,
+    /// The latest end of a backend's slow start (ms on [`process_millis`]);
+    /// 0 once all have ended, so selection reads no clock while none ramps.
+    pub ramp_until_ms: AtomicU64,
 }
 
 /// Holds the surviving state, keyed by identity. Owned by reconcile.
@@ -86,7 +93,8 @@ impl StateRegistry {
         &self.metrics
     }
 
-    fn backend(&self, cluster: &str, addr: SocketAddr) -> Arc<BackendState> {
+    /// A backend's state; a new one records `joined_ms` (0: not joining).
+    fn backend(&self, cluster: &str, addr: SocketAddr, joined_ms: u64) -> Arc<BackendState> {
         let mut map = self.backends.lock().unwrap_or_else(|e| e.into_inner());
         map.entry((cluster.to_string(), addr))
             .or_insert_with(|| {
@@ -97,6 +105,7 @@ impl StateRegistry {
                     failures: Default::default(),
                     ejections: Default::default(),
                     ejected_until_ms: AtomicU64::new(0),
+                    joined_ms: AtomicU64::new(joined_ms),
                 })
             })
             .clone()
@@ -147,6 +156,35 @@ pub struct Backend {
     /// serve this backend.
     pub reuse_hash: u64,
     pub state: Arc<BackendState>,
+    /// What the cluster's active health checks say (Unchecked without them).
+    pub health: BackendHealth,
+    /// Where this backend's slow start began (ms on [`process_millis`]):
+    /// when it joined, or when its health checks passed again; 0: none.
+    /// The end of an ejection also starts one (read from `state`).
+    pub ramp_from_ms: u64,
+}
+
+/// A backend's standing with the cluster's active health checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendHealth {
+    /// The cluster has no active checks.
+    Unchecked,
+    /// Checked, no verdict yet.
+    Pending,
+    Passing,
+    Failing,
+}
+
+impl BackendHealth {
+    /// As `/status` shows it (None: the cluster has no active checks).
+    pub fn name(self) -> Option<&'static str> {
+        match self {
+            BackendHealth::Unchecked => None,
+            BackendHealth::Pending => Some("pending"),
+            BackendHealth::Passing => Some("passing"),
+            BackendHealth::Failing => Some("failing"),
+        }
+    }
 }
 
 fn sha256_hex(v: &serde_json::Value, take: usize) -> String {
@@ -178,13 +216,22 @@ fn digest_of(routes: &serde_json::Value, cluster_digests: Vec<String>) -> String
 }
 
 impl Backend {
-    /// `active` (takes new requests) or `drained` (weight 0).
+    /// `active` (takes new requests), `drained` (weight 0) or `unhealthy`
+    /// (failing or awaiting its first active health check).
     pub fn state_name(&self) -> &'static str {
-        if self.weight > 0 {
-            "active"
-        } else {
+        if self.weight == 0 {
             "drained"
+        } else if matches!(self.health, BackendHealth::Pending | BackendHealth::Failing) {
+            "unhealthy"
+        } else {
+            "active"
         }
+    }
+
+    /// Where a slow start that is still running at `now` began, if one is.
+    pub fn ramp_start(&self, now: u64, window_ms: u64) -> Option<u64> {
+        let from = self.ramp_from_ms.max(self.state.ejected_until_ms.load(Ordering::Relaxed));
+        (from != 0 && from <= now && now < from + window_ms).then_some(from)
     }
 
     #[cfg(test)]
@@ -197,6 +244,8 @@ impl Backend {
             reuse_hash: pingora::upstreams::peer::Peer::reuse_hash(&peer),
             peer,
             state: Arc::new(BackendState::default()),
+            health: BackendHealth::Unchecked,
+            ramp_from_ms: 0,
         }
     }
 }
@@ -217,6 +266,10 @@ pub struct Cluster {
     pub duration: Histogram,
     /// [`cluster_digest`] of this cluster, computed once.
     pub digest: String,
+    /// The active health verdicts it was built with (None: unchecked).
+    pub health: Option<Arc<crate::health::ClusterHealth>>,
+    /// No backend passes its active health check: all are served anyway.
+    pub health_failopen: bool,
 }
 
 /// Whether a cluster was built from exactly this backend set.
@@ -229,30 +282,63 @@ fn same_set(c: &Cluster, set: Option<&EndpointSet>) -> bool {
 }
 
 impl Cluster {
-    fn new(name: &str, spec: &ClusterSpec, set: Option<EndpointSet>, states: &StateRegistry) -> Cluster {
+    /// `joining`: new backends join a cluster that already serves (a slow
+    /// start, if set, ramps them). `health`: the active checks' verdicts.
+    fn new(
+        name: &str,
+        spec: &ClusterSpec,
+        set: Option<EndpointSet>,
+        states: &StateRegistry,
+        joining: bool,
+        health: Option<Arc<crate::health::ClusterHealth>>,
+    ) -> Cluster {
+        let health = health.or_else(|| spec.health_check.as_ref().map(|_| Arc::default()));
+        let joined = if joining && spec.slow_start.is_some() { process_millis() } else { 0 };
         let mut backends: Vec<Backend> = set
             .iter()
             .flat_map(|s| s.iter())
             .map(|ep| {
                 let peer = make_peer(ep.addr, spec);
+                let verdict = health.as_ref().map(|h| h.get(&ep.addr));
+                let state = states.backend(name, ep.addr, joined);
+                let recovered = verdict.flatten().filter(|v| v.recovered).map_or(0, |v| v.since_ms);
                 Backend {
                     addr: ep.addr,
                     weight: ep.weight,
                     reuse_hash: pingora::upstreams::peer::Peer::reuse_hash(&peer),
                     peer,
-                    state: states.backend(name, ep.addr),
+                    ramp_from_ms: state.joined_ms.load(Ordering::Relaxed).max(recovered),
+                    state,
                     endpoint: ep.clone(),
+                    health: match verdict {
+                        None => BackendHealth::Unchecked,
+                        Some(None) => BackendHealth::Pending,
+                        Some(Some(v)) if v.passing => BackendHealth::Passing,
+                        Some(Some(_)) => BackendHealth::Failing,
+                    },
                 }
             })
             .collect();
         backends.sort_by(|a, b| a.addr.cmp(&b.addr));
         backends.dedup_by(|a, b| a.addr == b.addr);
-        let active: Vec<u32> = backends
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.weight > 0)
-            .map(|(i, _)| i as u32)
-            .collect();
+        let serving = |b: &Backend| b.weight > 0 && matches!(b.health, BackendHealth::Unchecked | BackendHealth::Passing);
+        let mut active: Vec<u32> = backends.iter().enumerate().filter(|(_, b)| serving(b)).map(|(i, _)| i as u32).collect();
+        // Fail open: when no backend passes, its own probe is more likely
+        // wrong than every backend dead; serve them all.
+        let health_failopen = active.is_empty() && backends.iter().any(|b| b.weight > 0);
+        if health_failopen {
+            active = backends.iter().enumerate().filter(|(_, b)| b.weight > 0).map(|(i, _)| i as u32).collect();
+        }
+        if let Some(ss) = &spec.slow_start {
+            let window = ss.window.as_millis() as u64;
+            let now = process_millis();
+            let state = states.cluster(name);
+            for b in &backends {
+                if b.ramp_from_ms != 0 && b.ramp_from_ms + window > now {
+                    state.ramp_until_ms.fetch_max(b.ramp_from_ms + window, Ordering::Relaxed);
+                }
+            }
+        }
         let selector = Selector::build(&spec.selection, &backends, &active);
         let mut c = Cluster {
             name: Arc::from(name),
@@ -265,6 +351,8 @@ impl Cluster {
             state: states.cluster(name),
             duration: states.metrics().cluster_histogram(name),
             digest: String::new(),
+            health,
+            health_failopen,
         };
         c.digest = cluster_digest(&c.normalised());
         c
@@ -291,7 +379,7 @@ impl Cluster {
     }
 
     pub fn pick<R: RequestView + ?Sized>(&self, req: &R, tried: &[u32]) -> Option<u32> {
-        select::pick(&self.selector, &self.backends, &self.active, &self.state, req, tried)
+        select::pick(&self.selector, &self.backends, &self.active, &self.state, self.spec.slow_start.as_ref(), req, tried)
     }
 
     /// Whether some active backend has not been tried yet.
@@ -338,7 +426,7 @@ impl RoutingTable {
         states: &StateRegistry,
         generation: u64,
     ) -> Result<RoutingTable, BuildError> {
-        Self::build_from(None, config, discovered, states, generation)
+        Self::build_from(None, config, discovered, &crate::health::HealthView::default(), states, generation)
     }
 
     /// Build a table, reusing from `prev` every cluster whose spec and
@@ -350,6 +438,7 @@ impl RoutingTable {
         prev: Option<&RoutingTable>,
         config: &Config,
         discovered: &Discovered,
+        health: &crate::health::HealthView,
         states: &StateRegistry,
         generation: u64,
     ) -> Result<RoutingTable, BuildError> {
@@ -363,12 +452,21 @@ impl RoutingTable {
                 _ => discovered.get(name).cloned(),
             };
             let set = set.map(|s| crate::discovery::apply_overrides(s, &spec.instances));
-            let reused = prev
-                .and_then(|p| p.cluster(name))
-                .filter(|c| &c.spec == spec && c.discovered == set.is_some() && same_set(c, set.as_ref()));
+            let verdicts = spec.health_check.as_ref().and_then(|_| health.clusters.get(name).cloned());
+            let old = prev.and_then(|p| p.cluster(name));
+            let same_health = |c: &Cluster| match (&c.health, &verdicts) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+                (Some(a), None) => a.is_empty(),
+                (None, None) => spec.health_check.is_none(),
+                (None, Some(_)) => false,
+            };
+            let reused = old.filter(|c| &c.spec == spec && c.discovered == set.is_some() && same_set(c, set.as_ref()) && same_health(c));
             let cluster = match reused {
                 Some(c) => c.clone(),
-                None => Arc::new(Cluster::new(name, spec, set, states)),
+                None => {
+                    let joining = old.is_some_and(|c| !c.active.is_empty());
+                    Arc::new(Cluster::new(name, spec, set, states, joining, verdicts))
+                }
             };
             cluster_index.insert(name.clone(), clusters.len() as u32);
             clusters.push(cluster);
@@ -467,14 +565,18 @@ impl RoutingTable {
                 continue;
             }
             let active = c.active.len() as i64;
-            let drained = c.backends.len() as i64 - active;
+            let unhealthy = c.backends.iter().filter(|b| b.state_name() == "unhealthy").count() as i64;
+            let drained = c.backends.iter().filter(|b| b.weight == 0).count() as i64;
             metrics.backends.with_label_values(&[&c.name, "active"]).set(active);
             metrics.backends.with_label_values(&[&c.name, "drained"]).set(drained);
+            if c.spec.health_check.is_some() || unhealthy > 0 {
+                metrics.backends.with_label_values(&[&c.name, "unhealthy"]).set(unhealthy);
+            }
         }
     }
 }
 
-fn make_peer(addr: SocketAddr, spec: &ClusterSpec) -> HttpPeer {
+pub(crate) fn make_peer(addr: SocketAddr, spec: &ClusterSpec) -> HttpPeer {
     let mut peer = match &spec.tls {
         None => HttpPeer::new(addr, false, String::new()),
         Some(tls) => {

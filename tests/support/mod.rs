@@ -70,6 +70,9 @@ struct UpState {
     connections: AtomicU64,
     delay_ms: AtomicU64,
     last: Mutex<Option<(String, http::HeaderMap)>>,
+    /// Status `/healthz` answers (0: 200); health checks are counted apart.
+    health_status: AtomicU64,
+    health_hits: AtomicU64,
 }
 
 /// A real HTTP/1.1 server (hyper) that answers with its own name, counts
@@ -83,6 +86,14 @@ pub struct Upstream {
 }
 
 async fn serve(req: Request<Incoming>, st: Arc<UpState>, peer: SocketAddr) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/healthz" {
+        st.health_hits.fetch_add(1, Ordering::SeqCst);
+        let status = match st.health_status.load(Ordering::SeqCst) {
+            0 => 200,
+            s => s as u16,
+        };
+        return Ok(Response::builder().status(status).body(Full::new(Bytes::from_static(b"health"))).unwrap());
+    }
     st.hits.fetch_add(1, Ordering::SeqCst);
     *st.last.lock().unwrap() = Some((req.uri().to_string(), req.headers().clone()));
     let delay = st.delay_ms.load(Ordering::SeqCst);
@@ -182,6 +193,16 @@ impl Upstream {
     /// TCP connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// Make `/healthz` answer `status` (200: healthy).
+    pub fn set_health(&self, status: u16) {
+        self.state.health_status.store(status as u64, Ordering::SeqCst);
+    }
+
+    /// `/healthz` requests received (active health checks).
+    pub fn health_hits(&self) -> u64 {
+        self.state.health_hits.load(Ordering::SeqCst)
     }
 
     pub fn set_delay(&self, d: Duration) {

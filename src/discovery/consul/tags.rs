@@ -136,6 +136,8 @@ pub fn parse(service: &str, tags: &[String]) -> Result<Option<(RouteSpec, Cluste
         instances: Default::default(),
         tls: None,
         outlier: Some(crate::config::Outlier::default()),
+        health_check: None,
+        slow_start: None,
     };
     Ok(Some((route, cluster)))
 }
