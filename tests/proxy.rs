@@ -907,6 +907,28 @@ fn requests_over_the_limits_are_refused_with_the_right_status() {
     }
 }
 
+/// With `count_5xx = true`, a backend answering 5xx is ejected like a dead
+/// one (both paths); by default a 5xx is the application's and counts for
+/// nothing.
+#[test]
+fn count_5xx_ejects_a_backend_that_answers_5xx() {
+    let up = Upstream::start("alive");
+    let busy = RawUpstream::start(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy", false);
+    for (path, server) in PATHS {
+        for (count, want_503) in [(true, 3), (false, 30)] {
+            let outlier = format!("retries = 1\noutlier = {{ consecutive_failures = 3, base_ejection = \"30s\", count_5xx = {count} }}");
+            let p = Proxy::builder(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr, busy.addr], &outlier))).server(server).start();
+            let statuses: Vec<u16> = (0..60).map(|_| p.fetch("/").0).collect();
+            let n503 = statuses.iter().filter(|&&s| s == 503).count();
+            assert_eq!(n503, want_503, "{path} count_5xx = {count}: {statuses:?}");
+            assert_eq!(n503 + statuses.iter().filter(|&&s| s == 200).count(), 60, "{path}: {statuses:?}");
+            let m = parse_metrics(&p.metrics());
+            let ejections = sample(&m, "switchyard_outlier_ejections_total", &[("cluster", "web"), ("backend", &busy.addr.to_string())]);
+            assert_eq!(ejections.unwrap_or(0.0), if count { 1.0 } else { 0.0 }, "{path} count_5xx = {count}");
+        }
+    }
+}
+
 /// Passive outlier detection on both paths: a dead backend is passed over
 /// after `consecutive_failures` failed attempts in a row, instead of costing
 /// every other request a failed first attempt; `max_ejected_percent` keeps

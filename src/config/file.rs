@@ -410,6 +410,8 @@ pub struct OutlierTable {
     pub max_ejection: Option<String>,
     /// At most this share of the cluster's backends is ejected at once.
     pub max_ejected_percent: Option<u32>,
+    /// A 5xx answer from the backend counts as a failed attempt too.
+    pub count_5xx: Option<bool>,
 }
 
 /// `clusters.NAME.tls`: TLS from Switchyard to the cluster's backends.

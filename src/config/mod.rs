@@ -546,6 +546,9 @@ pub struct Outlier {
     pub base_ejection: Duration,
     pub max_ejection: Duration,
     pub max_ejected_percent: u32,
+    /// A 5xx answer counts as a failure (default: only connect errors,
+    /// timeouts and TLS failures do).
+    pub count_5xx: bool,
 }
 
 impl Default for Outlier {
@@ -555,6 +558,7 @@ impl Default for Outlier {
             base_ejection: Duration::from_secs(5),
             max_ejection: Duration::from_secs(300),
             max_ejected_percent: 50,
+            count_5xx: false,
         }
     }
 }

@@ -332,7 +332,7 @@ impl Validator<'_> {
             Some(OutlierSection::On(false)) => return None,
             Some(OutlierSection::With(t)) => t,
         };
-        let OutlierTable { consecutive_failures, base_ejection, max_ejection, max_ejected_percent } = t;
+        let OutlierTable { consecutive_failures, base_ejection, max_ejection, max_ejected_percent, count_5xx } = t;
         let n = consecutive_failures.unwrap_or(d.consecutive_failures);
         if !(1..=1000).contains(&n) {
             self.err(format!("{p}.consecutive_failures"), format!("invalid value {n}: must be between 1 and 1000"));
@@ -346,7 +346,13 @@ impl Validator<'_> {
         if max < base {
             self.err(format!("{p}.max_ejection"), format!("invalid value {:?}: shorter than base_ejection", max_ejection.unwrap_or_default()));
         }
-        Some(Outlier { consecutive_failures: n.clamp(1, 1000), base_ejection: base, max_ejection: max.max(base), max_ejected_percent: pct.min(100) })
+        Some(Outlier {
+            consecutive_failures: n.clamp(1, 1000),
+            base_ejection: base,
+            max_ejection: max.max(base),
+            max_ejected_percent: pct.min(100),
+            count_5xx: count_5xx.unwrap_or(d.count_5xx),
+        })
     }
 
     fn health_check(&mut self, p: &str, h: HealthCheckSection) -> HealthCheck {

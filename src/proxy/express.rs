@@ -22,7 +22,6 @@ use super::pool::Pool;
 use super::headers::{self, ClientAddr};
 use super::{failure_response, outcome_of, Core, Ctx};
 use crate::error::ProxyFailure;
-use crate::metrics::Outcome;
 use crate::routing::InFlight;
 use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::prelude::*;
@@ -207,7 +206,7 @@ impl Express {
             }
         };
         ctx.response_started = true;
-        ctx.record_outcome(Outcome::Ok);
+        ctx.record_response(head.status);
         x.status = Some(head.status);
         x.keepalive = head.client_keepalive;
         start += head.len;

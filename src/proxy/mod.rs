@@ -267,7 +267,18 @@ impl Ctx {
         if let Some(m) = b.state.metrics.as_ref() {
             m.record(outcome);
         }
-        self.outlier(b, outcome);
+        self.outlier(b, outcome, false);
+    }
+
+    /// The backend answered with `status` (both request paths): a
+    /// successful attempt, unless the cluster counts 5xx answers as failures.
+    fn record_response(&self, status: u16) {
+        let Some(b) = self.backend() else { return };
+        if let Some(m) = b.state.metrics.as_ref() {
+            m.record(Outcome::Ok);
+        }
+        let failed = status >= 500 && self.cluster().and_then(|c| c.spec.outlier).is_some_and(|o| o.count_5xx);
+        self.outlier(b, Outcome::Ok, failed);
     }
 
     /// Passive outlier detection (both request paths): a backend whose
@@ -277,12 +288,13 @@ impl Ctx {
     /// `max_ejection`), unless `max_ejected_percent` of the cluster is
     /// ejected already. When the time is up it takes requests again: one
     /// more failure run ejects it for longer, a success resets it.
-    fn outlier(&self, b: &crate::routing::Backend, outcome: Outcome) {
+    /// `failed_5xx`: a 5xx answer the cluster counts as a failure.
+    fn outlier(&self, b: &crate::routing::Backend, outcome: Outcome, failed_5xx: bool) {
         use std::sync::atomic::Ordering::Relaxed;
         let Some(cluster) = self.cluster() else { return };
         let Some(o) = cluster.spec.outlier else { return };
         let st = &b.state;
-        if matches!(outcome, Outcome::Ok) {
+        if matches!(outcome, Outcome::Ok) && !failed_5xx {
             if st.failures.load(Relaxed) != 0 {
                 st.failures.store(0, Relaxed);
             }
@@ -291,7 +303,7 @@ impl Ctx {
             }
             return;
         }
-        if !matches!(outcome, Outcome::ConnectError | Outcome::Timeout | Outcome::TlsError) {
+        if !failed_5xx && !matches!(outcome, Outcome::ConnectError | Outcome::Timeout | Outcome::TlsError) {
             return;
         }
         if st.failures.fetch_add(1, Relaxed) + 1 < o.consecutive_failures {
@@ -544,12 +556,12 @@ impl ProxyHttp for Proxy {
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
+        upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
         if !ctx.response_started {
             ctx.response_started = true;
-            ctx.record_outcome(Outcome::Ok);
+            ctx.record_response(upstream_response.status.as_u16());
         }
         Ok(())
     }
