@@ -177,3 +177,39 @@ fn slow_start_ramps_a_joining_backend_share() {
         assert!(early < late - 0.2, "{path}: {early:.3} then {late:.3}");
     }
 }
+
+#[test]
+fn with_consul_both_checks_must_pass() {
+    use support::consul::{ConsulDouble, Instance};
+    let consul = ConsulDouble::start();
+    let ups: Vec<Upstream> = ["a", "b", "c"].iter().map(|n| Upstream::start(n)).collect();
+    for (i, u) in ups.iter().enumerate() {
+        consul.register(Instance::new(&format!("node-{i}"), &format!("web-{i}"), "web", &u.addr.ip().to_string(), u.addr.port()));
+    }
+    for (path, server) in PATHS {
+        let body = format!(
+            "[consul]\naddresses = [\"{}\"]\nwait = \"2s\"\nmin_interval = \"50ms\"\n[consul.register]\nenabled = false\n\
+             [[routes]]\ncluster = \"web\"\n[clusters.web]\nconsul = {{ service = \"web\" }}\n{CHECK}",
+            consul.addr
+        );
+        let p = Proxy::builder(&body).server(server).start();
+        assert!(wait_until(Duration::from_secs(5), || ups.iter().all(|u| health_of(&p, u.addr) == "passing")), "{path}: {}", p.status());
+        // b fails the proxy's own check, c fails Consul's: only a serves.
+        ups[1].set_health(503);
+        consul.set_health("node-2", "web-2", "critical");
+        assert!(
+            wait_until(Duration::from_secs(5), || health_of(&p, ups[1].addr) == "failing" && backend(&p, ups[2].addr).is_none()),
+            "{path}: {}",
+            p.status()
+        );
+        let only = spread(&p, 30);
+        assert_eq!(only.get("a"), Some(&30), "{path}: {only:?}");
+        // c passes Consul again and its active check still passes: back.
+        consul.set_health("node-2", "web-2", "passing");
+        assert!(wait_until(Duration::from_secs(5), || health_of(&p, ups[2].addr) == "passing"), "{path}: {}", p.status());
+        let two = spread(&p, 30);
+        assert_eq!((two.get("a"), two.get("c"), two.get("b")), (Some(&15), Some(&15), None), "{path}: {two:?}");
+        ups[1].set_health(200);
+        assert!(wait_until(Duration::from_secs(5), || health_of(&p, ups[1].addr) == "passing"), "{path}");
+    }
+}
