@@ -396,6 +396,42 @@ fn tls_to_backends_verifies_the_name_and_presents_a_client_certificate() {
     assert!(backend.failed_handshakes.load(Ordering::Relaxed) >= 2);
 }
 
+/// Active health checks go over TLS with the cluster's own settings (name,
+/// CA, client certificate); a handshake the backend refuses fails the check.
+#[test]
+fn health_checks_use_the_cluster_tls_settings() {
+    let ca = Ca::new();
+    let up = Upstream::start("secure-app");
+    let (c, k) = ca.leaf(&["app.internal"], 7);
+    let backend = TlsBackend::start(&c, &k, Some(&ca.cert.pem()), up.addr);
+    let (cc, ck) = ca.leaf(&["switchyard.client"], 8);
+    let ca_pem = ca.cert.pem();
+    let check = "health_check = { path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\" }\n";
+    let health = |p: &Proxy| p.status()["clusters"][0]["backends"][0]["health"].as_str().map(str::to_string);
+    let with = |tls: &str, files: &[(&str, &str)]| {
+        let mut b = Proxy::builder(&format!(
+            "[[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"{}\"]\nretries = 0\ntls = {{ {tls} }}\n{check}",
+            backend.addr
+        ));
+        for (name, text) in files {
+            b = b.file(name, text);
+        }
+        b.start()
+    };
+    let p = with(
+        "server_name = \"app.internal\", ca = \"ca.pem\", client_cert = \"client.pem\", client_key = \"client.key\"",
+        &[("ca.pem", &ca_pem), ("client.pem", &cc), ("client.key", &ck)],
+    );
+    assert!(wait_until(Duration::from_secs(5), || health(&p).as_deref() == Some("passing")), "{}", p.status());
+    assert!(up.health_hits() >= 1);
+    assert_eq!(backend.last_handshake(), Some((Some("app.internal".to_string()), true)));
+    drop(p);
+    // Without the client certificate the handshake is refused: failing.
+    let p = with("server_name = \"app.internal\", ca = \"ca.pem\"", &[("ca.pem", &ca_pem)]);
+    assert!(wait_until(Duration::from_secs(5), || health(&p).as_deref() == Some("failing")), "{}", p.status());
+    assert!(p.stderr().contains("health check failing"), "{}", p.stderr());
+}
+
 #[test]
 fn tls_to_a_backend_with_a_wrong_ca_is_a_502_with_a_clear_log_line() {
     let ours = Ca::new();
