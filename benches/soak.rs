@@ -173,10 +173,18 @@ fn main() {
         let after: Vec<&Sample> = samples[k].iter().filter(|s| s.at >= warm_up).collect();
         let (rss0, rss_max) = (after.first().map_or(0.0, |s| s.rss), after.iter().map(|s| s.rss).fold(0.0, f64::max));
         let (fd0, fd_max) = (after.first().map_or(0, |s| s.fds), after.iter().map(|s| s.fds).max().unwrap_or(0));
-        println!(
-            "{name}: {ok} ok, {failed} failed; after warm-up RSS {rss0:.1} -> max {rss_max:.1} MiB, fds {fd0} -> max {fd_max}; log warnings: {}",
-            p.stderr().lines().filter(|l| l.contains("WARN")).count()
-        );
+        println!("{name}: {ok} ok, {failed} failed; after warm-up RSS {rss0:.1} -> max {rss_max:.1} MiB, fds {fd0} -> max {fd_max}");
+        // The warnings logged, by message (the text after the level and target).
+        let log = p.stderr();
+        let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+        for l in log.lines().filter(|l| l.contains("WARN")) {
+            let msg = l.split_once(": ").map_or(l, |(_, m)| m);
+            let msg: String = msg.split(|c| c == '=' ).next().unwrap_or(msg).rsplit_once(' ').map_or(msg, |(m, _)| m).chars().take(90).collect();
+            *kinds.entry(msg).or_default() += 1;
+        }
+        for (msg, n) in &kinds {
+            println!("  {name} warnings: {n} x {msg}");
+        }
         for r in &reports {
             for f in &r.failures {
                 println!("  {name} failure: {f}");

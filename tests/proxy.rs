@@ -965,6 +965,8 @@ fn a_dead_backend_is_ejected_after_failures_in_a_row() {
             assert_eq!(p.fetch("/").0, 200);
         }
         assert!(errors(&p, dead).0.is_some_and(|n| n >= 25.0), "{path}: {:?}", errors(&p, dead));
+        // Retried attempts are counted, not logged one warning each.
+        assert!(!p.stderr().contains("Fail to proxy"), "{path}: {}", p.stderr());
 
         // Two dead backends, at most half ejected: one stays in the pool.
         let p = Proxy::builder(&format!("[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[dead, dead2], outlier))).server(server).start();

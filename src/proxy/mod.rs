@@ -25,7 +25,7 @@ use pingora::prelude::*;
 use pingora::protocols::Stream;
 use pingora::protocols::GetSocketDigest;
 use pingora::protocols::http::ServerSession;
-use pingora::proxy::{FailToProxy, HttpProxy, ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, HttpProxy, ProxyHttp, ProxyWarnLogContext, Session};
 use pingora::server::ShutdownWatch;
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{ErrorSource, ErrorType};
@@ -551,6 +551,14 @@ impl ProxyHttp for Proxy {
         let req = session.req_header();
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         headers::forwarded(req, session.is_http2(), client.as_ref(), upstream_request, &ctx.request_id, tls, ctx.forwarding())
+    }
+
+    /// A failed attempt that is retried is not logged: it is counted per
+    /// backend (`switchyard_upstream_requests_total`) and in the access log's
+    /// `attempts`, as on the express path; dead backends would otherwise
+    /// fill the log with one warning per retried request.
+    fn suppress_proxy_warn_log(&self, _session: &Session, _ctx: &Ctx, _error: &Error, context: ProxyWarnLogContext) -> bool {
+        matches!(context, ProxyWarnLogContext::UpstreamRetry)
     }
 
     async fn upstream_response_filter(
