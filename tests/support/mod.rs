@@ -52,6 +52,18 @@ pub fn static_cluster(name: &str, addrs: &[SocketAddr], extra: &str) -> String {
     format!("[clusters.{name}]\nstatic = [{}]\n{extra}\n", list.join(", "))
 }
 
+/// A process's resident memory (VmRSS), MiB; 0 when it is gone.
+pub fn rss_mib(pid: i32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
 pub fn dead_addr() -> SocketAddr {
     let l = StdListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
