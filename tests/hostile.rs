@@ -904,11 +904,14 @@ fn corpus() -> Vec<Case> {
     parse_corpus(CORPUS).unwrap_or_else(|e| panic!("tests/hostile/cases.txt: {e}"))
 }
 
-/// A Switchyard config in front of `up`: a route naming host `h` (so the
-/// absolute form for it is served) and an any-host route, default limits.
+/// A Switchyard config in front of `up`: an HTTP/1-only listener (as the
+/// peers' are: with h2c, the HTTP/2 preface starts a valid HTTP/2
+/// connection), a route naming host `h` (so the absolute form for it is
+/// served) and an any-host route, default limits.
 fn switchyard_body(up: SocketAddr) -> String {
+    // The first line belongs to the `[[listeners]]` table the builder writes.
     format!(
-        "[[routes]]\nname = \"h\"\nhosts = [\"h\"]\ncluster = \"web\"\n\n[[routes]]\nname = \"any\"\ncluster = \"web\"\n\n{}",
+        "h2c = false\n\n[[routes]]\nname = \"h\"\nhosts = [\"h\"]\ncluster = \"web\"\n\n[[routes]]\nname = \"any\"\ncluster = \"web\"\n\n{}",
         static_cluster("web", &[up], "")
     )
 }

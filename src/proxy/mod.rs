@@ -11,6 +11,7 @@ mod h1;
 mod headers;
 mod park;
 mod pool;
+mod strict;
 
 use crate::accesslog::{AccessLog, AccessRecord};
 use crate::error::{upstream_error, ProxyFailure};
@@ -408,7 +409,7 @@ fn failure_response(failure: ProxyFailure, ctx: &Ctx) -> Result<(ResponseHeader,
 /// Write a short plain-text response for a failure this proxy decides.
 async fn respond(session: &mut Session, failure: ProxyFailure, ctx: &Ctx) -> Result<()> {
     let (h, body) = failure_response(failure, ctx)?;
-    let oversized = matches!(failure, ProxyFailure::HeadersTooLarge | ProxyFailure::UriTooLong | ProxyFailure::BodyTooLarge);
+    let oversized = matches!(failure, ProxyFailure::HeadersTooLarge | ProxyFailure::UriTooLong | ProxyFailure::BodyTooLarge | ProxyFailure::Malformed);
     if oversized || !session.is_body_empty() {
         // The unread request body would poison the next request on this
         // connection; a client over the limits is not served more.
@@ -489,6 +490,18 @@ impl ProxyHttp for Proxy {
         // it, in order, instead of being dropped with the connection.
         session.as_mut().set_pipelining_enabled(true);
         let req = session.req_header();
+        if !session.is_http2() {
+            if let Some(reason) = strict::refusal(req, || session.as_ref().to_h1_raw()) {
+                // Counted and logged as an unrouted request, with its id.
+                ctx.request_id = self.core.ids.for_request(req);
+                ctx.table = Some(self.core.snapshot.load());
+                self.core.metrics.requests_rejected.with_label_values(&[reason]).inc();
+                ctx.local_status = 400;
+                session.set_keepalive(None);
+                respond(session, ProxyFailure::Malformed, ctx).await?;
+                return Ok(true);
+            }
+        }
         let absolute = !session.is_http2() && headers::is_absolute_form(req);
         let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
@@ -664,6 +677,8 @@ pub struct ProxyApp {
     parked: prometheus::IntGauge,
     /// `switchyard_downstream_parks_total`.
     parks: prometheus::IntCounter,
+    /// `switchyard_requests_rejected_total`.
+    rejected: prometheus::IntCounterVec,
 }
 
 impl ProxyApp {
@@ -686,6 +701,7 @@ impl ProxyApp {
             gauge: metrics.downstream_connections.clone(),
             parked: metrics.downstream_connections_parked.clone(),
             parks: metrics.downstream_parks.clone(),
+            rejected: metrics.requests_rejected.clone(),
             park_after,
             h2c,
         }
@@ -730,6 +746,11 @@ impl ProxyApp {
             let remaining = at.remaining;
             match ahead {
                 Ahead::Closed => return,
+                Ahead::Malformed => {
+                    self.rejected.with_label_values(&[strict::BAD_REQUEST_LINE]).inc();
+                    refuse_malformed(&mut tcp).await;
+                    return;
+                }
                 Ahead::Park(deadline) => match self.park(tcp, shutdown, guard, at, deadline, peer) {
                     Ok(()) => return,
                     Err((t, g)) => {
@@ -815,6 +836,9 @@ enum Ahead {
     /// the bytes of pipelined requests after it, held back until it is
     /// answered (Pingora would drop them).
     Proxy(Vec<u8>),
+    /// A malformed request line ([`strict::bad_request_line`]): answered
+    /// 400 here, and the connection closed.
+    Malformed,
     /// The connection closed, failed, idled out or the server is stopping.
     Closed,
     /// Idle for `park_idle_after`: park it, to close at this deadline if
@@ -879,6 +903,9 @@ fn express_ahead(tcp: &mut L4Stream, mut r: Box<h1::RawRequest>) -> Ahead {
 /// pipelined requests after it are held back (Pingora drops bytes that
 /// arrive after a request) and put back once it is answered.
 fn for_proxy(tcp: &mut L4Stream, mut buf: Vec<u8>) -> Ahead {
+    if strict::bad_request_line(&buf) {
+        return Ahead::Malformed;
+    }
     let rest = match h1::pipelined_after(&buf) {
         Some(end) => buf.split_off(end),
         None => Vec::new(),
@@ -888,6 +915,26 @@ fn for_proxy(tcp: &mut L4Stream, mut buf: Vec<u8>) -> Ahead {
 }
 
 type L4Stream = pingora::protocols::l4::stream::Stream;
+
+/// Answer a request refused before any parser ran: `400` with the body
+/// `HttpProxy` sends for a malformed request, then the connection closes.
+async fn refuse_malformed(tcp: &mut L4Stream) {
+    use tokio::io::AsyncWriteExt;
+    let body = ProxyFailure::Malformed.body().as_bytes();
+    let mut out = Vec::with_capacity(192);
+    h1::put_status_line(&mut out, false, 400, b"Bad Request");
+    h1::put_header(&mut out, b"Content-Type", b"text/plain; charset=utf-8");
+    h1::put_header(&mut out, b"Content-Length", body.len().to_string().as_bytes());
+    h1::put_header(&mut out, b"Date", pingora::protocols::http::date::get_cached_date().as_bytes());
+    h1::put_header(&mut out, b"Connection", b"close");
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    let write = async {
+        tcp.write_all(&out).await?;
+        tcp.flush().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
+}
 
 /// Idle time allowed between requests on a keep-alive connection.
 const KEEPALIVE_SECS: u64 = crate::config::KEEPALIVE_IDLE.as_secs();
