@@ -777,7 +777,7 @@ impl ProxyApp {
                         return;
                     }
                 }
-                Ahead::Proxy(rest) => {
+                Ahead::Proxy(rest, follow) => {
                     let mut session = ServerSession::new_http1(tcp);
                     session.set_keepalive_reuses_remaining(remaining);
                     // As Pingora does: no keep-alive once shutting down, else 60 s idle.
@@ -786,7 +786,23 @@ impl ProxyApp {
                     } else {
                         session.set_keepalive(Some(KEEPALIVE_SECS));
                     }
-                    let Some(reused) = self.inner.process_new_http(session, shutdown).await else { return };
+                    let Some(mut reused) = self.inner.process_new_http(session, shutdown).await else { return };
+                    while follow {
+                        // Pingora may hold bytes it read past this body (a
+                        // pipelined next request) in the settings it hands
+                        // back, which it alone can read: the rest of this
+                        // connection is served by it, as its own loop does.
+                        let (stream, settings) = reused.consume();
+                        let mut session = ServerSession::new_http1(stream);
+                        if let Some(s) = settings {
+                            s.apply_to_session(&mut session);
+                        }
+                        if *shutdown.borrow() {
+                            session.set_keepalive(None);
+                        }
+                        let Some(r) = self.inner.process_new_http(session, shutdown).await else { return };
+                        reused = r;
+                    }
                     let (stream, _) = reused.consume();
                     let Ok(next) = stream.into_any().downcast::<L4Stream>() else { return };
                     tcp = next;
@@ -834,8 +850,9 @@ enum Ahead {
     Express(Box<h1::RawRequest>),
     /// Anything else, for Pingora's `HttpProxy` (bytes put back), with
     /// the bytes of pipelined requests after it, held back until it is
-    /// answered (Pingora would drop them).
-    Proxy(Vec<u8>),
+    /// answered (Pingora would drop them); true: its body goes on past
+    /// these bytes (see [`body_may_overrun`]).
+    Proxy(Vec<u8>, bool),
     /// A malformed request line ([`strict::bad_request_line`]): answered
     /// 400 here, and the connection closed.
     Malformed,
@@ -879,7 +896,7 @@ async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool, until: Option
             _ => {
                 head.truncate(n);
                 tcp.rewind(&head);
-                return if n == 0 { Ahead::Closed } else { Ahead::Proxy(Vec::new()) };
+                return if n == 0 { Ahead::Closed } else { Ahead::Proxy(Vec::new(), false) };
             }
         }
         head = match RawRequest::parse(head) {
@@ -910,8 +927,29 @@ fn for_proxy(tcp: &mut L4Stream, mut buf: Vec<u8>) -> Ahead {
         Some(end) => buf.split_off(end),
         None => Vec::new(),
     };
+    let follow = rest.is_empty() && body_may_overrun(&buf);
     tcp.rewind(&buf);
-    Ahead::Proxy(rest)
+    Ahead::Proxy(rest, follow)
+}
+
+/// Whether the request whose complete head starts `buf` has a body that
+/// does not end within `buf`, or chunked (whose end is not looked for):
+/// reading it, Pingora may read a pipelined next request too.
+fn body_may_overrun(buf: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(n)) = req.parse(buf) else { return false };
+    let mut end = n;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return true;
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
+            end = n.saturating_add(len.unwrap_or(usize::MAX));
+        }
+    }
+    end > buf.len()
 }
 
 type L4Stream = pingora::protocols::l4::stream::Stream;
