@@ -43,6 +43,8 @@ struct Case {
     /// (method, target) forms a normalising proxy may forward a refused case as.
     lenient: Vec<(String, String)>,
     owner: Option<String>,
+    /// Switchyard's known verdict where it is weaker than the corpus, and why.
+    switchyard: Option<(Verdict, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -152,7 +154,7 @@ fn parse_corpus(text: &str) -> Result<Vec<Case>, String> {
             if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') || cases.iter().any(|c| c.id == id) {
                 return Err(at(format!("case id {id:?}: letters, digits and '-', unique")));
             }
-            cases.push(Case { id: id.into(), desc: String::new(), send: Vec::new(), expect: Expect::Forward(Vec::new()), lenient: Vec::new(), owner: None });
+            cases.push(Case { id: id.into(), desc: String::new(), send: Vec::new(), expect: Expect::Forward(Vec::new()), lenient: Vec::new(), owner: None, switchyard: None });
             continue;
         }
         let (key, value) = line.split_once('=').ok_or_else(|| at(format!("expected `key = value`, got {line:?}")))?;
@@ -180,6 +182,18 @@ fn parse_corpus(text: &str) -> Result<Vec<Case>, String> {
             "body" => want(&mut wants, key, n)?.body.extend(unescape(value).map_err(at)?),
             "lenient" => case.lenient.push(method_target(value).map_err(at)?),
             "owner" => case.owner = Some(value.to_string()),
+            "switchyard" => {
+                let (v, why) = value.split_once(' ').unwrap_or((value, ""));
+                let v = match v {
+                    "WARN" => Verdict::Warn,
+                    "FAIL" => Verdict::Fail,
+                    _ => return Err(at(format!("switchyard: {v:?} is neither WARN nor FAIL"))),
+                };
+                if why.trim().is_empty() {
+                    return Err(at("switchyard: the verdict needs its reason".into()));
+                }
+                case.switchyard = Some((v, why.trim().to_string()));
+            }
             _ => return Err(at(format!("unknown key {key:?}"))),
         }
     }
@@ -939,6 +953,7 @@ fn the_corpus_parses_and_is_large_enough() {
         ("[a]\nsend = \\q\nexpect = reject 400\n", "line 2: unknown escape"),
         ("[a]\nbody = x\n", "line 2: `body` before any `request`"),
         ("[a]\nsend = x\nexpect = reject 400\n[a]\n", "unique"),
+        ("[a]\nswitchyard = WARN\n", "needs its reason"),
     ] {
         let e = parse_corpus(bad).unwrap_err();
         assert!(e.contains(says), "{bad:?}: {e}");
@@ -991,7 +1006,8 @@ fn the_strict_upstream_flags_what_is_ambiguous() {
 }
 
 /// Every case through both request paths: each passes (or is left to the
-/// client-side limits, as its `owner` says), the same on both.
+/// client-side limits, as its `owner` says, or gets the verdict its
+/// `switchyard` line documents), the same on both.
 #[test]
 fn hostile_requests_through_both_paths() {
     let cases = corpus();
@@ -1013,7 +1029,10 @@ fn hostile_requests_through_both_paths() {
     for (i, c) in cases.iter().enumerate() {
         for (p, name) in names.iter().enumerate() {
             let o = &outcomes[p][i];
-            let allowed = o.verdict == Verdict::Pass || (o.verdict == Verdict::Skip && c.owner.is_some());
+            let allowed = match &c.switchyard {
+                Some((v, _)) => o.verdict == *v,
+                None => o.verdict == Verdict::Pass || (o.verdict == Verdict::Skip && c.owner.is_some()),
+            };
             if !allowed {
                 wrong.push(format!("{name} `{}`: {} {} — {}", c.id, o.verdict.as_str(), o.what, o.why));
             }
