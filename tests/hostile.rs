@@ -725,8 +725,12 @@ fn show(b: &[u8]) -> String {
     b.escape_ascii().to_string()
 }
 
+/// `METHOD TARGET`, a long target cut short.
 fn describe(r: &Seen) -> String {
-    format!("{} {}", r.method, r.target)
+    match r.target.char_indices().nth(40) {
+        Some((i, _)) => format!("{} {}... ({} bytes)", r.method, &r.target[..i], r.target.len()),
+        None => format!("{} {}", r.method, r.target),
+    }
 }
 
 /// Why `seen` is not `want` (None: it is).
@@ -844,7 +848,7 @@ fn run_case(case: &Case, addr: SocketAddr, up: &StrictUpstream, n: usize) -> Out
                 }
             }
             let ok = x.responses.len() == wants.len()
-                && x.responses.iter().zip(seen.iter()).all(|(r, s)| r.status == 200 && (s.method == "HEAD" || r.body == format!("seen {}", describe(s)).as_bytes()));
+                && x.responses.iter().zip(seen.iter()).all(|(r, s)| r.status == 200 && (s.method == "HEAD" || r.body == format!("seen {} {}", s.method, s.target).as_bytes()));
             if !ok {
                 return fail(answered, format!("the client got {:?}, not each request's own answer", x.responses.iter().map(|r| (r.status, show(&r.body))).collect::<Vec<_>>()));
             }
