@@ -813,7 +813,7 @@ fn run_case(case: &Case, addr: SocketAddr, up: &StrictUpstream, n: usize) -> Out
                     None if x.timed_out && owned => Outcome {
                         verdict: Verdict::Skip,
                         what: answered,
-                        why: format!("no answer within {OWNED_TIMEOUT:?}; owned by the {} work", case.owner.as_deref().unwrap_or("")),
+                        why: format!("no answer within {OWNED_TIMEOUT:?}: left to the client-side {} (a header timeout)", case.owner.as_deref().unwrap_or("")),
                     },
                     None if x.timed_out && !x.interim.is_empty() => Outcome {
                         verdict: Verdict::Warn,
