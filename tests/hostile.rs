@@ -4,12 +4,14 @@
 //! (method, target, headers, body) and flags anything malformed or
 //! ambiguous it receives as desynchronised.
 //!
-//! For each case: the case's bytes on a new connection, then a canary
-//! request on another new connection (which, with one worker thread, goes
-//! out over the upstream connection the case left in the pool). A case
-//! passes when the answer is what the corpus expects, the backend saw
-//! exactly the expected requests (none for a refused case), nothing
-//! reached it desynchronised, and the canary got its own answer.
+//! For each case: the case's bytes on a new connection, then two canary
+//! requests on new connections, a GET (taken by the express path) and a
+//! POST (taken by HttpProxy), each path having its own upstream pool: with
+//! one worker thread, one of them goes out over the upstream connection
+//! the case left in the pool (asserted for Switchyard). A case passes when
+//! the answer is what the corpus expects, the backend saw exactly the
+//! expected requests (none for a refused case), nothing reached it
+//! desynchronised, and each canary got its own answer.
 //!
 //! The same runner compares other proxies (`benches/hostile.sh` runs
 //! `compare_with_peers` with their addresses in the environment);
@@ -219,6 +221,8 @@ enum Event {
     Request(Seen),
     /// Bytes that are no valid, unambiguous HTTP/1.1 request.
     Desync { conn: u64, reason: String, near: String },
+    /// A connection ended (either side closed it).
+    Closed { conn: u64 },
 }
 
 enum Parse {
@@ -504,7 +508,12 @@ impl Drop for StrictUpstream {
     }
 }
 
-fn strict_serve(mut c: TcpStream, conn: u64, events: Arc<Mutex<Vec<Event>>>, stop: Arc<AtomicBool>, end: Instant) {
+fn strict_serve(c: TcpStream, conn: u64, events: Arc<Mutex<Vec<Event>>>, stop: Arc<AtomicBool>, end: Instant) {
+    strict_serve_requests(c, conn, &events, stop, end);
+    events.lock().unwrap().push(Event::Closed { conn });
+}
+
+fn strict_serve_requests(mut c: TcpStream, conn: u64, events: &Mutex<Vec<Event>>, stop: Arc<AtomicBool>, end: Instant) {
     let _ = c.set_nonblocking(false);
     let _ = c.set_read_timeout(Some(Duration::from_millis(100)));
     let mut buf = Vec::new();
@@ -712,6 +721,9 @@ struct Outcome {
     what: String,
     /// Why it is not a pass.
     why: String,
+    /// Whether a canary went over an upstream connection the case's
+    /// requests used (None: the case left none open).
+    canary_reused: Option<bool>,
 }
 
 /// Fields not compared: framing, hop-by-hop, and what a proxy adds.
@@ -762,17 +774,31 @@ fn run_case(case: &Case, addr: SocketAddr, up: &StrictUpstream, n: usize) -> Out
     };
     let owned = case.owner.is_some();
     let x = exchange(addr, &case.send, want, if owned { OWNED_TIMEOUT } else { CASE_TIMEOUT });
-    let canary_target = format!("/canary-{n}");
-    let canary = exchange(addr, format!("GET {canary_target} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").as_bytes(), 1, CASE_TIMEOUT);
+    // Two canaries: a GET the express path takes, and a POST that goes
+    // through HttpProxy (each path has its own upstream pool).
+    let canary_targets = [format!("/canary-{n}"), format!("/canary-{n}-post")];
+    let canaries = [
+        exchange(addr, format!("GET {} HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", canary_targets[0]).as_bytes(), 1, CASE_TIMEOUT),
+        exchange(addr, format!("POST {} HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", canary_targets[1]).as_bytes(), 1, CASE_TIMEOUT),
+    ];
     let events = up.since(mark);
     let mut seen: Vec<&Seen> = Vec::new();
     let mut desyncs = Vec::new();
-    let mut canary_seen = 0;
+    let mut canary_seen = [0, 0];
+    let mut closed = Vec::new();
+    let mut canary_reused = None;
     for e in &events {
         match e {
-            Event::Request(r) if r.target == canary_target => canary_seen += 1,
+            Event::Request(r) if canary_targets.contains(&r.target) => {
+                canary_seen[(r.target != canary_targets[0]) as usize] += 1;
+                let open: Vec<u64> = seen.iter().map(|s| s.conn).filter(|c| !closed.contains(c)).collect();
+                if !open.is_empty() {
+                    canary_reused = Some(canary_reused.unwrap_or(false) || open.contains(&r.conn));
+                }
+            }
             Event::Request(r) => seen.push(r),
-            Event::Desync { reason, near, .. } => desyncs.push(format!("{reason} near {near:?}")),
+            Event::Desync { conn, reason, near } => desyncs.push(format!("{reason} (upstream connection {conn}) near {near:?}")),
+            Event::Closed { conn } => closed.push(*conn),
         }
     }
     let statuses: Vec<String> = x.responses.iter().map(|r| r.status.to_string()).collect();
@@ -786,42 +812,45 @@ fn run_case(case: &Case, addr: SocketAddr, up: &StrictUpstream, n: usize) -> Out
         statuses.join("+")
     };
     let forwarded = seen.iter().map(|r| describe(r)).collect::<Vec<_>>().join(", ");
-    let fail = |what: String, why: String| Outcome { verdict: Verdict::Fail, what, why };
+    let outcome = |verdict: Verdict, what: String, why: String| Outcome { verdict, what, why, canary_reused };
+    let fail = |what: String, why: String| outcome(Verdict::Fail, what, why);
 
     // The backend and the canary first: these fail whatever the case expects.
     if !desyncs.is_empty() {
         return fail(format!("{answered}; desync"), format!("desynchronised at the backend: {}", desyncs.join("; ")));
     }
-    let canary_ok = canary.responses.len() == 1
-        && canary.responses[0].status == 200
-        && canary.responses[0].body == format!("seen GET {canary_target}").as_bytes()
-        && canary_seen == 1;
-    if !canary_ok {
-        return fail(
-            answered,
-            format!("canary: {:?}, backend saw it {canary_seen} times (forwarded: {forwarded})", canary.responses.first().map(|r| (r.status, show(&r.body)))),
-        );
+    for (i, (canary, method)) in canaries.iter().zip(["GET", "POST"]).enumerate() {
+        let ok = canary.responses.len() == 1
+            && canary.responses[0].status == 200
+            && canary.responses[0].body == format!("seen {method} {}", canary_targets[i]).as_bytes()
+            && canary_seen[i] == 1;
+        if !ok {
+            return fail(
+                answered,
+                format!(
+                    "canary {method}: {:?}, backend saw it {} times (forwarded: {forwarded})",
+                    canary.responses.first().map(|r| (r.status, show(&r.body))),
+                    canary_seen[i]
+                ),
+            );
+        }
     }
     match &case.expect {
         Expect::Reject { statuses, close } => {
             if seen.is_empty() {
                 let status = x.responses.first().map(|r| r.status);
                 return match status {
-                    Some(s) if statuses.contains(&s) => Outcome { verdict: Verdict::Pass, what: answered, why: String::new() },
-                    Some(s) => Outcome { verdict: Verdict::Warn, what: answered, why: format!("refused with {s}, expected {statuses:?}") },
-                    None if *close && x.closed && x.garbage.is_none() => Outcome { verdict: Verdict::Pass, what: answered, why: String::new() },
-                    None if x.timed_out && owned => Outcome {
-                        verdict: Verdict::Skip,
-                        what: answered,
-                        why: format!("no answer within {OWNED_TIMEOUT:?}: left to the client-side {} (a header timeout)", case.owner.as_deref().unwrap_or("")),
-                    },
-                    None if x.timed_out && !x.interim.is_empty() => Outcome {
-                        verdict: Verdict::Warn,
-                        what: format!("{:?} then waits", x.interim),
-                        why: "answered 100 Continue and waits for the body".into(),
-                    },
+                    Some(s) if statuses.contains(&s) => outcome(Verdict::Pass, answered, String::new()),
+                    Some(s) => outcome(Verdict::Warn, answered, format!("refused with {s}, expected {statuses:?}")),
+                    None if *close && x.closed && x.garbage.is_none() => outcome(Verdict::Pass, answered, String::new()),
+                    None if x.timed_out && owned => outcome(
+                        Verdict::Skip,
+                        answered,
+                        format!("no answer within {OWNED_TIMEOUT:?}: left to the client-side {} (a header timeout)", case.owner.as_deref().unwrap_or("")),
+                    ),
+                    None if x.timed_out && !x.interim.is_empty() => outcome(Verdict::Warn, format!("{:?} then waits", x.interim), "answered 100 Continue and waits for the body".into()),
                     None if x.timed_out => fail(answered, format!("hang: no answer within {CASE_TIMEOUT:?}")),
-                    None => Outcome { verdict: Verdict::Warn, what: answered.clone(), why: format!("{answered} without a status, expected {statuses:?}") },
+                    None => outcome(Verdict::Warn, answered.clone(), format!("{answered} without a status, expected {statuses:?}")),
                 };
             }
             // Forwarded a case the corpus refuses: a warning if it went as
@@ -829,14 +858,14 @@ fn run_case(case: &Case, addr: SocketAddr, up: &StrictUpstream, n: usize) -> Out
             let normalised = seen.len() == 1 && case.lenient.iter().any(|(m, t)| *m == seen[0].method && *t == seen[0].target);
             let what = format!("{answered}; forwarded {forwarded}");
             if normalised {
-                Outcome { verdict: Verdict::Warn, what, why: "forwarded (normalised) what the corpus refuses".into() }
+                outcome(Verdict::Warn, what, "forwarded (normalised) what the corpus refuses".into())
             } else {
                 fail(what, format!("reached the backend: {forwarded}"))
             }
         }
         Expect::Forward(wants) => {
             if seen.is_empty() && x.responses.first().is_some_and(|r| (400..500).contains(&r.status)) {
-                return Outcome { verdict: Verdict::Warn, what: answered, why: "refused a request the corpus forwards".into() };
+                return outcome(Verdict::Warn, answered, "refused a request the corpus forwards".into());
             }
             if seen.len() != wants.len() {
                 let why = if x.timed_out && seen.len() < wants.len() { "hang: " } else { "" };
@@ -852,7 +881,7 @@ fn run_case(case: &Case, addr: SocketAddr, up: &StrictUpstream, n: usize) -> Out
             if !ok {
                 return fail(answered, format!("the client got {:?}, not each request's own answer", x.responses.iter().map(|r| (r.status, show(&r.body))).collect::<Vec<_>>()));
             }
-            Outcome { verdict: Verdict::Pass, what: format!("forwarded {forwarded}"), why: String::new() }
+            outcome(Verdict::Pass, format!("forwarded {forwarded}"), String::new())
         }
     }
 }
@@ -1004,9 +1033,10 @@ fn the_strict_upstream_flags_what_is_ambiguous() {
     assert_eq!(x.responses.iter().map(|r| r.body.clone()).collect::<Vec<_>>(), [b"seen GET /x".to_vec(), b"seen GET /y".to_vec()]);
     let x = exchange(up.addr, b"GET / HTTP/1.1\r\nHost: h\r\nX : a\r\n\r\n", 1, Duration::from_secs(3));
     assert_eq!(x.responses[0].status, 400);
-    let ev = up.since(0);
+    assert!(wait_until(Duration::from_secs(3), || up.since(0).iter().filter(|e| matches!(e, Event::Closed { .. })).count() == 2), "{:?}", up.since(0));
+    let ev: Vec<Event> = up.since(0).into_iter().filter(|e| !matches!(e, Event::Closed { .. })).collect();
     assert_eq!(ev.len(), 3, "{ev:?}");
-    assert!(matches!(&ev[2], Event::Desync { reason, .. } if reason.starts_with("bad field name")), "{ev:?}");
+    assert!(matches!(&ev[2], Event::Desync { conn: 2, reason, .. } if reason.starts_with("bad field name")), "{ev:?}");
 }
 
 /// Every case through both request paths: each passes (or is left to the
@@ -1041,11 +1071,22 @@ fn hostile_requests_through_both_paths() {
                 wrong.push(format!("{name} `{}`: {} {} — {}", c.id, o.verdict.as_str(), o.what, o.why));
             }
         }
+        for (p, name) in names.iter().enumerate() {
+            // With one worker thread, a connection the case left open is
+            // the one a canary goes out on: it was not poisoned.
+            if outcomes[p][i].canary_reused == Some(false) {
+                wrong.push(format!("{name} `{}`: no canary went over the upstream connection the case left open", c.id));
+            }
+        }
         if outcomes[0][i].verdict != outcomes[1][i].verdict {
             wrong.push(format!("`{}`: {} on express, {} on HttpProxy", c.id, outcomes[0][i].verdict.as_str(), outcomes[1][i].verdict.as_str()));
         }
     }
     assert!(wrong.is_empty(), "{} outcomes wrong:\n{}", wrong.len(), wrong.join("\n"));
+    // The pooled-connection check above is not vacuous: most forwarded cases leave one open.
+    let reused = outcomes.iter().flatten().filter(|o| o.canary_reused == Some(true)).count();
+    let forwarded = cases.iter().filter(|c| matches!(c.expect, Expect::Forward(_))).count();
+    assert!(reused >= forwarded, "a canary reused the case's upstream connection {reused} times, for {forwarded} forwarded cases on two paths");
 }
 
 /// The comparison `benches/hostile.sh` runs (not part of the suite): the

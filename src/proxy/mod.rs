@@ -895,6 +895,9 @@ async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool, until: Option
             Ok(Ok(k)) if k > 0 => head.truncate(n + k),
             _ => {
                 head.truncate(n);
+                if strict::bad_request_line(&head) {
+                    return Ahead::Malformed;
+                }
                 tcp.rewind(&head);
                 return if n == 0 { Ahead::Closed } else { Ahead::Proxy(Vec::new(), false) };
             }
