@@ -184,7 +184,7 @@ impl Metrics {
         let requests_rejected = IntCounterVec::new(
             opts(
                 "requests_rejected_total",
-                "Requests refused for exceeding [limits], by reason: headers_too_large (431), uri_too_long (414), body_too_large (413); or as malformed (400): bad_request_line, bad_framing, bad_host. Counted in switchyard_requests_total too, except bad_request_line refused before parsing.",
+                "Requests refused for exceeding [limits], by reason: headers_too_large (431), uri_too_long (414), body_too_large (413); or as malformed (400): bad_request_line, bad_framing, bad_host. Counted in switchyard_requests_total too, except a malformed request line answered before any parser ran.",
             ),
             &["reason"],
         )
