@@ -1083,6 +1083,14 @@ fn hostile_requests_through_both_paths() {
         }
     }
     assert!(wrong.is_empty(), "{} outcomes wrong:\n{}", wrong.len(), wrong.join("\n"));
+    // Each kind of refusal is counted, on both paths.
+    for (p, name) in proxies.iter().zip(&names) {
+        let m = parse_metrics(&p.metrics());
+        for reason in ["bad_request_line", "bad_framing", "bad_host"] {
+            let n = sample(&m, "switchyard_requests_rejected_total", &[("reason", reason)]).unwrap_or(0.0);
+            assert!(n >= 3.0, "{name}: switchyard_requests_rejected_total{{reason={reason}}} is {n}");
+        }
+    }
     // The pooled-connection check above is not vacuous: most forwarded cases leave one open.
     let reused = outcomes.iter().flatten().filter(|o| o.canary_reused == Some(true)).count();
     let forwarded = cases.iter().filter(|c| matches!(c.expect, Expect::Forward(_))).count();
