@@ -77,6 +77,9 @@ pub enum ProxyFailure {
     /// A request that cannot be served as it is (a redirect without a
     /// usable `Host`): 400.
     BadRequest,
+    /// A request two HTTP/1.1 parsers could read differently (ambiguous
+    /// framing, a bad request line or `Host`): 400. See `proxy::strict`.
+    Malformed,
     /// More header bytes or fields than `[limits]` allows: 431.
     HeadersTooLarge,
     /// A request target longer than `limits.max_uri_bytes`: 414.
@@ -94,7 +97,7 @@ impl ProxyFailure {
             ProxyFailure::Timeout => 504,
             ProxyFailure::Maintenance => 503,
             ProxyFailure::Redirect(status) => status,
-            ProxyFailure::BadRequest => 400,
+            ProxyFailure::BadRequest | ProxyFailure::Malformed => 400,
             ProxyFailure::HeadersTooLarge => 431,
             ProxyFailure::UriTooLong => 414,
             ProxyFailure::BodyTooLarge => 413,
@@ -111,6 +114,7 @@ impl ProxyFailure {
             ProxyFailure::Maintenance => crate::config::MAINTENANCE_BODY,
             ProxyFailure::Redirect(_) => "this site is served over HTTPS\n",
             ProxyFailure::BadRequest => "a request to an HTTPS-only route needs a valid Host header\n",
+            ProxyFailure::Malformed => "malformed request\n",
             ProxyFailure::HeadersTooLarge => "request headers too large\n",
             ProxyFailure::UriTooLong => "request target too long\n",
             ProxyFailure::BodyTooLarge => "request body too large\n",

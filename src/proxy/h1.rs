@@ -146,8 +146,9 @@ impl RawRequest {
             let name = h.name.as_bytes();
             let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
             if is("host") {
-                // Userinfo in Host is refused by HttpProxy (400); leave it to it.
-                if h.value.contains(&b'@') {
+                // Userinfo, spaces, lists in Host are refused by HttpProxy
+                // (400); leave them to it.
+                if !super::strict::valid_host(h.value) {
                     return None;
                 }
                 hosts += 1;

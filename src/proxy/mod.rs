@@ -11,6 +11,7 @@ mod h1;
 pub(crate) mod headers;
 mod park;
 mod pool;
+mod strict;
 
 use crate::accesslog::{AccessLog, AccessRecord};
 use crate::error::{upstream_error, ProxyFailure};
@@ -424,7 +425,7 @@ fn failure_response(failure: ProxyFailure, ctx: &Ctx) -> Result<(ResponseHeader,
 /// Write a short plain-text response for a failure this proxy decides.
 async fn respond(session: &mut Session, failure: ProxyFailure, ctx: &Ctx) -> Result<()> {
     let (h, body) = failure_response(failure, ctx)?;
-    let oversized = matches!(failure, ProxyFailure::HeadersTooLarge | ProxyFailure::UriTooLong | ProxyFailure::BodyTooLarge);
+    let oversized = matches!(failure, ProxyFailure::HeadersTooLarge | ProxyFailure::UriTooLong | ProxyFailure::BodyTooLarge | ProxyFailure::Malformed);
     if oversized || !session.is_body_empty() {
         // The unread request body would poison the next request on this
         // connection; a client over the limits is not served more.
@@ -505,6 +506,18 @@ impl ProxyHttp for Proxy {
         // it, in order, instead of being dropped with the connection.
         session.as_mut().set_pipelining_enabled(true);
         let req = session.req_header();
+        if !session.is_http2() {
+            if let Some(reason) = strict::refusal(req, || session.as_ref().to_h1_raw()) {
+                // Counted and logged as an unrouted request, with its id.
+                ctx.request_id = self.core.ids.for_request(req);
+                ctx.table = Some(self.core.snapshot.load());
+                self.core.metrics.requests_rejected.with_label_values(&[reason]).inc();
+                ctx.local_status = 400;
+                session.set_keepalive(None);
+                respond(session, ProxyFailure::Malformed, ctx).await?;
+                return Ok(true);
+            }
+        }
         let absolute = !session.is_http2() && headers::is_absolute_form(req);
         let client = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip());
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
@@ -688,6 +701,8 @@ pub struct ProxyApp {
     parked: prometheus::IntGauge,
     /// `switchyard_downstream_parks_total`.
     parks: prometheus::IntCounter,
+    /// `switchyard_requests_rejected_total`.
+    rejected: prometheus::IntCounterVec,
 }
 
 impl ProxyApp {
@@ -710,6 +725,7 @@ impl ProxyApp {
             gauge: metrics.downstream_connections.clone(),
             parked: metrics.downstream_connections_parked.clone(),
             parks: metrics.downstream_parks.clone(),
+            rejected: metrics.requests_rejected.clone(),
             park_after,
             h2c,
         }
@@ -754,6 +770,11 @@ impl ProxyApp {
             let remaining = at.remaining;
             match ahead {
                 Ahead::Closed => return,
+                Ahead::Malformed => {
+                    self.rejected.with_label_values(&[strict::BAD_REQUEST_LINE]).inc();
+                    refuse_malformed(&mut tcp).await;
+                    return;
+                }
                 Ahead::Park(deadline) => match self.park(tcp, shutdown, guard, at, deadline, peer) {
                     Ok(()) => return,
                     Err((t, g)) => {
@@ -780,7 +801,7 @@ impl ProxyApp {
                         return;
                     }
                 }
-                Ahead::Proxy(rest) => {
+                Ahead::Proxy(rest, follow) => {
                     let mut session = ServerSession::new_http1(tcp);
                     session.set_keepalive_reuses_remaining(remaining);
                     // As Pingora does: no keep-alive once shutting down, else 60 s idle.
@@ -789,7 +810,23 @@ impl ProxyApp {
                     } else {
                         session.set_keepalive(Some(KEEPALIVE_SECS));
                     }
-                    let Some(reused) = self.inner.process_new_http(session, shutdown).await else { return };
+                    let Some(mut reused) = self.inner.process_new_http(session, shutdown).await else { return };
+                    while follow {
+                        // Pingora may hold bytes it read past this body (a
+                        // pipelined next request) in the settings it hands
+                        // back, which it alone can read: the rest of this
+                        // connection is served by it, as its own loop does.
+                        let (stream, settings) = reused.consume();
+                        let mut session = ServerSession::new_http1(stream);
+                        if let Some(s) = settings {
+                            s.apply_to_session(&mut session);
+                        }
+                        if *shutdown.borrow() {
+                            session.set_keepalive(None);
+                        }
+                        let Some(r) = self.inner.process_new_http(session, shutdown).await else { return };
+                        reused = r;
+                    }
                     let (stream, _) = reused.consume();
                     let Ok(next) = stream.into_any().downcast::<L4Stream>() else { return };
                     tcp = next;
@@ -837,8 +874,12 @@ enum Ahead {
     Express(Box<h1::RawRequest>),
     /// Anything else, for Pingora's `HttpProxy` (bytes put back), with
     /// the bytes of pipelined requests after it, held back until it is
-    /// answered (Pingora would drop them).
-    Proxy(Vec<u8>),
+    /// answered (Pingora would drop them); true: its body goes on past
+    /// these bytes (see [`body_may_overrun`]).
+    Proxy(Vec<u8>, bool),
+    /// A malformed request line ([`strict::bad_request_line`]): answered
+    /// 400 here, and the connection closed.
+    Malformed,
     /// The connection closed, failed, idled out or the server is stopping.
     Closed,
     /// Idle for `park_idle_after`: park it, to close at this deadline if
@@ -878,8 +919,11 @@ async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool, until: Option
             Ok(Ok(k)) if k > 0 => head.truncate(n + k),
             _ => {
                 head.truncate(n);
+                if strict::bad_request_line(&head) {
+                    return Ahead::Malformed;
+                }
                 tcp.rewind(&head);
-                return if n == 0 { Ahead::Closed } else { Ahead::Proxy(Vec::new()) };
+                return if n == 0 { Ahead::Closed } else { Ahead::Proxy(Vec::new(), false) };
             }
         }
         head = match RawRequest::parse(head) {
@@ -903,15 +947,59 @@ fn express_ahead(tcp: &mut L4Stream, mut r: Box<h1::RawRequest>) -> Ahead {
 /// pipelined requests after it are held back (Pingora drops bytes that
 /// arrive after a request) and put back once it is answered.
 fn for_proxy(tcp: &mut L4Stream, mut buf: Vec<u8>) -> Ahead {
+    if strict::bad_request_line(&buf) {
+        return Ahead::Malformed;
+    }
     let rest = match h1::pipelined_after(&buf) {
         Some(end) => buf.split_off(end),
         None => Vec::new(),
     };
+    let follow = rest.is_empty() && body_may_overrun(&buf);
     tcp.rewind(&buf);
-    Ahead::Proxy(rest)
+    Ahead::Proxy(rest, follow)
+}
+
+/// Whether the request whose complete head starts `buf` has a body that
+/// does not end within `buf`, or chunked (whose end is not looked for):
+/// reading it, Pingora may read a pipelined next request too.
+fn body_may_overrun(buf: &[u8]) -> bool {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(n)) = req.parse(buf) else { return false };
+    let mut end = n;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return true;
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
+            end = n.saturating_add(len.unwrap_or(usize::MAX));
+        }
+    }
+    end > buf.len()
 }
 
 type L4Stream = pingora::protocols::l4::stream::Stream;
+
+/// Answer a request refused before any parser ran: `400` with the body
+/// `HttpProxy` sends for a malformed request, then the connection closes.
+async fn refuse_malformed(tcp: &mut L4Stream) {
+    use tokio::io::AsyncWriteExt;
+    let body = ProxyFailure::Malformed.body().as_bytes();
+    let mut out = Vec::with_capacity(192);
+    h1::put_status_line(&mut out, false, 400, b"Bad Request");
+    h1::put_header(&mut out, b"Content-Type", b"text/plain; charset=utf-8");
+    h1::put_header(&mut out, b"Content-Length", body.len().to_string().as_bytes());
+    h1::put_header(&mut out, b"Date", pingora::protocols::http::date::get_cached_date().as_bytes());
+    h1::put_header(&mut out, b"Connection", b"close");
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    let write = async {
+        tcp.write_all(&out).await?;
+        tcp.flush().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
+}
 
 /// Idle time allowed between requests on a keep-alive connection.
 const KEEPALIVE_SECS: u64 = crate::config::KEEPALIVE_IDLE.as_secs();
