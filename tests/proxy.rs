@@ -953,3 +953,52 @@ fn a_dead_backend_is_ejected_after_failures_in_a_row() {
         assert_eq!(ejected.iter().map(|e| e.unwrap_or(0.0)).sum::<f64>(), 1.0, "{path}: {ejected:?}");
     }
 }
+
+/// A chunked request body in pieces of 100 bytes, `len` bytes in all, with
+/// its last chunk.
+fn chunked_post(len: usize, close: bool) -> Vec<u8> {
+    let mut req = format!("POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n{}\r\n", if close { "Connection: close\r\n" } else { "" }).into_bytes();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(100);
+        req.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+        req.extend(std::iter::repeat_n(b'x', n));
+        req.extend_from_slice(b"\r\n");
+        left -= n;
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    req
+}
+
+/// `limits.max_body_bytes` also holds for a chunked body, counted as it
+/// streams, on both paths: at the limit it reaches the backend whole; one
+/// byte over, the client gets 413 and its connection closes, the backend
+/// never receives the whole body (its connection is dropped, not pooled),
+/// it counts as `body_too_large`, and the next requests — a GET and another
+/// chunked POST, on new connections — are served.
+#[test]
+fn chunked_bodies_over_the_limit_are_cut_with_413() {
+    let up = Upstream::start("ok");
+    for (path, server) in PATHS {
+        let body = format!("[limits]\nmax_body_bytes = 1000\n[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], ""));
+        let p = Proxy::builder(&body).server(server).start();
+        let ask = |req: &[u8]| raw_exchange(p.addr, req, Duration::from_secs(5));
+        let before = up.bodies().len();
+        let at = ask(&chunked_post(1000, true));
+        assert!(at.starts_with("HTTP/1.1 200"), "{path}: a body at the limit: {at}");
+        let over = ask(&chunked_post(1001, false));
+        assert!(over.starts_with("HTTP/1.1 413"), "{path}: a body one byte over: {over}");
+        let (_, headers, text) = parse_raw_response(&over);
+        assert!(headers.contains(&("connection".into(), "close".into())), "{path}: {headers:?}");
+        assert_eq!(text, "request body too large\n", "{path}");
+        let big = ask(&chunked_post(50_000, true));
+        assert!(big.is_empty() || big.starts_with("HTTP/1.1 413"), "{path}: a body far over: {big}");
+        assert_eq!(p.fetch("/canary"), (200, "ok".to_string()), "{path}: the canary after");
+        assert!(ask(&chunked_post(999, true)).starts_with("HTTP/1.1 200"), "{path}: a body below the limit after");
+        let got: Vec<usize> = up.bodies()[before..].to_vec();
+        assert_eq!(got, [1000, 0, 999], "{path}: complete bodies the backend received");
+        let m = parse_metrics(&p.metrics());
+        let rejected = sample(&m, "switchyard_requests_rejected_total", &[("reason", "body_too_large")]);
+        assert!(rejected == Some(2.0), "{path}: counted: {rejected:?}");
+    }
+}

@@ -43,11 +43,16 @@ impl Ca {
 /// A proxy whose listener terminates TLS with `site.pem` (the default,
 /// www.example.test) and `api.pem` (*.api.example.test).
 fn start(ca: &Ca, upstream: &Upstream, without_sni: &str) -> Proxy {
+    start_with(ca, upstream, without_sni, "")
+}
+
+/// As [`start`], with `sections` (such as `[limits]`) in the config too.
+fn start_with(ca: &Ca, upstream: &Upstream, without_sni: &str, sections: &str) -> Proxy {
     let (site_c, site_k) = ca.leaf(&["www.example.test"], 1);
     let (api_c, api_k) = ca.leaf(&["*.api.example.test"], 2);
     Proxy::builder(&format!(
         "tls = {{ cert = \"site.pem\", key = \"site.key\", without_sni = \"{without_sni}\", certificates = [{{ cert = \"api.pem\", key = \"api.key\" }}] }}\n\n\
-         [[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"{}\"]\n",
+         {sections}\n[[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"{}\"]\n",
         upstream.addr
     ))
     .file("site.pem", &site_c)
@@ -549,4 +554,36 @@ fn pipelined_requests_over_tls_are_answered_in_order() {
     let ids: Vec<&str> = out.lines().filter_map(|l| l.trim_end().strip_prefix("x-request-id: ")).collect();
     assert_eq!(ids, ["tls-1", "tls-2", "tls-3"], "every request answered, in order:\n{out}");
     assert!(done, "the connection closed after the last response");
+}
+
+/// `limits.max_body_bytes` holds for request bodies without a declared
+/// length over TLS too: a streamed body over HTTP/2 (no `content-length`)
+/// and a chunked one over HTTP/1.1, each at and one byte over the limit.
+#[test]
+fn bodies_without_a_length_over_the_limit_get_413_over_tls() {
+    let ca = Ca::new();
+    let up = Upstream::start("web");
+    let p = start_with(&ca, &up, "default", "[limits]\nmax_body_bytes = 1000\n");
+    for (h2, c) in [(true, https_client(&p, true)), (false, reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(p.path("ca.pem")).unwrap()).unwrap())
+        .tls_built_in_root_certs(false)
+        .resolve("www.example.test", p.addr)
+        .no_proxy()
+        .http1_only()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap())]
+    {
+        for (len, status) in [(1000usize, 200u16), (1001, 413)] {
+            // A reader: the body's length is not known in advance.
+            let body = reqwest::blocking::Body::new(std::io::Cursor::new(vec![b'x'; len]));
+            let r = c.post(url(&p, "www.example.test", "/up")).body(body).send();
+            let r = r.unwrap_or_else(|e| panic!("h2 {h2}, {len} bytes: {e:?}"));
+            assert_eq!(r.version() == reqwest::Version::HTTP_2, h2);
+            assert_eq!(r.status().as_u16(), status, "h2 {h2}, {len} bytes");
+        }
+    }
+    assert!(!up.bodies().contains(&1001), "no backend got a whole body over the limit: {:?}", up.bodies());
+    let m = parse_metrics(&p.metrics());
+    assert_eq!(sample(&m, "switchyard_requests_rejected_total", &[("reason", "body_too_large")]), Some(2.0));
 }

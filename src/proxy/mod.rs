@@ -72,6 +72,7 @@ impl Core {
             response_started: false,
             local_status: 0,
             location: None,
+            body_bytes: 0,
             _gauge: RequestGauge(self.metrics.requests_in_flight.clone()),
         }
     }
@@ -235,6 +236,9 @@ pub struct Ctx {
     local_status: u16,
     /// `Location` of a redirect this proxy answers with.
     location: Option<http::HeaderValue>,
+    /// Request body bytes passed on in the current attempt (checked
+    /// against `limits.max_body_bytes` as they stream).
+    body_bytes: u64,
     _gauge: RequestGauge,
 }
 
@@ -522,7 +526,33 @@ impl ProxyHttp for Proxy {
         ctx.tried.push(i);
         ctx.backend = Some(i);
         ctx.upstream_start = Some(Instant::now());
+        // A retry sends the buffered body again, through the body filter.
+        ctx.body_bytes = 0;
         Ok(peer)
+    }
+
+    /// `limits.max_body_bytes` for bodies without a declared length
+    /// (chunked HTTP/1.1, HTTP/2 without `content-length`), counted as they
+    /// stream: the piece that passes the limit is not sent. The error ends
+    /// the attempt: the upstream connection (holding part of a body) is
+    /// closed, never pooled; the client gets 413 unless the response has
+    /// started (then its connection is cut), and its connection closes.
+    async fn request_body_filter(&self, _session: &mut Session, body: &mut Option<Bytes>, _end: bool, ctx: &mut Ctx) -> Result<()> {
+        let Some(b) = body.as_ref() else { return Ok(()) };
+        ctx.body_bytes += b.len() as u64;
+        let max = ctx.table.as_ref().map_or(u64::MAX, |t| t.limits.max_body_bytes);
+        if ctx.body_bytes <= max {
+            return Ok(());
+        }
+        *body = None;
+        if ctx.local_status != 413 {
+            ctx.local_status = 413;
+            self.core.metrics.requests_rejected.with_label_values(&["body_too_large"]).inc();
+        }
+        let mut e = upstream_error(ProxyFailure::BodyTooLarge, "request body over limits.max_body_bytes");
+        // The client's doing: never retried, no backend is blamed.
+        e.as_down();
+        Err(e)
     }
 
     async fn upstream_request_filter(
@@ -597,8 +627,9 @@ impl ProxyHttp for Proxy {
         // A client that goes away mid-request is normal traffic, not an error
         // of ours: the access log records it (status 499); don't flood the
         // error log with one line per dropped connection.
+        // Neither is a body over `limits.max_body_bytes` (counted by reason).
         *e.esource() == ErrorSource::Downstream
-            && matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError)
+            && matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError | ErrorType::HTTPStatus(413))
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {

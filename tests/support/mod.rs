@@ -70,6 +70,8 @@ struct UpState {
     connections: AtomicU64,
     delay_ms: AtomicU64,
     last: Mutex<Option<(String, http::HeaderMap)>>,
+    /// Lengths of the request bodies received complete.
+    bodies: Mutex<Vec<usize>>,
 }
 
 /// A real HTTP/1.1 server (hyper) that answers with its own name, counts
@@ -115,7 +117,9 @@ async fn serve(req: Request<Incoming>, st: Arc<UpState>, peer: SocketAddr) -> Re
             .body(Full::new(Bytes::new()))
             .unwrap());
     }
-    let _ = req.into_body().collect().await;
+    if let Ok(body) = req.into_body().collect().await {
+        st.bodies.lock().unwrap().push(body.to_bytes().len());
+    }
     Ok(Response::builder()
         .header("x-upstream", st.name.as_str())
         // Who connected: which proxy of a pair forwarded this request.
@@ -186,6 +190,12 @@ impl Upstream {
 
     pub fn set_delay(&self, d: Duration) {
         self.state.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Lengths of the request bodies received complete, in order (0 for
+    /// a request without a body).
+    pub fn bodies(&self) -> Vec<usize> {
+        self.state.bodies.lock().unwrap().clone()
     }
 
     /// Target and headers of the last request received.
