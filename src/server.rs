@@ -158,7 +158,7 @@ pub fn build(config: Config, extras: Extras) -> Result<(Server, Arc<Ha>), String
         app.server_options = Some(opts);
         app.handle_init_modules();
         let express = config.server.express.then_some(core);
-        let app = ProxyApp::new(app, &server.configuration, express, &metrics, config.server.park_idle_after);
+        let app = ProxyApp::new(app, snapshot.clone(), &server.configuration, express, &metrics, config.server.park_idle_after);
         let names: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
         let mut svc = Service::new(format!("proxy {}", names.join(" ")), app);
         for l in &listeners {

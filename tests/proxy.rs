@@ -1002,3 +1002,47 @@ fn chunked_bodies_over_the_limit_are_cut_with_413() {
         assert!(rejected == Some(2.0), "{path}: counted: {rejected:?}");
     }
 }
+
+/// Wait for the proxy to close `s` (bounded by `limit`); how long it took.
+/// None: still open at `limit`, or bytes came instead.
+fn closed_within(s: &mut std::net::TcpStream, limit: Duration) -> Option<Duration> {
+    use std::io::Read;
+    let t0 = Instant::now();
+    s.set_read_timeout(Some(limit)).unwrap();
+    match s.read(&mut [0u8; 64]) {
+        Ok(0) => Some(t0.elapsed()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Some(t0.elapsed()),
+        _ => None,
+    }
+}
+
+/// `limits.keepalive_timeout` on both paths, with idle connections parked
+/// (the parker closes them) and not: an idle keep-alive connection is closed
+/// after it, and one whose client comes back within it is served.
+#[test]
+fn idle_keepalive_connections_close_after_keepalive_timeout() {
+    use std::io::Write;
+    let up = Upstream::start("ka");
+    for (path, server) in PATHS {
+        for park in ["100ms", "off"] {
+            let p = Proxy::builder(&format!("[limits]\nkeepalive_timeout = \"1s\"\n[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")))
+                .server(&format!("{server}\npark_idle_after = \"{park}\""))
+                .start();
+            let what = format!("{path}, parking {park}");
+            let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+            let ask = |s: &mut std::net::TcpStream, i: u32| {
+                s.write_all(b"GET /k HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+                let r = read_one_response(s).unwrap_or_default();
+                assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("ka"), "{what}: request {i}: {r}");
+            };
+            ask(&mut s, 1);
+            // Back within the timeout (twice 0.6 s: more than it in all).
+            for i in 2..4 {
+                assert_eq!(closed_within(&mut s, Duration::from_millis(600)), None, "{what}: open before request {i}");
+                ask(&mut s, i);
+            }
+            let took = closed_within(&mut s, Duration::from_secs(5));
+            assert!(took.is_some_and(|t| t >= Duration::from_millis(700)), "{what}: closed after the idle timeout: {took:?}");
+        }
+    }
+}

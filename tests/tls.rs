@@ -587,3 +587,59 @@ fn bodies_without_a_length_over_the_limit_get_413_over_tls() {
     let m = parse_metrics(&p.metrics());
     assert_eq!(sample(&m, "switchyard_requests_rejected_total", &[("reason", "body_too_large")]), Some(2.0));
 }
+
+/// A TLS connection to the proxy (no ALPN: HTTP/1.1), verified by the
+/// test CA, with reads timing out after `timeout`.
+fn tls_connect(p: &Proxy, timeout: Duration) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(p.path("ca.pem")).unwrap();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("www.example.test").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let tcp = std::net::TcpStream::connect(p.addr).unwrap();
+    tcp.set_read_timeout(Some(timeout)).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    s
+}
+
+/// Read from a TLS stream until the proxy closes it, up to `limit`:
+/// (what came, time until closed, or None if still open or stalled).
+fn tls_read_to_close(s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>, limit: Duration) -> (String, Option<Duration>) {
+    use std::io::Read;
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while t0.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&got).into_owned(), Some(t0.elapsed())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            // Closed without close_notify, or reset.
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), Some(t0.elapsed())),
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), None)
+}
+
+/// `limits.keepalive_timeout` over TLS (HTTP/1.1): the idle connection is
+/// closed after it.
+#[test]
+fn idle_tls_connections_close_after_keepalive_timeout() {
+    use std::io::Write;
+    let ca = Ca::new();
+    let up = Upstream::start("web");
+    let p = start_with(&ca, &up, "default", "[limits]\nkeepalive_timeout = \"1s\"\n");
+    let mut s = tls_connect(&p, Duration::from_millis(100));
+    s.write_all(b"GET /k HTTP/1.1\r\nHost: www.example.test\r\n\r\n").unwrap();
+    s.flush().unwrap();
+    let (got, closed) = tls_read_to_close(&mut s, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 200") && got.ends_with("web"), "{got}");
+    // The response came at once; the close about 1 s later.
+    assert!(closed.is_some_and(|t| t >= Duration::from_millis(700)), "closed after the idle timeout: {closed:?}");
+}

@@ -683,6 +683,8 @@ impl ProxyHttp for Proxy {
 ///   keep-alive loop Pingora uses; HTTP/2 ones go to Pingora unchanged.
 pub struct ProxyApp {
     inner: Arc<HttpProxy<Proxy>>,
+    /// For the `[limits]` of the connection loops.
+    snapshot: Arc<Snapshot>,
     express: Option<express::Express>,
     gauge: prometheus::IntGauge,
     h2c: bool,
@@ -704,6 +706,7 @@ impl ProxyApp {
     /// connection is parked (None: never).
     pub fn new(
         inner: HttpProxy<Proxy>,
+        snapshot: Arc<Snapshot>,
         conf: &pingora::server::configuration::ServerConf,
         express: Option<Arc<Core>>,
         metrics: &Metrics,
@@ -712,6 +715,7 @@ impl ProxyApp {
         let h2c = inner.server_options.as_ref().is_some_and(|o| o.h2c);
         ProxyApp {
             inner: Arc::new(inner),
+            snapshot,
             express: express.map(|core| express::Express::new(core, conf)),
             rehome: conf.threads > 1 && !conf.work_stealing,
             gauge: metrics.downstream_connections.clone(),
@@ -737,7 +741,7 @@ impl ProxyApp {
         let client = peer.map(|a| headers::ClientAddr::new(a.ip()));
         // Only connections from an internet address are parked.
         let park_after = if peer.is_some() { self.park_after } else { None };
-        let mut wait = Wait { park_after, until: None, fresh: true };
+        let mut wait = Wait { park_after, until: None, fresh: true, idle: self.snapshot.limits().keepalive_timeout };
         loop {
             wait.fresh = at.fresh;
             let ahead = if at.fresh && self.h2c {
@@ -755,7 +759,8 @@ impl ProxyApp {
             } else {
                 next_request(&mut tcp, shutdown, express.is_some(), wait).await
             };
-            wait = Wait { park_after, until: None, fresh: false };
+            let limits = self.snapshot.limits();
+            wait = Wait { park_after, until: None, fresh: false, idle: limits.keepalive_timeout };
             // Requests this connection may still serve after the current
             // one (None: no limit), as Pingora counts them.
             let remaining = at.remaining;
@@ -767,7 +772,7 @@ impl ProxyApp {
                         // Not parked: wait on here until the same deadline,
                         // as before parking existed.
                         (tcp, guard) = (t, g);
-                        wait = Wait { park_after: None, until: Some(deadline), fresh: at.fresh };
+                        wait = Wait { park_after: None, until: Some(deadline), fresh: at.fresh, idle: limits.keepalive_timeout };
                         continue;
                     }
                 },
@@ -790,11 +795,12 @@ impl ProxyApp {
                 Ahead::Proxy(rest) => {
                     let mut session = ServerSession::new_http1(tcp);
                     session.set_keepalive_reuses_remaining(remaining);
-                    // As Pingora does: no keep-alive once shutting down, else 60 s idle.
+                    // As Pingora does: no keep-alive once shutting down. The
+                    // idle wait after the request is this loop's.
                     if *shutdown.borrow() {
                         session.set_keepalive(None);
                     } else {
-                        session.set_keepalive(Some(KEEPALIVE_SECS));
+                        session.set_keepalive(Some(keepalive_secs(limits.keepalive_timeout)));
                     }
                     let Some(reused) = self.inner.process_new_http(session, shutdown).await else { return };
                     let (stream, _) = reused.consume();
@@ -807,6 +813,29 @@ impl ProxyApp {
                 remaining: remaining.map(|r| r.saturating_sub(1)),
                 fresh: false,
             };
+        }
+    }
+
+    /// Serve an HTTP/1 connection over TLS until it closes: Pingora's own
+    /// keep-alive loop (as in its `process_new`), with the idle time between
+    /// requests from `[limits]`, read again before each request.
+    async fn serve_tls(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        let mut session = ServerSession::new_http1(stream);
+        session.set_keepalive_reuses_remaining(self.inner.server_options().and_then(|o| o.keepalive_request_limit));
+        loop {
+            // As Pingora does: no keep-alive once shutting down.
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
+            } else {
+                session.set_keepalive(Some(keepalive_secs(self.snapshot.limits().keepalive_timeout)));
+            }
+            let Some(reused) = self.inner.process_new_http(session, shutdown).await else { return };
+            let (stream, settings) = reused.consume();
+            session = ServerSession::new_http1(stream);
+            // Requests left, pipelined bytes read ahead, pipelining on.
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
         }
     }
 
@@ -920,13 +949,16 @@ fn for_proxy(tcp: &mut L4Stream, mut buf: Vec<u8>) -> Ahead {
 
 type L4Stream = pingora::protocols::l4::stream::Stream;
 
-/// Idle time allowed between requests on a keep-alive connection.
-const KEEPALIVE_SECS: u64 = crate::config::KEEPALIVE_IDLE.as_secs();
+/// `limits.keepalive_timeout` as Pingora's session takes it: whole seconds,
+/// rounded up (0 would mean no limit).
+fn keepalive_secs(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
 
 /// Time allowed for the rest of a request head (all of it, from its first
 /// bytes), including a new connection's first bytes on an h2c listener,
 /// once this proxy reads them itself.
-const HEAD_TIMEOUT: std::time::Duration = crate::config::KEEPALIVE_IDLE;
+const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Most bytes read ahead while waiting for a request. Sized for a browser's
 /// request head with cookies (typically 0.5–1.5 KB): a longer head costs
@@ -970,6 +1002,8 @@ struct Wait {
     until: Option<tokio::time::Instant>,
     /// No request has been read from this connection yet.
     fresh: bool,
+    /// The idle timeout (`limits.keepalive_timeout`), when `until` is None.
+    idle: std::time::Duration,
 }
 
 /// On shutdown, how long a connection that has not sent its first request
@@ -1001,7 +1035,7 @@ async fn first_bytes(tcp: &mut L4Stream, room: usize, shutdown: &ShutdownWatch, 
         return last_bytes(tcp, room, wait.fresh).await;
     }
     let now = tokio::time::Instant::now();
-    let deadline = wait.until.unwrap_or(now + crate::config::KEEPALIVE_IDLE);
+    let deadline = wait.until.unwrap_or(now + wait.idle);
     let park_at = wait.park_after.map(|d| now + d).filter(|&t| t < deadline);
     let first = tokio::select! {
         r = read_ahead(tcp, room) => match r {
@@ -1107,7 +1141,11 @@ impl ServerApp for ProxyApp {
         let guard = RequestGauge(self.gauge.clone());
         if stream.get_ssl_digest().is_some() {
             let _guard = guard;
-            return ServerApp::process_new(&self.inner, stream, shutdown).await;
+            if matches!(stream.selected_alpn_proto(), Some(pingora::protocols::ALPN::H2)) {
+                return ServerApp::process_new(&self.inner, stream, shutdown).await;
+            }
+            self.serve_tls(stream, shutdown).await;
+            return None;
         }
         let Ok(mut tcp) = stream.into_any().downcast::<L4Stream>() else { return None };
         if self.rehome {
