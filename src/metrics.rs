@@ -184,12 +184,12 @@ impl Metrics {
         let requests_rejected = IntCounterVec::new(
             opts(
                 "requests_rejected_total",
-                "Requests refused for exceeding [limits], by reason: headers_too_large (431), uri_too_long (414), body_too_large (413). Counted in switchyard_requests_total too.",
+                "Requests refused for exceeding [limits], by reason: headers_too_large (431), uri_too_long (414), body_too_large (413), counted in switchyard_requests_total too; header_timeout (408: a head not complete within limits.header_timeout, not counted there).",
             ),
             &["reason"],
         )
         .expect("valid metric");
-        for r in ["headers_too_large", "uri_too_long", "body_too_large"] {
+        for r in ["headers_too_large", "uri_too_long", "body_too_large", "header_timeout"] {
             requests_rejected.with_label_values(&[r]);
         }
         let access_log_dropped = IntCounter::with_opts(opts(

@@ -1046,3 +1046,52 @@ fn idle_keepalive_connections_close_after_keepalive_timeout() {
         }
     }
 }
+
+/// `limits.header_timeout` on both paths (idle connections parked early, so
+/// the parker holds the deadlines too): a head trickled a line every 200 ms
+/// gets 408 and a close about 1 s after its first byte — on a new
+/// connection and on a kept-alive one idle for longer than that before; a
+/// new connection that sends nothing is closed quietly after it; a slow
+/// head that is whole in time is served. Each 408 counts as
+/// `header_timeout`; none reaches the backend.
+#[test]
+fn heads_not_complete_within_header_timeout_get_408() {
+    use std::io::Write;
+    let up = Upstream::start("ok");
+    for (path, server) in PATHS {
+        let p = Proxy::builder(&format!("[limits]\nheader_timeout = \"1s\"\n[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")))
+            .server(&format!("{server}\npark_idle_after = \"200ms\""))
+            .start();
+        let hits = up.hits();
+        let slow = |s: &mut std::net::TcpStream, what: &str| {
+            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            let (got, took) = trickle(s, b"GET /slow HTTP/1.1\r\nHost: a\r\n", 40);
+            assert!(got.starts_with("HTTP/1.1 408 "), "{path}, {what}: {got}");
+            assert!(got.to_ascii_lowercase().contains("connection: close"), "{path}, {what}: {got}");
+            assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{path}, {what}: answered after {took:?}");
+        };
+        slow(&mut std::net::TcpStream::connect(p.addr).unwrap(), "a new connection");
+        // Kept alive, idle (and parked) for 1.5 s, then slow.
+        let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+        s.write_all(b"GET /ka HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert!(read_one_response(&mut s).is_some_and(|r| r.starts_with("HTTP/1.1 200")), "{path}");
+        assert_eq!(closed_within(&mut s, Duration::from_millis(1500)), None, "{path}: kept alive");
+        slow(&mut s, "a kept-alive connection");
+        // Nothing sent: closed without a word.
+        let mut idle = std::net::TcpStream::connect(p.addr).unwrap();
+        let took = closed_within(&mut idle, Duration::from_secs(5));
+        assert!(took.is_some_and(|t| t >= Duration::from_millis(900) && t < Duration::from_secs(3)), "{path}: idle new connection closed after {took:?}");
+        // Slow, but whole within the time.
+        let mut ok = std::net::TcpStream::connect(p.addr).unwrap();
+        for piece in ["GET /fine HTTP/1.1\r\n", "Host: a\r\n", "Connection: close\r\n"] {
+            ok.write_all(piece.as_bytes()).unwrap();
+            assert_eq!(closed_within(&mut ok, Duration::from_millis(150)), None, "{path}: nothing before the head is whole");
+        }
+        ok.write_all(b"\r\n").unwrap();
+        let r = read_one_response(&mut ok).unwrap_or_default();
+        assert!(r.starts_with("HTTP/1.1 200"), "{path}: a slow head in time: {r}");
+        assert_eq!(up.hits(), hits + 2, "{path}: only the whole heads reached the backend");
+        let m = parse_metrics(&p.metrics());
+        assert_eq!(sample(&m, "switchyard_requests_rejected_total", &[("reason", "header_timeout")]), Some(2.0), "{path}");
+    }
+}

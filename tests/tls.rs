@@ -643,3 +643,47 @@ fn idle_tls_connections_close_after_keepalive_timeout() {
     // The response came at once; the close about 1 s later.
     assert!(closed.is_some_and(|t| t >= Duration::from_millis(700)), "closed after the idle timeout: {closed:?}");
 }
+
+/// `limits.header_timeout` over TLS, where Pingora reads the heads: a head
+/// trickled a line every 200 ms gets 408 and a close about 1 s after the
+/// handshake (a new connection) or after its first byte (a kept-alive one,
+/// idle for longer than that before); a connection that sends nothing after
+/// its handshake is closed quietly after it. Each 408 counts as
+/// `header_timeout`.
+#[test]
+fn heads_not_complete_within_header_timeout_get_408_over_tls() {
+    use std::io::Write;
+    let ca = Ca::new();
+    let up = Upstream::start("web");
+    let p = start_with(&ca, &up, "default", "[limits]\nheader_timeout = \"1s\"\n");
+    let head = b"GET /slow HTTP/1.1\r\nHost: www.example.test\r\n";
+    let slow = |s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>, what: &str| {
+        let (got, took) = trickle(s, head, 40);
+        assert!(got.starts_with("HTTP/1.1 408 ") && got.contains("Connection: close"), "{what}: {got}");
+        assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{what}: answered after {took:?}");
+    };
+    slow(&mut tls_connect(&p, Duration::from_millis(200)), "a new connection");
+    let mut s = tls_connect(&p, Duration::from_millis(200));
+    s.write_all(b"GET /ka HTTP/1.1\r\nHost: www.example.test\r\n\r\n").unwrap();
+    s.flush().unwrap();
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The response, then 1.5 s of quiet on the open connection.
+    while t0.elapsed() < Duration::from_millis(1500) {
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => panic!("closed while idle: {}", String::from_utf8_lossy(&got)),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    slow(&mut s, "a kept-alive connection");
+    let mut idle = tls_connect(&p, Duration::from_millis(200));
+    let (got, closed) = tls_read_to_close(&mut idle, Duration::from_secs(5));
+    assert!(got.is_empty() && closed.is_some_and(|t| t >= Duration::from_millis(800) && t < Duration::from_secs(3)), "idle: {got:?} {closed:?}");
+    let m = parse_metrics(&p.metrics());
+    assert_eq!(sample(&m, "switchyard_requests_rejected_total", &[("reason", "header_timeout")]), Some(2.0));
+    assert_eq!(up.hits(), 1, "only the whole head reached the backend");
+}

@@ -68,6 +68,8 @@ pub struct LimitsSection {
     pub max_body_bytes: Option<u64>,
     /// Idle time between requests on a client keep-alive connection.
     pub keepalive_timeout: Option<String>,
+    /// Time for a whole request head (408 after).
+    pub header_timeout: Option<String>,
 }
 
 /// The `[forwarding]` section: which peers' forwarding headers are believed.

@@ -45,6 +45,9 @@ pub struct Limits {
     pub max_body_bytes: u64,
     /// Idle time allowed between requests on a client keep-alive connection.
     pub keepalive_timeout: Duration,
+    /// Time allowed for a whole request head, from its first byte (for a
+    /// new connection, from accept).
+    pub header_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -55,6 +58,7 @@ impl Default for Limits {
             max_uri_bytes: 8 * 1024,
             max_body_bytes: 64 * 1024 * 1024,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
         }
     }
 }
@@ -266,6 +270,13 @@ pub const DEFAULT_READ_BUFFER: usize = 0;
 /// so holding one this long is cheap, and a client that comes back within
 /// it saves a handshake.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default `limits.header_timeout`: a browser sends its head (a few KB) in
+/// one or two packets, milliseconds after connecting, even on a poor mobile
+/// link; 10 s (HAProxy's usual `timeout http-request`) leaves ample room for
+/// that and holds a client that trickles its head (slowloris) for 10 s at
+/// most, instead of nginx's 60 s.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default `server.park_idle_after`: long enough that a connection in
 /// active use is never parked, short enough that idle ones soon are.

@@ -1048,13 +1048,19 @@ impl Validator<'_> {
     }
 
     fn limits(&mut self, s: LimitsSection) -> Limits {
-        let LimitsSection { max_header_bytes, max_headers, max_uri_bytes, max_body_bytes, keepalive_timeout } = s;
+        let LimitsSection { max_header_bytes, max_headers, max_uri_bytes, max_body_bytes, keepalive_timeout, header_timeout } = s;
         let d = Limits::default();
-        let mut keepalive = self.duration("limits.keepalive_timeout", keepalive_timeout.as_ref(), d.keepalive_timeout);
-        if keepalive > MAX_CLIENT_TIMEOUT {
-            self.err("limits.keepalive_timeout", format!("invalid duration {:?}: must be at most 1h", keepalive_timeout.unwrap_or_default()));
-            keepalive = d.keepalive_timeout;
-        }
+        let mut timeout = |field: &str, v: Option<String>, default: Duration| {
+            let path = format!("limits.{field}");
+            let t = self.duration(&path, v.as_ref(), default);
+            if t > MAX_CLIENT_TIMEOUT {
+                self.err(path, format!("invalid duration {:?}: must be at most 1h", v.unwrap_or_default()));
+                return default;
+            }
+            t
+        };
+        let keepalive = timeout("keepalive_timeout", keepalive_timeout, d.keepalive_timeout);
+        let header_timeout = timeout("header_timeout", header_timeout, d.header_timeout);
         let mut within = |field: &str, v: Option<u64>, default: u64, min: u64, max: u64| -> u64 {
             match v {
                 None => default,
@@ -1072,6 +1078,7 @@ impl Validator<'_> {
             max_uri_bytes: within("max_uri_bytes", max_uri_bytes, d.max_uri_bytes as u64, 256, 1024 * 1024) as usize,
             max_body_bytes: within("max_body_bytes", max_body_bytes, d.max_body_bytes, 0, u64::MAX),
             keepalive_timeout: keepalive,
+            header_timeout,
         }
     }
 
@@ -1363,9 +1370,13 @@ static = ["127.0.0.1:8001"]
         assert!(e.iter().any(|e| e.contains("limits.max_header_bytes") && e.contains("10")), "{e:?}");
         let c = parse(&format!("[limits]\nkeepalive_timeout = \"750ms\"\n{MINIMAL}"), Path::new("/etc/sy")).unwrap();
         assert_eq!(c.limits.keepalive_timeout, Duration::from_millis(750));
-        for bad in ["0s", "2h", "soon"] {
-            let e = errs(&format!("[limits]\nkeepalive_timeout = \"{bad}\"\n{MINIMAL}"));
-            assert!(e.iter().any(|e| e.contains("limits.keepalive_timeout") && e.contains(bad)), "{bad}: {e:?}");
+        let c = parse(&format!("[limits]\nheader_timeout = \"2s\"\n{MINIMAL}"), Path::new("/etc/sy")).unwrap();
+        assert_eq!((c.limits.header_timeout, Limits::default().header_timeout), (Duration::from_secs(2), Duration::from_secs(10)));
+        for field in ["keepalive_timeout", "header_timeout"] {
+            for bad in ["0s", "2h", "soon"] {
+                let e = errs(&format!("[limits]\n{field} = \"{bad}\"\n{MINIMAL}"));
+                assert!(e.iter().any(|e| e.contains(&format!("limits.{field}")) && e.contains(bad)), "{field} {bad}: {e:?}");
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 
 mod express;
 mod h1;
+mod head;
 mod headers;
 mod park;
 mod pool;
@@ -697,6 +698,8 @@ pub struct ProxyApp {
     parked: prometheus::IntGauge,
     /// `switchyard_downstream_parks_total`.
     parks: prometheus::IntCounter,
+    /// `switchyard_requests_rejected_total{reason="header_timeout"}`.
+    header_timeouts: prometheus::IntCounter,
 }
 
 impl ProxyApp {
@@ -721,6 +724,7 @@ impl ProxyApp {
             gauge: metrics.downstream_connections.clone(),
             parked: metrics.downstream_connections_parked.clone(),
             parks: metrics.downstream_parks.clone(),
+            header_timeouts: metrics.requests_rejected.with_label_values(&["header_timeout"]),
             park_after,
             h2c,
         }
@@ -733,15 +737,24 @@ impl ProxyApp {
     /// holds no proxy state (Pingora's own loop keeps its per-request
     /// future, ~14 KB, alive while waiting); after `park_idle_after` it is
     /// parked. `at`: requests it may still serve, and whether it is new.
-    /// `guard` counts it as open.
-    async fn serve(self: Arc<Self>, mut tcp: Box<L4Stream>, shutdown: ShutdownWatch, mut guard: RequestGauge, mut at: park::Resume) {
+    /// `guard` counts it as open. `until`: when it is closed if no bytes
+    /// come (a new connection: when its first head must be complete).
+    async fn serve(
+        self: Arc<Self>,
+        mut tcp: Box<L4Stream>,
+        shutdown: ShutdownWatch,
+        mut guard: RequestGauge,
+        mut at: park::Resume,
+        until: tokio::time::Instant,
+    ) {
         let shutdown = &shutdown;
         let express = self.express.as_ref();
         let peer = tcp.get_socket_digest().and_then(|d| d.peer_addr()?.as_inet().copied());
         let client = peer.map(|a| headers::ClientAddr::new(a.ip()));
         // Only connections from an internet address are parked.
         let park_after = if peer.is_some() { self.park_after } else { None };
-        let mut wait = Wait { park_after, until: None, fresh: true, idle: self.snapshot.limits().keepalive_timeout };
+        let limits = self.snapshot.limits();
+        let mut wait = Wait { park_after, until: Some(until), fresh: true, idle: limits.keepalive_timeout, header: limits.header_timeout };
         loop {
             wait.fresh = at.fresh;
             let ahead = if at.fresh && self.h2c {
@@ -760,19 +773,31 @@ impl ProxyApp {
                 next_request(&mut tcp, shutdown, express.is_some(), wait).await
             };
             let limits = self.snapshot.limits();
-            wait = Wait { park_after, until: None, fresh: false, idle: limits.keepalive_timeout };
+            wait = Wait { park_after, until: None, fresh: false, idle: limits.keepalive_timeout, header: limits.header_timeout };
             // Requests this connection may still serve after the current
             // one (None: no limit), as Pingora counts them.
             let remaining = at.remaining;
             match ahead {
                 Ahead::Closed => return,
+                Ahead::TimedOut => {
+                    use tokio::io::AsyncWriteExt;
+                    self.header_timeouts.inc();
+                    let answer = head::timeout_response();
+                    let write = async {
+                        tcp.write_all(&answer).await?;
+                        tcp.flush().await
+                    };
+                    // A client that reads nothing does not hold this up.
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
+                    return;
+                }
                 Ahead::Park(deadline) => match self.park(tcp, shutdown, guard, at, deadline, peer) {
                     Ok(()) => return,
                     Err((t, g)) => {
                         // Not parked: wait on here until the same deadline,
                         // as before parking existed.
                         (tcp, guard) = (t, g);
-                        wait = Wait { park_after: None, until: Some(deadline), fresh: at.fresh, idle: limits.keepalive_timeout };
+                        wait = Wait { park_after: None, until: Some(deadline), ..wait };
                         continue;
                     }
                 },
@@ -818,9 +843,14 @@ impl ProxyApp {
 
     /// Serve an HTTP/1 connection over TLS until it closes: Pingora's own
     /// keep-alive loop (as in its `process_new`), with the idle time between
-    /// requests from `[limits]`, read again before each request.
+    /// requests from `[limits]`, read again before each request. Pingora
+    /// reads the heads: [`head::HeadClock`] holds their deadlines (the first
+    /// counted from here, just after the handshake).
     async fn serve_tls(&self, stream: Stream, shutdown: &ShutdownWatch) {
-        let mut session = ServerSession::new_http1(stream);
+        let limits = self.snapshot.limits();
+        let until = tokio::time::Instant::now() + limits.header_timeout;
+        let clock = head::HeadClock::new(stream, until, limits.header_timeout, self.header_timeouts.clone());
+        let mut session = ServerSession::new_http1(Box::new(clock));
         session.set_keepalive_reuses_remaining(self.inner.server_options().and_then(|o| o.keepalive_request_limit));
         loop {
             // As Pingora does: no keep-alive once shutting down.
@@ -831,7 +861,10 @@ impl ProxyApp {
             }
             let Some(reused) = self.inner.process_new_http(session, shutdown).await else { return };
             let (stream, settings) = reused.consume();
-            session = ServerSession::new_http1(stream);
+            let Ok(mut clock) = stream.into_any().downcast::<head::HeadClock>() else { return };
+            let limits = self.snapshot.limits();
+            clock.arm(tokio::time::Instant::now() + limits.keepalive_timeout, limits.header_timeout);
+            session = ServerSession::new_http1(clock);
             // Requests left, pipelined bytes read ahead, pipelining on.
             if let Some(settings) = settings {
                 settings.apply_to_session(&mut session);
@@ -858,11 +891,21 @@ impl ProxyApp {
     }
 
     /// Serve a parked connection again, in a task of its own on this thread.
-    fn resume(self: &Arc<Self>, tcp: std::net::TcpStream, at: park::Resume, guard: RequestGauge, peer: Option<std::net::SocketAddr>, shutdown: &ShutdownWatch) {
+    /// `deadline`: the one it was parked with.
+    #[allow(clippy::too_many_arguments)]
+    fn resume(
+        self: &Arc<Self>,
+        tcp: std::net::TcpStream,
+        at: park::Resume,
+        deadline: tokio::time::Instant,
+        guard: RequestGauge,
+        peer: Option<std::net::SocketAddr>,
+        shutdown: &ShutdownWatch,
+    ) {
         // Dropping the socket on failure closes the connection.
         let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else { return };
         let stream = adopt(tcp, peer.map(pingora::protocols::l4::socket::SocketAddr::Inet));
-        tokio::spawn(self.clone().serve(stream, shutdown.clone(), guard, at));
+        tokio::spawn(self.clone().serve(stream, shutdown.clone(), guard, at, deadline));
     }
 }
 
@@ -877,51 +920,67 @@ enum Ahead {
     Proxy(Vec<u8>),
     /// The connection closed, failed, idled out or the server is stopping.
     Closed,
+    /// Part of a head came, but not all of it within `limits.header_timeout`.
+    TimedOut,
     /// Idle for `park_idle_after`: park it, to close at this deadline if
     /// nothing arrives.
     Park(tokio::time::Instant),
 }
 
 /// Largest request head the express path looks at (longer ones go to
-/// `HttpProxy`). Read only when a head overflows [`READ_AHEAD`].
+/// `HttpProxy`).
 const EXPRESS_HEAD_MAX: usize = 8 * 1024;
+
+/// Longest request head read here: Pingora's own limit (it refuses a longer
+/// one with 400), so a head that goes to it is always whole.
+const HEAD_MAX: usize = 1024 * 1024;
 
 /// Say which path serves the request whose first bytes are `buf`: the
 /// express path (if `express`) takes the head off the stream, anything else
-/// is put back for `HttpProxy`. A head that fills the read-ahead buffer is
-/// read on (into a heap buffer, up to [`EXPRESS_HEAD_MAX`]) until it is
-/// complete, or until `until` (None: [`HEAD_TIMEOUT`] from now; then it
-/// goes to `HttpProxy`, which answers it or times it out).
-async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool, until: Option<tokio::time::Instant>) -> Ahead {
+/// is put back for `HttpProxy`. A head not all there yet is read on here
+/// until it is whole, by `until` (None: `header_timeout` from now): so no
+/// head reaches Pingora, which times each read only, in pieces.
+async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool, until: Option<tokio::time::Instant>, header_timeout: std::time::Duration) -> Ahead {
     use h1::{RawRequest, Verdict};
     use tokio::io::AsyncReadExt;
-    if !express {
-        return for_proxy(tcp, buf);
-    }
-    let mut head = match RawRequest::parse(buf) {
-        Verdict::Express(r) => return express_ahead(tcp, r),
-        Verdict::Partial(b) if b.len() >= READ_AHEAD => b,
-        Verdict::Partial(b) | Verdict::Refused(b) => return for_proxy(tcp, b),
-    };
-    // Only a head longer than the read-ahead gets here: the clock is read
-    // off the common path.
-    let until = until.unwrap_or_else(|| tokio::time::Instant::now() + HEAD_TIMEOUT);
-    loop {
-        let n = head.len();
-        head.resize(EXPRESS_HEAD_MAX, 0);
-        let read = tokio::time::timeout_at(until, tcp.read(&mut head[n..])).await;
-        match read {
-            Ok(Ok(k)) if k > 0 => head.truncate(n + k),
-            _ => {
-                head.truncate(n);
-                tcp.rewind(&head);
-                return if n == 0 { Ahead::Closed } else { Ahead::Proxy(Vec::new()) };
-            }
-        }
-        head = match RawRequest::parse(head) {
+    let mut head = if express {
+        match RawRequest::parse(buf) {
             Verdict::Express(r) => return express_ahead(tcp, r),
-            Verdict::Partial(h) if h.len() < EXPRESS_HEAD_MAX => h,
-            Verdict::Partial(h) | Verdict::Refused(h) => return for_proxy(tcp, h),
+            Verdict::Refused(b) => return for_proxy(tcp, b),
+            Verdict::Partial(b) => b,
+        }
+    } else if head::ends_a_head(&buf) {
+        return for_proxy(tcp, buf);
+    } else {
+        buf
+    };
+    let mut end = head::HeadEnd::default();
+    if end.feed(&head).is_some() {
+        return for_proxy(tcp, head);
+    }
+    // Only a head that is not whole in its first read gets here: the clock
+    // is read off the common path.
+    let until = until.unwrap_or_else(|| tokio::time::Instant::now() + header_timeout);
+    loop {
+        if head.len() > HEAD_MAX {
+            return for_proxy(tcp, head);
+        }
+        let n = head.len();
+        head.reserve(READ_AHEAD);
+        match tokio::time::timeout_at(until, tcp.read_buf(&mut head)).await {
+            Err(_) => return Ahead::TimedOut,
+            Ok(Ok(0)) | Ok(Err(_)) => return Ahead::Closed,
+            Ok(Ok(_)) => {}
+        }
+        if end.feed(&head[n..]).is_none() {
+            continue;
+        }
+        if !express || head.len() > EXPRESS_HEAD_MAX {
+            return for_proxy(tcp, head);
+        }
+        return match RawRequest::parse(head) {
+            Verdict::Express(r) => express_ahead(tcp, r),
+            Verdict::Partial(h) | Verdict::Refused(h) => for_proxy(tcp, h),
         };
     }
 }
@@ -955,10 +1014,6 @@ fn keepalive_secs(d: std::time::Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// Time allowed for the rest of a request head (all of it, from its first
-/// bytes), including a new connection's first bytes on an h2c listener,
-/// once this proxy reads them itself.
-const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Most bytes read ahead while waiting for a request. Sized for a browser's
 /// request head with cookies (typically 0.5–1.5 KB): a longer head costs
@@ -1004,6 +1059,8 @@ struct Wait {
     fresh: bool,
     /// The idle timeout (`limits.keepalive_timeout`), when `until` is None.
     idle: std::time::Duration,
+    /// `limits.header_timeout`.
+    header: std::time::Duration,
 }
 
 /// On shutdown, how long a connection that has not sent its first request
@@ -1055,7 +1112,8 @@ async fn first_bytes(tcp: &mut L4Stream, room: usize, shutdown: &ShutdownWatch, 
 /// (as [`first_bytes`]) and classify them.
 async fn next_request(tcp: &mut L4Stream, shutdown: &ShutdownWatch, express: bool, wait: Wait) -> Ahead {
     match first_bytes(tcp, READ_AHEAD, shutdown, wait).await {
-        First::Bytes(b) => classify(tcp, b, express, None).await,
+        // A new connection's head is due when its wait ends.
+        First::Bytes(b) => classify(tcp, b, express, wait.until.filter(|_| wait.fresh), wait.header).await,
         First::Closed => Ahead::Closed,
         First::Park(deadline) => Ahead::Park(deadline),
     }
@@ -1074,11 +1132,12 @@ async fn sniff_h2(stream: &mut L4Stream, express: bool, shutdown: &ShutdownWatch
         First::Closed => return Some(Ahead::Closed),
         First::Park(deadline) => return Some(Ahead::Park(deadline)),
     };
-    let until = tokio::time::Instant::now() + HEAD_TIMEOUT;
+    // A new connection's first head is due when its wait ends.
+    let until = wait.until.unwrap_or_else(|| tokio::time::Instant::now() + wait.header);
     loop {
         let m = got.len().min(H2_PREFACE.len());
         if got[..m] != H2_PREFACE[..m] {
-            return Some(classify(stream, got, express, Some(until)).await);
+            return Some(classify(stream, got, express, Some(until), wait.header).await);
         }
         if got.len() >= H2_PREFACE.len() {
             stream.rewind(&got);
@@ -1159,7 +1218,8 @@ impl ServerApp for ProxyApp {
             remaining: self.inner.server_options().and_then(|o| o.keepalive_request_limit),
             fresh: true,
         };
-        tokio::spawn(self.clone().serve(tcp, shutdown.clone(), guard, at));
+        let until = tokio::time::Instant::now() + self.snapshot.limits().header_timeout;
+        tokio::spawn(self.clone().serve(tcp, shutdown.clone(), guard, at, until));
         None
     }
 
