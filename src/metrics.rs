@@ -39,6 +39,7 @@ pub struct Metrics {
     pub requests_express: IntCounter,
     /// By reason: headers_too_large, uri_too_long, body_too_large.
     pub requests_rejected: IntCounterVec,
+    pub downstream_connections_refused: IntCounter,
     pub access_log_dropped: IntCounter,
     pub routing_build_errors: IntCounter,
     pub consul_requests: IntCounterVec,
@@ -158,7 +159,7 @@ impl Metrics {
         .expect("valid metric");
         let downstream_connections = IntGauge::with_opts(opts(
             "downstream_connections",
-            "Client connections currently open.",
+            "Client connections currently open (served; refused ones over limits.max_connections are not counted).",
         ))
         .expect("valid metric");
         let downstream_connections_parked = IntGauge::with_opts(opts(
@@ -169,6 +170,11 @@ impl Metrics {
         let downstream_parks = IntCounter::with_opts(opts(
             "downstream_parks_total",
             "Times an idle client connection was parked (each wakes at most once: its rate is the rate of parked connections served again or closed).",
+        ))
+        .expect("valid metric");
+        let downstream_connections_refused = IntCounter::with_opts(opts(
+            "downstream_connections_refused_total",
+            "Client connections refused because limits.max_connections were open: answered 503 (HTTP/1) or closed (HTTP/2 over TLS), not counted in switchyard_downstream_connections.",
         ))
         .expect("valid metric");
         let requests_in_flight = IntGauge::with_opts(opts(
@@ -330,6 +336,7 @@ impl Metrics {
             Box::new(downstream_connections.clone()),
             Box::new(downstream_connections_parked.clone()),
             Box::new(downstream_parks.clone()),
+            Box::new(downstream_connections_refused.clone()),
             Box::new(requests_in_flight.clone()),
             Box::new(requests_express.clone()),
             Box::new(requests_rejected.clone()),
@@ -354,6 +361,7 @@ impl Metrics {
             downstream_connections,
             downstream_connections_parked,
             downstream_parks,
+            downstream_connections_refused,
             requests_in_flight,
             requests_express,
             requests_rejected,

@@ -143,6 +143,12 @@ pub fn build(config: Config, extras: Extras) -> Result<(Server, Arc<Ha>), String
         }
     }
     live.set_tls(tls_certs.iter().map(|(_, c)| c.clone()).collect());
+    let max_connections = config.limits.max_connections;
+    tracing::info!(
+        max_connections = max_connections.unwrap_or_else(crate::config::default_max_connections),
+        from = if max_connections.is_some() { "limits.max_connections" } else { "half the open-file limit" },
+        "client connections served at once"
+    );
     // Pingora's server options are per service: one proxy service per h2c setting.
     for h2c in [true, false] {
         let listeners: Vec<_> = config.listeners.iter().filter(|l| l.h2c == h2c).collect();

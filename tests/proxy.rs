@@ -1095,3 +1095,44 @@ fn heads_not_complete_within_header_timeout_get_408() {
         assert_eq!(sample(&m, "switchyard_requests_rejected_total", &[("reason", "header_timeout")]), Some(2.0), "{path}");
     }
 }
+
+/// `limits.max_connections` on both paths: with 2 connections open (kept
+/// alive), a third gets 503 with `Retry-After` and `Connection: close` and
+/// is closed, counted in `switchyard_downstream_connections_refused_total`
+/// and not as open; once one of the two closes, a new connection is served.
+#[test]
+fn connections_over_max_connections_get_503() {
+    use std::io::Write;
+    let up = Upstream::start("ok");
+    for (path, server) in PATHS {
+        let p = Proxy::builder(&format!("[limits]\nmax_connections = 2\n[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")))
+            .server(server)
+            .start();
+        let gauge = |name: &str| sample(&parse_metrics(&p.metrics()), name, &[]).unwrap_or(-1.0);
+        // The start-up probes' connections are gone.
+        assert!(wait_until(Duration::from_secs(5), || gauge("switchyard_downstream_connections") == 0.0), "{path}");
+        let ask = |s: &mut std::net::TcpStream| {
+            s.write_all(b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+            read_one_response(s).unwrap_or_default()
+        };
+        let mut open: Vec<std::net::TcpStream> = (0..2).map(|_| std::net::TcpStream::connect(p.addr).unwrap()).collect();
+        for (i, s) in open.iter_mut().enumerate() {
+            let r = ask(s);
+            assert!(r.starts_with("HTTP/1.1 200"), "{path}: connection {i}: {r}");
+        }
+        let over = raw_exchange(p.addr, b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n", Duration::from_secs(3));
+        assert!(over.starts_with("HTTP/1.1 503 "), "{path}: the third connection: {over}");
+        let (_, headers, body) = parse_raw_response(&over);
+        assert!(headers.contains(&("connection".into(), "close".into())) && headers.iter().any(|(k, _)| k == "retry-after"), "{path}: {headers:?}");
+        assert_eq!(body, "too many connections\n", "{path}");
+        assert_eq!(gauge("switchyard_downstream_connections"), 2.0, "{path}: the refused one is not counted");
+        assert_eq!(gauge("switchyard_downstream_connections_refused_total"), 1.0, "{path}");
+        drop(open.pop());
+        assert!(wait_until(Duration::from_secs(5), || gauge("switchyard_downstream_connections") == 1.0), "{path}");
+        let mut again = std::net::TcpStream::connect(p.addr).unwrap();
+        let r = ask(&mut again);
+        assert!(r.starts_with("HTTP/1.1 200"), "{path}: a new connection once one closed: {r}");
+        let r = ask(&mut open[0]);
+        assert!(r.starts_with("HTTP/1.1 200"), "{path}: the first connection still served: {r}");
+    }
+}

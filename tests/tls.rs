@@ -687,3 +687,35 @@ fn heads_not_complete_within_header_timeout_get_408_over_tls() {
     assert_eq!(sample(&m, "switchyard_requests_rejected_total", &[("reason", "header_timeout")]), Some(2.0));
     assert_eq!(up.hits(), 1, "only the whole head reached the backend");
 }
+
+/// `limits.max_connections` over TLS: with one connection open, the next
+/// (HTTP/1.1) gets 503 after its handshake and is closed; once the first
+/// closes, a new one is served.
+#[test]
+fn tls_connections_over_max_connections_get_503() {
+    use std::io::Write;
+    let ca = Ca::new();
+    let up = Upstream::start("web");
+    let p = start_with(&ca, &up, "default", "[limits]\nmax_connections = 1\n");
+    let gauge = || sample(&parse_metrics(&p.metrics()), "switchyard_downstream_connections", &[]).unwrap_or(-1.0);
+    assert!(wait_until(Duration::from_secs(5), || gauge() == 0.0));
+    let mut first = tls_connect(&p, Duration::from_millis(200));
+    first.write_all(b"GET /a HTTP/1.1\r\nHost: www.example.test\r\n\r\n").unwrap();
+    first.flush().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || up.hits() == 1));
+    let mut second = tls_connect(&p, Duration::from_millis(200));
+    second.write_all(b"GET /b HTTP/1.1\r\nHost: www.example.test\r\n\r\n").unwrap();
+    second.flush().unwrap();
+    let (got, closed) = tls_read_to_close(&mut second, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 503 ") && got.contains("Retry-After: ") && got.contains("Connection: close"), "{got}");
+    assert!(closed.is_some(), "closed after the 503");
+    drop(first);
+    assert!(wait_until(Duration::from_secs(5), || gauge() == 0.0));
+    let mut third = tls_connect(&p, Duration::from_millis(200));
+    third.write_all(b"GET /c HTTP/1.1\r\nHost: www.example.test\r\nConnection: close\r\n\r\n").unwrap();
+    third.flush().unwrap();
+    let (got, _) = tls_read_to_close(&mut third, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let m = parse_metrics(&p.metrics());
+    assert_eq!(sample(&m, "switchyard_downstream_connections_refused_total", &[]), Some(1.0));
+}

@@ -70,6 +70,8 @@ pub struct LimitsSection {
     pub keepalive_timeout: Option<String>,
     /// Time for a whole request head (408 after).
     pub header_timeout: Option<String>,
+    /// Client connections served at once (503 to the next).
+    pub max_connections: Option<u64>,
 }
 
 /// The `[forwarding]` section: which peers' forwarding headers are believed.

@@ -48,6 +48,9 @@ pub struct Limits {
     /// Time allowed for a whole request head, from its first byte (for a
     /// new connection, from accept).
     pub header_timeout: Duration,
+    /// Client connections served at once (None: half the open-file limit,
+    /// see [`default_max_connections`]).
+    pub max_connections: Option<usize>,
 }
 
 impl Default for Limits {
@@ -59,8 +62,21 @@ impl Default for Limits {
             max_body_bytes: 64 * 1024 * 1024,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_connections: None,
         }
     }
+}
+
+/// `limits.max_connections` when not set: half this process's open-file
+/// limit (soft `RLIMIT_NOFILE`), since each client connection may hold an
+/// upstream one too; at least 64. With the shipped systemd unit
+/// (`LimitNOFILE=65536`) that is 32768.
+pub fn default_max_connections() -> usize {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct it is given.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0;
+    let nofile = if ok && r.rlim_cur != libc::RLIM_INFINITY { r.rlim_cur as usize } else { 1024 };
+    (nofile / 2).clamp(64, 1_000_000)
 }
 
 /// The `[forwarding]` section, validated. Changes apply on reload.

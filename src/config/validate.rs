@@ -1048,7 +1048,7 @@ impl Validator<'_> {
     }
 
     fn limits(&mut self, s: LimitsSection) -> Limits {
-        let LimitsSection { max_header_bytes, max_headers, max_uri_bytes, max_body_bytes, keepalive_timeout, header_timeout } = s;
+        let LimitsSection { max_header_bytes, max_headers, max_uri_bytes, max_body_bytes, keepalive_timeout, header_timeout, max_connections } = s;
         let d = Limits::default();
         let mut timeout = |field: &str, v: Option<String>, default: Duration| {
             let path = format!("limits.{field}");
@@ -1079,6 +1079,7 @@ impl Validator<'_> {
             max_body_bytes: within("max_body_bytes", max_body_bytes, d.max_body_bytes, 0, u64::MAX),
             keepalive_timeout: keepalive,
             header_timeout,
+            max_connections: max_connections.map(|v| within("max_connections", Some(v), 1024, 1, 1_000_000) as usize),
         }
     }
 
@@ -1370,6 +1371,11 @@ static = ["127.0.0.1:8001"]
         assert!(e.iter().any(|e| e.contains("limits.max_header_bytes") && e.contains("10")), "{e:?}");
         let c = parse(&format!("[limits]\nkeepalive_timeout = \"750ms\"\n{MINIMAL}"), Path::new("/etc/sy")).unwrap();
         assert_eq!(c.limits.keepalive_timeout, Duration::from_millis(750));
+        let c = parse(&format!("[limits]\nmax_connections = 2\n{MINIMAL}"), Path::new("/etc/sy")).unwrap();
+        assert_eq!((c.limits.max_connections, Limits::default().max_connections), (Some(2), None));
+        let e = errs(&format!("[limits]\nmax_connections = 0\n{MINIMAL}"));
+        assert!(e.iter().any(|e| e.contains("limits.max_connections") && e.contains("invalid value 0")), "{e:?}");
+        assert!(crate::config::default_max_connections() >= 64);
         let c = parse(&format!("[limits]\nheader_timeout = \"2s\"\n{MINIMAL}"), Path::new("/etc/sy")).unwrap();
         assert_eq!((c.limits.header_timeout, Limits::default().header_timeout), (Duration::from_secs(2), Duration::from_secs(10)));
         for field in ["keepalive_timeout", "header_timeout"] {

@@ -700,6 +700,10 @@ pub struct ProxyApp {
     parks: prometheus::IntCounter,
     /// `switchyard_requests_rejected_total{reason="header_timeout"}`.
     header_timeouts: prometheus::IntCounter,
+    /// `limits.max_connections` when not set.
+    default_max_connections: usize,
+    /// `switchyard_downstream_connections_refused_total`.
+    refused: prometheus::IntCounter,
 }
 
 impl ProxyApp {
@@ -725,6 +729,8 @@ impl ProxyApp {
             parked: metrics.downstream_connections_parked.clone(),
             parks: metrics.downstream_parks.clone(),
             header_timeouts: metrics.requests_rejected.with_label_values(&["header_timeout"]),
+            default_max_connections: crate::config::default_max_connections(),
+            refused: metrics.downstream_connections_refused.clone(),
             park_after,
             h2c,
         }
@@ -907,6 +913,40 @@ impl ProxyApp {
         let stream = adopt(tcp, peer.map(pingora::protocols::l4::socket::SocketAddr::Inet));
         tokio::spawn(self.clone().serve(stream, shutdown.clone(), guard, at, deadline));
     }
+}
+
+/// Answer a connection over `limits.max_connections`: `503` with
+/// `Retry-After` and `Connection: close` (HTTP/2 over TLS: closed at once,
+/// it cannot take an HTTP/1 answer), then the end of the stream, then what
+/// the client sends is read and dropped until it closes (64 KiB, 1 s at
+/// most): closing with its request unread would reset the connection, and
+/// the client could lose the answer. Not counted as open meanwhile.
+async fn refuse(mut stream: Stream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if matches!(stream.selected_alpn_proto(), Some(pingora::protocols::ALPN::H2)) {
+        return;
+    }
+    const BODY: &str = "too many connections\n";
+    let date = pingora::protocols::http::date::get_cached_date();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: {RETRY_AFTER_SECS}\r\nDate: {}\r\nConnection: close\r\n\r\n{BODY}",
+        BODY.len(),
+        date.to_str().unwrap_or_default()
+    );
+    let exchange = async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.flush().await?;
+        AsyncWriteExt::shutdown(&mut stream).await?;
+        let (mut buf, mut total) = ([0u8; 4096], 0);
+        while total < 64 * 1024 {
+            match stream.read(&mut buf).await? {
+                0 => break,
+                n => total += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), exchange).await;
 }
 
 /// What the bytes read ahead of a request say.
@@ -1198,6 +1238,15 @@ impl ServerApp for ProxyApp {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         self.gauge.inc();
         let guard = RequestGauge(self.gauge.clone());
+        // Two connections arriving at once at the limit may both be
+        // refused; never more than the limit are served.
+        let max = self.snapshot.limits().max_connections.unwrap_or(self.default_max_connections);
+        if self.gauge.get() > max as i64 {
+            drop(guard);
+            self.refused.inc();
+            refuse(stream).await;
+            return None;
+        }
         if stream.get_ssl_digest().is_some() {
             let _guard = guard;
             if matches!(stream.selected_alpn_proto(), Some(pingora::protocols::ALPN::H2)) {
