@@ -126,6 +126,7 @@ impl ProxyFailure {
         match e.etype() {
             ErrorType::HTTPStatus(503) => ProxyFailure::NoBackends,
             ErrorType::HTTPStatus(404) => ProxyFailure::NoRoute,
+            ErrorType::HTTPStatus(413) => ProxyFailure::BodyTooLarge,
             ErrorType::HTTPStatus(504)
             | ErrorType::ConnectTimedout
             | ErrorType::ReadTimedout

@@ -41,6 +41,7 @@ pub struct Metrics {
     pub requests_express: IntCounter,
     /// By reason: headers_too_large, uri_too_long, body_too_large.
     pub requests_rejected: IntCounterVec,
+    pub downstream_connections_refused: IntCounter,
     pub access_log_dropped: IntCounter,
     pub routing_build_errors: IntCounter,
     pub consul_requests: IntCounterVec,
@@ -170,7 +171,7 @@ impl Metrics {
         .expect("valid metric");
         let downstream_connections = IntGauge::with_opts(opts(
             "downstream_connections",
-            "Client connections currently open.",
+            "Client connections currently open (served; refused ones over limits.max_connections are not counted).",
         ))
         .expect("valid metric");
         let downstream_connections_parked = IntGauge::with_opts(opts(
@@ -181,6 +182,11 @@ impl Metrics {
         let downstream_parks = IntCounter::with_opts(opts(
             "downstream_parks_total",
             "Times an idle client connection was parked (each wakes at most once: its rate is the rate of parked connections served again or closed).",
+        ))
+        .expect("valid metric");
+        let downstream_connections_refused = IntCounter::with_opts(opts(
+            "downstream_connections_refused_total",
+            "Client connections refused because limits.max_connections were open: answered 503 (HTTP/1) or closed (HTTP/2 over TLS), not counted in switchyard_downstream_connections.",
         ))
         .expect("valid metric");
         let requests_in_flight = IntGauge::with_opts(opts(
@@ -196,12 +202,12 @@ impl Metrics {
         let requests_rejected = IntCounterVec::new(
             opts(
                 "requests_rejected_total",
-                "Requests refused for exceeding [limits], by reason: headers_too_large (431), uri_too_long (414), body_too_large (413); or as malformed (400): bad_request_line, bad_framing, bad_host. Counted in switchyard_requests_total too, except a malformed request line answered before any parser ran.",
+                "Requests refused for exceeding [limits], by reason: headers_too_large (431), uri_too_long (414), body_too_large (413), counted in switchyard_requests_total too; header_timeout (408: a head not complete within limits.header_timeout, not counted there); or as malformed (400): bad_request_line, bad_framing, bad_host, counted there too except a malformed request line answered before any parser ran.",
             ),
             &["reason"],
         )
         .expect("valid metric");
-        for r in ["headers_too_large", "uri_too_long", "body_too_large", "bad_request_line", "bad_framing", "bad_host"] {
+        for r in ["headers_too_large", "uri_too_long", "body_too_large", "header_timeout", "bad_request_line", "bad_framing", "bad_host"] {
             requests_rejected.with_label_values(&[r]);
         }
         let access_log_dropped = IntCounter::with_opts(opts(
@@ -344,6 +350,7 @@ impl Metrics {
             Box::new(downstream_connections.clone()),
             Box::new(downstream_connections_parked.clone()),
             Box::new(downstream_parks.clone()),
+            Box::new(downstream_connections_refused.clone()),
             Box::new(requests_in_flight.clone()),
             Box::new(requests_express.clone()),
             Box::new(requests_rejected.clone()),
@@ -370,6 +377,7 @@ impl Metrics {
             downstream_connections,
             downstream_connections_parked,
             downstream_parks,
+            downstream_connections_refused,
             requests_in_flight,
             requests_express,
             requests_rejected,

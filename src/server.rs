@@ -143,6 +143,12 @@ pub fn build(config: Config, extras: Extras) -> Result<(Server, Arc<Ha>), String
         }
     }
     live.set_tls(tls_certs.iter().map(|(_, c)| c.clone()).collect());
+    let max_connections = config.limits.max_connections;
+    tracing::info!(
+        max_connections = max_connections.unwrap_or_else(crate::config::default_max_connections),
+        from = if max_connections.is_some() { "limits.max_connections" } else { "half the open-file limit" },
+        "client connections served at once"
+    );
     // Pingora's server options are per service: one proxy service per h2c setting.
     for h2c in [true, false] {
         let listeners: Vec<_> = config.listeners.iter().filter(|l| l.h2c == h2c).collect();
@@ -158,7 +164,7 @@ pub fn build(config: Config, extras: Extras) -> Result<(Server, Arc<Ha>), String
         app.server_options = Some(opts);
         app.handle_init_modules();
         let express = config.server.express.then_some(core);
-        let app = ProxyApp::new(app, &server.configuration, express, &metrics, config.server.park_idle_after);
+        let app = ProxyApp::new(app, snapshot.clone(), &server.configuration, express, &metrics, config.server.park_idle_after);
         let names: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
         let mut svc = Service::new(format!("proxy {}", names.join(" ")), app);
         for l in &listeners {

@@ -23,6 +23,12 @@ impl Snapshot {
         self.current.load_full()
     }
 
+    /// The serving table's `[limits]`, without taking a reference to the
+    /// table (for the connection loops, between requests).
+    pub fn limits(&self) -> crate::config::Limits {
+        self.current.load().limits
+    }
+
     /// Replace the table. Called by reconcile only.
     pub fn publish(&self, table: RoutingTable) -> Arc<RoutingTable> {
         let table = Arc::new(table);

@@ -977,3 +977,186 @@ fn a_dead_backend_is_ejected_after_failures_in_a_row() {
         assert_eq!(ejected.iter().map(|e| e.unwrap_or(0.0)).sum::<f64>(), 1.0, "{path}: {ejected:?}");
     }
 }
+
+/// A chunked request body in pieces of 100 bytes, `len` bytes in all, with
+/// its last chunk.
+fn chunked_post(len: usize, close: bool) -> Vec<u8> {
+    let mut req = format!("POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n{}\r\n", if close { "Connection: close\r\n" } else { "" }).into_bytes();
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(100);
+        req.extend_from_slice(format!("{n:x}\r\n").as_bytes());
+        req.extend(std::iter::repeat_n(b'x', n));
+        req.extend_from_slice(b"\r\n");
+        left -= n;
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    req
+}
+
+/// `limits.max_body_bytes` also holds for a chunked body, counted as it
+/// streams, on both paths: at the limit it reaches the backend whole; one
+/// byte over, the client gets 413 and its connection closes, the backend
+/// never receives the whole body (its connection is dropped, not pooled),
+/// it counts as `body_too_large`, and the next requests — a GET and another
+/// chunked POST, on new connections — are served.
+#[test]
+fn chunked_bodies_over_the_limit_are_cut_with_413() {
+    let up = Upstream::start("ok");
+    for (path, server) in PATHS {
+        let body = format!("[limits]\nmax_body_bytes = 1000\n[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], ""));
+        let p = Proxy::builder(&body).server(server).start();
+        let ask = |req: &[u8]| raw_exchange(p.addr, req, Duration::from_secs(5));
+        let before = up.bodies().len();
+        let at = ask(&chunked_post(1000, true));
+        assert!(at.starts_with("HTTP/1.1 200"), "{path}: a body at the limit: {at}");
+        let over = ask(&chunked_post(1001, false));
+        assert!(over.starts_with("HTTP/1.1 413"), "{path}: a body one byte over: {over}");
+        let (_, headers, text) = parse_raw_response(&over);
+        assert!(headers.contains(&("connection".into(), "close".into())), "{path}: {headers:?}");
+        assert_eq!(text, "request body too large\n", "{path}");
+        let big = ask(&chunked_post(50_000, true));
+        assert!(big.is_empty() || big.starts_with("HTTP/1.1 413"), "{path}: a body far over: {big}");
+        assert_eq!(p.fetch("/canary"), (200, "ok".to_string()), "{path}: the canary after");
+        assert!(ask(&chunked_post(999, true)).starts_with("HTTP/1.1 200"), "{path}: a body below the limit after");
+        let got: Vec<usize> = up.bodies()[before..].to_vec();
+        assert_eq!(got, [1000, 0, 999], "{path}: complete bodies the backend received");
+        let m = parse_metrics(&p.metrics());
+        let rejected = sample(&m, "switchyard_requests_rejected_total", &[("reason", "body_too_large")]);
+        assert!(rejected == Some(2.0), "{path}: counted: {rejected:?}");
+    }
+}
+
+/// Wait for the proxy to close `s` (bounded by `limit`); how long it took.
+/// None: still open at `limit`, or bytes came instead.
+fn closed_within(s: &mut std::net::TcpStream, limit: Duration) -> Option<Duration> {
+    use std::io::Read;
+    let t0 = Instant::now();
+    s.set_read_timeout(Some(limit)).unwrap();
+    match s.read(&mut [0u8; 64]) {
+        Ok(0) => Some(t0.elapsed()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Some(t0.elapsed()),
+        _ => None,
+    }
+}
+
+/// `limits.keepalive_timeout` on both paths, with idle connections parked
+/// (the parker closes them) and not: an idle keep-alive connection is closed
+/// after it, and one whose client comes back within it is served.
+#[test]
+fn idle_keepalive_connections_close_after_keepalive_timeout() {
+    use std::io::Write;
+    let up = Upstream::start("ka");
+    for (path, server) in PATHS {
+        for park in ["100ms", "off"] {
+            let p = Proxy::builder(&format!("[limits]\nkeepalive_timeout = \"1s\"\n[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")))
+                .server(&format!("{server}\npark_idle_after = \"{park}\""))
+                .start();
+            let what = format!("{path}, parking {park}");
+            let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+            let ask = |s: &mut std::net::TcpStream, i: u32| {
+                s.write_all(b"GET /k HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+                let r = read_one_response(s).unwrap_or_default();
+                assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("ka"), "{what}: request {i}: {r}");
+            };
+            ask(&mut s, 1);
+            // Back within the timeout (twice 0.6 s: more than it in all).
+            for i in 2..4 {
+                assert_eq!(closed_within(&mut s, Duration::from_millis(600)), None, "{what}: open before request {i}");
+                ask(&mut s, i);
+            }
+            let took = closed_within(&mut s, Duration::from_secs(5));
+            assert!(took.is_some_and(|t| t >= Duration::from_millis(700)), "{what}: closed after the idle timeout: {took:?}");
+        }
+    }
+}
+
+/// `limits.header_timeout` on both paths (idle connections parked early, so
+/// the parker holds the deadlines too): a head trickled a line every 200 ms
+/// gets 408 and a close about 1 s after its first byte — on a new
+/// connection and on a kept-alive one idle for longer than that before; a
+/// new connection that sends nothing is closed quietly after it; a slow
+/// head that is whole in time is served. Each 408 counts as
+/// `header_timeout`; none reaches the backend.
+#[test]
+fn heads_not_complete_within_header_timeout_get_408() {
+    use std::io::Write;
+    let up = Upstream::start("ok");
+    for (path, server) in PATHS {
+        let p = Proxy::builder(&format!("[limits]\nheader_timeout = \"1s\"\n[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")))
+            .server(&format!("{server}\npark_idle_after = \"200ms\""))
+            .start();
+        let hits = up.hits();
+        let slow = |s: &mut std::net::TcpStream, what: &str| {
+            s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            let (got, took) = trickle(s, b"GET /slow HTTP/1.1\r\nHost: a\r\n", 40);
+            assert!(got.starts_with("HTTP/1.1 408 "), "{path}, {what}: {got}");
+            assert!(got.to_ascii_lowercase().contains("connection: close"), "{path}, {what}: {got}");
+            assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{path}, {what}: answered after {took:?}");
+        };
+        slow(&mut std::net::TcpStream::connect(p.addr).unwrap(), "a new connection");
+        // Kept alive, idle (and parked) for 1.5 s, then slow.
+        let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+        s.write_all(b"GET /ka HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        assert!(read_one_response(&mut s).is_some_and(|r| r.starts_with("HTTP/1.1 200")), "{path}");
+        assert_eq!(closed_within(&mut s, Duration::from_millis(1500)), None, "{path}: kept alive");
+        slow(&mut s, "a kept-alive connection");
+        // Nothing sent: closed without a word.
+        let mut idle = std::net::TcpStream::connect(p.addr).unwrap();
+        let took = closed_within(&mut idle, Duration::from_secs(5));
+        assert!(took.is_some_and(|t| t >= Duration::from_millis(900) && t < Duration::from_secs(3)), "{path}: idle new connection closed after {took:?}");
+        // Slow, but whole within the time.
+        let mut ok = std::net::TcpStream::connect(p.addr).unwrap();
+        for piece in ["GET /fine HTTP/1.1\r\n", "Host: a\r\n", "Connection: close\r\n"] {
+            ok.write_all(piece.as_bytes()).unwrap();
+            assert_eq!(closed_within(&mut ok, Duration::from_millis(150)), None, "{path}: nothing before the head is whole");
+        }
+        ok.write_all(b"\r\n").unwrap();
+        let r = read_one_response(&mut ok).unwrap_or_default();
+        assert!(r.starts_with("HTTP/1.1 200"), "{path}: a slow head in time: {r}");
+        assert_eq!(up.hits(), hits + 2, "{path}: only the whole heads reached the backend");
+        let m = parse_metrics(&p.metrics());
+        assert_eq!(sample(&m, "switchyard_requests_rejected_total", &[("reason", "header_timeout")]), Some(2.0), "{path}");
+    }
+}
+
+/// `limits.max_connections` on both paths: with 2 connections open (kept
+/// alive), a third gets 503 with `Retry-After` and `Connection: close` and
+/// is closed, counted in `switchyard_downstream_connections_refused_total`
+/// and not as open; once one of the two closes, a new connection is served.
+#[test]
+fn connections_over_max_connections_get_503() {
+    use std::io::Write;
+    let up = Upstream::start("ok");
+    for (path, server) in PATHS {
+        let p = Proxy::builder(&format!("[limits]\nmax_connections = 2\n[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")))
+            .server(server)
+            .start();
+        let gauge = |name: &str| sample(&parse_metrics(&p.metrics()), name, &[]).unwrap_or(-1.0);
+        // The start-up probes' connections are gone.
+        assert!(wait_until(Duration::from_secs(5), || gauge("switchyard_downstream_connections") == 0.0), "{path}");
+        let ask = |s: &mut std::net::TcpStream| {
+            s.write_all(b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+            read_one_response(s).unwrap_or_default()
+        };
+        let mut open: Vec<std::net::TcpStream> = (0..2).map(|_| std::net::TcpStream::connect(p.addr).unwrap()).collect();
+        for (i, s) in open.iter_mut().enumerate() {
+            let r = ask(s);
+            assert!(r.starts_with("HTTP/1.1 200"), "{path}: connection {i}: {r}");
+        }
+        let over = raw_exchange(p.addr, b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n", Duration::from_secs(3));
+        assert!(over.starts_with("HTTP/1.1 503 "), "{path}: the third connection: {over}");
+        let (_, headers, body) = parse_raw_response(&over);
+        assert!(headers.contains(&("connection".into(), "close".into())) && headers.iter().any(|(k, _)| k == "retry-after"), "{path}: {headers:?}");
+        assert_eq!(body, "too many connections\n", "{path}");
+        assert_eq!(gauge("switchyard_downstream_connections"), 2.0, "{path}: the refused one is not counted");
+        assert_eq!(gauge("switchyard_downstream_connections_refused_total"), 1.0, "{path}");
+        drop(open.pop());
+        assert!(wait_until(Duration::from_secs(5), || gauge("switchyard_downstream_connections") == 1.0), "{path}");
+        let mut again = std::net::TcpStream::connect(p.addr).unwrap();
+        let r = ask(&mut again);
+        assert!(r.starts_with("HTTP/1.1 200"), "{path}: a new connection once one closed: {r}");
+        let r = ask(&mut open[0]);
+        assert!(r.starts_with("HTTP/1.1 200"), "{path}: the first connection still served: {r}");
+    }
+}

@@ -43,11 +43,16 @@ impl Ca {
 /// A proxy whose listener terminates TLS with `site.pem` (the default,
 /// www.example.test) and `api.pem` (*.api.example.test).
 fn start(ca: &Ca, upstream: &Upstream, without_sni: &str) -> Proxy {
+    start_with(ca, upstream, without_sni, "")
+}
+
+/// As [`start`], with `sections` (such as `[limits]`) in the config too.
+fn start_with(ca: &Ca, upstream: &Upstream, without_sni: &str, sections: &str) -> Proxy {
     let (site_c, site_k) = ca.leaf(&["www.example.test"], 1);
     let (api_c, api_k) = ca.leaf(&["*.api.example.test"], 2);
     Proxy::builder(&format!(
         "tls = {{ cert = \"site.pem\", key = \"site.key\", without_sni = \"{without_sni}\", certificates = [{{ cert = \"api.pem\", key = \"api.key\" }}] }}\n\n\
-         [[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"{}\"]\n",
+         {sections}\n[[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"{}\"]\n",
         upstream.addr
     ))
     .file("site.pem", &site_c)
@@ -585,4 +590,168 @@ fn pipelined_requests_over_tls_are_answered_in_order() {
     let ids: Vec<&str> = out.lines().filter_map(|l| l.trim_end().strip_prefix("x-request-id: ")).collect();
     assert_eq!(ids, ["tls-1", "tls-2", "tls-3"], "every request answered, in order:\n{out}");
     assert!(done, "the connection closed after the last response");
+}
+
+/// `limits.max_body_bytes` holds for request bodies without a declared
+/// length over TLS too: a streamed body over HTTP/2 (no `content-length`)
+/// and a chunked one over HTTP/1.1, each at and one byte over the limit.
+#[test]
+fn bodies_without_a_length_over_the_limit_get_413_over_tls() {
+    let ca = Ca::new();
+    let up = Upstream::start("web");
+    let p = start_with(&ca, &up, "default", "[limits]\nmax_body_bytes = 1000\n");
+    for (h2, c) in [(true, https_client(&p, true)), (false, reqwest::blocking::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(p.path("ca.pem")).unwrap()).unwrap())
+        .tls_built_in_root_certs(false)
+        .resolve("www.example.test", p.addr)
+        .no_proxy()
+        .http1_only()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap())]
+    {
+        for (len, status) in [(1000usize, 200u16), (1001, 413)] {
+            // A reader: the body's length is not known in advance.
+            let body = reqwest::blocking::Body::new(std::io::Cursor::new(vec![b'x'; len]));
+            let r = c.post(url(&p, "www.example.test", "/up")).body(body).send();
+            let r = r.unwrap_or_else(|e| panic!("h2 {h2}, {len} bytes: {e:?}"));
+            assert_eq!(r.version() == reqwest::Version::HTTP_2, h2);
+            assert_eq!(r.status().as_u16(), status, "h2 {h2}, {len} bytes");
+        }
+    }
+    assert!(!up.bodies().contains(&1001), "no backend got a whole body over the limit: {:?}", up.bodies());
+    let m = parse_metrics(&p.metrics());
+    assert_eq!(sample(&m, "switchyard_requests_rejected_total", &[("reason", "body_too_large")]), Some(2.0));
+}
+
+/// A TLS connection to the proxy (no ALPN: HTTP/1.1), verified by the
+/// test CA, with reads timing out after `timeout`.
+fn tls_connect(p: &Proxy, timeout: Duration) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(p.path("ca.pem")).unwrap();
+    for c in rustls_pemfile::certs(&mut &pem[..]) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("www.example.test").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let tcp = std::net::TcpStream::connect(p.addr).unwrap();
+    tcp.set_read_timeout(Some(timeout)).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).unwrap();
+    }
+    s
+}
+
+/// Read from a TLS stream until the proxy closes it, up to `limit`:
+/// (what came, time until closed, or None if still open or stalled).
+fn tls_read_to_close(s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>, limit: Duration) -> (String, Option<Duration>) {
+    use std::io::Read;
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while t0.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => return (String::from_utf8_lossy(&got).into_owned(), Some(t0.elapsed())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            // Closed without close_notify, or reset.
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), Some(t0.elapsed())),
+        }
+    }
+    (String::from_utf8_lossy(&got).into_owned(), None)
+}
+
+/// `limits.keepalive_timeout` over TLS (HTTP/1.1): the idle connection is
+/// closed after it.
+#[test]
+fn idle_tls_connections_close_after_keepalive_timeout() {
+    use std::io::Write;
+    let ca = Ca::new();
+    let up = Upstream::start("web");
+    let p = start_with(&ca, &up, "default", "[limits]\nkeepalive_timeout = \"1s\"\n");
+    let mut s = tls_connect(&p, Duration::from_millis(100));
+    s.write_all(b"GET /k HTTP/1.1\r\nHost: www.example.test\r\n\r\n").unwrap();
+    s.flush().unwrap();
+    let (got, closed) = tls_read_to_close(&mut s, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 200") && got.ends_with("web"), "{got}");
+    // The response came at once; the close about 1 s later.
+    assert!(closed.is_some_and(|t| t >= Duration::from_millis(700)), "closed after the idle timeout: {closed:?}");
+}
+
+/// `limits.header_timeout` over TLS, where Pingora reads the heads: a head
+/// trickled a line every 200 ms gets 408 and a close about 1 s after the
+/// handshake (a new connection) or after its first byte (a kept-alive one,
+/// idle for longer than that before); a connection that sends nothing after
+/// its handshake is closed quietly after it. Each 408 counts as
+/// `header_timeout`.
+#[test]
+fn heads_not_complete_within_header_timeout_get_408_over_tls() {
+    use std::io::Write;
+    let ca = Ca::new();
+    let up = Upstream::start("web");
+    let p = start_with(&ca, &up, "default", "[limits]\nheader_timeout = \"1s\"\n");
+    let head = b"GET /slow HTTP/1.1\r\nHost: www.example.test\r\n";
+    let slow = |s: &mut rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>, what: &str| {
+        let (got, took) = trickle(s, head, 40);
+        assert!(got.starts_with("HTTP/1.1 408 ") && got.contains("Connection: close"), "{what}: {got}");
+        assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{what}: answered after {took:?}");
+    };
+    slow(&mut tls_connect(&p, Duration::from_millis(200)), "a new connection");
+    let mut s = tls_connect(&p, Duration::from_millis(200));
+    s.write_all(b"GET /ka HTTP/1.1\r\nHost: www.example.test\r\n\r\n").unwrap();
+    s.flush().unwrap();
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // The response, then 1.5 s of quiet on the open connection.
+    while t0.elapsed() < Duration::from_millis(1500) {
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => panic!("closed while idle: {}", String::from_utf8_lossy(&got)),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    slow(&mut s, "a kept-alive connection");
+    let mut idle = tls_connect(&p, Duration::from_millis(200));
+    let (got, closed) = tls_read_to_close(&mut idle, Duration::from_secs(5));
+    assert!(got.is_empty() && closed.is_some_and(|t| t >= Duration::from_millis(800) && t < Duration::from_secs(3)), "idle: {got:?} {closed:?}");
+    let m = parse_metrics(&p.metrics());
+    assert_eq!(sample(&m, "switchyard_requests_rejected_total", &[("reason", "header_timeout")]), Some(2.0));
+    assert_eq!(up.hits(), 1, "only the whole head reached the backend");
+}
+
+/// `limits.max_connections` over TLS: with one connection open, the next
+/// (HTTP/1.1) gets 503 after its handshake and is closed; once the first
+/// closes, a new one is served.
+#[test]
+fn tls_connections_over_max_connections_get_503() {
+    use std::io::Write;
+    let ca = Ca::new();
+    let up = Upstream::start("web");
+    let p = start_with(&ca, &up, "default", "[limits]\nmax_connections = 1\n");
+    let gauge = || sample(&parse_metrics(&p.metrics()), "switchyard_downstream_connections", &[]).unwrap_or(-1.0);
+    assert!(wait_until(Duration::from_secs(5), || gauge() == 0.0));
+    let mut first = tls_connect(&p, Duration::from_millis(200));
+    first.write_all(b"GET /a HTTP/1.1\r\nHost: www.example.test\r\n\r\n").unwrap();
+    first.flush().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || up.hits() == 1));
+    let mut second = tls_connect(&p, Duration::from_millis(200));
+    second.write_all(b"GET /b HTTP/1.1\r\nHost: www.example.test\r\n\r\n").unwrap();
+    second.flush().unwrap();
+    let (got, closed) = tls_read_to_close(&mut second, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 503 ") && got.contains("Retry-After: ") && got.contains("Connection: close"), "{got}");
+    assert!(closed.is_some(), "closed after the 503");
+    drop(first);
+    assert!(wait_until(Duration::from_secs(5), || gauge() == 0.0));
+    let mut third = tls_connect(&p, Duration::from_millis(200));
+    third.write_all(b"GET /c HTTP/1.1\r\nHost: www.example.test\r\nConnection: close\r\n\r\n").unwrap();
+    third.flush().unwrap();
+    let (got, _) = tls_read_to_close(&mut third, Duration::from_secs(5));
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    let m = parse_metrics(&p.metrics());
+    assert_eq!(sample(&m, "switchyard_downstream_connections_refused_total", &[]), Some(1.0));
 }

@@ -64,8 +64,14 @@ pub struct LimitsSection {
     pub max_headers: Option<u64>,
     /// Request target (path and query), in bytes (414 above).
     pub max_uri_bytes: Option<u64>,
-    /// A request body's declared `Content-Length`, in bytes (413 above).
+    /// A request body, declared or counted as it streams, in bytes (413 above).
     pub max_body_bytes: Option<u64>,
+    /// Idle time between requests on a client keep-alive connection.
+    pub keepalive_timeout: Option<String>,
+    /// Time for a whole request head (408 after).
+    pub header_timeout: Option<String>,
+    /// Client connections served at once (503 to the next).
+    pub max_connections: Option<u64>,
 }
 
 /// The `[forwarding]` section: which peers' forwarding headers are believed.

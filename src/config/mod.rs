@@ -43,6 +43,14 @@ pub struct Limits {
     pub max_headers: usize,
     pub max_uri_bytes: usize,
     pub max_body_bytes: u64,
+    /// Idle time allowed between requests on a client keep-alive connection.
+    pub keepalive_timeout: Duration,
+    /// Time allowed for a whole request head, from its first byte (for a
+    /// new connection, from accept).
+    pub header_timeout: Duration,
+    /// Client connections served at once (None: half the open-file limit,
+    /// see [`default_max_connections`]).
+    pub max_connections: Option<usize>,
 }
 
 impl Default for Limits {
@@ -52,8 +60,23 @@ impl Default for Limits {
             max_headers: 100,
             max_uri_bytes: 8 * 1024,
             max_body_bytes: 64 * 1024 * 1024,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            max_connections: None,
         }
     }
+}
+
+/// `limits.max_connections` when not set: half this process's open-file
+/// limit (soft `RLIMIT_NOFILE`), since each client connection may hold an
+/// upstream one too; at least 64. With the shipped systemd unit
+/// (`LimitNOFILE=65536`) that is 32768.
+pub fn default_max_connections() -> usize {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct it is given.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0;
+    let nofile = if ok && r.rlim_cur != libc::RLIM_INFINITY { r.rlim_cur as usize } else { 1024 };
+    (nofile / 2).clamp(64, 1_000_000)
 }
 
 /// The `[forwarding]` section, validated. Changes apply on reload.
@@ -257,9 +280,19 @@ pub struct ListenerTls {
 /// dominates memory per idle keep-alive connection).
 pub const DEFAULT_READ_BUFFER: usize = 0;
 
-/// Idle time allowed between requests on a client keep-alive connection
-/// (Pingora's default), and for a new connection's first bytes.
-pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Default `limits.keepalive_timeout`: Pingora's own, and what a browser
+/// keeps an idle connection for at most (Chrome and Firefox: 300 s and
+/// 115 s; most close sooner). A parked idle connection costs about 0.3 KB,
+/// so holding one this long is cheap, and a client that comes back within
+/// it saves a handshake.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default `limits.header_timeout`: a browser sends its head (a few KB) in
+/// one or two packets, milliseconds after connecting, even on a poor mobile
+/// link; 10 s (HAProxy's usual `timeout http-request`) leaves ample room for
+/// that and holds a client that trickles its head (slowloris) for 10 s at
+/// most, instead of nginx's 60 s.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Default `server.park_idle_after`: long enough that a connection in
 /// active use is never parked, short enough that idle ones soon are.

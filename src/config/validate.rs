@@ -16,6 +16,10 @@ use std::path::Path;
 use std::time::Duration;
 use std::sync::Arc;
 
+/// Longest client-side timeout (`limits.keepalive_timeout`,
+/// `limits.header_timeout`) accepted.
+const MAX_CLIENT_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Read and validate a config file. Relative paths inside it (catalog files,
 /// the access log) are resolved against the file's own directory.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -99,12 +103,14 @@ pub fn validate_table(table: &toml::Table, base: &Path, env: &dyn Fn(&str) -> Op
     let routes_required = !consul_section.as_ref().is_some_and(|c| c.kv == Some(true));
 
     let listeners = v.listeners(listeners);
+    let park_raw = server.park_idle_after.clone();
     let admin = v.admin(admin, &listeners);
     let server = v.server(server, &listeners);
     let access_log = v.access_log(access_log);
     let ha = v.ha(ha);
     let forwarding = Arc::new(v.forwarding(forwarding));
     let limits = v.limits(limits);
+    v.park_before_keepalive(server.park_idle_after, &limits, park_raw.as_deref());
     let dns = v.dns_defaults(dns);
     let clusters = v.clusters(clusters, &dns);
     // Clusters that failed to deserialise still exist for the routes naming them.
@@ -229,25 +235,29 @@ impl Validator<'_> {
         }
     }
 
-    /// `server.park_idle_after`: `off`, or a duration shorter than the
-    /// keep-alive idle timeout (at which an idle connection is closed, not
-    /// parked).
+    /// `server.park_idle_after`: `off`, or a duration (shorter than
+    /// `limits.keepalive_timeout`, checked with the limits).
     fn park_idle_after(&mut self, value: Option<String>) -> Option<Duration> {
         const PATH: &str = "server.park_idle_after";
-        let default = Some(DEFAULT_PARK_IDLE_AFTER);
         match value.as_deref() {
-            None => default,
+            None => Some(DEFAULT_PARK_IDLE_AFTER),
             Some("off") => None,
-            Some(v) => {
-                let d = self.duration(PATH, value.as_ref(), DEFAULT_PARK_IDLE_AFTER);
-                if d >= KEEPALIVE_IDLE {
-                    self.err(
-                        PATH,
-                        format!("invalid duration {v:?}: must be less than {}s, the keep-alive idle timeout (or \"off\")", KEEPALIVE_IDLE.as_secs()),
-                    );
-                    return default;
-                }
-                Some(d)
+            Some(_) => Some(self.duration(PATH, value.as_ref(), DEFAULT_PARK_IDLE_AFTER)),
+        }
+    }
+
+    /// A connection idle for `limits.keepalive_timeout` is closed, so
+    /// `park_idle_after` must be shorter to mean anything.
+    fn park_before_keepalive(&mut self, park: Option<Duration>, limits: &Limits, raw: Option<&str>) {
+        if let (Some(p), Some(v)) = (park, raw) {
+            if p >= limits.keepalive_timeout {
+                self.err(
+                    "server.park_idle_after",
+                    format!(
+                        "invalid duration {v:?}: must be less than limits.keepalive_timeout ({}) (or \"off\")",
+                        humantime::format_duration(limits.keepalive_timeout)
+                    ),
+                );
             }
         }
     }
@@ -1115,8 +1125,19 @@ impl Validator<'_> {
     }
 
     fn limits(&mut self, s: LimitsSection) -> Limits {
-        let LimitsSection { max_header_bytes, max_headers, max_uri_bytes, max_body_bytes } = s;
+        let LimitsSection { max_header_bytes, max_headers, max_uri_bytes, max_body_bytes, keepalive_timeout, header_timeout, max_connections } = s;
         let d = Limits::default();
+        let mut timeout = |field: &str, v: Option<String>, default: Duration| {
+            let path = format!("limits.{field}");
+            let t = self.duration(&path, v.as_ref(), default);
+            if t > MAX_CLIENT_TIMEOUT {
+                self.err(path, format!("invalid duration {:?}: must be at most 1h", v.unwrap_or_default()));
+                return default;
+            }
+            t
+        };
+        let keepalive = timeout("keepalive_timeout", keepalive_timeout, d.keepalive_timeout);
+        let header_timeout = timeout("header_timeout", header_timeout, d.header_timeout);
         let mut within = |field: &str, v: Option<u64>, default: u64, min: u64, max: u64| -> u64 {
             match v {
                 None => default,
@@ -1133,6 +1154,9 @@ impl Validator<'_> {
             max_headers: within("max_headers", max_headers, d.max_headers as u64, 8, 256) as usize,
             max_uri_bytes: within("max_uri_bytes", max_uri_bytes, d.max_uri_bytes as u64, 256, 1024 * 1024) as usize,
             max_body_bytes: within("max_body_bytes", max_body_bytes, d.max_body_bytes, 0, u64::MAX),
+            keepalive_timeout: keepalive,
+            header_timeout,
+            max_connections: max_connections.map(|v| within("max_connections", Some(v), 1024, 1, 1_000_000) as usize),
         }
     }
 
@@ -1422,6 +1446,21 @@ static = ["127.0.0.1:8001"]
         let e = errs(&format!("[limits]\nmax_headers = 1000\nmax_header_bytes = 10\n{MINIMAL}"));
         assert!(e.iter().any(|e| e.contains("limits.max_headers") && e.contains("1000")), "{e:?}");
         assert!(e.iter().any(|e| e.contains("limits.max_header_bytes") && e.contains("10")), "{e:?}");
+        let c = parse(&format!("[limits]\nkeepalive_timeout = \"750ms\"\n{MINIMAL}"), Path::new("/etc/sy")).unwrap();
+        assert_eq!(c.limits.keepalive_timeout, Duration::from_millis(750));
+        let c = parse(&format!("[limits]\nmax_connections = 2\n{MINIMAL}"), Path::new("/etc/sy")).unwrap();
+        assert_eq!((c.limits.max_connections, Limits::default().max_connections), (Some(2), None));
+        let e = errs(&format!("[limits]\nmax_connections = 0\n{MINIMAL}"));
+        assert!(e.iter().any(|e| e.contains("limits.max_connections") && e.contains("invalid value 0")), "{e:?}");
+        assert!(crate::config::default_max_connections() >= 64);
+        let c = parse(&format!("[limits]\nheader_timeout = \"2s\"\n{MINIMAL}"), Path::new("/etc/sy")).unwrap();
+        assert_eq!((c.limits.header_timeout, Limits::default().header_timeout), (Duration::from_secs(2), Duration::from_secs(10)));
+        for field in ["keepalive_timeout", "header_timeout"] {
+            for bad in ["0s", "2h", "soon"] {
+                let e = errs(&format!("[limits]\n{field} = \"{bad}\"\n{MINIMAL}"));
+                assert!(e.iter().any(|e| e.contains(&format!("limits.{field}")) && e.contains(bad)), "{field} {bad}: {e:?}");
+            }
+        }
     }
 
     #[test]
@@ -1457,7 +1496,10 @@ static = ["127.0.0.1:8001"]
         assert_eq!(c.server.park_idle_after, Some(Duration::from_millis(250)));
         assert_eq!(parse(&with("off"), Path::new("/etc/sy")).unwrap().server.park_idle_after, None);
         let e = errs(&with("60s"));
-        assert!(e.iter().any(|e| e.contains("server.park_idle_after") && e.contains("\"60s\"") && e.contains("less than 60s")), "{e:?}");
+        assert!(e.iter().any(|e| e.contains("server.park_idle_after") && e.contains("\"60s\"") && e.contains("less than limits.keepalive_timeout (1m)")), "{e:?}");
+        let short = with("5s").replace("[[listeners]]", "[limits]\nkeepalive_timeout = \"5s\"\n[[listeners]]");
+        assert!(errs(&short).iter().any(|e| e.contains("server.park_idle_after") && e.contains("(5s)")));
+        assert!(parse(&with("4s").replace("[[listeners]]", "[limits]\nkeepalive_timeout = \"5s\"\n[[listeners]]"), Path::new("/etc/sy")).is_ok());
         let e = errs(&with("never"));
         assert!(e.iter().any(|e| e.contains("server.park_idle_after") && e.contains("invalid duration \"never\"")), "{e:?}");
         let e = errs(&with("0s"));

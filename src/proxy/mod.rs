@@ -8,6 +8,7 @@
 
 mod express;
 mod h1;
+mod head;
 pub(crate) mod headers;
 mod park;
 mod pool;
@@ -73,6 +74,7 @@ impl Core {
             response_started: false,
             local_status: 0,
             location: None,
+            body_bytes: 0,
             _gauge: RequestGauge(self.metrics.requests_in_flight.clone()),
         }
     }
@@ -236,6 +238,9 @@ pub struct Ctx {
     local_status: u16,
     /// `Location` of a redirect this proxy answers with.
     location: Option<http::HeaderValue>,
+    /// Request body bytes passed on in the current attempt (checked
+    /// against `limits.max_body_bytes` as they stream).
+    body_bytes: u64,
     _gauge: RequestGauge,
 }
 
@@ -551,7 +556,33 @@ impl ProxyHttp for Proxy {
         ctx.tried.push(i);
         ctx.backend = Some(i);
         ctx.upstream_start = Some(Instant::now());
+        // A retry sends the buffered body again, through the body filter.
+        ctx.body_bytes = 0;
         Ok(peer)
+    }
+
+    /// `limits.max_body_bytes` for bodies without a declared length
+    /// (chunked HTTP/1.1, HTTP/2 without `content-length`), counted as they
+    /// stream: the piece that passes the limit is not sent. The error ends
+    /// the attempt: the upstream connection (holding part of a body) is
+    /// closed, never pooled; the client gets 413 unless the response has
+    /// started (then its connection is cut), and its connection closes.
+    async fn request_body_filter(&self, _session: &mut Session, body: &mut Option<Bytes>, _end: bool, ctx: &mut Ctx) -> Result<()> {
+        let Some(b) = body.as_ref() else { return Ok(()) };
+        ctx.body_bytes += b.len() as u64;
+        let max = ctx.table.as_ref().map_or(u64::MAX, |t| t.limits.max_body_bytes);
+        if ctx.body_bytes <= max {
+            return Ok(());
+        }
+        *body = None;
+        if ctx.local_status != 413 {
+            ctx.local_status = 413;
+            self.core.metrics.requests_rejected.with_label_values(&["body_too_large"]).inc();
+        }
+        let mut e = upstream_error(ProxyFailure::BodyTooLarge, "request body over limits.max_body_bytes");
+        // The client's doing: never retried, no backend is blamed.
+        e.as_down();
+        Err(e)
     }
 
     async fn upstream_request_filter(
@@ -634,8 +665,9 @@ impl ProxyHttp for Proxy {
         // A client that goes away mid-request is normal traffic, not an error
         // of ours: the access log records it (status 499); don't flood the
         // error log with one line per dropped connection.
+        // Neither is a body over `limits.max_body_bytes` (counted by reason).
         *e.esource() == ErrorSource::Downstream
-            && matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError)
+            && matches!(e.etype(), ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError | ErrorType::HTTPStatus(413))
     }
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
@@ -689,6 +721,8 @@ impl ProxyHttp for Proxy {
 ///   keep-alive loop Pingora uses; HTTP/2 ones go to Pingora unchanged.
 pub struct ProxyApp {
     inner: Arc<HttpProxy<Proxy>>,
+    /// For the `[limits]` of the connection loops.
+    snapshot: Arc<Snapshot>,
     express: Option<express::Express>,
     gauge: prometheus::IntGauge,
     h2c: bool,
@@ -703,6 +737,12 @@ pub struct ProxyApp {
     parks: prometheus::IntCounter,
     /// `switchyard_requests_rejected_total`.
     rejected: prometheus::IntCounterVec,
+    /// `switchyard_requests_rejected_total{reason="header_timeout"}`.
+    header_timeouts: prometheus::IntCounter,
+    /// `limits.max_connections` when not set.
+    default_max_connections: usize,
+    /// `switchyard_downstream_connections_refused_total`.
+    refused: prometheus::IntCounter,
 }
 
 impl ProxyApp {
@@ -712,6 +752,7 @@ impl ProxyApp {
     /// connection is parked (None: never).
     pub fn new(
         inner: HttpProxy<Proxy>,
+        snapshot: Arc<Snapshot>,
         conf: &pingora::server::configuration::ServerConf,
         express: Option<Arc<Core>>,
         metrics: &Metrics,
@@ -720,12 +761,16 @@ impl ProxyApp {
         let h2c = inner.server_options.as_ref().is_some_and(|o| o.h2c);
         ProxyApp {
             inner: Arc::new(inner),
+            snapshot,
             express: express.map(|core| express::Express::new(core, conf)),
             rehome: conf.threads > 1 && !conf.work_stealing,
             gauge: metrics.downstream_connections.clone(),
             parked: metrics.downstream_connections_parked.clone(),
             parks: metrics.downstream_parks.clone(),
             rejected: metrics.requests_rejected.clone(),
+            header_timeouts: metrics.requests_rejected.with_label_values(&["header_timeout"]),
+            default_max_connections: crate::config::default_max_connections(),
+            refused: metrics.downstream_connections_refused.clone(),
             park_after,
             h2c,
         }
@@ -738,15 +783,24 @@ impl ProxyApp {
     /// holds no proxy state (Pingora's own loop keeps its per-request
     /// future, ~14 KB, alive while waiting); after `park_idle_after` it is
     /// parked. `at`: requests it may still serve, and whether it is new.
-    /// `guard` counts it as open.
-    async fn serve(self: Arc<Self>, mut tcp: Box<L4Stream>, shutdown: ShutdownWatch, mut guard: RequestGauge, mut at: park::Resume) {
+    /// `guard` counts it as open. `until`: when it is closed if no bytes
+    /// come (a new connection: when its first head must be complete).
+    async fn serve(
+        self: Arc<Self>,
+        mut tcp: Box<L4Stream>,
+        shutdown: ShutdownWatch,
+        mut guard: RequestGauge,
+        mut at: park::Resume,
+        until: tokio::time::Instant,
+    ) {
         let shutdown = &shutdown;
         let express = self.express.as_ref();
         let peer = tcp.get_socket_digest().and_then(|d| d.peer_addr()?.as_inet().copied());
         let client = peer.map(|a| headers::ClientAddr::new(a.ip()));
         // Only connections from an internet address are parked.
         let park_after = if peer.is_some() { self.park_after } else { None };
-        let mut wait = Wait { park_after, until: None, fresh: true };
+        let limits = self.snapshot.limits();
+        let mut wait = Wait { park_after, until: Some(until), fresh: true, idle: limits.keepalive_timeout, header: limits.header_timeout };
         loop {
             wait.fresh = at.fresh;
             let ahead = if at.fresh && self.h2c {
@@ -764,7 +818,8 @@ impl ProxyApp {
             } else {
                 next_request(&mut tcp, shutdown, express.is_some(), wait).await
             };
-            wait = Wait { park_after, until: None, fresh: false };
+            let limits = self.snapshot.limits();
+            wait = Wait { park_after, until: None, fresh: false, idle: limits.keepalive_timeout, header: limits.header_timeout };
             // Requests this connection may still serve after the current
             // one (None: no limit), as Pingora counts them.
             let remaining = at.remaining;
@@ -775,13 +830,18 @@ impl ProxyApp {
                     refuse_malformed(&mut tcp).await;
                     return;
                 }
+                Ahead::TimedOut => {
+                    self.header_timeouts.inc();
+                    answer_and_close(&mut tcp, &head::timeout_response()).await;
+                    return;
+                }
                 Ahead::Park(deadline) => match self.park(tcp, shutdown, guard, at, deadline, peer) {
                     Ok(()) => return,
                     Err((t, g)) => {
                         // Not parked: wait on here until the same deadline,
                         // as before parking existed.
                         (tcp, guard) = (t, g);
-                        wait = Wait { park_after: None, until: Some(deadline), fresh: at.fresh };
+                        wait = Wait { park_after: None, until: Some(deadline), ..wait };
                         continue;
                     }
                 },
@@ -804,11 +864,12 @@ impl ProxyApp {
                 Ahead::Proxy(rest, follow) => {
                     let mut session = ServerSession::new_http1(tcp);
                     session.set_keepalive_reuses_remaining(remaining);
-                    // As Pingora does: no keep-alive once shutting down, else 60 s idle.
+                    // As Pingora does: no keep-alive once shutting down. The
+                    // idle wait after the request is this loop's.
                     if *shutdown.borrow() {
                         session.set_keepalive(None);
                     } else {
-                        session.set_keepalive(Some(KEEPALIVE_SECS));
+                        session.set_keepalive(Some(keepalive_secs(limits.keepalive_timeout)));
                     }
                     let Some(mut reused) = self.inner.process_new_http(session, shutdown).await else { return };
                     while follow {
@@ -840,6 +901,37 @@ impl ProxyApp {
         }
     }
 
+    /// Serve an HTTP/1 connection over TLS until it closes: Pingora's own
+    /// keep-alive loop (as in its `process_new`), with the idle time between
+    /// requests from `[limits]`, read again before each request. Pingora
+    /// reads the heads: [`head::HeadClock`] holds their deadlines (the first
+    /// counted from here, just after the handshake).
+    async fn serve_tls(&self, stream: Stream, shutdown: &ShutdownWatch) {
+        let limits = self.snapshot.limits();
+        let until = tokio::time::Instant::now() + limits.header_timeout;
+        let clock = head::HeadClock::new(stream, until, limits.header_timeout, self.header_timeouts.clone());
+        let mut session = ServerSession::new_http1(Box::new(clock));
+        session.set_keepalive_reuses_remaining(self.inner.server_options().and_then(|o| o.keepalive_request_limit));
+        loop {
+            // As Pingora does: no keep-alive once shutting down.
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
+            } else {
+                session.set_keepalive(Some(keepalive_secs(self.snapshot.limits().keepalive_timeout)));
+            }
+            let Some(reused) = self.inner.process_new_http(session, shutdown).await else { return };
+            let (stream, settings) = reused.consume();
+            let Ok(mut clock) = stream.into_any().downcast::<head::HeadClock>() else { return };
+            let limits = self.snapshot.limits();
+            clock.arm(tokio::time::Instant::now() + limits.keepalive_timeout, limits.header_timeout);
+            session = ServerSession::new_http1(clock);
+            // Requests left, pipelined bytes read ahead, pipelining on.
+            if let Some(settings) = settings {
+                settings.apply_to_session(&mut session);
+            }
+        }
+    }
+
     /// Park an idle connection (see [`park`]). Err: it could not be, and
     /// is handed back.
     fn park(
@@ -859,12 +951,56 @@ impl ProxyApp {
     }
 
     /// Serve a parked connection again, in a task of its own on this thread.
-    fn resume(self: &Arc<Self>, tcp: std::net::TcpStream, at: park::Resume, guard: RequestGauge, peer: Option<std::net::SocketAddr>, shutdown: &ShutdownWatch) {
+    /// `deadline`: the one it was parked with.
+    #[allow(clippy::too_many_arguments)]
+    fn resume(
+        self: &Arc<Self>,
+        tcp: std::net::TcpStream,
+        at: park::Resume,
+        deadline: tokio::time::Instant,
+        guard: RequestGauge,
+        peer: Option<std::net::SocketAddr>,
+        shutdown: &ShutdownWatch,
+    ) {
         // Dropping the socket on failure closes the connection.
         let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else { return };
         let stream = adopt(tcp, peer.map(pingora::protocols::l4::socket::SocketAddr::Inet));
-        tokio::spawn(self.clone().serve(stream, shutdown.clone(), guard, at));
+        tokio::spawn(self.clone().serve(stream, shutdown.clone(), guard, at, deadline));
     }
+}
+
+/// Answer a connection over `limits.max_connections`: `503` with
+/// `Retry-After` and `Connection: close` (HTTP/2 over TLS: closed at once,
+/// it cannot take an HTTP/1 answer), then the end of the stream, then what
+/// the client sends is read and dropped until it closes (64 KiB, 1 s at
+/// most): closing with its request unread would reset the connection, and
+/// the client could lose the answer. Not counted as open meanwhile.
+async fn refuse(mut stream: Stream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if matches!(stream.selected_alpn_proto(), Some(pingora::protocols::ALPN::H2)) {
+        return;
+    }
+    const BODY: &str = "too many connections\n";
+    let date = pingora::protocols::http::date::get_cached_date();
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: {RETRY_AFTER_SECS}\r\nDate: {}\r\nConnection: close\r\n\r\n{BODY}",
+        BODY.len(),
+        date.to_str().unwrap_or_default()
+    );
+    let exchange = async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.flush().await?;
+        AsyncWriteExt::shutdown(&mut stream).await?;
+        let (mut buf, mut total) = ([0u8; 4096], 0);
+        while total < 64 * 1024 {
+            match stream.read(&mut buf).await? {
+                0 => break,
+                n => total += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), exchange).await;
 }
 
 /// What the bytes read ahead of a request say.
@@ -882,54 +1018,67 @@ enum Ahead {
     Malformed,
     /// The connection closed, failed, idled out or the server is stopping.
     Closed,
+    /// Part of a head came, but not all of it within `limits.header_timeout`.
+    TimedOut,
     /// Idle for `park_idle_after`: park it, to close at this deadline if
     /// nothing arrives.
     Park(tokio::time::Instant),
 }
 
 /// Largest request head the express path looks at (longer ones go to
-/// `HttpProxy`). Read only when a head overflows [`READ_AHEAD`].
+/// `HttpProxy`).
 const EXPRESS_HEAD_MAX: usize = 8 * 1024;
+
+/// Longest request head read here: Pingora's own limit (it refuses a longer
+/// one with 400), so a head that goes to it is always whole.
+const HEAD_MAX: usize = 1024 * 1024;
 
 /// Say which path serves the request whose first bytes are `buf`: the
 /// express path (if `express`) takes the head off the stream, anything else
-/// is put back for `HttpProxy`. A head that fills the read-ahead buffer is
-/// read on (into a heap buffer, up to [`EXPRESS_HEAD_MAX`]) until it is
-/// complete, or until `until` (None: [`HEAD_TIMEOUT`] from now; then it
-/// goes to `HttpProxy`, which answers it or times it out).
-async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool, until: Option<tokio::time::Instant>) -> Ahead {
+/// is put back for `HttpProxy`. A head not all there yet is read on here
+/// until it is whole, by `until` (None: `header_timeout` from now): so no
+/// head reaches Pingora, which times each read only, in pieces.
+async fn classify(tcp: &mut L4Stream, buf: Vec<u8>, express: bool, until: Option<tokio::time::Instant>, header_timeout: std::time::Duration) -> Ahead {
     use h1::{RawRequest, Verdict};
     use tokio::io::AsyncReadExt;
-    if !express {
-        return for_proxy(tcp, buf);
-    }
-    let mut head = match RawRequest::parse(buf) {
-        Verdict::Express(r) => return express_ahead(tcp, r),
-        Verdict::Partial(b) if b.len() >= READ_AHEAD => b,
-        Verdict::Partial(b) | Verdict::Refused(b) => return for_proxy(tcp, b),
-    };
-    // Only a head longer than the read-ahead gets here: the clock is read
-    // off the common path.
-    let until = until.unwrap_or_else(|| tokio::time::Instant::now() + HEAD_TIMEOUT);
-    loop {
-        let n = head.len();
-        head.resize(EXPRESS_HEAD_MAX, 0);
-        let read = tokio::time::timeout_at(until, tcp.read(&mut head[n..])).await;
-        match read {
-            Ok(Ok(k)) if k > 0 => head.truncate(n + k),
-            _ => {
-                head.truncate(n);
-                if strict::bad_request_line(&head) {
-                    return Ahead::Malformed;
-                }
-                tcp.rewind(&head);
-                return if n == 0 { Ahead::Closed } else { Ahead::Proxy(Vec::new(), false) };
-            }
-        }
-        head = match RawRequest::parse(head) {
+    let mut head = if express {
+        match RawRequest::parse(buf) {
             Verdict::Express(r) => return express_ahead(tcp, r),
-            Verdict::Partial(h) if h.len() < EXPRESS_HEAD_MAX => h,
-            Verdict::Partial(h) | Verdict::Refused(h) => return for_proxy(tcp, h),
+            Verdict::Refused(b) => return for_proxy(tcp, b),
+            Verdict::Partial(b) => b,
+        }
+    } else if head::ends_a_head(&buf) {
+        return for_proxy(tcp, buf);
+    } else {
+        buf
+    };
+    let mut end = head::HeadEnd::default();
+    if end.feed(&head).is_some() {
+        return for_proxy(tcp, head);
+    }
+    // Only a head that is not whole in its first read gets here: the clock
+    // is read off the common path.
+    let until = until.unwrap_or_else(|| tokio::time::Instant::now() + header_timeout);
+    loop {
+        if head.len() > HEAD_MAX {
+            return for_proxy(tcp, head);
+        }
+        let n = head.len();
+        head.reserve(READ_AHEAD);
+        match tokio::time::timeout_at(until, tcp.read_buf(&mut head)).await {
+            Err(_) => return Ahead::TimedOut,
+            Ok(Ok(0)) | Ok(Err(_)) => return Ahead::Closed,
+            Ok(Ok(_)) => {}
+        }
+        if end.feed(&head[n..]).is_none() {
+            continue;
+        }
+        if !express || head.len() > EXPRESS_HEAD_MAX {
+            return for_proxy(tcp, head);
+        }
+        return match RawRequest::parse(head) {
+            Verdict::Express(r) => express_ahead(tcp, r),
+            Verdict::Partial(h) | Verdict::Refused(h) => for_proxy(tcp, h),
         };
     }
 }
@@ -984,7 +1133,6 @@ type L4Stream = pingora::protocols::l4::stream::Stream;
 /// Answer a request refused before any parser ran: `400` with the body
 /// `HttpProxy` sends for a malformed request, then the connection closes.
 async fn refuse_malformed(tcp: &mut L4Stream) {
-    use tokio::io::AsyncWriteExt;
     let body = ProxyFailure::Malformed.body().as_bytes();
     let mut out = Vec::with_capacity(192);
     h1::put_status_line(&mut out, false, 400, b"Bad Request");
@@ -994,20 +1142,26 @@ async fn refuse_malformed(tcp: &mut L4Stream) {
     h1::put_header(&mut out, b"Connection", b"close");
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
+    answer_and_close(tcp, &out).await;
+}
+
+/// Write a last answer (the connection closes after it); a client that
+/// reads nothing holds this up for at most a second.
+async fn answer_and_close(tcp: &mut L4Stream, answer: &[u8]) {
+    use tokio::io::AsyncWriteExt;
     let write = async {
-        tcp.write_all(&out).await?;
+        tcp.write_all(answer).await?;
         tcp.flush().await
     };
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
 }
 
-/// Idle time allowed between requests on a keep-alive connection.
-const KEEPALIVE_SECS: u64 = crate::config::KEEPALIVE_IDLE.as_secs();
+/// `limits.keepalive_timeout` as Pingora's session takes it: whole seconds,
+/// rounded up (0 would mean no limit).
+fn keepalive_secs(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
 
-/// Time allowed for the rest of a request head (all of it, from its first
-/// bytes), including a new connection's first bytes on an h2c listener,
-/// once this proxy reads them itself.
-const HEAD_TIMEOUT: std::time::Duration = crate::config::KEEPALIVE_IDLE;
 
 /// Most bytes read ahead while waiting for a request. Sized for a browser's
 /// request head with cookies (typically 0.5–1.5 KB): a longer head costs
@@ -1051,6 +1205,10 @@ struct Wait {
     until: Option<tokio::time::Instant>,
     /// No request has been read from this connection yet.
     fresh: bool,
+    /// The idle timeout (`limits.keepalive_timeout`), when `until` is None.
+    idle: std::time::Duration,
+    /// `limits.header_timeout`.
+    header: std::time::Duration,
 }
 
 /// On shutdown, how long a connection that has not sent its first request
@@ -1082,7 +1240,7 @@ async fn first_bytes(tcp: &mut L4Stream, room: usize, shutdown: &ShutdownWatch, 
         return last_bytes(tcp, room, wait.fresh).await;
     }
     let now = tokio::time::Instant::now();
-    let deadline = wait.until.unwrap_or(now + crate::config::KEEPALIVE_IDLE);
+    let deadline = wait.until.unwrap_or(now + wait.idle);
     let park_at = wait.park_after.map(|d| now + d).filter(|&t| t < deadline);
     let first = tokio::select! {
         r = read_ahead(tcp, room) => match r {
@@ -1102,7 +1260,8 @@ async fn first_bytes(tcp: &mut L4Stream, room: usize, shutdown: &ShutdownWatch, 
 /// (as [`first_bytes`]) and classify them.
 async fn next_request(tcp: &mut L4Stream, shutdown: &ShutdownWatch, express: bool, wait: Wait) -> Ahead {
     match first_bytes(tcp, READ_AHEAD, shutdown, wait).await {
-        First::Bytes(b) => classify(tcp, b, express, None).await,
+        // A new connection's head is due when its wait ends.
+        First::Bytes(b) => classify(tcp, b, express, wait.until.filter(|_| wait.fresh), wait.header).await,
         First::Closed => Ahead::Closed,
         First::Park(deadline) => Ahead::Park(deadline),
     }
@@ -1121,11 +1280,12 @@ async fn sniff_h2(stream: &mut L4Stream, express: bool, shutdown: &ShutdownWatch
         First::Closed => return Some(Ahead::Closed),
         First::Park(deadline) => return Some(Ahead::Park(deadline)),
     };
-    let until = tokio::time::Instant::now() + HEAD_TIMEOUT;
+    // A new connection's first head is due when its wait ends.
+    let until = wait.until.unwrap_or_else(|| tokio::time::Instant::now() + wait.header);
     loop {
         let m = got.len().min(H2_PREFACE.len());
         if got[..m] != H2_PREFACE[..m] {
-            return Some(classify(stream, got, express, Some(until)).await);
+            return Some(classify(stream, got, express, Some(until), wait.header).await);
         }
         if got.len() >= H2_PREFACE.len() {
             stream.rewind(&got);
@@ -1186,9 +1346,22 @@ impl ServerApp for ProxyApp {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
         self.gauge.inc();
         let guard = RequestGauge(self.gauge.clone());
+        // Two connections arriving at once at the limit may both be
+        // refused; never more than the limit are served.
+        let max = self.snapshot.limits().max_connections.unwrap_or(self.default_max_connections);
+        if self.gauge.get() > max as i64 {
+            drop(guard);
+            self.refused.inc();
+            refuse(stream).await;
+            return None;
+        }
         if stream.get_ssl_digest().is_some() {
             let _guard = guard;
-            return ServerApp::process_new(&self.inner, stream, shutdown).await;
+            if matches!(stream.selected_alpn_proto(), Some(pingora::protocols::ALPN::H2)) {
+                return ServerApp::process_new(&self.inner, stream, shutdown).await;
+            }
+            self.serve_tls(stream, shutdown).await;
+            return None;
         }
         let Ok(mut tcp) = stream.into_any().downcast::<L4Stream>() else { return None };
         if self.rehome {
@@ -1202,7 +1375,8 @@ impl ServerApp for ProxyApp {
             remaining: self.inner.server_options().and_then(|o| o.keepalive_request_limit),
             fresh: true,
         };
-        tokio::spawn(self.clone().serve(tcp, shutdown.clone(), guard, at));
+        let until = tokio::time::Instant::now() + self.snapshot.limits().header_timeout;
+        tokio::spawn(self.clone().serve(tcp, shutdown.clone(), guard, at, until));
         None
     }
 

@@ -203,7 +203,7 @@ impl Parker {
                         // A client that hung up is closed here, without a
                         // task; anything else is served again.
                         if !matches!(tcp.peek(&mut [0u8; 1]), Ok(0)) {
-                            app.resume(tcp, p.resume, p.conn, p.peer, &shutdown);
+                            app.resume(tcp, p.resume, p.deadline, p.conn, p.peer, &shutdown);
                         }
                     }
                 }

@@ -85,6 +85,8 @@ struct UpState {
     /// Status `/healthz` answers (0: 200); health checks are counted apart.
     health_status: AtomicU64,
     health_hits: AtomicU64,
+    /// Lengths of the request bodies received complete.
+    bodies: Mutex<Vec<usize>>,
 }
 
 /// A real HTTP/1.1 server (hyper) that answers with its own name, counts
@@ -138,7 +140,9 @@ async fn serve(req: Request<Incoming>, st: Arc<UpState>, peer: SocketAddr) -> Re
             .body(Full::new(Bytes::new()))
             .unwrap());
     }
-    let _ = req.into_body().collect().await;
+    if let Ok(body) = req.into_body().collect().await {
+        st.bodies.lock().unwrap().push(body.to_bytes().len());
+    }
     Ok(Response::builder()
         .header("x-upstream", st.name.as_str())
         // Who connected: which proxy of a pair forwarded this request.
@@ -219,6 +223,12 @@ impl Upstream {
 
     pub fn set_delay(&self, d: Duration) {
         self.state.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Lengths of the request bodies received complete, in order (0 for
+    /// a request without a body).
+    pub fn bodies(&self) -> Vec<usize> {
+        self.state.bodies.lock().unwrap().clone()
     }
 
     /// Target and headers of the last request received.
@@ -988,4 +998,42 @@ impl Churn {
     pub fn allowed<'a>(&self, ups: &'a [Upstream]) -> std::collections::HashSet<&'a str> {
         self.live.iter().map(|&i| ups[i].name()).collect()
     }
+}
+
+/// A slow client: after `first` (the start of a request head), one more
+/// header line each time a read waits out its timeout (set by the caller,
+/// e.g. 200 ms), at most `max_lines`. Returns what the peer sent until it
+/// closed (or 2 s passed after its first byte or the last line), and the
+/// time from `first` to its first byte (or to the close).
+pub fn trickle<S: Read + Write>(s: &mut S, first: &[u8], max_lines: usize) -> (String, Duration) {
+    let t0 = Instant::now();
+    let _ = s.write_all(first).and_then(|_| s.flush());
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut answered: Option<Duration> = None;
+    let (mut lines, mut last) = (0, Instant::now());
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                answered.get_or_insert(t0.elapsed());
+                got.extend_from_slice(&buf[..n]);
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                let quiet_since = answered.map(|a| t0 + a).unwrap_or(last);
+                if answered.is_some() || lines == max_lines {
+                    if quiet_since.elapsed() > Duration::from_secs(2) {
+                        break;
+                    }
+                    continue;
+                }
+                let _ = s.write_all(format!("X-Trickle-{lines}: {}\r\n", "t".repeat(8)).as_bytes()).and_then(|_| s.flush());
+                lines += 1;
+                last = Instant::now();
+            }
+            Err(_) => break,
+        }
+    }
+    let took = answered.unwrap_or_else(|| t0.elapsed());
+    (String::from_utf8_lossy(&got).into_owned(), took)
 }

@@ -1,0 +1,325 @@
+//! `limits.header_timeout`: a request head must arrive whole in time.
+//!
+//! On plain TCP the connection loop in [`super::ProxyApp`] reads each head
+//! itself before anyone parses it, so it holds the deadline there. Over TLS
+//! Pingora reads the head, with a timeout per read only (a client sending a
+//! byte now and then is never cut): [`HeadClock`] wraps the TLS stream and
+//! puts the deadline on its reads instead. Both answer `408` when it passes
+//! with part of a head received, and close quietly when nothing came.
+
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::TlsRef;
+use pingora::protocols::{GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream, TimingDigest, UniqueID, ALPN};
+use std::io;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// Finds where a request head ends (its first empty line, after any empty
+/// lines before the request line, which parsers skip), in bytes fed as they
+/// arrive: each byte is looked at once, however the head is split.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct HeadEnd {
+    state: Scan,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Before the request line (empty lines are skipped).
+    #[default]
+    Start,
+    /// Within a line.
+    Line,
+    /// Just after a line's `\n`.
+    Lf,
+    /// After `\n\r`.
+    LfCr,
+}
+
+impl HeadEnd {
+    /// Feed the next bytes of a head. Some(n): it ends after `bytes[..n]`.
+    pub fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            self.state = match (self.state, b) {
+                (Scan::Start, b'\r' | b'\n') => Scan::Start,
+                (Scan::Lf | Scan::LfCr, b'\n') => return Some(i + 1),
+                (Scan::Lf, b'\r') => Scan::LfCr,
+                (_, b'\n') => Scan::Lf,
+                _ => match bytes[i..].iter().position(|&c| c == b'\n') {
+                    // To the line's end.
+                    Some(k) => {
+                        self.state = Scan::Line;
+                        i += k;
+                        continue;
+                    }
+                    None => {
+                        self.state = Scan::Line;
+                        return None;
+                    }
+                },
+            };
+            i += 1;
+        }
+        None
+    }
+}
+
+/// Whether `buf` certainly holds a whole head, without scanning it: it ends
+/// with an empty line and does not start with one (the common request
+/// without a body, read at once).
+pub(super) fn ends_a_head(buf: &[u8]) -> bool {
+    buf.ends_with(b"\r\n\r\n") && !matches!(buf.first(), Some(b'\r' | b'\n'))
+}
+
+/// The response to a head that did not arrive in time.
+pub(super) fn timeout_response() -> Vec<u8> {
+    const BODY: &str = "request head not received in time\n";
+    let date = pingora::protocols::http::date::get_cached_date();
+    format!(
+        "HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nDate: {}\r\nConnection: close\r\n\r\n{BODY}",
+        BODY.len(),
+        date.to_str().unwrap_or_default()
+    )
+    .into_bytes()
+}
+
+/// A TLS client stream whose reads keep the request-head deadlines: while
+/// a head is awaited ([`HeadClock::arm`]), its bytes must all arrive by the
+/// deadline. Past it with nothing read, reads end (end of stream: Pingora
+/// closes the idle connection quietly); with part of a head read, the 408
+/// is written and reads fail (Pingora drops the connection). Once the head's
+/// end has passed, reads are the stream's own again (the body has its read
+/// timeouts).
+pub(super) struct HeadClock {
+    inner: Stream,
+    /// A head is awaited.
+    armed: bool,
+    /// Bytes of it have come: the deadline is the head's.
+    started: bool,
+    /// The head's deadline counts from its first byte (else it is already
+    /// set: a new connection's counts from accept).
+    from_first_byte: bool,
+    scan: HeadEnd,
+    header_timeout: Duration,
+    deadline: Pin<Box<Sleep>>,
+    /// The 408, and how much of it is written.
+    answer: Option<(Vec<u8>, usize)>,
+    timed_out: prometheus::IntCounter,
+}
+
+impl HeadClock {
+    /// Wrap a new connection: its first head must be complete by
+    /// `deadline`. `timed_out` counts the 408s.
+    pub fn new(inner: Stream, deadline: Instant, header_timeout: Duration, timed_out: prometheus::IntCounter) -> Self {
+        HeadClock {
+            inner,
+            armed: true,
+            started: false,
+            from_first_byte: false,
+            scan: HeadEnd::default(),
+            header_timeout,
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            answer: None,
+            timed_out,
+        }
+    }
+
+    /// Await the next request on a kept-alive connection: its first byte by
+    /// `idle_until`, the rest within `header_timeout` of it.
+    pub fn arm(&mut self, idle_until: Instant, header_timeout: Duration) {
+        self.armed = true;
+        self.started = false;
+        self.from_first_byte = true;
+        self.scan = HeadEnd::default();
+        self.header_timeout = header_timeout;
+        self.deadline.as_mut().reset(idle_until);
+    }
+
+    /// Write the 408; then fail the read.
+    fn answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some((bytes, written)) = self.answer.as_mut() else { return Poll::Ready(Ok(())) };
+        while *written < bytes.len() {
+            match ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..])) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => *written += n,
+            }
+        }
+        let _ = ready!(Pin::new(&mut self.inner).poll_flush(cx));
+        *written = bytes.len();
+        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "request head not complete within limits.header_timeout")))
+    }
+}
+
+impl AsyncRead for HeadClock {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.armed {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        if this.answer.is_some() {
+            return this.answer(cx);
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let new = &buf.filled()[before..];
+                if new.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                if !this.started {
+                    this.started = true;
+                    if this.from_first_byte {
+                        this.deadline.as_mut().reset(Instant::now() + this.header_timeout);
+                    }
+                }
+                if this.scan.feed(new).is_some() {
+                    this.armed = false;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                ready!(this.deadline.as_mut().poll(cx));
+                if !this.started {
+                    // Idle past its time: end of stream.
+                    return Poll::Ready(Ok(()));
+                }
+                this.timed_out.inc();
+                this.answer = Some((timeout_response(), 0));
+                this.answer(cx)
+            }
+            err => err,
+        }
+    }
+}
+
+impl AsyncWrite for HeadClock {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl std::fmt::Debug for HeadClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadClock").field("inner", &self.inner).field("armed", &self.armed).finish()
+    }
+}
+
+#[async_trait::async_trait]
+impl Shutdown for HeadClock {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for HeadClock {
+    fn id(&self) -> pingora::protocols::UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for HeadClock {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for HeadClock {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for HeadClock {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for HeadClock {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait::async_trait]
+impl Peek for HeadClock {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where the head ends, fed in pieces of `step` bytes.
+    fn end(bytes: &[u8], step: usize) -> Option<usize> {
+        let mut h = HeadEnd::default();
+        let mut at = 0;
+        for piece in bytes.chunks(step) {
+            if let Some(n) = h.feed(piece) {
+                return Some(at + n);
+            }
+            at += piece.len();
+        }
+        None
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_however_it_is_split() {
+        let cases: [(&[u8], Option<usize>); 8] = [
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\nBODY", Some(27)),
+            (b"GET / HTTP/1.1\nHost: a\n\nBODY", Some(24)),
+            (b"GET / HTTP/1.1\r\nHost: a\n\r\n", Some(26)),
+            (b"\r\n\r\nGET / HTTP/1.1\r\n\r\n", Some(22)),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n", None),
+            (b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n", Some(28)),
+            (b"\r\n\r\n\r\n", None),
+            (b"GET / HTTP/1.1\r\nX: \r\r\n\r\n", Some(24)),
+        ];
+        for (bytes, want) in cases {
+            for step in 1..=bytes.len() {
+                assert_eq!(end(bytes, step), want, "{:?} in pieces of {step}", String::from_utf8_lossy(bytes));
+            }
+        }
+        assert!(ends_a_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"));
+        assert!(!ends_a_head(b"\r\n\r\n"));
+        assert!(!ends_a_head(b"GET / HTTP/1.1\r\nHost: a\r\n"));
+    }
+}
