@@ -825,8 +825,8 @@ impl ProxyApp {
             let remaining = at.remaining;
             match ahead {
                 Ahead::Closed => return,
-                Ahead::Malformed => {
-                    self.rejected.with_label_values(&[strict::BAD_REQUEST_LINE]).inc();
+                Ahead::Malformed(reason) => {
+                    self.rejected.with_label_values(&[reason]).inc();
                     refuse_malformed(&mut tcp).await;
                     return;
                 }
@@ -1011,11 +1011,13 @@ enum Ahead {
     /// Anything else, for Pingora's `HttpProxy` (bytes put back), with
     /// the bytes of pipelined requests after it, held back until it is
     /// answered (Pingora would drop them); true: its body goes on past
-    /// these bytes (see [`body_may_overrun`]).
+    /// these bytes (see [`body_shape`]).
     Proxy(Vec<u8>, bool),
     /// A malformed request line ([`strict::bad_request_line`]): answered
     /// 400 here, and the connection closed.
-    Malformed,
+    /// Or a chunked body whose first chunk-size line is no size (Pingora
+    /// would read an empty one as the last chunk). The reason as counted.
+    Malformed(&'static str),
     /// The connection closed, failed, idled out or the server is stopping.
     Closed,
     /// Part of a head came, but not all of it within `limits.header_timeout`.
@@ -1097,35 +1099,56 @@ fn express_ahead(tcp: &mut L4Stream, mut r: Box<h1::RawRequest>) -> Ahead {
 /// arrive after a request) and put back once it is answered.
 fn for_proxy(tcp: &mut L4Stream, mut buf: Vec<u8>) -> Ahead {
     if strict::bad_request_line(&buf) {
-        return Ahead::Malformed;
+        return Ahead::Malformed(strict::BAD_REQUEST_LINE);
     }
     let rest = match h1::pipelined_after(&buf) {
         Some(end) => buf.split_off(end),
         None => Vec::new(),
     };
-    let follow = rest.is_empty() && body_may_overrun(&buf);
+    let follow = match body_shape(&buf) {
+        BodyShape::BadChunk => return Ahead::Malformed(strict::BAD_FRAMING),
+        BodyShape::Overruns => rest.is_empty(),
+        BodyShape::Within => false,
+    };
     tcp.rewind(&buf);
     Ahead::Proxy(rest, follow)
 }
 
-/// Whether the request whose complete head starts `buf` has a body that
-/// does not end within `buf`, or chunked (whose end is not looked for):
-/// reading it, Pingora may read a pipelined next request too.
-fn body_may_overrun(buf: &[u8]) -> bool {
+/// What the body of the request whose complete head starts `buf` does
+/// relative to `buf`.
+enum BodyShape {
+    /// None, or it ends within `buf` (or the head is not complete).
+    Within,
+    /// It goes on past `buf`, or is chunked (whose end is not looked for):
+    /// reading it, Pingora may read a pipelined next request too.
+    Overruns,
+    /// Chunked, and the first byte after the head is there and cannot
+    /// start a chunk size: refused (400) before Pingora reads it.
+    BadChunk,
+}
+
+fn body_shape(buf: &[u8]) -> BodyShape {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut headers);
-    let Ok(httparse::Status::Complete(n)) = req.parse(buf) else { return false };
+    let Ok(httparse::Status::Complete(n)) = req.parse(buf) else { return BodyShape::Within };
     let mut end = n;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return true;
+            return match buf.get(n) {
+                Some(b) if !b.is_ascii_hexdigit() => BodyShape::BadChunk,
+                _ => BodyShape::Overruns,
+            };
         }
         if h.name.eq_ignore_ascii_case("content-length") {
             let len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
             end = n.saturating_add(len.unwrap_or(usize::MAX));
         }
     }
-    end > buf.len()
+    if end > buf.len() {
+        BodyShape::Overruns
+    } else {
+        BodyShape::Within
+    }
 }
 
 type L4Stream = pingora::protocols::l4::stream::Stream;
