@@ -7,8 +7,8 @@
 //! 502 (backends failed), 504 (backend timed out).
 
 mod express;
-mod h1;
-mod headers;
+pub(crate) mod h1;
+pub(crate) mod headers;
 mod park;
 mod pool;
 
