@@ -53,7 +53,8 @@ fn mutate(rng: &mut SplitMix, input: &[u8], others: &[(String, Vec<u8>)]) -> Vec
             }
             1 if len > 0 => {
                 let i = rng.below(len);
-                v[i] = b"\x00\xff\r\n: ,;09aAF/"[rng.below(15)];
+                const BYTES: &[u8] = b"\x00\xff\r\n: ,;09aAF/";
+                v[i] = BYTES[rng.below(BYTES.len())];
             }
             2 | 3 => {
                 let t = TOKENS[rng.below(TOKENS.len())];
