@@ -28,6 +28,8 @@ pub mod config;
 pub mod demo;
 pub mod discovery;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ha;
 pub mod health;
 pub mod kvcli;

@@ -561,6 +561,11 @@ impl Chunked {
                     return Err(bad("invalid chunk size from backend"));
                 }
                 ChunkState::Size => match httparse::parse_chunk_size(rest) {
+                    // The same bound whether the line came in one read or
+                    // in many (a partial line is refused at this length).
+                    Ok(httparse::Status::Complete((n, _))) if n > MAX_CHUNK_LINE => {
+                        return Err(bad("chunk size line too long from backend"));
+                    }
                     Ok(httparse::Status::Complete((n, 0))) => {
                         at += n;
                         self.state = ChunkState::Trailers;
@@ -783,6 +788,14 @@ mod tests {
             assert!(dechunk(bad, 64).is_err(), "{}", String::from_utf8_lossy(bad));
         }
         assert!(dechunk(&[b'1'; 5000], 5000).is_err(), "an endless size line is refused");
+        // A size line longer than the limit is refused however it arrives,
+        // not only when it is still incomplete at the limit.
+        let mut long = b"1;".to_vec();
+        long.extend_from_slice(&[b'x'; MAX_CHUNK_LINE]);
+        long.extend_from_slice(b"\r\na\r\n0\r\n\r\n");
+        for step in [1, 7, long.len()] {
+            assert!(dechunk(&long, step).is_err(), "step {step}");
+        }
     }
 
     mod properties {

@@ -7,7 +7,7 @@
 //! 502 (backends failed), 504 (backend timed out).
 
 mod express;
-mod h1;
+pub(crate) mod h1;
 mod head;
 pub(crate) mod headers;
 mod park;
