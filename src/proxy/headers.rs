@@ -224,9 +224,13 @@ fn single<'a, R: RequestView + ?Sized>(req: &'a R, name: &'a str) -> Option<&'a 
 
 /// A host name or address with an optional port: what `Host` may hold.
 pub(crate) fn is_host(v: &[u8]) -> bool {
-    !v.is_empty()
-        && v.len() <= 255
-        && v.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']'))
+    v.len() <= 255 && host_chars(v)
+}
+
+/// Not empty, and only the bytes a host (a name, an IPv4 or bracketed IPv6
+/// address, an optional port) is written with: letters, digits, `.-_:[]`.
+pub(crate) fn host_chars(v: &[u8]) -> bool {
+    !v.is_empty() && v.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b':' | b'[' | b']'))
 }
 
 /// The `Forwarded` value (RFC 7239): the earlier hops' elements, then this

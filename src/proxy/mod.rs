@@ -470,7 +470,7 @@ fn https_location<R: RequestView + ?Sized>(req: &R, port: u16) -> Option<http::H
     } else {
         raw.split(|&b| b == b':').next()?
     };
-    if host.is_empty() || !host.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':')) {
+    if !headers::host_chars(host) {
         return None;
     }
     let mut out = Vec::with_capacity(16 + host.len() + req.path_and_query().len());

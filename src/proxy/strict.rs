@@ -57,7 +57,7 @@ pub fn bad_request_line(buf: &[u8]) -> bool {
 /// address and an optional port, in letters, digits and `-._:[]`. No
 /// spaces, lists, paths, userinfo or percent-encoding.
 pub fn valid_host(v: &[u8]) -> bool {
-    !v.is_empty() && v.iter().all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']'))
+    super::headers::host_chars(v)
 }
 
 /// Why a head Pingora parsed is refused (a `reason`), or None. `raw`: the
