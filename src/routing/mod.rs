@@ -329,10 +329,10 @@ impl Cluster {
         if health_failopen {
             active = backends.iter().enumerate().filter(|(_, b)| b.weight > 0).map(|(i, _)| i as u32).collect();
         }
+        let state = states.cluster(name);
         if let Some(ss) = &spec.slow_start {
             let window = ss.window.as_millis() as u64;
             let now = process_millis();
-            let state = states.cluster(name);
             for b in &backends {
                 if b.ramp_from_ms != 0 && b.ramp_from_ms + window > now {
                     state.ramp_until_ms.fetch_max(b.ramp_from_ms + window, Ordering::Relaxed);
@@ -348,7 +348,7 @@ impl Cluster {
             backends,
             active,
             selector,
-            state: states.cluster(name),
+            state,
             duration: states.metrics().cluster_histogram(name),
             digest: String::new(),
             health,
