@@ -355,8 +355,13 @@ impl Drop for TlsBackend {
 }
 
 fn backend_tls_proxy(server: &str, backend: std::net::SocketAddr, tls: &str, files: &[(&str, &str)]) -> Proxy {
+    backend_tls_proxy_with(server, backend, tls, "", files)
+}
+
+/// [`backend_tls_proxy`] with more lines for the cluster.
+fn backend_tls_proxy_with(server: &str, backend: std::net::SocketAddr, tls: &str, extra: &str, files: &[(&str, &str)]) -> Proxy {
     let mut b = Proxy::builder(&format!(
-        "[[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"{backend}\"]\nretries = 0\ntls = {{ {tls} }}\n"
+        "[[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"{backend}\"]\nretries = 0\ntls = {{ {tls} }}\n{extra}"
     ))
     .server(server);
     for (name, text) in files {
@@ -413,16 +418,7 @@ fn health_checks_use_the_cluster_tls_settings() {
     let ca_pem = ca.cert.pem();
     let check = "health_check = { path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\" }\n";
     let health = |p: &Proxy| p.status()["clusters"][0]["backends"][0]["health"].as_str().map(str::to_string);
-    let with = |tls: &str, files: &[(&str, &str)]| {
-        let mut b = Proxy::builder(&format!(
-            "[[routes]]\ncluster = \"web\"\n[clusters.web]\nstatic = [\"{}\"]\nretries = 0\ntls = {{ {tls} }}\n{check}",
-            backend.addr
-        ));
-        for (name, text) in files {
-            b = b.file(name, text);
-        }
-        b.start()
-    };
+    let with = |tls: &str, files: &[(&str, &str)]| backend_tls_proxy_with("", backend.addr, tls, check, files);
     let p = with(
         "server_name = \"app.internal\", ca = \"ca.pem\", client_cert = \"client.pem\", client_key = \"client.key\"",
         &[("ca.pem", &ca_pem), ("client.pem", &cc), ("client.key", &ck)],
