@@ -633,21 +633,88 @@ fn parse_response(buf: &[u8], eof: bool) -> Option<Result<(u16, Vec<u8>, usize),
     }
 }
 
+/// Where a proxy listens: cleartext, or TLS verified by this client config
+/// (for the name `h`).
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Target {
+    fn plain(addr: SocketAddr) -> Target {
+        Target { addr, tls: None }
+    }
+}
+
+/// A connection to a [`Target`], its handshake done.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    fn open(t: &Target) -> Option<Conn> {
+        let s = TcpStream::connect_timeout(&t.addr, Duration::from_secs(2)).ok()?;
+        let Some(config) = &t.tls else { return Some(Conn::Plain(s)) };
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
+        let name = rustls::pki_types::ServerName::try_from("h").ok()?;
+        let mut tls = rustls::StreamOwned::new(rustls::ClientConnection::new(config.clone(), name).ok()?, s);
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).ok()?;
+        }
+        Some(Conn::Tls(Box::new(tls)))
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(t) => &t.sock,
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(t) => t.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(t) => t.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(t) => t.flush(),
+        }
+    }
+}
+
 /// Send `bytes` on a new connection and read until `want` final responses,
 /// a close, or `timeout`.
-fn exchange(addr: SocketAddr, bytes: &[u8], want: usize, timeout: Duration) -> Exchange {
+fn exchange(t: &Target, bytes: &[u8], want: usize, timeout: Duration) -> Exchange {
     let mut x = Exchange::default();
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+    let Some(mut s) = Conn::open(t) else {
         x.closed = true;
         x.garbage = Some("connect failed".into());
         return x;
     };
     // A proxy may answer and close before it has read everything.
     let _ = s.write_all(bytes);
+    let _ = s.flush();
     let end = Instant::now() + timeout;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
-    let _ = s.set_read_timeout(Some(Duration::from_millis(20)));
+    let _ = s.tcp().set_read_timeout(Some(Duration::from_millis(20)));
     loop {
         let eof = match s.read(&mut chunk) {
             Ok(0) => true,
@@ -766,7 +833,7 @@ fn mismatch(seen: &Seen, want: &Want) -> Option<String> {
 
 /// Run one case against the proxy at `addr` (whose backend is `up`);
 /// `n` numbers the canary.
-fn run_case(case: &Case, addr: SocketAddr, up: &StrictUpstream, n: usize) -> Outcome {
+fn run_case(case: &Case, addr: &Target, up: &StrictUpstream, n: usize) -> Outcome {
     let mark = up.mark();
     let want = match &case.expect {
         Expect::Forward(w) => w.len(),
@@ -888,7 +955,7 @@ fn run_case(case: &Case, addr: SocketAddr, up: &StrictUpstream, n: usize) -> Out
 
 /// Run every case against each (name, address), printing a table; returns
 /// outcomes per proxy, in corpus order.
-fn run_all(cases: &[Case], proxies: &[(String, SocketAddr)], up: &StrictUpstream) -> Vec<Vec<Outcome>> {
+fn run_all(cases: &[Case], proxies: &[(String, Target)], up: &StrictUpstream) -> Vec<Vec<Outcome>> {
     let mut n = 0;
     proxies
         .iter()
@@ -897,7 +964,7 @@ fn run_all(cases: &[Case], proxies: &[(String, SocketAddr)], up: &StrictUpstream
                 .iter()
                 .map(|c| {
                     n += 1;
-                    run_case(c, *addr, up, n)
+                    run_case(c, addr, up, n)
                 })
                 .collect()
         })
@@ -1029,9 +1096,9 @@ fn the_strict_upstream_flags_what_is_ambiguous() {
     }
     // Over a socket: answered and recorded; a desync is recorded and closes.
     let up = StrictUpstream::start();
-    let x = exchange(up.addr, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\nGET /y HTTP/1.1\r\nHost: h\r\n\r\n", 2, Duration::from_secs(3));
+    let x = exchange(&Target::plain(up.addr), b"GET /x HTTP/1.1\r\nHost: h\r\n\r\nGET /y HTTP/1.1\r\nHost: h\r\n\r\n", 2, Duration::from_secs(3));
     assert_eq!(x.responses.iter().map(|r| r.body.clone()).collect::<Vec<_>>(), [b"seen GET /x".to_vec(), b"seen GET /y".to_vec()]);
-    let x = exchange(up.addr, b"GET / HTTP/1.1\r\nHost: h\r\nX : a\r\n\r\n", 1, Duration::from_secs(3));
+    let x = exchange(&Target::plain(up.addr), b"GET / HTTP/1.1\r\nHost: h\r\nX : a\r\n\r\n", 1, Duration::from_secs(3));
     assert_eq!(x.responses[0].status, 400);
     assert!(wait_until(Duration::from_secs(3), || up.since(0).iter().filter(|e| matches!(e, Event::Closed { .. })).count() == 2), "{:?}", up.since(0));
     let ev: Vec<Event> = up.since(0).into_iter().filter(|e| !matches!(e, Event::Closed { .. })).collect();
@@ -1039,11 +1106,29 @@ fn the_strict_upstream_flags_what_is_ambiguous() {
     assert!(matches!(&ev[2], Event::Desync { conn: 2, reason, .. } if reason.starts_with("bad field name")), "{ev:?}");
 }
 
-/// Every case through both request paths: each passes (or is left to the
+/// A Switchyard listener terminating TLS for `h` with a fresh self-signed
+/// certificate, and a client config that trusts it: the same config as
+/// [`switchyard_body`] otherwise.
+fn switchyard_tls(up: SocketAddr) -> (Proxy, Target) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["h".to_string()]).unwrap().self_signed(&key).unwrap();
+    let p = Proxy::builder(&format!("tls = {{ cert = \"h.pem\", key = \"h.key\" }}\n{}", switchyard_body(up)))
+        .file("h.pem", &cert.pem())
+        .file("h.key", &key.serialize_pem())
+        .start();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).unwrap();
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let target = Target { addr: p.addr, tls: Some(Arc::new(config)) };
+    (p, target)
+}
+
+/// Every case through both request paths, and over TLS (HTTP/1.1, where
+/// Pingora reads every byte itself): each passes (or is left to the
 /// client-side limits, as its `owner` says, or gets the verdict its
-/// `switchyard` line documents), the same on both.
+/// `switchyard` line documents), the same on all three.
 #[test]
-fn hostile_requests_through_both_paths() {
+fn hostile_requests_through_both_paths_and_tls() {
     let cases = corpus();
     let up = StrictUpstream::start();
     let mut names = Vec::new();
@@ -1051,11 +1136,15 @@ fn hostile_requests_through_both_paths() {
     let mut outcomes = Vec::new();
     for (path, server) in PATHS {
         let p = Proxy::builder(&switchyard_body(up.addr)).server(server).start();
-        let o = run_all(&cases, &[(path.to_string(), p.addr)], &up).remove(0);
+        let o = run_all(&cases, &[(path.to_string(), Target::plain(p.addr))], &up).remove(0);
         names.push(path.to_string());
         outcomes.push(o);
         proxies.push(p);
     }
+    let (p, target) = switchyard_tls(up.addr);
+    outcomes.push(run_all(&cases, &[("TLS".to_string(), target)], &up).remove(0));
+    names.push("TLS".to_string());
+    proxies.push(p);
     println!("{}", table(&cases, &names, &outcomes));
     let notes = notes(&cases, &names, &outcomes);
     println!("{notes}");
@@ -1078,8 +1167,10 @@ fn hostile_requests_through_both_paths() {
                 wrong.push(format!("{name} `{}`: no canary went over the upstream connection the case left open", c.id));
             }
         }
-        if outcomes[0][i].verdict != outcomes[1][i].verdict {
-            wrong.push(format!("`{}`: {} on express, {} on HttpProxy", c.id, outcomes[0][i].verdict.as_str(), outcomes[1][i].verdict.as_str()));
+        for p in 1..names.len() {
+            if outcomes[0][i].verdict != outcomes[p][i].verdict {
+                wrong.push(format!("`{}`: {} on {}, {} on {}", c.id, outcomes[0][i].verdict.as_str(), names[0], outcomes[p][i].verdict.as_str(), names[p]));
+            }
         }
     }
     assert!(wrong.is_empty(), "{} outcomes wrong:\n{}", wrong.len(), wrong.join("\n"));
@@ -1094,7 +1185,7 @@ fn hostile_requests_through_both_paths() {
     // The pooled-connection check above is not vacuous: most forwarded cases leave one open.
     let reused = outcomes.iter().flatten().filter(|o| o.canary_reused == Some(true)).count();
     let forwarded = cases.iter().filter(|c| matches!(c.expect, Expect::Forward(_))).count();
-    assert!(reused >= forwarded, "a canary reused the case's upstream connection {reused} times, for {forwarded} forwarded cases on two paths");
+    assert!(reused >= forwarded, "a canary reused the case's upstream connection {reused} times, for {forwarded} forwarded cases on three paths");
 }
 
 /// The comparison `benches/hostile.sh` runs (not part of the suite): the
@@ -1107,17 +1198,17 @@ fn hostile_requests_through_both_paths() {
 fn compare_with_peers() {
     let upstream = std::env::var("HOSTILE_UPSTREAM").expect("HOSTILE_UPSTREAM=host:port");
     let up = StrictUpstream::start_on(TcpListener::bind(&upstream).unwrap_or_else(|e| panic!("HOSTILE_UPSTREAM {upstream}: {e}")));
-    let mut proxies: Vec<(String, SocketAddr)> = Vec::new();
+    let mut proxies: Vec<(String, Target)> = Vec::new();
     let mut running = Vec::new();
     for (path, server) in PATHS {
         let p = Proxy::builder(&switchyard_body(up.addr)).server(server).start();
-        proxies.push((format!("Switchyard {path}"), p.addr));
+        proxies.push((format!("Switchyard {path}"), Target::plain(p.addr)));
         running.push(p);
     }
     for peer in std::env::var("HOSTILE_PEERS").unwrap_or_default().split(',').filter(|s| !s.is_empty()) {
         let (name, addr) = peer.split_once('=').unwrap_or_else(|| panic!("HOSTILE_PEERS: {peer:?} is not name=host:port"));
         let addr: SocketAddr = addr.parse().unwrap_or_else(|e| panic!("HOSTILE_PEERS: {peer:?}: {e}"));
-        proxies.push((name.to_string(), addr));
+        proxies.push((name.to_string(), Target::plain(addr)));
     }
     let cases = corpus();
     let outcomes = run_all(&cases, &proxies, &up);

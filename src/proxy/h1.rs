@@ -322,6 +322,25 @@ pub fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// A last answer, written before the connection closes (a request refused
+/// or timed out before any parser ran, a connection over the limit): the
+/// status, a plain-text `body`, `Date`, `Connection: close` and `extra`
+/// fields.
+pub fn closing_response(status: u16, reason: &[u8], body: &str, extra: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(192 + body.len());
+    put_status_line(&mut out, false, status, reason);
+    put_header(&mut out, b"Content-Type", b"text/plain; charset=utf-8");
+    put_header(&mut out, b"Content-Length", body.len().to_string().as_bytes());
+    for (name, value) in extra {
+        put_header(&mut out, name, value);
+    }
+    put_header(&mut out, b"Date", pingora::protocols::http::date::get_cached_date().as_bytes());
+    put_header(&mut out, b"Connection", b"close");
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
 /// How a response body is delimited.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Framing {
@@ -519,7 +538,8 @@ pub fn put_chunk(out: &mut Vec<u8>, data: &[u8]) {
 pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 /// Decodes a chunked body as it arrives, in pieces of any size, and writes
-/// its data re-chunked for the client.
+/// its data re-chunked for the client ([`feed`](Self::feed)); or only checks
+/// a client's chunked request body, strictly ([`check`](Self::check)).
 #[derive(Debug, Default)]
 pub struct Chunked {
     state: ChunkState,
@@ -550,11 +570,31 @@ impl Chunked {
     /// Unconsumed bytes are an incomplete line (feed them again with more)
     /// or, once [`done`](Self::done), bytes after the body.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<(usize, u64)> {
+        self.run(input, Some(out))
+    }
+
+    /// Follow a request body from `input` without decoding it, refusing
+    /// what two parsers could read differently ([`strict_size_line`],
+    /// [`strict_trailer_line`], CRLF line ends only). Returns the bytes
+    /// consumed, as [`feed`](Self::feed) does.
+    pub fn check(&mut self, input: &[u8]) -> Result<usize> {
+        self.run(input, None).map(|(n, _)| n)
+    }
+
+    /// `out` None: strict, and nothing written.
+    fn run(&mut self, input: &[u8], mut out: Option<&mut Vec<u8>>) -> Result<(usize, u64)> {
+        let strict = out.is_none();
         let (mut at, mut data) = (0usize, 0u64);
         loop {
             let rest = &input[at..];
             match self.state {
                 ChunkState::Done => break,
+                ChunkState::Size if strict => {
+                    let Some(eol) = line_end(rest, MAX_CHUNK_LINE)? else { break };
+                    let size = strict_size_line(&rest[..eol]).ok_or_else(|| bad("invalid chunk size line"))?;
+                    at += eol + 2;
+                    self.state = if size == 0 { ChunkState::Trailers } else { ChunkState::Data(size) };
+                }
                 // A size line must start with a digit (httparse takes an
                 // empty line for the last chunk).
                 ChunkState::Size if rest.first().is_some_and(|b| !b.is_ascii_hexdigit()) => {
@@ -582,7 +622,9 @@ impl Chunked {
                         break;
                     }
                     let n = rest.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                    put_chunk(out, &rest[..n]);
+                    if let Some(out) = out.as_deref_mut() {
+                        put_chunk(out, &rest[..n]);
+                    }
                     at += n;
                     data += n as u64;
                     let left = left - n as u64;
@@ -599,19 +641,29 @@ impl Chunked {
                     self.state = ChunkState::Size;
                 }
                 ChunkState::Trailers => {
-                    let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                    let eol = if strict {
+                        line_end(rest, MAX_TRAILERS - self.trailers)?
+                    } else {
+                        rest.windows(2).position(|w| w == b"\r\n")
+                    };
+                    let Some(eol) = eol else {
                         if self.trailers + rest.len() > MAX_TRAILERS {
                             return Err(bad("chunked trailers too large"));
                         }
                         break;
                     };
+                    if strict && eol > 0 && !strict_trailer_line(&rest[..eol]) {
+                        return Err(bad("invalid trailer field"));
+                    }
                     at += eol + 2;
                     self.trailers += eol + 2;
                     if self.trailers > MAX_TRAILERS {
                         return Err(bad("chunked trailers too large"));
                     }
                     if eol == 0 {
-                        out.extend_from_slice(LAST_CHUNK);
+                        if let Some(out) = out.as_deref_mut() {
+                            out.extend_from_slice(LAST_CHUNK);
+                        }
                         self.state = ChunkState::Done;
                     }
                 }
@@ -619,6 +671,76 @@ impl Chunked {
         }
         Ok((at, data))
     }
+}
+
+/// Where the CRLF-ended line at the start of `buf` ends (None: not yet, and
+/// shorter than `max`). A CR not before LF, or an LF not after CR, is an
+/// error, as is a line of `max` bytes or more.
+fn line_end(buf: &[u8], max: usize) -> Result<Option<usize>> {
+    let Some(i) = buf.iter().position(|&b| b == b'\r' || b == b'\n') else {
+        return if buf.len() >= max { Err(bad("chunk line too long")) } else { Ok(None) };
+    };
+    if i >= max {
+        return Err(bad("chunk line too long"));
+    }
+    match (buf[i], buf.get(i + 1)) {
+        (b'\r', Some(b'\n')) => Ok(Some(i)),
+        (b'\r', None) => Ok(None),
+        _ => Err(bad("chunk line not ended by CRLF")),
+    }
+}
+
+/// An RFC 9110 token character.
+pub fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// The size of a chunk-size line (without its CRLF) if it is, strictly,
+/// `1*15HEXDIG *( ";" token [ "=" ( token / quoted-string ) ] )`: no
+/// whitespace anywhere (RFC 9112 allows some before `;`, which parsers
+/// treat differently), at most 15 digits (no overflow), no control bytes.
+pub fn strict_size_line(line: &[u8]) -> Option<u64> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 15 {
+        return None;
+    }
+    let size = line[..digits].iter().fold(0u64, |n, &b| n * 16 + u64::from((b as char).to_digit(16).unwrap_or(0)));
+    let mut e = &line[digits..];
+    while !e.is_empty() {
+        let rest = e.strip_prefix(b";")?;
+        let name = rest.iter().take_while(|&&b| is_tchar(b)).count();
+        if name == 0 {
+            return None;
+        }
+        e = &rest[name..];
+        let Some(v) = e.strip_prefix(b"=") else { continue };
+        if let Some(q) = v.strip_prefix(b"\"") {
+            let mut i = 0;
+            loop {
+                match *q.get(i)? {
+                    b'"' => break,
+                    b'\\' if q.get(i + 1).is_some_and(|&c| c == b'\t' || c >= 0x20 && c != 0x7f) => i += 2,
+                    b if b == b'\t' || b == b' ' || (0x21..=0x7e).contains(&b) || b >= 0x80 => i += 1,
+                    _ => return None,
+                }
+            }
+            e = &q[i + 1..];
+        } else {
+            let n = v.iter().take_while(|&&b| is_tchar(b)).count();
+            if n == 0 {
+                return None;
+            }
+            e = &v[n..];
+        }
+    }
+    Some(size)
+}
+
+/// Whether a trailer line (without its CRLF) is a field line: a token,
+/// `:`, and a value of visible bytes, spaces and tabs.
+pub fn strict_trailer_line(line: &[u8]) -> bool {
+    let name = line.iter().take_while(|&&b| is_tchar(b)).count();
+    name > 0 && line.get(name) == Some(&b':') && line[name + 1..].iter().all(|&b| b == b'\t' || b >= 0x20 && b != 0x7f)
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! `limits.header_timeout`: a request head must arrive whole in time.
+//! `limits.header_timeout`: a request head must arrive whole in time; and
+//! the stream wrapper that follows the framing of what Pingora reads.
 //!
 //! On plain TCP the connection loop in [`super::ProxyApp`] reads each head
 //! itself before anyone parses it, so it holds the deadline there. Over TLS
@@ -18,6 +19,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
+use super::inbound::Inbound;
 
 /// Finds where a request head ends (its first empty line, after any empty
 /// lines before the request line, which parsers skip), in bytes fed as they
@@ -79,26 +81,27 @@ pub(super) fn ends_a_head(buf: &[u8]) -> bool {
 
 /// The response to a head that did not arrive in time.
 pub(super) fn timeout_response() -> Vec<u8> {
-    const BODY: &str = "request head not received in time\n";
-    let date = pingora::protocols::http::date::get_cached_date();
-    format!(
-        "HTTP/1.1 408 Request Timeout\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nDate: {}\r\nConnection: close\r\n\r\n{BODY}",
-        BODY.len(),
-        date.to_str().unwrap_or_default()
-    )
-    .into_bytes()
+    super::h1::closing_response(408, b"Request Timeout", "request head not received in time\n", &[])
 }
 
-/// A TLS client stream whose reads keep the request-head deadlines: while
-/// a head is awaited ([`HeadClock::arm`]), its bytes must all arrive by the
-/// deadline. Past it with nothing read, reads end (end of stream: Pingora
-/// closes the idle connection quietly); with part of a head read, the 408
-/// is written and reads fail (Pingora drops the connection). Once the head's
-/// end has passed, reads are the stream's own again (the body has its read
-/// timeouts).
+/// A client stream Pingora reads: it follows the requests' framing
+/// ([`Inbound`]) and, over TLS, keeps the request-head deadlines.
+///
+/// Deadlines: while a head is awaited ([`HeadClock::arm`]), its bytes must
+/// all arrive by the deadline. Past it with nothing read, reads end (end of
+/// stream: Pingora closes the idle connection quietly); with part of a head
+/// read, the 408 is written and reads fail (Pingora drops the connection).
+/// Once the head's end has passed, reads are timed by the stream's own
+/// timeouts (the body has its read timeouts).
+///
+/// Framing: bytes [`Inbound`] refuses never reach Pingora. If nothing was
+/// written to the client since it was armed and the refused request is the
+/// first since then, the 400 is written; either way the read fails and
+/// Pingora drops the connection (a request it had started to proxy is cut,
+/// with its upstream connection). Writes after an answer are dropped.
 pub(super) struct HeadClock {
     inner: Stream,
-    /// A head is awaited.
+    /// A head is awaited (its deadline runs).
     armed: bool,
     /// Bytes of it have come: the deadline is the head's.
     started: bool,
@@ -108,15 +111,24 @@ pub(super) struct HeadClock {
     scan: HeadEnd,
     header_timeout: Duration,
     deadline: Pin<Box<Sleep>>,
-    /// The 408, and how much of it is written.
-    answer: Option<(Vec<u8>, usize)>,
+    /// The requests' framing, checked.
+    inbound: Inbound,
+    /// The request [`Inbound`] was at when armed, and whether anything was
+    /// written since: a refusal within it may still be answered.
+    first: u32,
+    written: bool,
+    /// The last answer (408 or 400), how much of it is written, and the
+    /// error the read then fails with.
+    answer: Option<(Vec<u8>, usize, io::ErrorKind, &'static str)>,
     timed_out: prometheus::IntCounter,
+    rejected: prometheus::IntCounterVec,
 }
 
 impl HeadClock {
-    /// Wrap a new connection: its first head must be complete by
-    /// `deadline`. `timed_out` counts the 408s.
-    pub fn new(inner: Stream, deadline: Instant, header_timeout: Duration, timed_out: prometheus::IntCounter) -> Self {
+    /// Wrap a new TLS connection: its first head must be complete by
+    /// `deadline`. `timed_out` counts the 408s, `rejected` the refusals by
+    /// reason.
+    pub fn new(inner: Stream, deadline: Instant, header_timeout: Duration, timed_out: prometheus::IntCounter, rejected: prometheus::IntCounterVec) -> Self {
         HeadClock {
             inner,
             armed: true,
@@ -125,9 +137,21 @@ impl HeadClock {
             scan: HeadEnd::default(),
             header_timeout,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            inbound: Inbound::default(),
+            first: 0,
+            written: false,
             answer: None,
             timed_out,
+            rejected,
         }
+    }
+
+    /// Wrap a cleartext connection whose head was read (and timed) ahead:
+    /// only the framing is followed, from the start of that head.
+    pub fn framing_only(inner: Stream, timed_out: prometheus::IntCounter, rejected: prometheus::IntCounterVec) -> Self {
+        let mut c = HeadClock::new(inner, Instant::now(), Duration::ZERO, timed_out, rejected);
+        c.armed = false;
+        c
     }
 
     /// Await the next request on a kept-alive connection: its first byte by
@@ -139,11 +163,19 @@ impl HeadClock {
         self.scan = HeadEnd::default();
         self.header_timeout = header_timeout;
         self.deadline.as_mut().reset(idle_until);
+        self.rearm_answer();
     }
 
-    /// Write the 408; then fail the read.
+    /// The previous request is answered: a refusal of the next one may be
+    /// answered too.
+    pub fn rearm_answer(&mut self) {
+        self.first = self.inbound.current();
+        self.written = false;
+    }
+
+    /// Write the answer; then fail the read.
     fn answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some((bytes, written)) = self.answer.as_mut() else { return Poll::Ready(Ok(())) };
+        let Some((bytes, written, kind, why)) = self.answer.as_mut() else { return Poll::Ready(Ok(())) };
         while *written < bytes.len() {
             match ready!(Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..])) {
                 Ok(0) | Err(_) => break,
@@ -152,24 +184,45 @@ impl HeadClock {
         }
         let _ = ready!(Pin::new(&mut self.inner).poll_flush(cx));
         *written = bytes.len();
-        Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "request head not complete within limits.header_timeout")))
+        Poll::Ready(Err(io::Error::new(*kind, *why)))
+    }
+
+    /// Bytes [`Inbound`] refused (`reason`): counted, answered if it may
+    /// be, and the read fails.
+    fn refuse(&mut self, cx: &mut Context<'_>, reason: &'static str) -> Poll<io::Result<()>> {
+        self.rejected.with_label_values(&[reason]).inc();
+        let why = "request refused: malformed or ambiguous framing";
+        if self.written || self.inbound.current() != self.first {
+            self.answer = Some((Vec::new(), 0, io::ErrorKind::InvalidData, why));
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, why)));
+        }
+        self.answer = Some((super::malformed_response(), 0, io::ErrorKind::InvalidData, why));
+        self.answer(cx)
     }
 }
 
 impl AsyncRead for HeadClock {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if !this.armed {
-            return Pin::new(&mut this.inner).poll_read(cx, buf);
-        }
         if this.answer.is_some() {
             return this.answer(cx);
+        }
+        if !this.armed && this.inbound.off() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let new = &buf.filled()[before..];
                 if new.is_empty() {
+                    return Poll::Ready(Ok(()));
+                }
+                if let Err(reason) = this.inbound.feed(new) {
+                    // None of it reaches Pingora.
+                    buf.set_filled(before);
+                    return this.refuse(cx, reason);
+                }
+                if !this.armed {
                     return Poll::Ready(Ok(()));
                 }
                 if !this.started {
@@ -183,6 +236,7 @@ impl AsyncRead for HeadClock {
                 }
                 Poll::Ready(Ok(()))
             }
+            Poll::Pending if !this.armed => Poll::Pending,
             Poll::Pending => {
                 ready!(this.deadline.as_mut().poll(cx));
                 if !this.started {
@@ -190,7 +244,7 @@ impl AsyncRead for HeadClock {
                     return Poll::Ready(Ok(()));
                 }
                 this.timed_out.inc();
-                this.answer = Some((timeout_response(), 0));
+                this.answer = Some((timeout_response(), 0, io::ErrorKind::TimedOut, "request head not complete within limits.header_timeout"));
                 this.answer(cx)
             }
             err => err,
@@ -200,6 +254,11 @@ impl AsyncRead for HeadClock {
 
 impl AsyncWrite for HeadClock {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if self.answer.is_some() {
+            // Answered and closing: nothing more goes out.
+            return Poll::Ready(Ok(buf.len()));
+        }
+        self.written = true;
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -209,6 +268,10 @@ impl AsyncWrite for HeadClock {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        if self.answer.is_some() {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        self.written = true;
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {

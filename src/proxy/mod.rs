@@ -9,6 +9,7 @@
 mod express;
 pub(crate) mod h1;
 mod head;
+mod inbound;
 pub(crate) mod headers;
 mod park;
 mod pool;
@@ -827,7 +828,7 @@ impl ProxyApp {
                 Ahead::Closed => return,
                 Ahead::Malformed(reason) => {
                     self.rejected.with_label_values(&[reason]).inc();
-                    refuse_malformed(&mut tcp).await;
+                    answer_and_close(&mut tcp, &malformed_response()).await;
                     return;
                 }
                 Ahead::TimedOut => {
@@ -862,7 +863,15 @@ impl ProxyApp {
                     }
                 }
                 Ahead::Proxy(rest, follow) => {
-                    let mut session = ServerSession::new_http1(tcp);
+                    // A body that goes on past the bytes read ahead (and
+                    // requests pipelined after it) are read by Pingora: the
+                    // stream is then wrapped to follow their framing.
+                    let stream: Stream = if follow {
+                        Box::new(head::HeadClock::framing_only(tcp, self.header_timeouts.clone(), self.rejected.clone()))
+                    } else {
+                        tcp
+                    };
+                    let mut session = ServerSession::new_http1(stream);
                     session.set_keepalive_reuses_remaining(remaining);
                     // As Pingora does: no keep-alive once shutting down. The
                     // idle wait after the request is this loop's.
@@ -872,21 +881,26 @@ impl ProxyApp {
                         session.set_keepalive(Some(keepalive_secs(limits.keepalive_timeout)));
                     }
                     let Some(mut reused) = self.inner.process_new_http(session, shutdown).await else { return };
-                    while follow {
-                        // Pingora may hold bytes it read past this body (a
-                        // pipelined next request) in the settings it hands
-                        // back, which it alone can read: the rest of this
-                        // connection is served by it, as its own loop does.
-                        let (stream, settings) = reused.consume();
-                        let mut session = ServerSession::new_http1(stream);
-                        if let Some(s) = settings {
-                            s.apply_to_session(&mut session);
+                    if follow {
+                        loop {
+                            // Pingora may hold bytes it read past this body
+                            // (a pipelined next request) in the settings it
+                            // hands back, which it alone can read: the rest
+                            // of this connection is served by it, as its own
+                            // loop does.
+                            let (stream, settings) = reused.consume();
+                            let Ok(mut clock) = stream.into_any().downcast::<head::HeadClock>() else { return };
+                            clock.rearm_answer();
+                            let mut session = ServerSession::new_http1(clock);
+                            if let Some(s) = settings {
+                                s.apply_to_session(&mut session);
+                            }
+                            if *shutdown.borrow() {
+                                session.set_keepalive(None);
+                            }
+                            let Some(r) = self.inner.process_new_http(session, shutdown).await else { return };
+                            reused = r;
                         }
-                        if *shutdown.borrow() {
-                            session.set_keepalive(None);
-                        }
-                        let Some(r) = self.inner.process_new_http(session, shutdown).await else { return };
-                        reused = r;
                     }
                     let (stream, _) = reused.consume();
                     let Ok(next) = stream.into_any().downcast::<L4Stream>() else { return };
@@ -909,7 +923,7 @@ impl ProxyApp {
     async fn serve_tls(&self, stream: Stream, shutdown: &ShutdownWatch) {
         let limits = self.snapshot.limits();
         let until = tokio::time::Instant::now() + limits.header_timeout;
-        let clock = head::HeadClock::new(stream, until, limits.header_timeout, self.header_timeouts.clone());
+        let clock = head::HeadClock::new(stream, until, limits.header_timeout, self.header_timeouts.clone(), self.rejected.clone());
         let mut session = ServerSession::new_http1(Box::new(clock));
         session.set_keepalive_reuses_remaining(self.inner.server_options().and_then(|o| o.keepalive_request_limit));
         loop {
@@ -980,15 +994,9 @@ async fn refuse(mut stream: Stream) {
     if matches!(stream.selected_alpn_proto(), Some(pingora::protocols::ALPN::H2)) {
         return;
     }
-    const BODY: &str = "too many connections\n";
-    let date = pingora::protocols::http::date::get_cached_date();
-    let answer = format!(
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: {RETRY_AFTER_SECS}\r\nDate: {}\r\nConnection: close\r\n\r\n{BODY}",
-        BODY.len(),
-        date.to_str().unwrap_or_default()
-    );
+    let answer = h1::closing_response(503, b"Service Unavailable", "too many connections\n", &[(b"Retry-After", RETRY_AFTER_SECS.as_bytes())]);
     let exchange = async {
-        stream.write_all(answer.as_bytes()).await?;
+        stream.write_all(&answer).await?;
         stream.flush().await?;
         AsyncWriteExt::shutdown(&mut stream).await?;
         let (mut buf, mut total) = ([0u8; 4096], 0);
@@ -1107,7 +1115,7 @@ fn for_proxy(tcp: &mut L4Stream, mut buf: Vec<u8>) -> Ahead {
     };
     let follow = match body_shape(&buf) {
         BodyShape::BadChunk => return Ahead::Malformed(strict::BAD_FRAMING),
-        BodyShape::Overruns => rest.is_empty(),
+        BodyShape::Overruns => true,
         BodyShape::Within => false,
     };
     tcp.rewind(&buf);
@@ -1153,19 +1161,10 @@ fn body_shape(buf: &[u8]) -> BodyShape {
 
 type L4Stream = pingora::protocols::l4::stream::Stream;
 
-/// Answer a request refused before any parser ran: `400` with the body
-/// `HttpProxy` sends for a malformed request, then the connection closes.
-async fn refuse_malformed(tcp: &mut L4Stream) {
-    let body = ProxyFailure::Malformed.body().as_bytes();
-    let mut out = Vec::with_capacity(192);
-    h1::put_status_line(&mut out, false, 400, b"Bad Request");
-    h1::put_header(&mut out, b"Content-Type", b"text/plain; charset=utf-8");
-    h1::put_header(&mut out, b"Content-Length", body.len().to_string().as_bytes());
-    h1::put_header(&mut out, b"Date", pingora::protocols::http::date::get_cached_date().as_bytes());
-    h1::put_header(&mut out, b"Connection", b"close");
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
-    answer_and_close(tcp, &out).await;
+/// The answer to a request refused before any parser ran: `400` with the
+/// body `HttpProxy` sends for a malformed request (the connection closes).
+fn malformed_response() -> Vec<u8> {
+    h1::closing_response(400, b"Bad Request", ProxyFailure::Malformed.body(), &[])
 }
 
 /// Write a last answer (the connection closes after it); a client that

@@ -1,0 +1,277 @@
+//! Follows the requests a client sends on a connection Pingora reads, byte
+//! for byte as they arrive and before Pingora sees them: each head, then
+//! its body (so many bytes, or chunked), then the next head.
+//!
+//! Pingora's parsers are lenient where a backend's may not be: a NUL in a
+//! request target is forwarded percent-encoded, and its chunk parser reads
+//! `5 \r\n` as 5, skips the bytes of a chunk extension unread, and takes an
+//! empty line for a chunk size. Where the bytes are all in hand before
+//! Pingora reads them (a cleartext head, read ahead in
+//! [`super::ProxyApp`]), the checks run there; a TLS connection's bytes are
+//! read by Pingora itself, and so is a chunked body after its first read:
+//! this is what checks those. What it refuses ends the connection (with a
+//! `400` if nothing was answered yet, see [`super::head::HeadClock`]).
+//!
+//! A head that does not parse here, or is over the head limit, is left to
+//! Pingora (which refuses it); after a `CONNECT` or an `Upgrade` request
+//! the bytes are a tunnel's and are no longer looked at.
+
+use super::h1::Chunked;
+use super::head::HeadEnd;
+use super::strict;
+
+/// Longest head looked at; Pingora refuses longer ones.
+const HEAD_MAX: usize = 1024 * 1024;
+/// Most header fields parsed here (Pingora's own limit is larger, and the
+/// `[limits]` count is checked after it: a head with more is left to them).
+const MAX_FIELDS: usize = 256;
+
+/// Where a connection's request stream is.
+#[derive(Debug, Default)]
+pub struct Inbound {
+    state: State,
+    /// The current head, when it did not come in one read.
+    head: Vec<u8>,
+    /// A chunk-size or trailer line not yet whole.
+    line: Vec<u8>,
+    /// Requests ended so far (the one being read is this one).
+    current: u32,
+}
+
+#[derive(Debug, Default)]
+enum State {
+    /// In a head (or before one).
+    #[default]
+    Head,
+    HeadScan(HeadEnd),
+    /// So many body bytes to come.
+    Fixed(u64),
+    Chunked(Chunked),
+    /// A tunnel, or a head left to Pingora: nothing more is checked.
+    Off,
+}
+
+/// Why the stream is refused, as the `reason` of
+/// `switchyard_requests_rejected_total`.
+pub type Refusal = &'static str;
+
+impl Inbound {
+    /// Follow the next bytes of the stream. Err: they are refused.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), Refusal> {
+        while !bytes.is_empty() {
+            match &mut self.state {
+                State::Off => return Ok(()),
+                State::Head => {
+                    let mut scan = HeadEnd::default();
+                    match scan.feed(bytes) {
+                        // The common case: a whole head in one read.
+                        Some(n) => {
+                            self.state = body_of(&bytes[..n], &bytes[n..])?;
+                            self.ended_if_bodiless();
+                            bytes = &bytes[n..];
+                        }
+                        None => {
+                            self.head.clear();
+                            self.keep_head(bytes);
+                            self.state = State::HeadScan(scan);
+                            return Ok(());
+                        }
+                    }
+                }
+                State::HeadScan(scan) => match scan.feed(bytes) {
+                    Some(n) => {
+                        self.keep_head(&bytes[..n]);
+                        let head = std::mem::take(&mut self.head);
+                        self.state = if head.len() > HEAD_MAX { State::Off } else { body_of(&head, &bytes[n..])? };
+                        self.ended_if_bodiless();
+                        self.head = head;
+                        self.head.clear();
+                        if self.head.capacity() > 64 * 1024 {
+                            self.head = Vec::new();
+                        }
+                        bytes = &bytes[n..];
+                    }
+                    None => {
+                        self.keep_head(bytes);
+                        return Ok(());
+                    }
+                },
+                State::Fixed(left) => {
+                    let n = bytes.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= n as u64;
+                    bytes = &bytes[n..];
+                    if *left == 0 {
+                        self.state = State::Head;
+                        self.current = self.current.wrapping_add(1);
+                    }
+                }
+                State::Chunked(chunked) => {
+                    let bad = |_| strict::BAD_FRAMING;
+                    if self.line.is_empty() {
+                        let n = chunked.check(bytes).map_err(bad)?;
+                        if !chunked.done() {
+                            // A line not whole yet (or nothing): kept until it is.
+                            self.line.extend_from_slice(&bytes[n..]);
+                            return Ok(());
+                        }
+                        bytes = &bytes[n..];
+                    } else {
+                        // The kept line, then this read: a copy only when a
+                        // line was split between reads.
+                        let had = self.line.len();
+                        self.line.extend_from_slice(bytes);
+                        let n = chunked.check(&self.line).map_err(bad)?;
+                        if !chunked.done() {
+                            self.line.drain(..n);
+                            return Ok(());
+                        }
+                        self.line.clear();
+                        bytes = &bytes[n.saturating_sub(had)..];
+                    }
+                    self.state = State::Head;
+                    self.current = self.current.wrapping_add(1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn keep_head(&mut self, bytes: &[u8]) {
+        if self.head.len() <= HEAD_MAX {
+            self.head.extend_from_slice(&bytes[..bytes.len().min(HEAD_MAX + 1 - self.head.len())]);
+        }
+    }
+
+    fn ended_if_bodiless(&mut self) {
+        if matches!(self.state, State::Head) {
+            self.current = self.current.wrapping_add(1);
+        }
+    }
+
+    /// The request being read, counted from 0.
+    pub fn current(&self) -> u32 {
+        self.current
+    }
+
+    /// Whether nothing more is checked (a tunnel, or a head left to Pingora).
+    pub fn off(&self) -> bool {
+        matches!(self.state, State::Off)
+    }
+
+    /// Whether the stream is between requests (nothing of a next one read).
+    #[cfg(test)]
+    fn at_rest(&self) -> bool {
+        matches!(self.state, State::Head | State::Off)
+    }
+}
+
+/// The checks on a whole `head`, and where its body takes the stream.
+/// `after`: the bytes read after it (a chunked body's first byte must start
+/// a size).
+fn body_of(head: &[u8], after: &[u8]) -> Result<State, Refusal> {
+    if strict::bad_request_line(head) {
+        return Err(strict::BAD_REQUEST_LINE);
+    }
+    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+    let mut req = httparse::Request::new(&mut fields);
+    let Ok(httparse::Status::Complete(_)) = req.parse(head) else { return Ok(State::Off) };
+    if req.method.is_some_and(|m| m.eq_ignore_ascii_case("CONNECT")) {
+        return Ok(State::Off);
+    }
+    // Framing the head parse refuses (more than one length, a length that
+    // is not a number, a length with a coding): nothing more to follow,
+    // the connection closes after that refusal.
+    let (mut state, mut lengths) = (State::Head, 0);
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("upgrade") {
+            return Ok(State::Off);
+        }
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Any other coding than one `chunked` is refused too; the
+            // body's bytes are followed as chunks until then.
+            state = State::Chunked(Chunked::default());
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let Some(n) = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok()) else { return Ok(State::Off) };
+            lengths += 1;
+            state = if n == 0 { State::Head } else { State::Fixed(n) };
+        }
+    }
+    if lengths > 1 || (lengths == 1 && req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))) {
+        return Ok(State::Off);
+    }
+    if let (State::Chunked(_), Some(b)) = (&state, after.first()) {
+        if !b.is_ascii_hexdigit() {
+            return Err(strict::BAD_FRAMING);
+        }
+    }
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(bytes: &[u8], step: usize) -> Result<bool, Refusal> {
+        let mut i = Inbound::default();
+        for piece in bytes.chunks(step) {
+            i.feed(piece)?;
+        }
+        Ok(i.at_rest())
+    }
+
+    #[test]
+    fn well_formed_streams_pass_however_they_are_split() {
+        let ok: [&[u8]; 7] = [
+            b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;a=b;c=\"d e\"\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nT: 1\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n",
+            // After an upgrade, anything.
+            b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n\x00\x81\r\r",
+            b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n\x16\x03\x01\x00",
+        ];
+        for bytes in ok {
+            for step in 1..=bytes.len() {
+                assert_eq!(verdict(bytes, step), Ok(true), "{} in pieces of {step}", bytes.escape_ascii());
+            }
+        }
+        // Mid-body: not at rest.
+        assert_eq!(verdict(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhel", 4), Ok(false));
+        assert_eq!(verdict(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", 4), Ok(false));
+    }
+
+    #[test]
+    fn what_parsers_could_read_differently_is_refused_however_it_is_split() {
+        let te = "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let bad: Vec<(Vec<u8>, Refusal)> = vec![
+            (b"GET /a\0b HTTP/1.1\r\nHost: h\r\n\r\n".to_vec(), strict::BAD_REQUEST_LINE),
+            (b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET /a b HTTP/1.1\r\nHost: h\r\n\r\n".to_vec(), strict::BAD_REQUEST_LINE),
+            (format!("{te}5 \r\nhello\r\n0\r\n\r\n").into_bytes(), strict::BAD_FRAMING),
+            (format!("{te}\r\nhello\r\n0\r\n\r\n").into_bytes(), strict::BAD_FRAMING),
+            (format!("{te}5\r\nhello\r\n\r\n").into_bytes(), strict::BAD_FRAMING),
+            (format!("{te}5;a\0b\r\nhello\r\n0\r\n\r\n").into_bytes(), strict::BAD_FRAMING),
+            (format!("{te}5;e={}\r\nhello\r\n0\r\n\r\n", "x".repeat(16384)).into_bytes(), strict::BAD_FRAMING),
+            (format!("{te}5\nhello\n0\n\n").into_bytes(), strict::BAD_FRAMING),
+            (format!("{te}5\r\nhelloXX0\r\n\r\n").into_bytes(), strict::BAD_FRAMING),
+            (format!("{te}10000000000000000a\r\nhello\r\n0\r\n\r\n").into_bytes(), strict::BAD_FRAMING),
+            (format!("{te}0\r\nT\0: 1\r\n\r\n").into_bytes(), strict::BAD_FRAMING),
+            // After a body, the next head is checked too.
+            (format!("{te}0\r\n\r\nGET /\0 HTTP/1.1\r\n\r\n").into_bytes(), strict::BAD_REQUEST_LINE),
+        ];
+        for (bytes, reason) in bad {
+            for step in [1, 2, 3, 7, 64, bytes.len()] {
+                assert_eq!(verdict(&bytes, step), Err(reason), "{} in pieces of {step}", bytes.escape_ascii());
+            }
+        }
+    }
+
+    #[test]
+    fn heads_it_cannot_judge_are_left_to_pingora() {
+        // A head that does not parse: left to Pingora (which refuses it),
+        // as is all after it.
+        assert_eq!(verdict(b"GET / HTTP/1.1\r\nno colon\r\n\r\n\0\0\0", 5), Ok(true));
+        // A request line with a control byte is refused before that.
+        assert_eq!(verdict(b"\x16\x03\x01 hello\r\n\r\n", 5), Err(strict::BAD_REQUEST_LINE));
+    }
+}
