@@ -1188,6 +1188,110 @@ fn hostile_requests_through_both_paths_and_tls() {
     assert!(reused >= forwarded, "a canary reused the case's upstream connection {reused} times, for {forwarded} forwarded cases on three paths");
 }
 
+/// Switchyard's three ways in (both request paths, and TLS) in front of
+/// `up`, by name.
+fn switchyard_three(up: SocketAddr) -> Vec<(String, Proxy, Target)> {
+    let mut all: Vec<(String, Proxy, Target)> = PATHS
+        .iter()
+        .map(|(path, server)| {
+            let p = Proxy::builder(&switchyard_body(up)).server(server).start();
+            let t = Target::plain(p.addr);
+            (path.to_string(), p, t)
+        })
+        .collect();
+    let (p, t) = switchyard_tls(up);
+    all.push(("TLS".to_string(), p, t));
+    all
+}
+
+fn rejected(p: &Proxy, reason: &str) -> f64 {
+    sample(&parse_metrics(&p.metrics()), "switchyard_requests_rejected_total", &[("reason", reason)]).unwrap_or(0.0)
+}
+
+/// A malformed request pipelined behind a good one with a chunked body
+/// (read by Pingora itself, after the bytes read ahead): the first is
+/// answered, then the second gets its 400 and never reaches the backend,
+/// and the connection closes.
+#[test]
+fn a_malformed_request_behind_a_chunked_body_is_never_forwarded() {
+    let up = StrictUpstream::start();
+    for (name, p, t) in switchyard_three(up.addr) {
+        let mark = up.mark();
+        let x = exchange(
+            &t,
+            b"POST /first HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /a\0b HTTP/1.1\r\nHost: h\r\n\r\n",
+            // More than come: read to the close.
+            3,
+            CASE_TIMEOUT,
+        );
+        let statuses: Vec<u16> = x.responses.iter().map(|r| r.status).collect();
+        assert_eq!(statuses, [200, 400], "{name}: the first answered, then the second refused");
+        assert!(x.closed && !x.timed_out, "{name}: the connection closes after the refusal");
+        let seen: Vec<String> = up.since(mark).iter().filter_map(|e| match e {
+            Event::Request(r) => Some(format!("{} {} {}", r.method, r.target, show(&r.body))),
+            Event::Desync { reason, .. } => Some(format!("desync: {reason}")),
+            Event::Closed { .. } => None,
+        }).collect();
+        assert_eq!(seen, ["POST /first hello"], "{name}: the backend saw only the first request");
+        assert_eq!(rejected(&p, "bad_request_line"), 1.0, "{name}");
+    }
+}
+
+/// A chunk that breaks the framing after the body has begun to go to the
+/// backend: the client gets a 400, the backend never gets the bad chunk
+/// nor a complete request, and its connection is closed.
+#[test]
+fn a_bad_chunk_mid_body_is_refused_and_the_upstream_request_cut() {
+    // A backend that records what it receives and answers nothing.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let got: Arc<Mutex<Vec<(Vec<u8>, bool)>>> = Arc::default();
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().take(16) {
+            let Ok(mut c) = c else { return };
+            let g = g.clone();
+            std::thread::spawn(move || {
+                let i = {
+                    let mut v = g.lock().unwrap();
+                    v.push((Vec::new(), false));
+                    v.len() - 1
+                };
+                let _ = c.set_read_timeout(Some(Duration::from_secs(20)));
+                let mut buf = [0u8; 4096];
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => g.lock().unwrap()[i].0.extend_from_slice(&buf[..n]),
+                    }
+                }
+                g.lock().unwrap()[i].1 = true;
+            });
+        }
+    });
+    for (name, p, t) in switchyard_three(addr) {
+        let before = got.lock().unwrap().len();
+        let mut c = Conn::open(&t).unwrap_or_else(|| panic!("{name}: connect"));
+        c.write_all(b"POST /mid HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n").unwrap();
+        c.flush().unwrap();
+        let forwarded = |needle: &[u8]| got.lock().unwrap()[before..].iter().any(|(b, _)| b.windows(needle.len()).any(|w| w == needle));
+        assert!(wait_until(Duration::from_secs(5), || forwarded(b"hello")), "{name}: the first chunk reached the backend");
+        c.write_all(b"5 \r\nworld\r\n0\r\n\r\n").unwrap();
+        c.flush().unwrap();
+        let _ = c.tcp().set_read_timeout(Some(Duration::from_secs(5)));
+        let mut answer = Vec::new();
+        let _ = c.read_to_end(&mut answer);
+        assert!(answer.starts_with(b"HTTP/1.1 400 "), "{name}: {}", show(&answer));
+        assert!(
+            wait_until(Duration::from_secs(5), || got.lock().unwrap()[before..].iter().all(|(_, closed)| *closed)),
+            "{name}: the upstream connection is closed"
+        );
+        assert!(!forwarded(b"world"), "{name}: the bad chunk never reached the backend");
+        assert!(!forwarded(b"0\r\n\r\n"), "{name}: the backend never got the body's end");
+        assert_eq!(rejected(&p, "bad_framing"), 1.0, "{name}");
+    }
+}
+
 /// The comparison `benches/hostile.sh` runs (not part of the suite): the
 /// corpus against Switchyard's two paths and the proxies named in
 /// `HOSTILE_PEERS` (`name=host:port,...`), all in front of one strict

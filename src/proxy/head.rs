@@ -94,11 +94,13 @@ pub(super) fn timeout_response() -> Vec<u8> {
 /// Once the head's end has passed, reads are timed by the stream's own
 /// timeouts (the body has its read timeouts).
 ///
-/// Framing: bytes [`Inbound`] refuses never reach Pingora. If nothing was
-/// written to the client since it was armed and the refused request is the
-/// first since then, the 400 is written; either way the read fails and
-/// Pingora drops the connection (a request it had started to proxy is cut,
-/// with its upstream connection). Writes after an answer are dropped.
+/// Framing: bytes [`Inbound`] refuses never reach Pingora. A refused
+/// request whose head Pingora has not seen waits for the requests before it
+/// to be answered (its reads stay pending until the stream is armed again),
+/// then gets a 400 and the read fails; one being proxied (a bad chunk)
+/// fails the read at once, with the 400 if nothing was written since the
+/// request began: Pingora drops the connection, and the upstream request
+/// with it. Writes after an answer are dropped.
 pub(super) struct HeadClock {
     inner: Stream,
     /// A head is awaited (its deadline runs).
@@ -117,6 +119,8 @@ pub(super) struct HeadClock {
     /// written since: a refusal within it may still be answered.
     first: u32,
     written: bool,
+    /// A refused request waiting for its turn to be answered.
+    refused: Option<&'static str>,
     /// The last answer (408 or 400), how much of it is written, and the
     /// error the read then fails with.
     answer: Option<(Vec<u8>, usize, io::ErrorKind, &'static str)>,
@@ -140,6 +144,7 @@ impl HeadClock {
             inbound: Inbound::default(),
             first: 0,
             written: false,
+            refused: None,
             answer: None,
             timed_out,
             rejected,
@@ -187,17 +192,36 @@ impl HeadClock {
         Poll::Ready(Err(io::Error::new(*kind, *why)))
     }
 
-    /// Bytes [`Inbound`] refused (`reason`): counted, answered if it may
-    /// be, and the read fails.
+    /// Whether a refusal now may be answered: nothing was written since
+    /// the last answered request, and the refused one is the next.
+    fn answerable(&self) -> bool {
+        !self.written && self.inbound.current() == self.first
+    }
+
+    /// A request [`Inbound`] refused (`reason`): counted, answered with the
+    /// 400 if it may be, and the read fails.
     fn refuse(&mut self, cx: &mut Context<'_>, reason: &'static str) -> Poll<io::Result<()>> {
         self.rejected.with_label_values(&[reason]).inc();
         let why = "request refused: malformed or ambiguous framing";
-        if self.written || self.inbound.current() != self.first {
+        if !self.answerable() {
             self.answer = Some((Vec::new(), 0, io::ErrorKind::InvalidData, why));
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, why)));
         }
         self.answer = Some((super::malformed_response(), 0, io::ErrorKind::InvalidData, why));
         self.answer(cx)
+    }
+
+    /// A refused request none of whose bytes Pingora has, behind requests
+    /// it has: its reads wait (not woken) until those are answered and the
+    /// stream is armed again, then it gets its 400.
+    fn refuse_in_turn(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.refused {
+            Some(reason) if self.answerable() => {
+                self.refused = None;
+                self.refuse(cx, reason)
+            }
+            _ => Poll::Pending,
+        }
     }
 }
 
@@ -206,6 +230,9 @@ impl AsyncRead for HeadClock {
         let this = &mut *self;
         if this.answer.is_some() {
             return this.answer(cx);
+        }
+        if this.refused.is_some() {
+            return this.refuse_in_turn(cx);
         }
         if !this.armed && this.inbound.off() {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -217,10 +244,19 @@ impl AsyncRead for HeadClock {
                 if new.is_empty() {
                     return Poll::Ready(Ok(()));
                 }
-                if let Err(reason) = this.inbound.feed(new) {
-                    // None of it reaches Pingora.
-                    buf.set_filled(before);
-                    return this.refuse(cx, reason);
+                if let Err(r) = this.inbound.feed(new) {
+                    // Pingora gets the whole requests before the refused
+                    // one, and nothing of it.
+                    let keep = r.start.unwrap_or(0);
+                    buf.set_filled(before + keep);
+                    if r.in_flight {
+                        return this.refuse(cx, r.reason);
+                    }
+                    this.refused = Some(r.reason);
+                    if keep > 0 {
+                        return Poll::Ready(Ok(()));
+                    }
+                    return this.refuse_in_turn(cx);
                 }
                 if !this.armed {
                     return Poll::Ready(Ok(()));

@@ -36,6 +36,8 @@ pub struct Inbound {
     line: Vec<u8>,
     /// Requests ended so far (the one being read is this one).
     current: u32,
+    /// Where in the current read the last of them ended.
+    ended_at: usize,
 }
 
 #[derive(Debug, Default)]
@@ -55,9 +57,35 @@ enum State {
 /// `switchyard_requests_rejected_total`.
 pub type Refusal = &'static str;
 
+/// Bytes [`Inbound::feed`] refused, and where the refused request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    pub reason: Refusal,
+    /// Where it starts in these bytes (the bytes before it are whole
+    /// requests, and may be passed on); None: it started before them.
+    pub start: Option<usize>,
+    /// Its head was passed on before these bytes: it is being proxied.
+    pub in_flight: bool,
+}
+
 impl Inbound {
     /// Follow the next bytes of the stream. Err: they are refused.
-    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), Refusal> {
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), Refused> {
+        let fresh = matches!(self.state, State::Head);
+        let in_flight = matches!(self.state, State::Fixed(_) | State::Chunked(_));
+        let first = self.current;
+        self.ended_at = 0;
+        self.run(bytes).map_err(|reason| {
+            if self.current != first {
+                Refused { reason, start: Some(self.ended_at), in_flight: false }
+            } else {
+                Refused { reason, start: fresh.then_some(0), in_flight }
+            }
+        })
+    }
+
+    fn run(&mut self, mut bytes: &[u8]) -> Result<(), Refusal> {
+        let total = bytes.len();
         while !bytes.is_empty() {
             match &mut self.state {
                 State::Off => return Ok(()),
@@ -67,8 +95,10 @@ impl Inbound {
                         // The common case: a whole head in one read.
                         Some(n) => {
                             self.state = body_of(&bytes[..n], &bytes[n..])?;
-                            self.ended_if_bodiless();
                             bytes = &bytes[n..];
+                            if matches!(self.state, State::Head) {
+                                self.ended(total - bytes.len());
+                            }
                         }
                         None => {
                             self.head.clear();
@@ -83,13 +113,15 @@ impl Inbound {
                         self.keep_head(&bytes[..n]);
                         let head = std::mem::take(&mut self.head);
                         self.state = if head.len() > HEAD_MAX { State::Off } else { body_of(&head, &bytes[n..])? };
-                        self.ended_if_bodiless();
                         self.head = head;
                         self.head.clear();
                         if self.head.capacity() > 64 * 1024 {
                             self.head = Vec::new();
                         }
                         bytes = &bytes[n..];
+                        if matches!(self.state, State::Head) {
+                            self.ended(total - bytes.len());
+                        }
                     }
                     None => {
                         self.keep_head(bytes);
@@ -102,7 +134,7 @@ impl Inbound {
                     bytes = &bytes[n..];
                     if *left == 0 {
                         self.state = State::Head;
-                        self.current = self.current.wrapping_add(1);
+                        self.ended(total - bytes.len());
                     }
                 }
                 State::Chunked(chunked) => {
@@ -129,22 +161,22 @@ impl Inbound {
                         bytes = &bytes[n.saturating_sub(had)..];
                     }
                     self.state = State::Head;
-                    self.current = self.current.wrapping_add(1);
+                    self.ended(total - bytes.len());
                 }
             }
         }
         Ok(())
     }
 
+    /// A request ended `at` bytes into the current read.
+    fn ended(&mut self, at: usize) {
+        self.current = self.current.wrapping_add(1);
+        self.ended_at = at;
+    }
+
     fn keep_head(&mut self, bytes: &[u8]) {
         if self.head.len() <= HEAD_MAX {
             self.head.extend_from_slice(&bytes[..bytes.len().min(HEAD_MAX + 1 - self.head.len())]);
-        }
-    }
-
-    fn ended_if_bodiless(&mut self) {
-        if matches!(self.state, State::Head) {
-            self.current = self.current.wrapping_add(1);
         }
     }
 
@@ -214,9 +246,32 @@ mod tests {
     fn verdict(bytes: &[u8], step: usize) -> Result<bool, Refusal> {
         let mut i = Inbound::default();
         for piece in bytes.chunks(step) {
-            i.feed(piece)?;
+            i.feed(piece).map_err(|r| r.reason)?;
         }
         Ok(i.at_rest())
+    }
+
+    #[test]
+    fn a_refusal_says_where_the_refused_request_is() {
+        let first = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+        let bad_head = b"GET /\0 HTTP/1.1\r\n\r\n";
+        // Behind a whole request in the same read: it starts after it.
+        let mut i = Inbound::default();
+        let both = [&first[..], &bad_head[..]].concat();
+        assert_eq!(i.feed(&both), Err(Refused { reason: strict::BAD_REQUEST_LINE, start: Some(first.len()), in_flight: false }));
+        // At the start of a read.
+        let mut i = Inbound::default();
+        i.feed(first).unwrap();
+        assert_eq!(i.feed(bad_head), Err(Refused { reason: strict::BAD_REQUEST_LINE, start: Some(0), in_flight: false }));
+        // Its head began in an earlier read.
+        let mut i = Inbound::default();
+        i.feed(b"GET /").unwrap();
+        assert_eq!(i.feed(b"\0 HTTP/1.1\r\n\r\n"), Err(Refused { reason: strict::BAD_REQUEST_LINE, start: None, in_flight: false }));
+        // Its body is being proxied.
+        let mut i = Inbound::default();
+        i.feed(&first[..first.len() - 5]).unwrap();
+        assert_eq!(i.feed(b"x\r\n\r\n"), Err(Refused { reason: strict::BAD_FRAMING, start: None, in_flight: true }));
+        assert_eq!(i.current(), 0);
     }
 
     #[test]
