@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # benches/hostile.sh: the hostile-request corpus (tests/hostile/cases.txt)
-# against Switchyard's two request paths, nginx and HAProxy, each in front of
+# against Switchyard's two request paths, its TLS listener, nginx and HAProxy, each in front of
 # the same strict counting upstream, and a table of the outcomes.
 #
 #   benches/hostile.sh              # build, run, print the table

@@ -10,6 +10,7 @@
 use crate::config::{HostPattern, RouteSpec};
 use crate::proxy::headers::FwdValue;
 use crate::proxy::h1::{self, Chunked, Framing, RawRequest, ResponseContext, Verdict};
+use crate::proxy::inbound::Inbound;
 use crate::routing::matcher::prefix_matches;
 use crate::routing::{RequestView, Router};
 use http::HeaderValue;
@@ -22,6 +23,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("response_head", response_head),
     ("chunked", chunked),
     ("request_differential", request_differential),
+    ("inbound", inbound),
     ("config", config),
     ("consul", consul),
     ("catalog", catalog),
@@ -405,6 +407,62 @@ pub fn request_differential(data: &[u8]) {
         match p.body {
             Some(body) => assert_eq!(p.head_len + body, end, "where the first request ends: {:?}", String::from_utf8_lossy(data)),
             None => panic!("a split where Pingora cannot read the body: {:?}", String::from_utf8_lossy(data)),
+        }
+    }
+}
+
+/// What following a client's bytes in pieces gave: each piece's verdict
+/// (the refusal stops it), the requests ended, and where it stopped.
+fn follow_pieces(bytes: &[u8], pieces: &mut dyn FnMut(usize) -> usize) -> (Option<&'static str>, u32, usize) {
+    let mut i = Inbound::default();
+    let mut at = 0;
+    while at < bytes.len() {
+        let n = pieces(bytes.len() - at).clamp(1, bytes.len() - at);
+        let before = i.current();
+        if let Err(r) = i.feed(&bytes[at..at + n]) {
+            if let Some(start) = r.start {
+                assert!(start <= n, "a refused request starts within its read");
+                // Whole requests before it: the same count, fed alone.
+                let mut again = Inbound::default();
+                assert!(again.feed(&bytes[..at + start]).is_ok(), "the bytes before a refused request are accepted");
+                assert_eq!(again.current(), i.current(), "they are the requests counted");
+            }
+            assert!(!(r.in_flight && r.start.is_some()), "a request in flight started before this read");
+            assert!(i.current() >= before);
+            return (Some(r.reason), i.current(), at);
+        }
+        at += n;
+    }
+    (None, i.current(), at)
+}
+
+/// The client-stream follower (src/proxy/inbound.rs). The first two bytes
+/// seed the split points; the rest is what a client sends. Fed whole, one
+/// byte at a time and in pseudo-random pieces, it refuses alike (the same
+/// reason) or accepts alike, having counted the same requests; a refused
+/// request's start is where the requests before it end. And a chunk-size
+/// line it takes (up to the first CRLF) is read by httparse, Pingora's chunk
+/// parser, as the same size at the same length.
+pub fn inbound(data: &[u8]) {
+    if data.len() < 2 {
+        return;
+    }
+    let (seed, bytes) = data.split_at(2);
+    let (whole, whole_n, _) = follow_pieces(bytes, &mut |left| left);
+    let (single, single_n, _) = follow_pieces(bytes, &mut |_| 1);
+    let mut rng = SplitMix(u16::from_le_bytes([seed[0], seed[1]]) as u64);
+    let (random, random_n, _) = follow_pieces(bytes, &mut |left| if rng.below(4) == 0 { rng.below(left) + 1 } else { rng.below(8) + 1 });
+    assert_eq!(whole, single, "whole vs byte by byte");
+    assert_eq!(whole, random, "whole vs pieces");
+    if whole.is_none() {
+        assert_eq!((whole_n, whole_n), (single_n, random_n), "requests counted");
+    }
+    if let Some(eol) = bytes.windows(2).position(|w| w == b"\r\n") {
+        if let Some(size) = h1::strict_size_line(&bytes[..eol]) {
+            match httparse::parse_chunk_size(&bytes[..eol + 2]) {
+                Ok(httparse::Status::Complete((n, s))) => assert_eq!((n, s), (eol + 2, size), "a strict size line read differently: {:?}", String::from_utf8_lossy(&bytes[..eol])),
+                other => panic!("a strict size line httparse does not read: {:?} {other:?}", String::from_utf8_lossy(&bytes[..eol])),
+            }
         }
     }
 }

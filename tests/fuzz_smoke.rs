@@ -167,6 +167,11 @@ fn request_differential() {
 }
 
 #[test]
+fn inbound() {
+    run("inbound");
+}
+
+#[test]
 fn config() {
     run("config");
 }

@@ -1293,7 +1293,7 @@ fn a_bad_chunk_mid_body_is_refused_and_the_upstream_request_cut() {
 }
 
 /// The comparison `benches/hostile.sh` runs (not part of the suite): the
-/// corpus against Switchyard's two paths and the proxies named in
+/// corpus against Switchyard's two paths, its TLS listener, and the proxies named in
 /// `HOSTILE_PEERS` (`name=host:port,...`), all in front of one strict
 /// upstream listening on `HOSTILE_UPSTREAM`; the table goes to stdout and
 /// to `HOSTILE_TABLE` if set.
@@ -1309,6 +1309,9 @@ fn compare_with_peers() {
         proxies.push((format!("Switchyard {path}"), Target::plain(p.addr)));
         running.push(p);
     }
+    let (p, target) = switchyard_tls(up.addr);
+    proxies.push(("Switchyard TLS".to_string(), target));
+    running.push(p);
     for peer in std::env::var("HOSTILE_PEERS").unwrap_or_default().split(',').filter(|s| !s.is_empty()) {
         let (name, addr) = peer.split_once('=').unwrap_or_else(|| panic!("HOSTILE_PEERS: {peer:?} is not name=host:port"));
         let addr: SocketAddr = addr.parse().unwrap_or_else(|e| panic!("HOSTILE_PEERS: {peer:?}: {e}"));

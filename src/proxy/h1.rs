@@ -590,6 +590,11 @@ impl Chunked {
             match self.state {
                 ChunkState::Done => break,
                 ChunkState::Size if strict => {
+                    // A size line starts with a digit: refused at its first
+                    // byte, however the line is split.
+                    if rest.first().is_some_and(|b| !b.is_ascii_hexdigit()) {
+                        return Err(bad("invalid chunk size line"));
+                    }
                     let Some(eol) = line_end(rest, MAX_CHUNK_LINE)? else { break };
                     let size = strict_size_line(&rest[..eol]).ok_or_else(|| bad("invalid chunk size line"))?;
                     at += eol + 2;

@@ -94,7 +94,7 @@ impl Inbound {
                     match scan.feed(bytes) {
                         // The common case: a whole head in one read.
                         Some(n) => {
-                            self.state = body_of(&bytes[..n], &bytes[n..])?;
+                            self.state = if n > HEAD_MAX { State::Off } else { body_of(&bytes[..n])? };
                             bytes = &bytes[n..];
                             if matches!(self.state, State::Head) {
                                 self.ended(total - bytes.len());
@@ -112,7 +112,7 @@ impl Inbound {
                     Some(n) => {
                         self.keep_head(&bytes[..n]);
                         let head = std::mem::take(&mut self.head);
-                        self.state = if head.len() > HEAD_MAX { State::Off } else { body_of(&head, &bytes[n..])? };
+                        self.state = if head.len() > HEAD_MAX { State::Off } else { body_of(&head)? };
                         self.head = head;
                         self.head.clear();
                         if self.head.capacity() > 64 * 1024 {
@@ -198,9 +198,7 @@ impl Inbound {
 }
 
 /// The checks on a whole `head`, and where its body takes the stream.
-/// `after`: the bytes read after it (a chunked body's first byte must start
-/// a size).
-fn body_of(head: &[u8], after: &[u8]) -> Result<State, Refusal> {
+fn body_of(head: &[u8]) -> Result<State, Refusal> {
     if strict::bad_request_line(head) {
         return Err(strict::BAD_REQUEST_LINE);
     }
@@ -230,11 +228,6 @@ fn body_of(head: &[u8], after: &[u8]) -> Result<State, Refusal> {
     }
     if lengths > 1 || (lengths == 1 && req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))) {
         return Ok(State::Off);
-    }
-    if let (State::Chunked(_), Some(b)) = (&state, after.first()) {
-        if !b.is_ascii_hexdigit() {
-            return Err(strict::BAD_FRAMING);
-        }
     }
     Ok(state)
 }

@@ -9,7 +9,7 @@
 mod express;
 pub(crate) mod h1;
 mod head;
-mod inbound;
+pub(crate) mod inbound;
 pub(crate) mod headers;
 mod park;
 mod pool;
