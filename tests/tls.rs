@@ -370,21 +370,41 @@ fn backend_tls_proxy_with(server: &str, backend: std::net::SocketAddr, tls: &str
     b.start()
 }
 
+/// A TLS backend for `app.internal` that asks for a client certificate
+/// (from the same CA), in front of `up`.
+struct MutualBackend {
+    up: Upstream,
+    backend: TlsBackend,
+    ca_pem: String,
+    client: (String, String),
+}
+
+impl MutualBackend {
+    /// The cluster's TLS settings that reach it: name, CA and client
+    /// certificate, in the files of [`MutualBackend::files`].
+    const FULL: &'static str = "server_name = \"app.internal\", ca = \"ca.pem\", client_cert = \"client.pem\", client_key = \"client.key\"";
+    /// The same without the client certificate (the backend refuses it).
+    const NO_CLIENT_CERT: &'static str = "server_name = \"app.internal\", ca = \"ca.pem\"";
+
+    fn start() -> MutualBackend {
+        let ca = Ca::new();
+        let up = Upstream::start("secure-app");
+        let (c, k) = ca.leaf(&["app.internal"], 7);
+        let backend = TlsBackend::start(&c, &k, Some(&ca.cert.pem()), up.addr);
+        MutualBackend { up, backend, ca_pem: ca.cert.pem(), client: ca.leaf(&["switchyard.client"], 8) }
+    }
+
+    fn files(&self) -> [(&str, &str); 3] {
+        [("ca.pem", &self.ca_pem), ("client.pem", &self.client.0), ("client.key", &self.client.1)]
+    }
+}
+
 #[test]
 fn tls_to_backends_verifies_the_name_and_presents_a_client_certificate() {
-    let ca = Ca::new();
-    let up = Upstream::start("secure-app");
-    let (c, k) = ca.leaf(&["app.internal"], 7);
-    let backend = TlsBackend::start(&c, &k, Some(&ca.cert.pem()), up.addr);
-    let (cc, ck) = ca.leaf(&["switchyard.client"], 8);
-    let ca_pem = ca.cert.pem();
+    let m = MutualBackend::start();
+    let (up, backend, ca_pem) = (&m.up, &m.backend, &m.ca_pem);
     for (path, server) in PATHS {
-        let p = backend_tls_proxy(
-            server,
-            backend.addr,
-            "server_name = \"app.internal\", ca = \"ca.pem\", client_cert = \"client.pem\", client_key = \"client.key\"",
-            &[("ca.pem", &ca_pem), ("client.pem", &cc), ("client.key", &ck)],
-        );
+        let p = backend_tls_proxy(server, backend.addr, MutualBackend::FULL, &m.files());
         for i in 0..3 {
             let (status, body) = p.fetch(&format!("/tls/{i}"));
             assert_eq!((status, body.as_str()), (200, "secure-app"), "{path}");
@@ -398,7 +418,7 @@ fn tls_to_backends_verifies_the_name_and_presents_a_client_certificate() {
             "{path}"
         );
         // Without the client certificate the backend refuses the handshake: 502.
-        let p = backend_tls_proxy(server, backend.addr, "server_name = \"app.internal\", ca = \"ca.pem\"", &[("ca.pem", &ca_pem)]);
+        let p = backend_tls_proxy(server, backend.addr, MutualBackend::NO_CLIENT_CERT, &[("ca.pem", ca_pem)]);
         let before = up.hits();
         assert_eq!(p.fetch("/no-client-cert").0, 502, "{path}");
         assert_eq!(up.hits(), before, "{path}: nothing reached the app");
@@ -410,25 +430,18 @@ fn tls_to_backends_verifies_the_name_and_presents_a_client_certificate() {
 /// CA, client certificate); a handshake the backend refuses fails the check.
 #[test]
 fn health_checks_use_the_cluster_tls_settings() {
-    let ca = Ca::new();
-    let up = Upstream::start("secure-app");
-    let (c, k) = ca.leaf(&["app.internal"], 7);
-    let backend = TlsBackend::start(&c, &k, Some(&ca.cert.pem()), up.addr);
-    let (cc, ck) = ca.leaf(&["switchyard.client"], 8);
-    let ca_pem = ca.cert.pem();
+    let m = MutualBackend::start();
+    let (up, backend) = (&m.up, &m.backend);
     let check = "health_check = { path = \"/healthz\", interval = \"100ms\", timeout = \"100ms\" }\n";
     let health = |p: &Proxy| p.status()["clusters"][0]["backends"][0]["health"].as_str().map(str::to_string);
     let with = |tls: &str, files: &[(&str, &str)]| backend_tls_proxy_with("", backend.addr, tls, check, files);
-    let p = with(
-        "server_name = \"app.internal\", ca = \"ca.pem\", client_cert = \"client.pem\", client_key = \"client.key\"",
-        &[("ca.pem", &ca_pem), ("client.pem", &cc), ("client.key", &ck)],
-    );
+    let p = with(MutualBackend::FULL, &m.files());
     assert!(wait_until(Duration::from_secs(5), || health(&p).as_deref() == Some("passing")), "{}", p.status());
     assert!(up.health_hits() >= 1);
     assert_eq!(backend.last_handshake(), Some((Some("app.internal".to_string()), true)));
     drop(p);
     // Without the client certificate the handshake is refused: failing.
-    let p = with("server_name = \"app.internal\", ca = \"ca.pem\"", &[("ca.pem", &ca_pem)]);
+    let p = with(MutualBackend::NO_CLIENT_CERT, &[("ca.pem", &m.ca_pem)]);
     assert!(wait_until(Duration::from_secs(5), || health(&p).as_deref() == Some("failing")), "{}", p.status());
     assert!(p.stderr().contains("health check failing"), "{}", p.stderr());
 }
