@@ -55,3 +55,35 @@ fn a_real_h2c_client_comes_back_after_its_idle_connection_closed() {
     }
     assert_eq!(up.hits(), 2);
 }
+
+/// The limits are read live: after a reload from `keepalive_timeout = "30s"`
+/// to `"1s"`, an HTTP/2 connection opened before it gets its GOAWAY about
+/// 1 s after its next request.
+#[test]
+fn a_reloaded_keepalive_timeout_applies_to_open_h2c_connections() {
+    use std::io::Write;
+    let up = Upstream::start("live");
+    let p = Proxy::start(&format!("[limits]\nkeepalive_timeout = \"30s\"\n[[routes]]\ncluster = \"web\"\n{}", static_cluster("web", &[up.addr], "")));
+    let mut s = connect(&p);
+    s.write_all(H2_PREFACE).unwrap();
+    s.write_all(&h2_get(1, "http", "a", "/before")).unwrap();
+    let seen = h2_read_to_close(&mut s, Duration::from_millis(500), true, true);
+    assert_eq!(seen.response(1).1, "live", "{seen:?}");
+    let path = p.path("switchyard.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    write_atomic(&path, &text.replace("keepalive_timeout = \"30s\"", "keepalive_timeout = \"1s\""));
+    let out = std::process::Command::new(bin())
+        .args(["reload", "--admin", &p.admin.to_string(), "--timeout", "15s"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    s.write_all(&h2_get(3, "http", "a", "/after")).unwrap();
+    let seen = h2_read_to_close(&mut s, Duration::from_secs(5), true, true);
+    let (ok, body, end) = seen.response(3);
+    assert!(ok && body == "live", "{seen:?}");
+    let (at, last, _) = seen.goaway().unwrap_or_else(|| panic!("a GOAWAY: {seen:?}"));
+    let after = at - end.unwrap();
+    assert!(after >= Duration::from_millis(700) && after < Duration::from_secs(3), "GOAWAY {after:?} after the request");
+    assert!(seen.closed.is_some(), "closed: {seen:?}");
+    assert!(last == 3 || last == 0x7fff_ffff, "{last}");
+}
