@@ -22,8 +22,9 @@
 //!   in progress, whichever comes first;
 //! * the server stopping does the same.
 //!
-//! Per connection: one allocation and two `watch` channels; per stream, two
-//! updates of the open-stream count.
+//! Per connection: the app and two `watch` channels (a few small
+//! allocations); per stream, two updates of the open-stream count (and a
+//! wake-up of the watchdog, which re-arms its timer when the count is 0).
 
 use super::{HttpProxy, Proxy, ProxyApp};
 use async_trait::async_trait;
