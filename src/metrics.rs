@@ -202,7 +202,7 @@ impl Metrics {
         let requests_rejected = IntCounterVec::new(
             opts(
                 "requests_rejected_total",
-                "Requests refused for exceeding [limits], by reason: headers_too_large (431), uri_too_long (414), body_too_large (413), counted in switchyard_requests_total too; header_timeout (408: a head not complete within limits.header_timeout, not counted there); or as malformed (400): bad_request_line, bad_framing (including a bad chunk in a body), bad_host, counted there too except those refused before Pingora read them (a bad request line, a bad chunk, a request behind one).",
+                "Requests refused for exceeding [limits], by reason: headers_too_large (431), uri_too_long (414), body_too_large (413), counted in switchyard_requests_total too; header_timeout (408: a head not complete within limits.header_timeout, not counted there; an HTTP/2 connection closed without a first request in time is not counted); or as malformed (400): bad_request_line, bad_framing (including a bad chunk in a body), bad_host, counted there too except those refused before Pingora read them (a bad request line, a bad chunk, a request behind one).",
             ),
             &["reason"],
         )

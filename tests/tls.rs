@@ -636,12 +636,18 @@ fn bodies_without_a_length_over_the_limit_get_413_over_tls() {
 /// A TLS connection to the proxy (no ALPN: HTTP/1.1), verified by the
 /// test CA, with reads timing out after `timeout`.
 fn tls_connect(p: &Proxy, timeout: Duration) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    tls_connect_alpn(p, timeout, &[])
+}
+
+/// As [`tls_connect`], offering the protocols `alpn`.
+fn tls_connect_alpn(p: &Proxy, timeout: Duration, alpn: &[&[u8]]) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(p.path("ca.pem")).unwrap();
     for c in rustls_pemfile::certs(&mut &pem[..]) {
         roots.add(c.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let mut config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     let name = rustls::pki_types::ServerName::try_from("www.example.test").unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
     let tcp = std::net::TcpStream::connect(p.addr).unwrap();
@@ -687,6 +693,27 @@ fn idle_tls_connections_close_after_keepalive_timeout() {
     assert!(got.starts_with("HTTP/1.1 200") && got.ends_with("web"), "{got}");
     // The response came at once; the close about 1 s later.
     assert!(closed.is_some_and(|t| t >= Duration::from_millis(700)), "closed after the idle timeout: {closed:?}");
+}
+
+/// `limits.keepalive_timeout` and `limits.header_timeout` on HTTP/2 over
+/// TLS (ALPN `h2`), as on h2c (tests/h2.rs, [`h2_limits_hold`]): the idle
+/// connection gets a GOAWAY and is closed, a slow request holds it open, a
+/// connection without a request in time is closed; the header deadline
+/// counts from the end of the TLS handshake. None counts as a
+/// `header_timeout` rejection.
+#[test]
+fn h2_tls_connections_keep_keepalive_timeout_and_header_timeout() {
+    let ca = Ca::new();
+    let up = Upstream::start("web");
+    let p = start_with(&ca, &up, "default", "[limits]\nkeepalive_timeout = \"2s\"\nheader_timeout = \"1s\"\n");
+    let connect = || {
+        let s = tls_connect_alpn(&p, Duration::from_millis(100), &[b"h2"]);
+        assert_eq!(s.conn.alpn_protocol(), Some(&b"h2"[..]), "ALPN picked h2");
+        s
+    };
+    h2_limits_hold(connect, "https", "www.example.test", &up, "TLS");
+    let m = parse_metrics(&p.metrics());
+    assert_eq!(sample(&m, "switchyard_requests_rejected_total", &[("reason", "header_timeout")]), Some(0.0));
 }
 
 /// `limits.header_timeout` over TLS, where Pingora reads the heads: a head

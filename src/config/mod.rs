@@ -43,10 +43,11 @@ pub struct Limits {
     pub max_headers: usize,
     pub max_uri_bytes: usize,
     pub max_body_bytes: u64,
-    /// Idle time allowed between requests on a client keep-alive connection.
+    /// Idle time allowed between requests on a client keep-alive connection
+    /// (HTTP/2: with no stream in progress, then a GOAWAY).
     pub keepalive_timeout: Duration,
     /// Time allowed for a whole request head, from its first byte (for a
-    /// new connection, from accept).
+    /// new connection, from accept; HTTP/2: its first request's HEADERS).
     pub header_timeout: Duration,
     /// Client connections served at once (None: half the open-file limit,
     /// see [`default_max_connections`]).

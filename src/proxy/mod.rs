@@ -8,6 +8,7 @@
 
 mod express;
 pub(crate) mod h1;
+mod h2;
 mod head;
 pub(crate) mod inbound;
 pub(crate) mod headers;
@@ -719,7 +720,8 @@ impl ProxyHttp for Proxy {
 ///   HTTP/2 preface), so a complete HTTP/1 request shorter than that — the
 ///   18-byte `GET / HTTP/1.0` a health checker sends — would hang until the
 ///   client gave up. HTTP/1 connections are then served here, with the same
-///   keep-alive loop Pingora uses; HTTP/2 ones go to Pingora unchanged.
+///   keep-alive loop Pingora uses; HTTP/2 ones (h2c, or TLS with ALPN
+///   `h2`) go to Pingora, under the `[limits]` timeouts (see [`h2`]).
 pub struct ProxyApp {
     inner: Arc<HttpProxy<Proxy>>,
     /// For the `[limits]` of the connection loops.
@@ -812,7 +814,10 @@ impl ProxyApp {
                     // HTTP/2 handling never hands a stream back).
                     None => {
                         let _guard = guard;
-                        let _ = ServerApp::process_new(&self.inner, tcp, shutdown).await;
+                        // Its first request is due when an HTTP/1 one's
+                        // head would be.
+                        let first_by = wait.until.unwrap_or_else(|| tokio::time::Instant::now() + wait.header);
+                        self.serve_h2(tcp, shutdown, first_by).await;
                         return;
                     }
                 }
@@ -1380,7 +1385,11 @@ impl ServerApp for ProxyApp {
         if stream.get_ssl_digest().is_some() {
             let _guard = guard;
             if matches!(stream.selected_alpn_proto(), Some(pingora::protocols::ALPN::H2)) {
-                return ServerApp::process_new(&self.inner, stream, shutdown).await;
+                // The first request is due as an HTTP/1 one's head over
+                // TLS is: `header_timeout` after the handshake.
+                let first_by = tokio::time::Instant::now() + self.snapshot.limits().header_timeout;
+                self.serve_h2(stream, shutdown, first_by).await;
+                return None;
             }
             self.serve_tls(stream, shutdown).await;
             return None;

@@ -1037,3 +1037,205 @@ pub fn trickle<S: Read + Write>(s: &mut S, first: &[u8], max_lines: usize) -> (S
     let took = answered.unwrap_or_else(|| t0.elapsed());
     (String::from_utf8_lossy(&got).into_owned(), took)
 }
+
+/// An HTTP/2 client's preface and an empty SETTINGS frame.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+
+/// HTTP/2 frame types (RFC 9113 section 6).
+pub const H2_DATA: u8 = 0;
+pub const H2_HEADERS: u8 = 1;
+pub const H2_SETTINGS: u8 = 4;
+pub const H2_PING: u8 = 6;
+pub const H2_GOAWAY: u8 = 7;
+
+/// One HTTP/2 frame.
+pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = len.to_be_bytes()[1..].to_vec();
+    f.extend_from_slice(&[kind, flags]);
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A GET request on `stream`: one HEADERS frame (END_HEADERS, END_STREAM),
+/// the pseudo-headers as HPACK literals of static-table names.
+pub fn h2_get(stream: u32, scheme: &str, authority: &str, path: &str) -> Vec<u8> {
+    let scheme = match scheme {
+        "https" => 0x87,
+        _ => 0x86,
+    };
+    let mut block = vec![0x82, scheme];
+    for (name, value) in [(4u8, path), (1, authority)] {
+        assert!(value.len() < 127);
+        block.extend_from_slice(&[name, value.len() as u8]);
+        block.extend_from_slice(value.as_bytes());
+    }
+    h2_frame(H2_HEADERS, 0x5, stream, &block)
+}
+
+/// A frame as received: type, flags, stream, payload, and when (since the
+/// read began).
+#[derive(Debug, Clone)]
+pub struct H2Got {
+    pub kind: u8,
+    pub flags: u8,
+    pub stream: u32,
+    pub payload: Vec<u8>,
+    pub at: Duration,
+}
+
+/// What a raw HTTP/2 client read until the peer closed.
+#[derive(Debug, Default)]
+pub struct H2Seen {
+    pub frames: Vec<H2Got>,
+    /// Time until the peer closed (end of stream or an error); None: still
+    /// open when the read gave up.
+    pub closed: Option<Duration>,
+}
+
+impl H2Seen {
+    /// The response on `stream`: whether its HEADERS say 200 (HPACK static
+    /// index 8, as h2 encodes it), its body, and when it ended (END_STREAM).
+    pub fn response(&self, stream: u32) -> (bool, String, Option<Duration>) {
+        let mine = self.frames.iter().filter(|f| f.stream == stream);
+        let ok = mine.clone().any(|f| f.kind == H2_HEADERS && f.payload.first() == Some(&0x88));
+        let body: Vec<u8> = mine.clone().filter(|f| f.kind == H2_DATA).flat_map(|f| f.payload.clone()).collect();
+        let end = mine.filter(|f| matches!(f.kind, H2_DATA | H2_HEADERS) && f.flags & 1 == 1).map(|f| f.at).next();
+        (ok, String::from_utf8_lossy(&body).into_owned(), end)
+    }
+
+    /// The first GOAWAY: when, its last stream id and error code.
+    pub fn goaway(&self) -> Option<(Duration, u32, u32)> {
+        self.frames.iter().find(|f| f.kind == H2_GOAWAY && f.payload.len() >= 8).map(|f| {
+            let last = u32::from_be_bytes(f.payload[0..4].try_into().unwrap()) & 0x7fff_ffff;
+            let code = u32::from_be_bytes(f.payload[4..8].try_into().unwrap());
+            (f.at, last, code)
+        })
+    }
+}
+
+/// Read HTTP/2 frames until the peer closes or `limit` passes, as a polite
+/// client: the server's SETTINGS (`ack_settings`) and PINGs (`ack_pings`)
+/// are acknowledged (not: a client gone quiet, or one that has not sent
+/// its whole preface, after which an acknowledgement would be garbage).
+/// The stream's read timeout (set by the caller, e.g. 100 ms) paces the
+/// checks of `limit`.
+pub fn h2_read_to_close<S: Read + Write>(s: &mut S, limit: Duration, ack_settings: bool, ack_pings: bool) -> H2Seen {
+    let t0 = Instant::now();
+    let mut seen = H2Seen::default();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    while t0.elapsed() < limit {
+        match s.read(&mut chunk) {
+            Ok(0) => {
+                seen.closed = Some(t0.elapsed());
+                break;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(_) => {
+                seen.closed = Some(t0.elapsed());
+                break;
+            }
+        }
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let f = H2Got {
+                kind: buf[3],
+                flags: buf[4],
+                stream: u32::from_be_bytes(buf[5..9].try_into().unwrap()) & 0x7fff_ffff,
+                payload: buf[9..9 + len].to_vec(),
+                at: t0.elapsed(),
+            };
+            buf.drain(..9 + len);
+            let ack = match f.kind {
+                H2_SETTINGS if f.flags & 1 == 0 && ack_settings => Some(h2_frame(H2_SETTINGS, 1, 0, &[])),
+                H2_PING if f.flags & 1 == 0 && ack_pings => Some(h2_frame(H2_PING, 1, 0, &f.payload)),
+                _ => None,
+            };
+            if let Some(a) = ack {
+                let _ = s.write_all(&a).and_then(|_| s.flush());
+            }
+            seen.frames.push(f);
+        }
+    }
+    seen
+}
+
+/// `[limits]` on HTTP/2 client connections, made by `connect` (read
+/// timeout 100 ms) to a proxy with `keepalive_timeout = "2s"` and
+/// `header_timeout = "1s"` in front of `up`, which this sets to delay 3 s
+/// at the end. Checked at once, each on a connection of its own:
+/// * after one request, the idle connection gets a GOAWAY (NO_ERROR) 2 s
+///   after the response and is closed: at once when the client answers the
+///   PING that follows it, about 1 s later when it does not;
+/// * a connection that sends its preface and SETTINGS but no request, only
+///   part of its preface, or nothing, is closed about 1 s after it opened,
+///   without a GOAWAY.
+///
+/// Then: a request the upstream answers in 3 s (longer than the idle time)
+/// is answered, and the GOAWAY comes 2 s after it.
+pub fn h2_limits_hold<S: Read + Write + Send>(connect: impl Fn() -> S + Sync, scheme: &str, authority: &str, up: &Upstream, what: &str) {
+    let ms = Duration::from_millis;
+    std::thread::scope(|sc| {
+        let idle = |ack_pings: bool| {
+            let connect = &connect;
+            sc.spawn(move || {
+                let mut s = connect();
+                s.write_all(H2_PREFACE).unwrap();
+                s.write_all(&h2_get(1, scheme, authority, "/idle")).unwrap();
+                s.flush().unwrap();
+                h2_read_to_close(&mut s, Duration::from_secs(8), true, ack_pings)
+            })
+        };
+        let quiet = |first: &'static [u8]| {
+            let connect = &connect;
+            sc.spawn(move || {
+                let mut s = connect();
+                s.write_all(first).unwrap();
+                s.flush().unwrap();
+                h2_read_to_close(&mut s, Duration::from_secs(5), first == H2_PREFACE, true)
+            })
+        };
+        let (polite, silent) = (idle(true), idle(false));
+        let quiet: Vec<_> = [("preface and SETTINGS", H2_PREFACE), ("half a preface", &H2_PREFACE[..12]), ("nothing", &b""[..])]
+            .into_iter()
+            .map(|(how, first)| (how, quiet(first)))
+            .collect();
+        for (who, seen, grace) in [("a client answering PINGs", polite, ms(0)..ms(700)), ("a client not answering PINGs", silent, ms(800)..ms(2000))] {
+            let seen = seen.join().unwrap();
+            let (ok, body, end) = seen.response(1);
+            assert!(ok && body == up.name(), "{what}, {who}: the request is answered: {seen:?}");
+            let end = end.unwrap();
+            let (at, last, code) = seen.goaway().unwrap_or_else(|| panic!("{what}, {who}: a GOAWAY: {seen:?}"));
+            assert!(at - end >= ms(1700) && at - end < ms(4000), "{what}, {who}: GOAWAY {:?} after the response", at - end);
+            assert_eq!(code, 0, "{what}, {who}: GOAWAY with NO_ERROR");
+            assert!(last == 1 || last == 0x7fff_ffff, "{what}, {who}: GOAWAY's last stream {last}");
+            let closed = seen.closed.unwrap_or_else(|| panic!("{what}, {who}: closed after the GOAWAY: {seen:?}"));
+            assert!(grace.contains(&(closed - at)), "{what}, {who}: closed {:?} after the GOAWAY, not within {grace:?}", closed - at);
+        }
+        for (how, seen) in quiet {
+            let seen = seen.join().unwrap();
+            let closed = seen.closed.unwrap_or_else(|| panic!("{what}, {how}: closed: {seen:?}"));
+            assert!(closed >= ms(800) && closed < ms(1900), "{what}, {how}: closed after {closed:?}: {seen:?}");
+            assert!(seen.goaway().is_none(), "{what}, {how}: closed without a GOAWAY: {seen:?}");
+        }
+    });
+    up.set_delay(Duration::from_secs(3));
+    let mut s = connect();
+    s.write_all(H2_PREFACE).unwrap();
+    s.write_all(&h2_get(1, scheme, authority, "/slow")).unwrap();
+    s.flush().unwrap();
+    let seen = h2_read_to_close(&mut s, Duration::from_secs(10), true, true);
+    let (ok, body, end) = seen.response(1);
+    assert!(ok && body == up.name(), "{what}, a slow request: answered: {seen:?}");
+    let end = end.unwrap();
+    assert!(end >= ms(2900), "{what}, a slow request: answered after {end:?}");
+    let (at, _, _) = seen.goaway().unwrap_or_else(|| panic!("{what}, a slow request: a GOAWAY after it: {seen:?}"));
+    assert!(at > end && at - end >= ms(1700), "{what}, a slow request: no GOAWAY while it was in progress: at {at:?}, answered at {end:?}");
+    assert!(seen.closed.is_some(), "{what}, a slow request: closed after the GOAWAY");
+}
