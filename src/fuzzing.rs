@@ -10,7 +10,7 @@
 use crate::config::{HostPattern, RouteSpec};
 use crate::proxy::headers::FwdValue;
 use crate::proxy::h1::{self, Chunked, Framing, RawRequest, ResponseContext, Verdict};
-use crate::proxy::inbound::Inbound;
+use crate::proxy::inbound::{Inbound, Refused};
 use crate::routing::matcher::prefix_matches;
 use crate::routing::{RequestView, Router};
 use http::HeaderValue;
@@ -411,33 +411,56 @@ pub fn request_differential(data: &[u8]) {
     }
 }
 
-/// What following a client's bytes in pieces gave: each piece's verdict
-/// (the refusal stops it), the requests ended, and where it stopped.
-fn follow_pieces(bytes: &[u8], pieces: &mut dyn FnMut(usize) -> usize) -> (Option<&'static str>, u32, usize) {
+/// Follow `bytes` as one read, answering each upgrade asked for with
+/// `answer`: the bytes followed (fewer when an answer left it waiting).
+fn follow_read(i: &mut Inbound, bytes: &[u8], answer: u16) -> Result<usize, Refused> {
+    let mut at = 0;
+    while at < bytes.len() {
+        let n = i.feed(&bytes[at..]).map_err(|r| Refused { start: r.start.map(|s| at + s), ..r })?;
+        assert!(n <= bytes.len() - at);
+        if n < bytes.len() - at {
+            assert!(i.awaiting_answer(), "bytes left unfollowed only to wait for an answer");
+        }
+        at += n;
+        i.answered(answer);
+        if i.awaiting_answer() {
+            break;
+        }
+    }
+    Ok(at)
+}
+
+/// What following a client's bytes in pieces gave: the refusal (which
+/// stops it), the requests ended, and where it stopped.
+fn follow_pieces(bytes: &[u8], answer: u16, pieces: &mut dyn FnMut(usize) -> usize) -> (Option<&'static str>, u32, usize) {
     let mut i = Inbound::default();
     let mut at = 0;
     while at < bytes.len() {
         let n = pieces(bytes.len() - at).clamp(1, bytes.len() - at);
         let before = i.current();
-        if let Err(r) = i.feed(&bytes[at..at + n]) {
-            if let Some(start) = r.start {
-                assert!(start <= n, "a refused request starts within its read");
-                // Whole requests before it: the same count, fed alone.
-                let mut again = Inbound::default();
-                assert!(again.feed(&bytes[..at + start]).is_ok(), "the bytes before a refused request are accepted");
-                assert_eq!(again.current(), i.current(), "they are the requests counted");
+        match follow_read(&mut i, &bytes[at..at + n], answer) {
+            Ok(k) if k < n => return (None, i.current(), at + k),
+            Ok(_) => at += n,
+            Err(r) => {
+                if let Some(start) = r.start {
+                    assert!(start <= n, "a refused request starts within its read");
+                    // Whole requests before it: the same count, fed alone.
+                    let mut again = Inbound::default();
+                    assert!(follow_read(&mut again, &bytes[..at + start], answer).is_ok(), "the bytes before a refused request are accepted");
+                    assert_eq!(again.current(), i.current(), "they are the requests counted");
+                }
+                assert!(!(r.in_flight && r.start.is_some()), "a request in flight started before this read");
+                assert!(i.current() >= before);
+                return (Some(r.reason), i.current(), at);
             }
-            assert!(!(r.in_flight && r.start.is_some()), "a request in flight started before this read");
-            assert!(i.current() >= before);
-            return (Some(r.reason), i.current(), at);
         }
-        at += n;
     }
     (None, i.current(), at)
 }
 
 /// The client-stream follower (src/proxy/inbound.rs). The first two bytes
-/// seed the split points; the rest is what a client sends. Fed whole, one
+/// seed the split points and how an upgrade asked for is answered; the rest
+/// is what a client sends. Fed whole, one
 /// byte at a time and in pseudo-random pieces, it refuses alike (the same
 /// reason) or accepts alike, having counted the same requests; a refused
 /// request's start is where the requests before it end. And a chunk-size
@@ -448,10 +471,12 @@ pub fn inbound(data: &[u8]) {
         return;
     }
     let (seed, bytes) = data.split_at(2);
-    let (whole, whole_n, _) = follow_pieces(bytes, &mut |left| left);
-    let (single, single_n, _) = follow_pieces(bytes, &mut |_| 1);
+    // How an upgrade asked for is answered: taken, declined, or never.
+    let answer = [101, 426, 100][seed[0] as usize % 3];
+    let (whole, whole_n, _) = follow_pieces(bytes, answer, &mut |left| left);
+    let (single, single_n, _) = follow_pieces(bytes, answer, &mut |_| 1);
     let mut rng = SplitMix(u16::from_le_bytes([seed[0], seed[1]]) as u64);
-    let (random, random_n, _) = follow_pieces(bytes, &mut |left| if rng.below(4) == 0 { rng.below(left) + 1 } else { rng.below(8) + 1 });
+    let (random, random_n, _) = follow_pieces(bytes, answer, &mut |left| if rng.below(4) == 0 { rng.below(left) + 1 } else { rng.below(8) + 1 });
     assert_eq!(whole, single, "whole vs byte by byte");
     assert_eq!(whole, random, "whole vs pieces");
     if whole.is_none() {

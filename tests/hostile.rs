@@ -1208,32 +1208,43 @@ fn rejected(p: &Proxy, reason: &str) -> f64 {
     sample(&parse_metrics(&p.metrics()), "switchyard_requests_rejected_total", &[("reason", reason)]).unwrap_or(0.0)
 }
 
-/// A malformed request pipelined behind a good one with a chunked body
-/// (read by Pingora itself, after the bytes read ahead): the first is
+/// A malformed request pipelined behind a good one that Pingora reads
+/// itself (a chunked body, read after the bytes read ahead; a request
+/// asking for an upgrade, which the backend declines): the first is
 /// answered, then the second gets its 400 and never reaches the backend,
 /// and the connection closes.
 #[test]
-fn a_malformed_request_behind_a_chunked_body_is_never_forwarded() {
+fn a_malformed_request_behind_a_chunked_body_or_a_declined_upgrade_is_never_forwarded() {
     let up = StrictUpstream::start();
+    let behind: [(&[u8], &str); 2] = [
+        (b"POST /first HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", "POST /first hello"),
+        (b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n", "GET /ws "),
+    ];
     for (name, p, t) in switchyard_three(up.addr) {
-        let mark = up.mark();
-        let x = exchange(
-            &t,
-            b"POST /first HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /a\0b HTTP/1.1\r\nHost: h\r\n\r\n",
-            // More than come: read to the close.
-            3,
-            CASE_TIMEOUT,
-        );
-        let statuses: Vec<u16> = x.responses.iter().map(|r| r.status).collect();
-        assert_eq!(statuses, [200, 400], "{name}: the first answered, then the second refused");
-        assert!(x.closed && !x.timed_out, "{name}: the connection closes after the refusal");
-        let seen: Vec<String> = up.since(mark).iter().filter_map(|e| match e {
-            Event::Request(r) => Some(format!("{} {} {}", r.method, r.target, show(&r.body))),
-            Event::Desync { reason, .. } => Some(format!("desync: {reason}")),
-            Event::Closed { .. } => None,
-        }).collect();
-        assert_eq!(seen, ["POST /first hello"], "{name}: the backend saw only the first request");
-        assert_eq!(rejected(&p, "bad_request_line"), 1.0, "{name}");
+        for (i, (first, first_seen)) in behind.iter().enumerate() {
+            let mark = up.mark();
+            let x = exchange(
+                &t,
+                &[*first, b"GET /a\0b HTTP/1.1\r\nHost: h\r\n\r\n"].concat(),
+                // More than come: read to the close.
+                3,
+                CASE_TIMEOUT,
+            );
+            let statuses: Vec<u16> = x.responses.iter().map(|r| r.status).collect();
+            assert_eq!(statuses, [200, 400], "{name} {first_seen:?}: the first answered, then the second refused");
+            assert!(x.closed && !x.timed_out, "{name} {first_seen:?}: the connection closes after the refusal");
+            let seen: Vec<String> = up
+                .since(mark)
+                .iter()
+                .filter_map(|e| match e {
+                    Event::Request(r) => Some(format!("{} {} {}", r.method, r.target, show(&r.body))),
+                    Event::Desync { reason, .. } => Some(format!("desync: {reason}")),
+                    Event::Closed { .. } => None,
+                })
+                .collect();
+            assert_eq!(seen, [*first_seen], "{name}: the backend saw only the first request");
+            assert_eq!(rejected(&p, "bad_request_line"), (i + 1) as f64, "{name} {first_seen:?}");
+        }
     }
 }
 

@@ -333,7 +333,7 @@ fn websocket_upgrade_passes_through() {
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     s.write_all(
         b"GET /chat HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\nearly",
     )
     .unwrap();
     let mut head = Vec::new();
@@ -344,6 +344,11 @@ fn websocket_upgrade_passes_through() {
     }
     let head = String::from_utf8_lossy(&head).to_string();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // Bytes sent with the handshake, before the 101, wait for it and then
+    // go through the tunnel.
+    let mut got = [0u8; 5];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"early");
     for msg in [&b"ping-1"[..], b"second message", b"\x81\x05hello"] {
         s.write_all(msg).unwrap();
         let mut got = vec![0u8; msg.len()];

@@ -678,6 +678,42 @@ fn tls_read_to_close(s: &mut rustls::StreamOwned<rustls::ClientConnection, std::
     (String::from_utf8_lossy(&got).into_owned(), None)
 }
 
+/// A WebSocket over TLS: after the 101 the connection is a tunnel, and bytes
+/// the client sent with the handshake (before the 101) wait for it, then go
+/// through.
+#[test]
+fn a_websocket_over_tls_tunnels_after_the_101() {
+    use std::io::{Read, Write};
+    let ca = Ca::new();
+    let up = Upstream::start("ws");
+    let p = start(&ca, &up, "default");
+    let mut s = tls_connect(&p, Duration::from_secs(5));
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: www.example.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\nearly\0\r\n",
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let end = Instant::now() + Duration::from_secs(5);
+    while !got.ends_with(b"early\0\r\n") && Instant::now() < end {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("{e}: {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(got.ends_with(b"\r\n\r\nearly\0\r\n"), "the early bytes came back through the tunnel: {text:?}");
+    for msg in [&b"ping-1"[..], b"GET /\0 HTTP/1.1\r\n\r\n"] {
+        s.write_all(msg).unwrap();
+        let mut echo = vec![0u8; msg.len()];
+        s.read_exact(&mut echo).unwrap();
+        assert_eq!(echo, msg, "tunnel bytes are not looked at");
+    }
+}
+
 /// `limits.keepalive_timeout` over TLS (HTTP/1.1): the idle connection is
 /// closed after it.
 #[test]

@@ -121,6 +121,10 @@ pub(super) struct HeadClock {
     written: bool,
     /// A refused request waiting for its turn to be answered.
     refused: Option<&'static str>,
+    /// Bytes read after a request asking for an upgrade, held (with reads)
+    /// until its answer says whose they are; the read waiting for it.
+    held: Vec<u8>,
+    reader: Option<std::task::Waker>,
     /// The last answer (408 or 400), how much of it is written, and the
     /// error the read then fails with.
     answer: Option<(Vec<u8>, usize, io::ErrorKind, &'static str)>,
@@ -145,6 +149,8 @@ impl HeadClock {
             first: 0,
             written: false,
             refused: None,
+            held: Vec::new(),
+            reader: None,
             answer: None,
             timed_out,
             rejected,
@@ -225,6 +231,74 @@ impl HeadClock {
     }
 }
 
+impl HeadClock {
+    /// Follow the bytes just put in `buf` after `before` (read, or taken
+    /// from those held): pass on what is followed, hold back what waits
+    /// for an upgrade's answer, refuse the rest.
+    fn judge(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>, before: usize) -> Poll<io::Result<()>> {
+        let new = &buf.filled()[before..];
+        let len = new.len();
+        let passed = match self.inbound.feed(new) {
+            Ok(n) => {
+                if n < len {
+                    let tail = new[n..].to_vec();
+                    self.held.splice(0..0, tail);
+                    buf.set_filled(before + n);
+                }
+                n
+            }
+            Err(r) => {
+                // Pingora gets the whole requests before the refused one,
+                // and nothing of it.
+                let keep = r.start.unwrap_or(0);
+                buf.set_filled(before + keep);
+                if r.in_flight {
+                    return self.refuse(cx, r.reason);
+                }
+                self.refused = Some(r.reason);
+                if keep == 0 {
+                    return self.refuse_in_turn(cx);
+                }
+                keep
+            }
+        };
+        if self.armed {
+            if !self.started {
+                self.started = true;
+                if self.from_first_byte {
+                    self.deadline.as_mut().reset(Instant::now() + self.header_timeout);
+                }
+            }
+            if self.scan.feed(&buf.filled()[before..before + passed]).is_some() {
+                self.armed = false;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// A write from Pingora: the status of the answer an upgrade request
+    /// waits for.
+    fn saw_write(&mut self, bytes: &[u8]) {
+        if !self.inbound.awaiting_answer() {
+            return;
+        }
+        let status = match bytes {
+            [b'H', b'T', b'T', b'P', b'/', b'1', b'.', _, b' ', a, b, c, ..] if [a, b, c].iter().all(|d| d.is_ascii_digit()) => {
+                u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0')
+            }
+            // A response head is written whole; anything else decides
+            // nothing (and a body cannot come before the head).
+            _ => return,
+        };
+        self.inbound.answered(status);
+        if !self.inbound.awaiting_answer() {
+            if let Some(w) = self.reader.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
 impl AsyncRead for HeadClock {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
@@ -234,43 +308,27 @@ impl AsyncRead for HeadClock {
         if this.refused.is_some() {
             return this.refuse_in_turn(cx);
         }
+        if this.inbound.awaiting_answer() {
+            // Nothing more is read until the answer says whose it is.
+            this.reader = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let before = buf.filled().len();
+        if !this.held.is_empty() {
+            let n = this.held.len().min(buf.remaining());
+            buf.put_slice(&this.held[..n]);
+            this.held.drain(..n);
+            return this.judge(cx, buf, before);
+        }
         if !this.armed && this.inbound.off() {
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
-        let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                let new = &buf.filled()[before..];
-                if new.is_empty() {
+                if buf.filled().len() == before {
                     return Poll::Ready(Ok(()));
                 }
-                if let Err(r) = this.inbound.feed(new) {
-                    // Pingora gets the whole requests before the refused
-                    // one, and nothing of it.
-                    let keep = r.start.unwrap_or(0);
-                    buf.set_filled(before + keep);
-                    if r.in_flight {
-                        return this.refuse(cx, r.reason);
-                    }
-                    this.refused = Some(r.reason);
-                    if keep > 0 {
-                        return Poll::Ready(Ok(()));
-                    }
-                    return this.refuse_in_turn(cx);
-                }
-                if !this.armed {
-                    return Poll::Ready(Ok(()));
-                }
-                if !this.started {
-                    this.started = true;
-                    if this.from_first_byte {
-                        this.deadline.as_mut().reset(Instant::now() + this.header_timeout);
-                    }
-                }
-                if this.scan.feed(new).is_some() {
-                    this.armed = false;
-                }
-                Poll::Ready(Ok(()))
+                this.judge(cx, buf, before)
             }
             Poll::Pending if !this.armed => Poll::Pending,
             Poll::Pending => {
@@ -295,6 +353,7 @@ impl AsyncWrite for HeadClock {
             return Poll::Ready(Ok(buf.len()));
         }
         self.written = true;
+        self.saw_write(buf);
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -308,6 +367,9 @@ impl AsyncWrite for HeadClock {
             return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
         }
         self.written = true;
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            self.saw_write(first);
+        }
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {

@@ -13,8 +13,10 @@
 //! `400` if nothing was answered yet, see [`super::head::HeadClock`]).
 //!
 //! A head that does not parse here, or is over the head limit, is left to
-//! Pingora (which refuses it); after a `CONNECT` or an `Upgrade` request
-//! the bytes are a tunnel's and are no longer looked at.
+//! Pingora (which refuses it). After a `CONNECT` the bytes are a tunnel's
+//! and are no longer looked at; after a request asking for an upgrade, what
+//! follows waits for the answer: a tunnel's after `101`, the next
+//! request's after any other.
 
 use super::h1::Chunked;
 use super::head::HeadEnd;
@@ -49,6 +51,10 @@ enum State {
     /// So many body bytes to come.
     Fixed(u64),
     Chunked(Chunked),
+    /// After a request asking for an upgrade: what follows is a tunnel's
+    /// if the answer is `101`, the next request's otherwise
+    /// ([`Inbound::answered`]).
+    Upgrade,
     /// A tunnel, or a head left to Pingora: nothing more is checked.
     Off,
 }
@@ -69,8 +75,10 @@ pub struct Refused {
 }
 
 impl Inbound {
-    /// Follow the next bytes of the stream. Err: they are refused.
-    pub fn feed(&mut self, bytes: &[u8]) -> Result<(), Refused> {
+    /// Follow the next bytes of the stream: how many were followed (fewer
+    /// than all when a request asking for an upgrade ends within them: the
+    /// rest waits for its answer). Err: they are refused.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<usize, Refused> {
         let fresh = matches!(self.state, State::Head);
         let in_flight = matches!(self.state, State::Fixed(_) | State::Chunked(_));
         let first = self.current;
@@ -84,11 +92,12 @@ impl Inbound {
         })
     }
 
-    fn run(&mut self, mut bytes: &[u8]) -> Result<(), Refusal> {
+    fn run(&mut self, mut bytes: &[u8]) -> Result<usize, Refusal> {
         let total = bytes.len();
         while !bytes.is_empty() {
             match &mut self.state {
-                State::Off => return Ok(()),
+                State::Off => return Ok(total),
+                State::Upgrade => return Ok(total - bytes.len()),
                 State::Head => {
                     let mut scan = HeadEnd::default();
                     match scan.feed(bytes) {
@@ -96,7 +105,7 @@ impl Inbound {
                         Some(n) => {
                             self.state = if n > HEAD_MAX { State::Off } else { body_of(&bytes[..n])? };
                             bytes = &bytes[n..];
-                            if matches!(self.state, State::Head) {
+                            if matches!(self.state, State::Head | State::Upgrade) {
                                 self.ended(total - bytes.len());
                             }
                         }
@@ -104,7 +113,7 @@ impl Inbound {
                             self.head.clear();
                             self.keep_head(bytes);
                             self.state = State::HeadScan(scan);
-                            return Ok(());
+                            return Ok(total);
                         }
                     }
                 }
@@ -119,13 +128,13 @@ impl Inbound {
                             self.head = Vec::new();
                         }
                         bytes = &bytes[n..];
-                        if matches!(self.state, State::Head) {
+                        if matches!(self.state, State::Head | State::Upgrade) {
                             self.ended(total - bytes.len());
                         }
                     }
                     None => {
                         self.keep_head(bytes);
-                        return Ok(());
+                        return Ok(total);
                     }
                 },
                 State::Fixed(left) => {
@@ -144,7 +153,7 @@ impl Inbound {
                         if !chunked.done() {
                             // A line not whole yet (or nothing): kept until it is.
                             self.line.extend_from_slice(&bytes[n..]);
-                            return Ok(());
+                            return Ok(total);
                         }
                         bytes = &bytes[n..];
                     } else {
@@ -155,7 +164,7 @@ impl Inbound {
                         let n = chunked.check(&self.line).map_err(bad)?;
                         if !chunked.done() {
                             self.line.drain(..n);
-                            return Ok(());
+                            return Ok(total);
                         }
                         self.line.clear();
                         bytes = &bytes[n.saturating_sub(had)..];
@@ -165,7 +174,24 @@ impl Inbound {
                 }
             }
         }
-        Ok(())
+        Ok(total)
+    }
+
+    /// Whether a request asking for an upgrade waits for its answer.
+    pub fn awaiting_answer(&self) -> bool {
+        matches!(self.state, State::Upgrade)
+    }
+
+    /// The status of the answer to a request asking for an upgrade: `101`
+    /// makes the rest a tunnel; another final status, the next request's.
+    pub fn answered(&mut self, status: u16) {
+        if matches!(self.state, State::Upgrade) {
+            match status {
+                101 => self.state = State::Off,
+                100..=199 => {}
+                _ => self.state = State::Head,
+            }
+        }
     }
 
     /// A request ended `at` bytes into the current read.
@@ -193,7 +219,7 @@ impl Inbound {
     /// Whether the stream is between requests (nothing of a next one read).
     #[cfg(test)]
     fn at_rest(&self) -> bool {
-        matches!(self.state, State::Head | State::Off)
+        matches!(self.state, State::Head | State::Off | State::Upgrade)
     }
 }
 
@@ -211,10 +237,10 @@ fn body_of(head: &[u8]) -> Result<State, Refusal> {
     // Framing the head parse refuses (more than one length, a length that
     // is not a number, a length with a coding): nothing more to follow,
     // the connection closes after that refusal.
-    let (mut state, mut lengths) = (State::Head, 0);
+    let (mut state, mut lengths, mut upgrade) = (State::Head, 0, false);
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("upgrade") {
-            return Ok(State::Off);
+            upgrade = true;
         }
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             // Any other coding than one `chunked` is refused too; the
@@ -229,6 +255,10 @@ fn body_of(head: &[u8]) -> Result<State, Refusal> {
     if lengths > 1 || (lengths == 1 && req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))) {
         return Ok(State::Off);
     }
+    if upgrade {
+        // One with a body is rare: what follows it is not looked at.
+        return Ok(if matches!(state, State::Head) { State::Upgrade } else { State::Off });
+    }
     Ok(state)
 }
 
@@ -238,8 +268,16 @@ mod tests {
 
     fn verdict(bytes: &[u8], step: usize) -> Result<bool, Refusal> {
         let mut i = Inbound::default();
-        for piece in bytes.chunks(step) {
-            i.feed(piece).map_err(|r| r.reason)?;
+        for mut piece in bytes.chunks(step) {
+            loop {
+                let n = i.feed(piece).map_err(|r| r.reason)?;
+                // An upgrade asked for is taken (tunnel bytes follow).
+                i.answered(101);
+                if n == piece.len() {
+                    break;
+                }
+                piece = &piece[n..];
+            }
         }
         Ok(i.at_rest())
     }
@@ -312,6 +350,27 @@ mod tests {
                 assert_eq!(verdict(&bytes, step), Err(reason), "{} in pieces of {step}", bytes.escape_ascii());
             }
         }
+    }
+
+    #[test]
+    fn what_follows_an_upgrade_request_waits_for_its_answer() {
+        let ask = b"GET /ws HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        let after = b"GET /a\0b HTTP/1.1\r\nHost: h\r\n\r\n";
+        let both = [&ask[..], &after[..]].concat();
+        // Declined: the bytes after it are the next request, and checked.
+        let mut i = Inbound::default();
+        assert_eq!(i.feed(&both), Ok(ask.len()));
+        assert!(i.awaiting_answer());
+        i.answered(100);
+        assert!(i.awaiting_answer(), "an interim answer decides nothing");
+        i.answered(426);
+        assert_eq!(i.feed(after).map_err(|r| r.reason), Err(strict::BAD_REQUEST_LINE));
+        // Taken: a tunnel.
+        let mut i = Inbound::default();
+        assert_eq!(i.feed(&both), Ok(ask.len()));
+        i.answered(101);
+        assert_eq!(i.feed(after), Ok(after.len()));
+        assert!(i.off());
     }
 
     #[test]

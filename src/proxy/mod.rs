@@ -1132,8 +1132,10 @@ fn for_proxy(tcp: &mut L4Stream, mut buf: Vec<u8>) -> Ahead {
 enum BodyShape {
     /// None, or it ends within `buf` (or the head is not complete).
     Within,
-    /// It goes on past `buf`, or is chunked (whose end is not looked for):
-    /// reading it, Pingora may read a pipelined next request too.
+    /// It goes on past `buf`, or is chunked (whose end is not looked for),
+    /// or the request asks for an upgrade (what follows is a tunnel's or
+    /// the next request's, by the answer): reading it, Pingora may read a
+    /// pipelined next request too.
     Overruns,
     /// Chunked, and the first byte after the head is there and cannot
     /// start a chunk size: refused (400) before Pingora reads it.
@@ -1155,6 +1157,9 @@ fn body_shape(buf: &[u8]) -> BodyShape {
         if h.name.eq_ignore_ascii_case("content-length") {
             let len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
             end = n.saturating_add(len.unwrap_or(usize::MAX));
+        }
+        if h.name.eq_ignore_ascii_case("upgrade") {
+            end = usize::MAX;
         }
     }
     if end > buf.len() {
