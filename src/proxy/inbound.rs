@@ -22,8 +22,8 @@ use super::h1::Chunked;
 use super::head::HeadEnd;
 use super::strict;
 
-/// Longest head looked at; Pingora refuses longer ones.
-const HEAD_MAX: usize = 1024 * 1024;
+// Longest head looked at: Pingora's limit (it refuses longer ones).
+use super::HEAD_MAX;
 /// Most header fields parsed here (Pingora's own limit is larger, and the
 /// `[limits]` count is checked after it: a head with more is left to them).
 const MAX_FIELDS: usize = 256;
@@ -103,11 +103,9 @@ impl Inbound {
                     match scan.feed(bytes) {
                         // The common case: a whole head in one read.
                         Some(n) => {
-                            self.state = if n > HEAD_MAX { State::Off } else { body_of(&bytes[..n])? };
+                            let next = if n > HEAD_MAX { State::Off } else { body_of(&bytes[..n])? };
                             bytes = &bytes[n..];
-                            if matches!(self.state, State::Head | State::Upgrade) {
-                                self.ended(total - bytes.len());
-                            }
+                            self.after_head(next, total - bytes.len());
                         }
                         None => {
                             self.head.clear();
@@ -120,17 +118,13 @@ impl Inbound {
                 State::HeadScan(scan) => match scan.feed(bytes) {
                     Some(n) => {
                         self.keep_head(&bytes[..n]);
-                        let head = std::mem::take(&mut self.head);
-                        self.state = if head.len() > HEAD_MAX { State::Off } else { body_of(&head)? };
-                        self.head = head;
+                        let next = if self.head.len() > HEAD_MAX { State::Off } else { body_of(&self.head)? };
                         self.head.clear();
                         if self.head.capacity() > 64 * 1024 {
                             self.head = Vec::new();
                         }
                         bytes = &bytes[n..];
-                        if matches!(self.state, State::Head | State::Upgrade) {
-                            self.ended(total - bytes.len());
-                        }
+                        self.after_head(next, total - bytes.len());
                     }
                     None => {
                         self.keep_head(bytes);
@@ -194,6 +188,15 @@ impl Inbound {
         }
     }
 
+    /// A head ended `at` bytes into the current read, its body (if any)
+    /// follows in `next`.
+    fn after_head(&mut self, next: State, at: usize) {
+        self.state = next;
+        if matches!(self.state, State::Head | State::Upgrade) {
+            self.ended(at);
+        }
+    }
+
     /// A request ended `at` bytes into the current read.
     fn ended(&mut self, at: usize) {
         self.current = self.current.wrapping_add(1);
@@ -237,29 +240,31 @@ fn body_of(head: &[u8]) -> Result<State, Refusal> {
     // Framing the head parse refuses (more than one length, a length that
     // is not a number, a length with a coding): nothing more to follow,
     // the connection closes after that refusal.
-    let (mut state, mut lengths, mut upgrade) = (State::Head, 0, false);
+    let (mut chunked, mut length, mut lengths, mut upgrade) = (false, 0u64, 0, false);
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;
-        }
-        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             // Any other coding than one `chunked` is refused too; the
             // body's bytes are followed as chunks until then.
-            state = State::Chunked(Chunked::default());
+            chunked = true;
         } else if h.name.eq_ignore_ascii_case("content-length") {
             let Some(n) = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok()) else { return Ok(State::Off) };
-            lengths += 1;
-            state = if n == 0 { State::Head } else { State::Fixed(n) };
+            (length, lengths) = (n, lengths + 1);
         }
     }
-    if lengths > 1 || (lengths == 1 && req.headers.iter().any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))) {
+    if lengths > 1 || (chunked && lengths > 0) {
         return Ok(State::Off);
     }
-    if upgrade {
-        // One with a body is rare: what follows it is not looked at.
-        return Ok(if matches!(state, State::Head) { State::Upgrade } else { State::Off });
-    }
-    Ok(state)
+    Ok(match (chunked, length, upgrade) {
+        // An upgrade asked for with a body is rare: what follows it is not
+        // looked at.
+        (true, _, true) | (false, 1.., true) => State::Off,
+        (false, 0, true) => State::Upgrade,
+        (true, _, false) => State::Chunked(Chunked::default()),
+        (false, 0, false) => State::Head,
+        (false, n, false) => State::Fixed(n),
+    })
 }
 
 #[cfg(test)]

@@ -1023,13 +1023,11 @@ enum Ahead {
     Express(Box<h1::RawRequest>),
     /// Anything else, for Pingora's `HttpProxy` (bytes put back), with
     /// the bytes of pipelined requests after it, held back until it is
-    /// answered (Pingora would drop them); true: its body goes on past
-    /// these bytes (see [`body_shape`]).
+    /// answered (Pingora would drop them); true: Pingora reads past these
+    /// bytes (see [`reads_past`]).
     Proxy(Vec<u8>, bool),
     /// A malformed request line ([`strict::bad_request_line`]): answered
-    /// 400 here, and the connection closed.
-    /// Or a chunked body whose first chunk-size line is no size (Pingora
-    /// would read an empty one as the last chunk). The reason as counted.
+    /// 400 here, and the connection closed. The reason as counted.
     Malformed(&'static str),
     /// The connection closed, failed, idled out or the server is stopping.
     Closed,
@@ -1046,7 +1044,7 @@ const EXPRESS_HEAD_MAX: usize = 8 * 1024;
 
 /// Longest request head read here: Pingora's own limit (it refuses a longer
 /// one with 400), so a head that goes to it is always whole.
-const HEAD_MAX: usize = 1024 * 1024;
+pub(super) const HEAD_MAX: usize = 1024 * 1024;
 
 /// Say which path serves the request whose first bytes are `buf`: the
 /// express path (if `express`) takes the head off the stream, anything else
@@ -1118,55 +1116,32 @@ fn for_proxy(tcp: &mut L4Stream, mut buf: Vec<u8>) -> Ahead {
         Some(end) => buf.split_off(end),
         None => Vec::new(),
     };
-    let follow = match body_shape(&buf) {
-        BodyShape::BadChunk => return Ahead::Malformed(strict::BAD_FRAMING),
-        BodyShape::Overruns => true,
-        BodyShape::Within => false,
-    };
+    let follow = reads_past(&buf);
     tcp.rewind(&buf);
     Ahead::Proxy(rest, follow)
 }
 
-/// What the body of the request whose complete head starts `buf` does
-/// relative to `buf`.
-enum BodyShape {
-    /// None, or it ends within `buf` (or the head is not complete).
-    Within,
-    /// It goes on past `buf`, or is chunked (whose end is not looked for),
-    /// or the request asks for an upgrade (what follows is a tunnel's or
-    /// the next request's, by the answer): reading it, Pingora may read a
-    /// pipelined next request too.
-    Overruns,
-    /// Chunked, and the first byte after the head is there and cannot
-    /// start a chunk size: refused (400) before Pingora reads it.
-    BadChunk,
-}
-
-fn body_shape(buf: &[u8]) -> BodyShape {
+/// Whether Pingora, reading the request whose complete head starts `buf`,
+/// reads past `buf` (and may read a pipelined next request too): its body
+/// goes on past `buf`, or is chunked (whose end is not looked for here), or
+/// it asks for an upgrade (what follows is a tunnel's or the next
+/// request's, by the answer). Such a connection's stream is wrapped to
+/// follow its framing ([`inbound`]), which also refuses a bad first chunk.
+fn reads_past(buf: &[u8]) -> bool {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut headers);
-    let Ok(httparse::Status::Complete(n)) = req.parse(buf) else { return BodyShape::Within };
+    let Ok(httparse::Status::Complete(n)) = req.parse(buf) else { return false };
     let mut end = n;
     for h in req.headers.iter() {
-        if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            return match buf.get(n) {
-                Some(b) if !b.is_ascii_hexdigit() => BodyShape::BadChunk,
-                _ => BodyShape::Overruns,
-            };
+        if h.name.eq_ignore_ascii_case("transfer-encoding") || h.name.eq_ignore_ascii_case("upgrade") {
+            return true;
         }
         if h.name.eq_ignore_ascii_case("content-length") {
             let len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
             end = n.saturating_add(len.unwrap_or(usize::MAX));
         }
-        if h.name.eq_ignore_ascii_case("upgrade") {
-            end = usize::MAX;
-        }
     }
-    if end > buf.len() {
-        BodyShape::Overruns
-    } else {
-        BodyShape::Within
-    }
+    end > buf.len()
 }
 
 type L4Stream = pingora::protocols::l4::stream::Stream;
