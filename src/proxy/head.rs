@@ -229,9 +229,7 @@ impl HeadClock {
             _ => Poll::Pending,
         }
     }
-}
 
-impl HeadClock {
     /// Follow the bytes just put in `buf` after `before` (read, or taken
     /// from those held): pass on what is followed, hold back what waits
     /// for an upgrade's answer, refuse the rest.
@@ -241,8 +239,7 @@ impl HeadClock {
         let passed = match self.inbound.feed(new) {
             Ok(n) => {
                 if n < len {
-                    let tail = new[n..].to_vec();
-                    self.held.splice(0..0, tail);
+                    self.held.splice(0..0, new[n..].iter().copied());
                     buf.set_filled(before + n);
                 }
                 n
