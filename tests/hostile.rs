@@ -1131,20 +1131,9 @@ fn switchyard_tls(up: SocketAddr) -> (Proxy, Target) {
 fn hostile_requests_through_both_paths_and_tls() {
     let cases = corpus();
     let up = StrictUpstream::start();
-    let mut names = Vec::new();
-    let mut proxies = Vec::new();
-    let mut outcomes = Vec::new();
-    for (path, server) in PATHS {
-        let p = Proxy::builder(&switchyard_body(up.addr)).server(server).start();
-        let o = run_all(&cases, &[(path.to_string(), Target::plain(p.addr))], &up).remove(0);
-        names.push(path.to_string());
-        outcomes.push(o);
-        proxies.push(p);
-    }
-    let (p, target) = switchyard_tls(up.addr);
-    outcomes.push(run_all(&cases, &[("TLS".to_string(), target)], &up).remove(0));
-    names.push("TLS".to_string());
-    proxies.push(p);
+    let three = switchyard_three(up.addr);
+    let names: Vec<String> = three.iter().map(|(name, _, _)| name.clone()).collect();
+    let outcomes = run_all(&cases, &three.iter().map(|(name, _, t)| (name.clone(), t.clone())).collect::<Vec<_>>(), &up);
     println!("{}", table(&cases, &names, &outcomes));
     let notes = notes(&cases, &names, &outcomes);
     println!("{notes}");
@@ -1175,10 +1164,9 @@ fn hostile_requests_through_both_paths_and_tls() {
     }
     assert!(wrong.is_empty(), "{} outcomes wrong:\n{}", wrong.len(), wrong.join("\n"));
     // Each kind of refusal is counted, on both paths.
-    for (p, name) in proxies.iter().zip(&names) {
-        let m = parse_metrics(&p.metrics());
+    for (name, p, _) in &three {
         for reason in ["bad_request_line", "bad_framing", "bad_host"] {
-            let n = sample(&m, "switchyard_requests_rejected_total", &[("reason", reason)]).unwrap_or(0.0);
+            let n = rejected(p, reason);
             assert!(n >= 3.0, "{name}: switchyard_requests_rejected_total{{reason={reason}}} is {n}");
         }
     }
